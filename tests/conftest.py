@@ -1,0 +1,72 @@
+"""Shared fixtures: one Ray session for the whole suite, and the real data in ../shared.
+
+Ray start-up costs ~10 s and Serve ~15 s on this 2-core machine, so every test that needs
+Ray uses the session-scoped ``ray_session`` (and ``serve_session``) below; nothing else in
+the suite calls ``ray.init`` or ``ray.shutdown``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LIVELENS_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
+
+# Logical CPUs for the test cluster: deployments and trainers use fractional CPUs, but a
+# larger logical count keeps several small actors schedulable on a 2-core machine.
+RAY_TEST_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or a failure that says what is missing (never a silent skip)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(
+            f"this test needs the real test images in {SHARED_DATA} (the project's shared/ folder). "
+            "Clone the project next to shared/ or set LIVELENS_SHARED to its path.",
+            pytrace=False,
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray cluster for the whole test session (token auth on, small object store)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Workers must not import the repo's datasets/ folder as a package (see test_datasets_shadow).
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_TEST_CPUS,
+            object_store_memory=512 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TORCH_HOME": os.environ.get("TORCH_HOME", "")}},
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - best-effort teardown at the end of the session
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_session(ray_session):
+    """Ray Serve started once on the shared cluster, HTTP on a free loopback port."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
