@@ -172,7 +172,7 @@ def parse_taxonomy(text: str, source: str = "<memory>") -> Taxonomy:
             depth beyond three levels, thresholds outside [0, 1] and unknown keys.
     """
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

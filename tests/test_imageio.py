@@ -1,0 +1,113 @@
+"""Safe decoding: every accepted format normalises to RGB uint8, and bad input is typed."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from livelens.errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
+from livelens.imageio import ImageLimits, decode_image, load_image
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w: int = 48, h: int = 32) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    return Image.fromarray(np.stack([x, x[::-1, ::-1], np.full_like(x, 80)], -1))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_accepted_formats_decode_to_rgb(fmt):
+    arr = decode_image(_encode(_gradient(), fmt))
+    assert arr.shape == (32, 48, 3) and arr.dtype == np.uint8
+    # The left-to-right ramp of the red channel survives every codec.
+    assert arr[:, -1, 0].mean() > arr[:, 0, 0].mean() + 150
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
+def test_modes_normalise(mode):
+    src = _gradient()
+    if mode == "I;16":
+        gray = (np.asarray(src.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+        img = Image.fromarray(gray)  # 16-bit grayscale PNG
+    else:
+        img = src.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    arr = decode_image(_encode(img, fmt))
+    assert arr.shape == (32, 48, 3) and arr.dtype == np.uint8
+    assert arr.max() > 150  # not collapsed to black by a bad 16-bit or alpha conversion
+
+
+def test_exif_orientation_is_applied():
+    img = _gradient(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    arr = decode_image(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert arr.shape == (40, 20, 3)
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((250, 0, 0), (0, 0, 250))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    arr = decode_image(buf.getvalue())
+    assert arr[8, 8, 0] > 200 and arr[8, 8, 2] < 50
+
+
+def _png_header_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height but whose data is tiny."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"", InvalidImageError),
+        (b"this is not an image at all", InvalidImageError),
+        (_png_header_bomb(20000, 20000), ImageTooLargeError),
+        (b"x" * 2048, InvalidImageError),
+    ],
+)
+def test_bad_payloads_are_typed(payload, error):
+    with pytest.raises(error):
+        decode_image(payload)
+
+
+def test_byte_limit_is_checked_before_decoding():
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        decode_image(_encode(_gradient(), "PNG"), ImageLimits(max_bytes=100))
+
+
+def test_truncated_real_jpeg_is_rejected(shared_data):
+    with pytest.raises(InvalidImageError, match=r"truncated|corrupt"):
+        load_image(shared_data / "broken" / "broken.jpg")
+
+
+def test_unsupported_format_is_415():
+    with pytest.raises(UnsupportedMediaTypeError) as err:
+        decode_image(_encode(_gradient(), "TIFF"))
+    assert err.value.http_status == 415
+
+
+def test_load_image_accepts_arrays_and_rejects_other_types():
+    assert load_image(np.zeros((4, 5), np.uint8)).shape == (4, 5, 3)
+    assert load_image(np.ones((4, 5, 4), np.float32)).max() == 255
+    assert load_image(np.full((2, 2, 3), 65535, np.uint16)).max() == 255
+    with pytest.raises(InvalidImageError):
+        load_image(np.zeros((4, 5, 7), np.uint8))
+    with pytest.raises(InvalidImageError):
+        load_image(12345)  # type: ignore[arg-type]

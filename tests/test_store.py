@@ -1,0 +1,62 @@
+"""The model store: versions, atomic publish, cards, and weights_only loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from livelens.errors import ConfigError, ModelNotFoundError
+from livelens.store import ModelStore, parse_ref
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.zeros(3)}
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_save_load_round_trip_and_versions(tmp_path, as_uri):
+    root = f"file://{tmp_path}/store" if as_uri else tmp_path / "store"
+    store = ModelStore(root)
+    assert store.names() == []
+    ref1 = store.save("safety", _state(1), {"metrics": {"acc": 0.5}})
+    ref2 = store.save("safety", _state(2), {"metrics": {"acc": 0.9}})
+    assert (ref1, ref2) == ("safety@1", "safety@2")
+    assert store.resolve("safety") == "safety@2"
+    assert store.resolve("safety@latest") == "safety@2"
+    loaded = store.load("safety@1")
+    assert torch.equal(loaded.state_dict["w"], _state(1)["w"])
+    assert loaded.card["metrics"] == {"acc": 0.5}
+    assert loaded.card["ref"] == "safety@1" and "git_sha" in loaded.card and "created_at" in loaded.card
+    assert [c["ref"] for c in store.list()] == ["safety@1", "safety@2"]
+
+
+def test_half_written_versions_are_invisible(tmp_path):
+    store = ModelStore(tmp_path)
+    store.save("m", _state(0), {})
+    (tmp_path / "m" / ".tmp-2-deadbeef").mkdir()  # a crash mid-publish leaves only this
+    (tmp_path / "m" / "3").mkdir()  # no card: never published
+    assert store.versions("m") == ["1"]
+    assert store.resolve("m") == "m@1"
+
+
+def test_missing_and_bad_refs_are_typed(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(ModelNotFoundError):
+        store.load("nothing")
+    store.save("m", _state(0), {}, version="1")
+    with pytest.raises(ModelNotFoundError, match="m@7"):
+        store.load("m@7")
+    with pytest.raises(ConfigError):
+        store.save("m", _state(0), {}, version="1")
+    with pytest.raises(ConfigError):
+        parse_ref("Bad Name@1")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    """State dicts load with weights_only=True: a pickle carrying code is rejected."""
+    store = ModelStore(tmp_path)
+    store.save("m", _state(0), {})
+    torch.save({"w": torch.zeros(1), "evil": ConfigError("x")}, tmp_path / "m" / "1" / "model.pt")
+    with pytest.raises(Exception, match=r"[Ww]eights only"):
+        store.load("m@1")
