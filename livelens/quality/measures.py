@@ -46,7 +46,7 @@ class Thresholds:
     """
 
     dark: float = 0.22
-    bright: float = 0.82
+    bright: float = 0.8
     blur: float = 0.45
     black_luma: float = 0.07
     black_std: float = 0.03
@@ -103,8 +103,9 @@ def content_mask(gray: np.ndarray, tol: float = 6.0) -> np.ndarray:
         return np.ones_like(gray, dtype=bool)
     edge = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).astype(np.float32)
     border = float(np.median(edge))
-    if border > 245:
-        # A white, clipped border is over-exposure of the picture itself, not a UI frame.
+    if border > 60:
+        # Letterbox bars and live-room UI frames are black or dark grey; a bright uniform border
+        # is far more often over-exposed sky or a wall, which belongs to the picture.
         return np.ones_like(gray, dtype=bool)
     near = (np.abs(gray.astype(np.float32) - border) <= tol).astype(np.uint8)
     n, labels = cv2.connectedComponents(near, connectivity=4)
