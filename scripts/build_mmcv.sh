@@ -44,12 +44,14 @@ total=$(find "$SRC/mmcv/ops/csrc" \( -name '*.cpp' -o -name '*.cc' \) | wc -l)
 (
   start=$(date +%s)
   while sleep 60; do
-    done_n=$(find "$SRC/build" -name '*.o' 2>/dev/null | wc -l)
+    done_n=$(find "$SRC" -name '*.o' 2>/dev/null | wc -l)
     echo "[mmcv] $(( ($(date +%s) - start) / 60 )) min: compiled ${done_n}/${total} sources"
   done
 ) &
 ticker=$!
 trap 'kill $ticker 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# On interrupt, stop the compiler processes too, not just this script.
+trap 'trap - INT TERM; kill -- -$$ 2>/dev/null || pkill -P $$ || true; exit 130' INT TERM
 
 (cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA=${FORCE_CUDA:-0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
   "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEELHOUSE" . >"$WORK/build.log" 2>&1) || {

@@ -53,7 +53,7 @@ def ray_session(tmp_path_factory):
         from ray import serve
 
         serve.shutdown()
-    except Exception:  # noqa: BLE001 - best-effort teardown at the end of the session
+    except Exception:
         pass
     ray.shutdown()
 
