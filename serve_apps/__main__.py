@@ -1,0 +1,127 @@
+"""``make run``: an embedded local Ray cluster serving the whole livelens graph on loopback.
+
+Starts a Ray head on 127.0.0.1 (token auth on, small object store), deploys the gateway graph,
+prints the URL and a development API key (stored hashed in the key file), and on Ctrl-C or
+SIGTERM shuts Serve and Ray down so no Ray process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from serve_apps.common import REPO, find_in_stores
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve_apps", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (loopback by default)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("LIVELENS_PORT", 8000)))
+    p.add_argument("--num-cpus", type=int, default=4,
+                   help="logical CPUs for the local cluster (deployments use fractions of one)")
+    p.add_argument("--object-store-mb", type=int, default=512)
+    p.add_argument("--key-file", default="runs/api_keys.json")
+    p.add_argument("--args", default=None, help="JSON (or a path to JSON) of serve_apps.gateway.AppArgs")
+    p.add_argument("--no-build", action="store_true",
+                   help="do not build default models when the store is empty (serve what exists)")
+    p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)  # for smoke checks
+    return p.parse_args(argv)
+
+
+def ensure_default_models(allow_build: bool) -> None:
+    """Make sure the safety model exists; build the defaults with the project's own job otherwise."""
+    if find_in_stores("safety") is not None:
+        return
+    if not allow_build:
+        print("[livelens] no safety model in the model stores; moderation serves open_nsfw only", flush=True)
+        return
+    if importlib.util.find_spec("train_jobs.defaults") is None:
+        print("[livelens] no safety model and no train_jobs.defaults to build one; moderation serves "
+              "open_nsfw only", flush=True)
+        return
+    print("[livelens] no default models found: building them with `python -m train_jobs.defaults` "
+          "(≤15 min on 2 cores; progress follows)", flush=True)
+    subprocess.run([sys.executable, "-m", "train_jobs.defaults"], cwd=REPO, check=False)
+
+
+def dev_key(key_file: str) -> str:
+    """A fresh development key, stored hashed (the plain key is only printed)."""
+    from livelens.serving.auth import add_key_to_file, generate_key
+
+    key = generate_key()
+    add_key_to_file(key_file, key, key_id="dev", scopes=["*"], rate_per_s=50, burst=100)
+    return key
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.time()
+    opts = _parse(argv)
+    os.chdir(REPO)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    app_args: dict = {}
+    if opts.args:
+        text = Path(opts.args).read_text() if Path(opts.args).is_file() else opts.args
+        app_args = json.loads(text)
+    app_args.setdefault("gateway", {})["key_file"] = opts.key_file
+    ensure_default_models(not opts.no_build)
+    key = dev_key(opts.key_file)
+
+    import ray
+    from ray import serve
+
+    from serve_apps.gateway import build_app
+
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        print(f"\n[livelens] {signal.Signals(signum).name}: shutting down…", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    ray.init(
+        address="local",
+        num_cpus=opts.num_cpus,
+        object_store_memory=opts.object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TORCH_HOME": os.environ.get(
+            "TORCH_HOME", str(REPO / ".cache" / "torch"))}},
+    )
+    try:
+        serve.start(http_options={"host": opts.host, "port": opts.port})
+        serve.run(build_app(app_args), name="livelens", route_prefix="/", blocking=False)
+        url = f"http://{opts.host}:{opts.port}"
+        with urllib.request.urlopen(f"{url}/healthz", timeout=30) as r:
+            health = json.loads(r.read())
+        print(f"\n[livelens] serving {url}  (console: {url}/ , API docs: {url}/docs)", flush=True)
+        print(f"[livelens] capabilities: {', '.join(health['capabilities'])}; /healthz answered "
+              f"{time.time() - t_start:.1f} s after start", flush=True)
+        print(f"[livelens] development API key (stored hashed in {opts.key_file}):\n    {key}", flush=True)
+        print(f"[livelens] try: curl -H 'Authorization: Bearer {key}' -F file=@frame.jpg {url}/v1/analyze",
+              flush=True)
+        print("[livelens] Ctrl-C to stop", flush=True)
+        deadline = None if opts.exit_after is None else time.time() + opts.exit_after
+        while not stop.wait(0.5):
+            if deadline is not None and time.time() > deadline:
+                break
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        print("[livelens] stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""What every deployment shares: typed deployment options, error unwrapping, model-store lookup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO = Path(__file__).resolve().parents[1]
+#: Where models are looked up, in order: the user's trained models first, then the shipped defaults.
+DEFAULT_STORES = ("runs/model_store", str(REPO / "livelens" / "resources" / "default_models"))
+
+
+class DeployOptions(BaseModel):
+    """The resources and queue limits of one deployment (every deployment sets all of them).
+
+    Small fractional CPUs because each replica reserves 1 CPU by default, and a 7-deployment graph
+    would never schedule on a 2-core machine.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(0.25, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+
+    def to_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        return {
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "max_replicas": max(self.max_replicas, self.min_replicas, 1),
+                "target_ongoing_requests": self.target_ongoing_requests,
+                # Scale up fast on live traffic bursts, down slowly because model loads are expensive.
+                "upscale_delay_s": 10.0,
+                "downscale_delay_s": 300.0,
+            },
+        }
+
+
+def store_chain() -> list[str]:
+    """Model stores to search, in order; ``LIVELENS_MODEL_STORES`` (os.pathsep-separated) overrides."""
+    env = os.environ.get("LIVELENS_MODEL_STORES")
+    return [p for p in env.split(os.pathsep) if p] if env else list(DEFAULT_STORES)
+
+
+def find_in_stores(ref: str, stores: list[str] | None = None) -> tuple[str, str] | None:
+    """The first store holding ``ref`` and the resolved ``name@version``, or None."""
+    from livelens.errors import ModelNotFoundError
+    from livelens.store import ModelStore
+
+    for root in stores or store_chain():
+        try:
+            return root, ModelStore(root).resolve(ref)
+        except (ModelNotFoundError, OSError):
+            continue
+    return None
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind a Ray task error, so typed errors keep their type and code."""
+    seen = 0
+    # A RayTaskError already passes isinstance checks for its cause's class, but its own attributes
+    # are Ray's; the cause carries the real message and code.
+    while seen < 5 and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause  # type: ignore[assignment]
+        seen += 1
+    return exc

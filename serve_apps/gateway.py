@@ -1,0 +1,431 @@
+"""The HTTP ingress: one FastAPI app in front of moderation, OCR, quality and streams.
+
+It authenticates, parses and decodes input once (so bad input is a 4xx before any model runs), fans
+out to the capability deployments through handles, merges their answers and wraps every failure in
+the one error envelope. Deployments it does not get (None) answer 503 ``capability_unavailable``.
+
+Run the whole graph with ``serve run serve_apps.gateway:build_app`` or ``python -m serve_apps``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from livelens.errors import (
+    InvalidArgumentError,
+    LivelensError,
+    OverloadedError,
+)
+from livelens.imageio import ImageLimits, decode_image
+from livelens.serving import inputs
+from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
+from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
+from serve_apps.common import DeployOptions, unwrap
+
+log = logging.getLogger("ray.serve")
+STATIC = Path(__file__).with_name("static")
+EVIDENCE_MODES = ("none", "boxes", "heatmap", "polygons")
+CAPABILITIES = ("moderate", "ocr", "quality")
+
+
+class GatewayArgs(BaseModel):
+    """Gateway settings.
+
+    Attributes:
+        key_file: Hashed API keys (JSON); ``LIVELENS_API_KEYS`` adds more.
+        require_auth: Off only for local experiments; every /v1 route then skips the key check.
+        url_allowlist: Hosts ``{"url": ...}`` may fetch from; empty = no fetching (SSRF).
+        max_bytes: Largest encoded image.
+        max_pixels: Largest decoded image (width × height), checked before decoding.
+        retry_after_s: What 503 answers suggest.
+        deploy: The gateway deployment's own options.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    key_file: str = DEFAULT_KEY_FILE
+    require_auth: bool = True
+    url_allowlist: list[str] = Field(default_factory=list)
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+    deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(max_ongoing_requests=64,
+                                                                        max_queued_requests=512))
+
+
+api = FastAPI(
+    title="livelens",
+    version="0.1.0",
+    description="Image recognition for live streams: content safety with evidence, OCR with entities, "
+    "picture quality and stream-level verdicts. Every answer carries a request id, model versions "
+    "and per-stage timings; every error is `{error: {type, code, message}, request_id}`.",
+)
+
+
+def _rid(request: Request) -> str:
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        request.state.request_id = rid
+    return rid[:100]
+
+
+def _error_response(request: Request, err: LivelensError, retry_after: float | None = None) -> JSONResponse:
+    headers = {REQUEST_ID_HEADER: _rid(request)}
+    retry = retry_after if retry_after is not None else getattr(err, "retry_after_s", None)
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+    return JSONResponse(error_body(err, _rid(request)), status_code=err.http_status, headers=headers)
+
+
+@api.exception_handler(LivelensError)
+async def _on_livelens_error(request: Request, exc: LivelensError) -> JSONResponse:
+    return _error_response(request, exc)
+
+
+@api.exception_handler(BackPressureError)
+async def _on_backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
+    return _error_response(request, OverloadedError("the service is at capacity; retry shortly"), retry_after=1)
+
+
+@api.exception_handler(RequestValidationError)
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    msg = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
+    return _error_response(request, InvalidArgumentError(msg or "invalid request"))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = LivelensError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+    err.type = "not_found" if exc.status_code == 404 else "invalid_request"
+    err.http_status = exc.status_code
+    return _error_response(request, err)
+
+
+@api.exception_handler(Exception)
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    cause = unwrap(exc)
+    if isinstance(cause, LivelensError):
+        return _error_response(request, cause)
+    if isinstance(cause, BackPressureError):
+        return await _on_backpressure(request, cause)
+    log.exception("unexpected error in %s", request.url.path)
+    return _error_response(request, LivelensError(f"internal error ({type(cause).__name__}); see server logs"))
+
+
+@api.middleware("http")
+async def _request_id(request: Request, call_next):
+    rid = _rid(request)
+    response = await call_next(request)
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    """The FastAPI ingress; capability deployments arrive as handles (None = not deployed)."""
+
+    def __init__(self, args: dict, moderation=None, ocr=None, quality=None, streams=None):
+        self.args = GatewayArgs.model_validate(args)
+        self.policy = inputs.InputPolicy(
+            limits=ImageLimits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
+            url_allowlist=frozenset(h.lower() for h in self.args.url_allowlist),
+        )
+        self.keys = KeyStore.load(self.args.key_file)
+        self.handles = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams}
+        self.started = time.time()
+        if self.args.require_auth and not len(self.keys):
+            log.warning("no API keys configured (%s / LIVELENS_API_KEYS): every /v1 request will get 401",
+                        self.args.key_file)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; the gateway has no external dependency to lose."""
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _auth(self, request: Request, scope: str) -> str | None:
+        if not self.args.require_auth:
+            return None
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        return self.keys.authenticate(key, scope).id
+
+    def _handle(self, cap: str):
+        h = self.handles.get(cap)
+        if h is None:
+            err = LivelensError(f"{cap} is not deployed in this application", code="capability_unavailable")
+            err.type, err.http_status = "unavailable", 503
+            raise err
+        return h
+
+    async def _read_images(self, request: Request, batch: bool) -> tuple[list[bytes | Exception], dict]:
+        """Images (bytes or a per-item error) and options from multipart, JSON or a raw body."""
+        inputs.check_declared_length(request.headers.get("content-length"), self.policy,
+                                     self.policy.max_batch if batch else 1)
+        mt = inputs.media_type(request.headers.get("content-type"))
+        opts: dict[str, Any] = dict(request.query_params)
+        if mt == "multipart/form-data":
+            form = await request.form(max_files=self.policy.max_batch, max_fields=50)
+            files = [v for k, v in form.multi_items() if k in ("file", "files", "image") and hasattr(v, "read")]
+            opts.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
+            if not files:
+                raise InvalidArgumentError("multipart body has no 'file' part")
+            if not batch and len(files) > 1:
+                raise InvalidArgumentError("send one file here, or use the /batch route")
+            out: list[bytes | Exception] = []
+            for f in files:
+                data = await f.read()
+                if len(data) > self.policy.limits.max_bytes:
+                    out.append(inputs.ImageTooLargeError(
+                        f"file is {len(data)} bytes; the limit is {self.policy.limits.max_bytes}"))
+                else:
+                    out.append(data)
+            if not batch and isinstance(out[0], Exception):
+                raise out[0]
+            return out, opts
+        body = await request.body()
+        if mt == "application/json":
+            images, rest = await asyncio.to_thread(inputs.images_from_json, body, self.policy, batch)
+            return images, {**opts, **rest}
+        if batch:
+            raise InvalidArgumentError("a batch is multipart (several 'files') or JSON ({'images': [...]})")
+        return [inputs.check_raw(request.headers.get("content-type"), body, self.policy)], opts
+
+    def _decode(self, data: bytes | Exception):
+        if isinstance(data, Exception):
+            raise data
+        return decode_image(data, self.policy.limits)
+
+    @staticmethod
+    def _evidence(opts: dict) -> str:
+        mode = str(opts.get("evidence", "boxes")).lower()
+        if mode not in EVIDENCE_MODES:
+            raise InvalidArgumentError(f"evidence must be one of {list(EVIDENCE_MODES)}, got {mode!r}")
+        return mode
+
+    async def _analyze_one(self, image, caps: tuple[str, ...], evidence: str, timings: Timings) -> dict:
+        """Fan out to the capabilities in parallel and merge: OCR entities raise ads labels."""
+        calls = {}
+        if "moderate" in caps:
+            calls["moderate"] = self._handle("moderate").moderate.remote(image, evidence)
+        if "ocr" in caps:
+            calls["ocr"] = self._handle("ocr").read.remote(image)
+        if "quality" in caps:
+            calls["quality"] = self._handle("quality").assess.remote(image)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        timings.add("fanout", (time.perf_counter() - t0) * 1000)
+        out: dict[str, Any] = {"models": [], "labels": []}
+        for cap, res in zip(calls, results, strict=True):
+            if isinstance(res, BaseException):
+                raise unwrap(res)
+            for stage, ms in res.pop("timings_ms", {}).items():
+                timings.add(f"{cap}.{stage}", ms)
+            out["models"] += res.pop("models", [])
+            out["labels"] += res.pop("labels", [])
+            out[cap if cap != "moderate" else "moderation"] = res
+        out["labels"] = merge_labels(out["labels"])
+        out["decision"] = worst_decision(out["labels"])
+        out["models"] = sorted(set(out["models"]))
+        out["image"] = {"width": int(image.shape[1]), "height": int(image.shape[0])}
+        return out
+
+    async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
+        rid = _rid(request)
+        timings = Timings()
+        with timings.stage("auth"):
+            self._auth(request, scope)
+        with timings.stage("read"):
+            images, opts = await self._read_images(request, batch=False)
+        with timings.stage("decode"):
+            image = await asyncio.to_thread(self._decode, images[0])
+        evidence = self._evidence(opts)
+        with timings.stage("total_models"):
+            result = await self._analyze_one(image, caps, evidence, timings)
+        return JSONResponse({"request_id": rid, **result, "timings_ms": timings.to_dict()},
+                            headers={REQUEST_ID_HEADER: rid})
+
+    async def _batch(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
+        rid = _rid(request)
+        timings = Timings()
+        with timings.stage("auth"):
+            self._auth(request, scope)
+        with timings.stage("read"):
+            images, opts = await self._read_images(request, batch=True)
+        evidence = self._evidence(opts)
+
+        async def one(data):
+            try:
+                image = await asyncio.to_thread(self._decode, data)
+                t = Timings()
+                res = await self._analyze_one(image, caps, evidence, t)
+                return {"status": 200, **res, "timings_ms": t.to_dict()}
+            except Exception as exc:
+                cause = unwrap(exc)
+                if isinstance(cause, BackPressureError):
+                    cause = OverloadedError("the service is at capacity; retry this item shortly")
+                return error_item(cause)
+
+        with timings.stage("items"):
+            items = await asyncio.gather(*(one(d) for d in images))
+        return JSONResponse({"request_id": rid, "results": items, "timings_ms": timings.to_dict()},
+                            headers={REQUEST_ID_HEADER: rid})
+
+    # ---- routes ----------------------------------------------------------------------------
+
+    @api.get("/", include_in_schema=False)
+    async def console(self):
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/healthz", summary="Liveness: answers as soon as the gateway is up")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "uptime_s": round(time.time() - self.started, 1),
+                "capabilities": [c for c, h in self.handles.items() if h is not None],
+                "auth": self.args.require_auth}
+
+    @api.get("/v1/models", summary="Which models are served and where each came from")
+    async def models(self, request: Request) -> JSONResponse:
+        self._auth(request, "models")
+        infos = {}
+        for cap, h in self.handles.items():
+            if h is not None and cap != "streams":
+                infos[cap] = h.info.remote()
+        done = await asyncio.gather(*infos.values(), return_exceptions=True)
+        models: list[dict] = []
+        problems = {}
+        for cap, res in zip(infos, done, strict=True):
+            if isinstance(res, BaseException):
+                problems[cap] = str(unwrap(res))[:300]
+            else:
+                models += [{**m, "capability": cap} for m in res.get("models", [])]
+                if res.get("missing"):
+                    problems[cap] = res["missing"]
+        return JSONResponse({"request_id": _rid(request), "models": models, "problems": problems})
+
+    @api.post("/v1/moderate", summary="Safety labels with pass/review/block and evidence")
+    async def moderate(self, request: Request) -> JSONResponse:
+        return await self._single(request, ("moderate",), "moderate")
+
+    @api.post("/v1/ocr", summary="Text lines (polygon, text, score) and entities (phones, URLs, IDs, QR)")
+    async def ocr(self, request: Request) -> JSONResponse:
+        return await self._single(request, ("ocr",), "ocr")
+
+    @api.post("/v1/quality", summary="Brightness, blur, occlusion, black frame")
+    async def quality(self, request: Request) -> JSONResponse:
+        return await self._single(request, ("quality",), "quality")
+
+    @api.post("/v1/analyze", summary="Moderation, OCR and quality in one call, fanned out in parallel")
+    async def analyze(self, request: Request) -> JSONResponse:
+        return await self._single(request, self._caps(), "analyze")
+
+    @api.post("/v1/moderate/batch", summary="Batch moderation: results and errors per item")
+    async def moderate_batch(self, request: Request) -> JSONResponse:
+        return await self._batch(request, ("moderate",), "moderate")
+
+    @api.post("/v1/ocr/batch", summary="Batch OCR: results and errors per item")
+    async def ocr_batch(self, request: Request) -> JSONResponse:
+        return await self._batch(request, ("ocr",), "ocr")
+
+    @api.post("/v1/quality/batch", summary="Batch quality: results and errors per item")
+    async def quality_batch(self, request: Request) -> JSONResponse:
+        return await self._batch(request, ("quality",), "quality")
+
+    @api.post("/v1/analyze/batch", summary="Batch analyze: results and errors per item")
+    async def analyze_batch(self, request: Request) -> JSONResponse:
+        return await self._batch(request, self._caps(), "analyze")
+
+    def _caps(self) -> tuple[str, ...]:
+        return tuple(c for c in CAPABILITIES if self.handles.get(c) is not None)
+
+    @api.post("/v1/streams/{stream_id}/frames", summary="Analyze one frame of a stream; returns its verdict")
+    async def stream_frame(self, stream_id: str, request: Request) -> JSONResponse:
+        rid = _rid(request)
+        timings = Timings()
+        self._auth(request, "streams")
+        streams = self._handle("streams")
+        images, opts = await self._read_images(request, batch=False)
+        image = await asyncio.to_thread(self._decode, images[0])
+        result = await self._analyze_one(image, self._caps(), self._evidence(opts), timings)
+        with timings.stage("streams"):
+            state = await streams.ingest.remote(stream_id, image, result, opts.get("ts"))
+        return JSONResponse({"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()},
+                            headers={REQUEST_ID_HEADER: rid})
+
+    @api.get("/v1/streams/{stream_id}", summary="A stream's state: window, escalation, evidence bundle")
+    async def stream_state(self, stream_id: str, request: Request) -> JSONResponse:
+        self._auth(request, "streams")
+        state = await self._handle("streams").state.remote(stream_id)
+        return JSONResponse({"request_id": _rid(request), "stream": state})
+
+
+def merge_labels(labels: list[dict]) -> list[dict]:
+    """One entry per label name: the highest score wins, evidence and model names are pooled."""
+    best: dict[str, dict] = {}
+    for lab in labels:
+        cur = best.get(lab["name"])
+        if cur is None:
+            best[lab["name"]] = {**lab, "evidence": list(lab.get("evidence", []))}
+            continue
+        pooled = cur["evidence"] + list(lab.get("evidence", []))
+        if lab["score"] > cur["score"]:
+            cur.update(lab)
+        cur["evidence"] = pooled
+    return sorted(best.values(), key=lambda x: -x["score"])
+
+
+def worst_decision(labels: list[dict]) -> str:
+    """The most severe decision among labels (pass when none)."""
+    rank = {"pass": 0, "review": 1, "block": 2}
+    return max((lab["decision"] for lab in labels), key=rank.__getitem__, default="pass")
+
+
+class AppArgs(BaseModel):
+    """The whole graph; each capability can be switched off (its routes then answer 503)."""
+
+    model_config = ConfigDict(extra="forbid")
+    gateway: GatewayArgs = Field(default_factory=GatewayArgs)
+    moderation: dict | None = Field(default_factory=dict)
+    ocr: dict | None = Field(default_factory=dict)
+    quality: dict | None = Field(default_factory=dict)
+    streams: dict | None = Field(default_factory=dict)
+
+
+def build_app(args: AppArgs | dict | None = None):
+    """The full graph: gateway → moderation, OCR (detect → recognize), quality, streams.
+
+    Args:
+        args: ``AppArgs`` (or a dict of it); a capability set to None is not deployed.
+    """
+    args = AppArgs.model_validate(args or {}) if not isinstance(args, AppArgs) else args
+    handles: dict[str, Any] = {}
+    # A capability whose library is not installed is left out (its routes answer 503) rather than
+    # failing the whole graph: the gateway, quality and streams stay useful on their own.
+    if args.ocr is not None and importlib.util.find_spec("livelens.ocr") is None:
+        log.warning("livelens.ocr is not available: /v1/ocr is not deployed")
+        args = args.model_copy(update={"ocr": None})
+    if args.moderation is not None:
+        from serve_apps.moderation import bind_moderation
+        handles["moderation"] = bind_moderation(args.moderation)
+    if args.ocr is not None:
+        from serve_apps.ocr import bind_ocr
+        handles["ocr"] = bind_ocr(args.ocr)
+    if args.quality is not None:
+        from serve_apps.quality import bind_quality
+        handles["quality"] = bind_quality(args.quality)
+    if args.streams is not None:
+        from serve_apps.streams import bind_streams
+        handles["streams"] = bind_streams(args.streams)
+    return Gateway.options(**args.gateway.deploy.to_options()).bind(args.gateway.model_dump(), **handles)

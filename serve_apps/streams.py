@@ -1,0 +1,151 @@
+"""Per-stream state behind the gateway's /v1/streams routes.
+
+One replica owns the SQLite file (``max_replicas=1``): SQLite is a local-disk store, and a
+single writer keeps each stream's window consistent. The state is written after every frame and
+read back on start, so killing the replica loses nothing. For several replicas, plug in a shared
+:class:`~livelens.serving.streams.StreamStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from serve_apps.common import DeployOptions
+
+
+class StreamsArgs(BaseModel):
+    """Streams settings.
+
+    Attributes:
+        db_path: The SQLite file.
+        window: n of the k-of-n escalation rule.
+        k: k of the k-of-n escalation rule.
+        base_interval_s: Suggested sampling interval of a quiet stream.
+        min_interval_s: Suggested interval at the highest risk.
+        max_evidence: Evidence bundles kept per stream.
+        thumb_side: Long side of the JPEG thumbnail kept as evidence.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    db_path: str = "runs/streams.sqlite"
+    window: int = Field(10, ge=1)
+    k: int = Field(3, ge=1)
+    base_interval_s: float = Field(10.0, gt=0)
+    min_interval_s: float = Field(1.0, gt=0)
+    max_evidence: int = Field(5, ge=1)
+    thumb_side: int = Field(320, ge=32)
+    deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.1, max_ongoing_requests=16))
+
+
+@serve.deployment
+class Streams:
+    """Folds frame verdicts into persisted stream state."""
+
+    def __init__(self, args: dict):
+        from livelens.serving.streams import SqliteStreamStore, StreamPolicy
+
+        self.args = StreamsArgs.model_validate(args)
+        a = self.args
+        self.policy = StreamPolicy(window=a.window, k=a.k, base_interval_s=a.base_interval_s,
+                                   min_interval_s=a.min_interval_s, max_evidence=a.max_evidence)
+        self.store = SqliteStreamStore(a.db_path)
+        # Per-stream locks: frames of one stream are folded in order, different streams in parallel.
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def check_health(self) -> None:
+        # A store that cannot be read means lost state: let Serve restart the replica.
+        self.store.load("__health__")
+
+    def _thumb(self, image) -> str:
+        import cv2
+
+        from livelens.imageio import encode_jpeg
+
+        h, w = image.shape[:2]
+        s = min(1.0, self.args.thumb_side / max(h, w))
+        small = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        return base64.b64encode(encode_jpeg(small, quality=80)).decode()
+
+    def _ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None) -> dict[str, Any]:
+        from livelens.quality import LABELS, FrozenDetector
+        from livelens.serving.streams import StreamState, check_stream_id, update_state
+
+        check_stream_id(stream_id)
+        state = self.store.load(stream_id) or StreamState(stream_id, next_interval_s=self.policy.base_interval_s)
+        det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
+        frozen = det.update(image, ts)
+        state.frozen_state, state.frozen = det.to_dict(), frozen["frozen"]
+        state, risky = update_state(state, result, self.policy, ts)
+        if state.frozen:
+            state.frames[-1]["labels"].append(LABELS["frozen"])
+        self.store.save(state)
+        if risky:
+            bundle = {
+                "ts": state.updated_at,
+                "frame_index": state.frame_count,
+                "thumbnail_jpeg_b64": self._thumb(image),
+                "labels": [lab for lab in result.get("labels", []) if lab.get("decision") != "pass"],
+                "ocr_text": [ln.get("text") for ln in (result.get("ocr") or {}).get("lines", [])],
+                "entities": (result.get("ocr") or {}).get("entities", []),
+                "heatmaps": (result.get("moderation") or {}).get("heatmaps", []),
+                "models": result.get("models", []),
+            }
+            self.store.add_evidence(stream_id, bundle, keep=self.policy.max_evidence)
+        return self._public(state, frozen)
+
+    def _public(self, state, frozen: dict | None = None) -> dict[str, Any]:
+        return {
+            "stream_id": state.stream_id,
+            "frame_count": state.frame_count,
+            "escalated": state.escalated,
+            "escalated_at": state.escalated_at,
+            "escalation_reason": state.escalation_reason,
+            "window": state.frames,
+            "policy": {"k": self.policy.k, "n": self.policy.window},
+            "next_interval_s": state.next_interval_s,
+            "frozen": frozen if frozen is not None else {"frozen": state.frozen},
+        }
+
+    async def ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None = None) -> dict[str, Any]:
+        """Add one analysed frame; returns the stream's verdict after it."""
+        from livelens.errors import InvalidArgumentError
+
+        try:
+            ts = None if ts is None else float(ts)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"ts must be seconds since the epoch, got {ts!r}") from None
+        lock = self._locks.setdefault(stream_id, asyncio.Lock())
+        async with lock:
+            return await asyncio.to_thread(self._ingest, stream_id, image, result, ts)
+
+    def state(self, stream_id: str, evidence: int = 5) -> dict[str, Any]:
+        """A stream's state with its newest evidence bundles."""
+        from livelens.errors import ModelNotFoundError
+        from livelens.serving.streams import check_stream_id
+
+        check_stream_id(stream_id)
+        st = self.store.load(stream_id)
+        if st is None:
+            err = ModelNotFoundError(f"no frames seen for stream {stream_id!r}", code="stream_not_found")
+            raise err
+        return {**self._public(st), "evidence": self.store.evidence(stream_id, evidence),
+                "served_at": time.time()}
+
+
+def bind_streams(args: dict | None = None):
+    """The streams deployment, bound (for composition into the gateway)."""
+    a = StreamsArgs.model_validate(args or {})
+    return Streams.options(**{**a.deploy.to_options(),
+                              "autoscaling_config": {**a.deploy.to_options()["autoscaling_config"],
+                                                     "max_replicas": 1}}).bind(a.model_dump())
+
+
+def build_app(args: StreamsArgs | dict | None = None):
+    """Streams alone (used through a handle)."""
+    return bind_streams(args.model_dump() if isinstance(args, StreamsArgs) else args)
