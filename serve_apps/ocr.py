@@ -48,12 +48,12 @@ class OcrArgs(BaseModel):
 
 
 def _engine(args: OcrArgs):
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from livelens.ocr import create_engine
 
-    return create_engine(args.engine, **args.engine_kwargs)
+    kwargs = dict(args.engine_kwargs)
+    if args.engine == "ppocr":
+        kwargs.setdefault("threads", args.threads)
+    return create_engine(args.engine, **kwargs)
 
 
 def engine_ref(engine) -> str:
@@ -64,29 +64,17 @@ def engine_ref(engine) -> str:
     refs = getattr(engine, "model_refs", None)
     if isinstance(refs, dict | list | tuple) and refs:
         return "+".join(refs.values() if isinstance(refs, dict) else refs)
-    return f"{type(engine).__name__.lower()}@1"
+    name = getattr(engine, "name", type(engine).__name__.lower())
+    if name == "ppocr":
+        from importlib.metadata import version
+
+        # The PP-OCR ONNX files ship inside the rapidocr wheel, so its version pins the weights.
+        return f"ppocr@rapidocr-{version('rapidocr')}"
+    return f"{name}@1"
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-
-
-def crop_polygon(image: np.ndarray, polygon: list) -> np.ndarray:
-    """A rectified crop of a 4-point text polygon (perspective warp, upright for recognition)."""
-    import cv2
-
-    pts = np.asarray(polygon, np.float32).reshape(-1, 2)
-    if len(pts) != 4:
-        x0, y0 = pts.min(0)
-        x1, y1 = pts.max(0)
-        pts = np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
-    w = int(max(np.linalg.norm(pts[0] - pts[1]), np.linalg.norm(pts[2] - pts[3]), 2))
-    h = int(max(np.linalg.norm(pts[0] - pts[3]), np.linalg.norm(pts[1] - pts[2]), 2))
-    dst = np.asarray([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
-    crop = cv2.warpPerspective(image, cv2.getPerspectiveTransform(pts, dst), (w, h),
-                               borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
-    # Vertical text lines read better rotated to horizontal, as PP-OCR itself does.
-    return np.rot90(crop) if h >= 1.5 * w else crop
 
 
 @serve.deployment
@@ -144,6 +132,11 @@ class Ocr:
         self.detector, self.recognizer = detector, recognizer
         self.tax = load_taxonomy()
         self._ref: str | None = None
+        try:
+            from livelens.ocr import decode_qr, extract_entities
+        except ImportError:  # the entity extractors landed after the engine; serve lines meanwhile
+            decode_qr = extract_entities = None
+        self._extract, self._decode_qr = extract_entities, decode_qr
 
     def check_health(self) -> None:
         """The composer holds no model; detector and recogniser have their own checks."""
@@ -160,18 +153,19 @@ class Ocr:
                    else "mmocr model from the model store"}]
         if self.args.decode_qr:
             models.append({"ref": "qr_decoder@1", "kind": "qr", "source": "OpenCV QRCodeDetector (no weights)"})
-        return {"models": models}
+        return {"models": models,
+                "missing": "" if self._extract else "livelens.ocr.extract_entities not available: no entities"}
 
     async def read(self, image: np.ndarray) -> dict[str, Any]:
         """Lines (polygon, box, text, score), entities, QR payloads and the ads labels they raise."""
-        from livelens.ocr import decode_qr, extract_entities
+        from livelens.ocr import crop_line
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         boxes = await self.detector.detect.remote(image)
         timings["detect"] = (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
-        crops = [crop_polygon(image, b["polygon"]) for b in boxes]
+        crops = [crop_line(image, b["polygon"]) for b in boxes]
         texts = await asyncio.gather(*(self.recognizer.recognize.remote(c) for c in crops))
         timings["recognize"] = (time.perf_counter() - t0) * 1000
         lines = []
@@ -181,20 +175,22 @@ class Ocr:
             if text.strip():
                 lines.append({"polygon": b["polygon"], "box": box, "text": text, "score": score})
         t0 = time.perf_counter()
-        entities = await asyncio.to_thread(self._entities, image, lines, extract_entities, decode_qr)
+        entities = await asyncio.to_thread(self._entities, image, lines)
         timings["entities"] = (time.perf_counter() - t0) * 1000
         ref = await self._engine_ref()
         models = [ref] + (["qr_decoder@1"] if self.args.decode_qr else [])
         return {"lines": lines, "entities": entities, "labels": self._ads_labels(entities, ref),
                 "models": models, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
-    def _entities(self, image, lines, extract_entities, decode_qr) -> list[dict[str, Any]]:
+    def _entities(self, image, lines) -> list[dict[str, Any]]:
         from livelens.ocr import TextLine
 
+        if self._extract is None:
+            return []
         objs = [TextLine(polygon=ln["polygon"], box=ln["box"], text=ln["text"], score=ln["score"]) for ln in lines]
-        found = list(extract_entities(objs))
-        if self.args.decode_qr:
-            found += list(decode_qr(image))
+        found = list(self._extract(objs))
+        if self.args.decode_qr and self._decode_qr is not None:
+            found += list(self._decode_qr(image))
         return [{"kind": _field(e, "kind"), "value": _field(e, "value"),
                  "box": [float(v) for v in (_field(e, "box") or [])],
                  "label": _field(e, "label"), "score": float(_field(e, "score", 1.0) or 0.0)} for e in found]

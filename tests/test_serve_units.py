@@ -1,0 +1,165 @@
+"""Serve-independent parts of the service: keys, rate limits, input parsing, streams, Serve config."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from livelens.errors import (
+    AuthError,
+    ConfigError,
+    ForbiddenError,
+    ImageTooLargeError,
+    InvalidArgumentError,
+    RateLimitedError,
+    UnsupportedMediaTypeError,
+)
+from livelens.imageio import ImageLimits
+from livelens.serving import inputs
+from livelens.serving.auth import KeyStore, TokenBucket, add_key_to_file, generate_key, hash_key
+from livelens.serving.config import validate_serve_config
+from livelens.serving.streams import SqliteStreamStore, StreamPolicy, StreamState, update_state
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_apps" / "config"
+
+
+def test_key_file_stores_only_hashes_and_checks_scopes(tmp_path):
+    key, other = generate_key(), generate_key()
+    path = tmp_path / "keys.json"
+    add_key_to_file(path, key, "ops", scopes=["moderate"])
+    text = path.read_text()
+    assert key not in text and hash_key(key) in text
+    store = KeyStore.load(path, env={})
+    assert store.authenticate(key, "moderate").id == "ops"
+    with pytest.raises(ForbiddenError):
+        store.authenticate(key, "ocr")
+    with pytest.raises(AuthError) as e:
+        store.authenticate(other, "moderate")
+    assert e.value.http_status == 401
+    with pytest.raises(AuthError):
+        store.authenticate(None, "moderate")
+
+
+def test_keys_from_environment_plain_and_json(tmp_path):
+    a, b = generate_key(), generate_key()
+    assert KeyStore.load(None, env={"LIVELENS_API_KEYS": f"{a}, {b}"}).authenticate(b, "ocr")
+    doc = json.dumps({"keys": [{"id": "x", "sha256": hash_key(a), "scopes": ["ocr"]}]})
+    store = KeyStore.load(tmp_path / "absent.json", env={"LIVELENS_API_KEYS": doc})
+    assert store.authenticate(a, "ocr").id == "x"
+    with pytest.raises(ConfigError):
+        KeyStore.load(None, env={"LIVELENS_API_KEYS": '{"keys": [{"sha256": "short"}]}'})
+
+
+def test_token_bucket_refills_at_its_rate():
+    now = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.5)
+    now[0] = 0.5
+    assert bucket.take() == 0.0
+    assert bucket.take() > 0
+
+
+def test_rate_limit_is_429_with_retry_after(tmp_path):
+    key = generate_key()
+    add_key_to_file(tmp_path / "k.json", key, "slow", rate_per_s=0.5, burst=2)
+    store = KeyStore.load(tmp_path / "k.json", env={})
+    store.authenticate(key, "ocr")
+    store.authenticate(key, "ocr")
+    with pytest.raises(RateLimitedError) as e:
+        store.authenticate(key, "ocr")
+    assert e.value.http_status == 429 and e.value.retry_after_s > 0
+
+
+def test_json_inputs_base64_batch_errors_per_item_and_no_url_fetching():
+    policy = inputs.InputPolicy(limits=ImageLimits(max_bytes=1000))
+    good = base64.b64encode(b"x" * 10).decode()
+    imgs, rest = inputs.images_from_json(json.dumps({"image": good, "evidence": "none"}).encode(), policy, False)
+    assert imgs == [b"x" * 10] and rest == {"evidence": "none"}
+    imgs, _ = inputs.images_from_json(json.dumps({"images": [good, "%%%", 5]}).encode(), policy, True)
+    assert imgs[0] == b"x" * 10 and isinstance(imgs[1], InvalidArgumentError) and isinstance(imgs[2], InvalidArgumentError)
+    with pytest.raises(ImageTooLargeError):
+        inputs.decode_b64(base64.b64encode(b"y" * 2000).decode(), "image", policy)
+    fetched = []
+    with pytest.raises(ForbiddenError):
+        inputs.images_from_json(b'{"url": "http://169.254.169.254/latest"}', policy, False,
+                                fetch=lambda u, p: fetched.append(u))
+    assert fetched == []
+    allowed = inputs.InputPolicy(url_allowlist=frozenset({"cdn.example.com"}))
+    imgs, _ = inputs.images_from_json(b'{"url": "https://cdn.example.com/a.jpg"}', allowed, False,
+                                      fetch=lambda u, p: b"img:" + u.encode())
+    assert imgs == [b"img:https://cdn.example.com/a.jpg"]
+    with pytest.raises(InvalidArgumentError):
+        inputs.check_url("file:///etc/passwd", allowed)
+
+
+def test_raw_inputs_check_content_type_and_size():
+    policy = inputs.InputPolicy(limits=ImageLimits(max_bytes=100))
+    assert inputs.check_raw("image/png; charset=binary", b"abc", policy) == b"abc"
+    with pytest.raises(UnsupportedMediaTypeError):
+        inputs.check_raw("text/plain", b"abc", policy)
+    with pytest.raises(ImageTooLargeError):
+        inputs.check_raw("image/jpeg", b"a" * 101, policy)
+    with pytest.raises(ImageTooLargeError):
+        inputs.check_declared_length(str(10**9), policy)
+
+
+def _frame(decision: str, score: float = 0.9) -> dict:
+    return {"decision": decision, "labels": [{"name": "ads_phone", "score": score, "decision": decision}]}
+
+
+def test_k_of_n_escalation_and_sampling_interval():
+    policy = StreamPolicy(window=5, k=2, base_interval_s=10, min_interval_s=1)
+    st = StreamState("s1")
+    st, risky = update_state(st, _frame("pass", 0.1), policy, ts=1)
+    assert not risky and not st.escalated and st.next_interval_s == 10
+    st, risky = update_state(st, _frame("review", 0.6), policy, ts=2)
+    quiet_interval = st.next_interval_s
+    assert risky and not st.escalated and 1 <= quiet_interval < 10
+    st, _ = update_state(st, _frame("block", 0.95), policy, ts=3)
+    assert st.escalated and "2 of the last 3" in st.escalation_reason and st.next_interval_s == 1
+    for t in range(4, 9):
+        st, _ = update_state(st, _frame("pass", 0.0), policy, ts=t)
+    assert len(st.frames) == 5 and not st.escalated and st.frame_count == 8
+    with pytest.raises(ConfigError):
+        StreamPolicy(window=2, k=3)
+
+
+def test_sqlite_store_survives_reopen_and_bounds_evidence(tmp_path):
+    db = tmp_path / "s.sqlite"
+    store = SqliteStreamStore(db)
+    policy = StreamPolicy(window=4, k=2)
+    st = StreamState("room-1")
+    for t in range(3):
+        st, _ = update_state(st, _frame("block"), policy, ts=t)
+        store.add_evidence("room-1", {"ts": t, "n": t}, keep=2)
+    store.save(st)
+    store.close()
+    again = SqliteStreamStore(db)
+    back = again.load("room-1")
+    assert back == st and back.escalated
+    assert [b["n"] for b in again.evidence("room-1")] == [2, 1]
+    assert again.load("other") is None
+
+
+def test_shipped_serve_configs_validate():
+    configs = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert configs
+    for path in configs:
+        schema = validate_serve_config(path)
+        assert schema.applications and all(a.import_path.startswith("serve_apps.") for a in schema.applications)
+
+
+def test_serve_config_rejects_unknown_deployment_keys():
+    doc = yaml.safe_load((CONFIG_DIR / "livelens.yaml").read_text())
+    doc["applications"][0]["deployments"][0]["max_queued_request"] = 5  # the typo Ray would accept
+    with pytest.raises(ConfigError, match="max_queued_request"):
+        validate_serve_config(doc)
+    doc = yaml.safe_load((CONFIG_DIR / "livelens.yaml").read_text())
+    doc["surprise"] = 1
+    with pytest.raises(ConfigError):
+        validate_serve_config(doc)
