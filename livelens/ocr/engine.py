@@ -1,0 +1,259 @@
+"""The OCR engines: PP-OCR (rapidocr's shipped ONNX models, the default) behind one interface.
+
+``detect`` → ``crop_lines`` → ``recognize`` are separate steps so a Serve graph can run them
+on different replicas; ``read`` chains them for a batch of images. Throughput comes from
+pooling the line crops of *all* images of a batch, sorting them by aspect ratio and running
+recognition in large batches, where rapidocr called directly recognises each image's lines
+on their own in batches of 6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livelens.errors import ConfigError, InvalidArgumentError, LivelensError
+from livelens.imageio import DEFAULT_LIMITS, ImageLimits, load_image
+from livelens.ocr.types import OcrEngine, TextBox, TextLine
+
+# Below this many pixels on a side there is no legible text; answering "nothing" is the
+# documented behaviour for 1×1 and empty frames (not an error).
+MIN_SIDE = 8
+
+PPOCR_MODEL_FILES = {
+    "det": "PP-OCRv6_det_small.onnx",
+    "rec": "PP-OCRv6_rec_small.onnx",
+    "cls": "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+}
+
+
+def ppocr_model_dir() -> Path:
+    """Where rapidocr's wheel ships its ONNX models."""
+    import rapidocr
+
+    return Path(rapidocr.__file__).resolve().parent / "models"
+
+
+@contextlib.contextmanager
+def _no_downloads() -> Iterator[None]:
+    """Make any attempt by rapidocr to fetch a model or dictionary fail loudly.
+
+    We pass explicit model paths, so nothing should download; this guard turns a future
+    rapidocr change that would silently reach the network into a clear error.
+    """
+    from rapidocr.utils.download_file import DownloadFile
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConfigError("rapidocr tried to download a file; livelens runs offline with the shipped models")
+
+    original = DownloadFile.__dict__["run"]
+    DownloadFile.run = staticmethod(refuse)
+    try:
+        yield
+    finally:
+        DownloadFile.run = original
+
+
+def as_rgb(image: Any, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray | None:
+    """Load one image as RGB uint8, or ``None`` when it is too small to hold text.
+
+    Zero-sized arrays count as empty frames (no text) rather than bad input; undecodable
+    bytes or paths still raise :class:`~livelens.errors.InvalidImageError`.
+    """
+    if isinstance(image, np.ndarray) and image.size == 0:
+        return None
+    rgb = load_image(image, limits)
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        return None
+    return rgb
+
+
+def crop_line(image: np.ndarray, polygon: Sequence[Sequence[float]]) -> np.ndarray:
+    """Perspective-crop one text polygon to an upright line image (tall crops rotated to lie flat).
+
+    The same geometry as PP-OCR's own ``get_rotate_crop_image``, so crops match rapidocr's.
+    """
+    from rapidocr.utils.process_img import get_rotate_crop_image
+
+    pts = np.asarray(polygon, dtype=np.float32).reshape(4, 2).copy()
+    return np.ascontiguousarray(get_rotate_crop_image(image, pts))
+
+
+def crop_lines(image: np.ndarray, boxes: Sequence[TextBox]) -> list[np.ndarray]:
+    """Crops for every detected box of one RGB image."""
+    return [crop_line(image, b.polygon) for b in boxes]
+
+
+def is_line_shaped(rgb: np.ndarray) -> bool:
+    """Whether an image looks like a single cropped text line (short and wide, not a frame)."""
+    h, w = rgb.shape[:2]
+    return h <= 160 and w >= 1.5 * h and float(rgb.std()) > 8.0
+
+
+class PpOcrEngine:
+    """PP-OCRv6 detection + recognition (and the PP-OCR angle classifier) on onnxruntime.
+
+    Three separate rapidocr stages: one instance for detection only and separate ones for
+    classification and recognition, so recognition can be called on crops alone.
+
+    Args:
+        rec_batch_num: Line crops per recognition batch (rapidocr's default is 6).
+        use_cls: Run the 0/180° line classifier before recognition (rapidocr's default).
+        text_score: Lines recognised below this score are dropped (rapidocr's default 0.5).
+        box_thresh: Detection box threshold.
+        threads: onnxruntime intra-op threads; ``None`` lets onnxruntime decide.
+        model_dir: Directory with the three ONNX files; default the rapidocr wheel's.
+        limits: Image limits applied when decoding inputs.
+        line_fallback: When detection finds nothing in a small line-shaped image (a crop
+            such as ``text_rec.jpg``, which PP-OCR's detector misses), recognise the whole
+            image as one line. rapidocr itself returns nothing there.
+    """
+
+    name = "ppocr"
+
+    def __init__(
+        self,
+        *,
+        rec_batch_num: int = 32,
+        use_cls: bool = True,
+        text_score: float = 0.5,
+        box_thresh: float = 0.5,
+        threads: int | None = None,
+        model_dir: str | Path | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        line_fallback: bool = True,
+    ):
+        if rec_batch_num < 1:
+            raise InvalidArgumentError(f"rec_batch_num must be >= 1, got {rec_batch_num}")
+        from rapidocr import RapidOCR
+
+        model_dir = Path(model_dir) if model_dir else ppocr_model_dir()
+        paths = {k: model_dir / f for k, f in PPOCR_MODEL_FILES.items()}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise ConfigError(f"PP-OCR model files missing: {missing}; reinstall rapidocr==3.10.0 (ships them)")
+        self.use_cls = use_cls
+        self.text_score = text_score
+        self.limits = limits
+        self.line_fallback = line_fallback
+        base = {
+            "Global.log_level": "error",
+            "Det.model_path": str(paths["det"]),
+            "Cls.model_path": str(paths["cls"]),
+            "Rec.model_path": str(paths["rec"]),
+            "Det.box_thresh": box_thresh,
+            "Rec.rec_batch_num": rec_batch_num,
+            "Cls.cls_batch_num": rec_batch_num,
+        }
+        if threads:
+            base["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
+        with _no_downloads():
+            self._det_ocr = RapidOCR(params={**base, "Global.use_cls": False, "Global.use_rec": False})
+            self._det_ocr._load_det_model()
+            # Separate instances for crop-only stages, as rapidocr's own det/rec split suggests.
+            self._cls = RapidOCR(params={**base, "Global.use_det": False, "Global.use_rec": False})._load_cls_model()
+            self._rec = RapidOCR(params={**base, "Global.use_det": False, "Global.use_cls": False})._load_rec_model()
+        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
+
+    # -- detection -------------------------------------------------------------------
+    def _detect_rgb(self, rgb: np.ndarray | None) -> list[TextBox]:
+        if rgb is None:
+            return []
+        try:
+            res = self._det_ocr(np.ascontiguousarray(rgb[:, :, ::-1]))
+        except Exception as exc:  # rapidocr raises plain errors on odd shapes; keep ours typed
+            raise LivelensError(f"PP-OCR detection failed: {exc}") from exc
+        boxes = getattr(res, "boxes", None)
+        if boxes is None or len(boxes) == 0:
+            return []
+        scores = res.scores if res.scores is not None else [1.0] * len(boxes)
+        return [TextBox.from_polygon(b, s) for b, s in zip(boxes, scores, strict=True)]
+
+    def detect(self, images: Sequence[Any]) -> list[list[TextBox]]:
+        """Text boxes per image (polygons in original pixel coordinates)."""
+        return [self._detect_rgb(as_rgb(img, self.limits)) for img in images]
+
+    # -- recognition -----------------------------------------------------------------
+    def recognize(self, crops: Sequence[np.ndarray], use_cls: bool | None = None) -> list[tuple[str, float]]:
+        """``(text, score)`` per RGB line crop, all crops in width-sorted batches.
+
+        Args:
+            crops: Line images (H, W, 3) RGB uint8, e.g. from :func:`crop_lines`.
+            use_cls: Override the engine's angle-classifier setting for this call.
+        """
+        from rapidocr.ch_ppocr_rec import TextRecInput
+
+        out: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        valid = [i for i, c in enumerate(crops) if isinstance(c, np.ndarray) and c.ndim == 3 and min(c.shape[:2]) >= 2]
+        if not valid:
+            return out
+        bgr = [np.ascontiguousarray(crops[i][:, :, ::-1]) for i in valid]
+        if self.use_cls if use_cls is None else use_cls:
+            bgr = self._cls(bgr).img_list
+        res = self._rec(TextRecInput(img=bgr))
+        for i, text, score in zip(valid, res.txts, res.scores, strict=True):
+            out[i] = (str(text), float(score))
+        return out
+
+    # -- both ------------------------------------------------------------------------
+    def read(self, images: Sequence[Any]) -> list[list[TextLine]]:
+        """Detect and recognise a batch of images; line crops of all images share rec batches."""
+        rgbs = [as_rgb(img, self.limits) for img in images]
+        dets = [self._detect_rgb(rgb) for rgb in rgbs]
+        crops: list[np.ndarray] = []
+        owners: list[tuple[int, TextBox]] = []
+        for i, (rgb, boxes) in enumerate(zip(rgbs, dets, strict=True)):
+            if not boxes and rgb is not None and self.line_fallback and is_line_shaped(rgb):
+                h, w = rgb.shape[:2]
+                crops.append(rgb)
+                owners.append((i, TextBox.from_polygon([[0, 0], [w, 0], [w, h], [0, h]], 0.0)))
+            for b in boxes:
+                crops.append(crop_line(rgb, b.polygon))
+                owners.append((i, b))
+        results: list[list[TextLine]] = [[] for _ in images]
+        for (i, b), (text, score) in zip(owners, self.recognize(crops), strict=True):
+            if text.strip() and score >= self.text_score:
+                results[i].append(TextLine(b.polygon, b.box, text, score))
+        return results
+
+
+def create_engine(name: str = "ppocr", **kwargs: Any) -> OcrEngine:
+    """Build an OCR engine by backend name: ``ppocr`` (default) or ``mmocr``.
+
+    Args:
+        name: The backend.
+        **kwargs: Passed to the backend's constructor.
+    """
+    if name == "ppocr":
+        return PpOcrEngine(**kwargs)
+    if name == "mmocr":
+        from livelens.ocr.mmocr_adapter import MmocrEngine
+
+        return MmocrEngine(**kwargs)
+    raise InvalidArgumentError(f"unknown OCR engine {name!r}; use 'ppocr' or 'mmocr'")
+
+
+def draw_lines(image: np.ndarray, lines: Sequence[TextLine], color: tuple[int, int, int] = (0, 200, 0)) -> np.ndarray:
+    """A copy of an RGB image with each line's polygon and text drawn (for evaluation reports)."""
+    from PIL import Image, ImageDraw
+
+    from livelens.ocr.fonts import cjk_font
+
+    canvas = image.copy()
+    for line in lines:
+        pts = np.asarray(line.polygon, dtype=np.int32).reshape(-1, 1, 2)
+        cv2.polylines(canvas, [pts], True, color, 2)
+    pil = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(pil)
+    size = max(12, image.shape[0] // 40)
+    font = cjk_font(size)
+    for line in lines:
+        x0, y0 = line.box[0], max(0.0, line.box[1] - size - 2)
+        draw.text((x0, y0), f"{line.text} {line.score:.2f}", fill=(255, 40, 40), font=font)
+    return np.asarray(pil)
