@@ -1,0 +1,271 @@
+"""A generic Ray Train (V2) per-worker training loop: DDP, AMP, comm hooks, checkpoints, resume.
+
+Jobs (safety, quality, OCR) call :func:`fit` from their ``train_fn_per_worker`` with a model
+factory, a loss function and their batches; everything distributed lives here::
+
+    def train_fn_per_worker(config: dict) -> None:
+        cfg = MyConfig(**config)
+        fit(lambda: create_model(...), lambda m, b: F.cross_entropy(m(b["x"])["main"], b["y"]),
+            lambda epoch: shard.iter_torch_batches(batch_size=cfg.loop.batch_size), cfg.loop,
+            evaluate=my_eval)
+
+A checkpoint is written every epoch; a restarted worker group (FailureConfig) finds it
+through ``ray.train.get_checkpoint()`` and continues from the next epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from livelens.errors import ConfigError
+from livelens.train.ddp import (
+    ByteCounter,
+    autocast,
+    check_comm_hook,
+    check_precision,
+    grad_scaler,
+    register_comm_hook,
+    trainable_parameters,
+    unwrap,
+)
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+
+Batch = Mapping[str, Any]
+EvalFn = Callable[[nn.Module, int], tuple[dict[str, float], dict[str, bytes]]]
+
+
+@dataclass
+class LoopConfig:
+    """Settings of :func:`fit` shared by every training job.
+
+    Attributes:
+        epochs: Passes over the training shard.
+        lr: Peak learning rate (AdamW, cosine decay over epochs).
+        weight_decay: AdamW weight decay.
+        batch_size: Per-worker batch size.
+        precision: ``fp32``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU, with GradScaler).
+        use_gpu: One GPU per worker.
+        comm_hook: ``none``, ``fp16`` or ``powersgd``.
+        powersgd_rank: PowerSGD matrix approximation rank.
+        powersgd_start_iter: Plain allreduce steps before PowerSGD starts compressing.
+        max_steps_per_epoch: Cap on steps per epoch (None: the whole shard).
+        seed: Seed for the model initialisation (identical on every rank).
+        fail_at_epoch: Failure injection: worker ``fail_rank`` dies at the start of this epoch...
+        fail_once_marker: ...once, recorded by creating this file (a path every worker sees).
+        fail_rank: Rank that dies (clamped to the last rank).
+        count_grad_bytes: Count gradient bytes per step sent by the comm hook (reported).
+    """
+
+    epochs: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    precision: str = "fp32"
+    use_gpu: bool = False
+    comm_hook: str = "none"
+    powersgd_rank: int = 2
+    powersgd_start_iter: int = 2
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    fail_at_epoch: int | None = None
+    fail_once_marker: str | None = None
+    fail_rank: int = 1
+    count_grad_bytes: bool = False
+
+    def validate(self) -> None:
+        """Check values before any worker starts.
+
+        Raises:
+            ConfigError: An impossible value or combination.
+        """
+        check_precision(self.precision, self.use_gpu)
+        check_comm_hook(self.comm_hook, self.powersgd_rank)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.fail_at_epoch is not None and not self.fail_once_marker:
+            raise ConfigError("fail_at_epoch needs fail_once_marker (so the failure happens only once)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoopConfig:
+        """Build from a dict, rejecting unknown keys (typos would otherwise be silently ignored)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown loop config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class FitState:
+    """What a checkpoint restores."""
+
+    epoch: int = 0  # next epoch to run
+    train_time_s: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: torch.amp.GradScaler, state: FitState, metrics: Mapping[str, Any],
+                    files: Mapping[str, bytes]) -> None:
+    """Write model/optimiser state (tensors + plain types: loadable with weights_only) and artifacts."""
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "fit": asdict(state)}, path / STATE_FILE)
+    (path / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, default=float))
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The saved state dict of a checkpoint directory (``weights_only=True``)."""
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _maybe_fail(cfg: LoopConfig, epoch: int, rank: int, world: int) -> None:
+    """Failure injection: kill this worker process once, as a crashed node would."""
+    if cfg.fail_at_epoch is None or epoch != cfg.fail_at_epoch or rank != min(cfg.fail_rank, world - 1):
+        return
+    marker = Path(cfg.fail_once_marker or "")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} died at epoch {epoch}\n")
+    os._exit(1)  # no cleanup, no exception: the process is simply gone
+
+
+def _node_ids(world: int) -> list[str]:
+    """Each rank's Ray node id (gathered so rank 0 can report where the workers ran)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return [str(x) for x in out]
+
+
+def train_one_epoch(model: nn.Module, forward_loss: Callable[[nn.Module, Batch], torch.Tensor],
+                    batches: Iterable[Batch], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    cfg: LoopConfig, device: torch.device, counter: ByteCounter | None = None) -> dict[str, float]:
+    """One pass over ``batches``; returns mean loss, step count, samples and seconds."""
+    model.train()
+    total, steps, samples, t0 = 0.0, 0, 0, time.perf_counter()
+    for batch in batches:
+        with autocast(cfg.precision, device):
+            loss = forward_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {steps}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if counter is not None:
+            counter.end_step()
+        total += float(loss.detach())
+        steps += 1
+        samples += len(next(iter(batch.values())))
+        if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
+            break
+    secs = time.perf_counter() - t0
+    return {"train_loss": total / max(steps, 1), "steps": steps, "samples": samples, "epoch_s": secs}
+
+
+def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module, Batch], torch.Tensor],
+        train_batches: Callable[[int], Iterable[Batch]], cfg: LoopConfig, *, evaluate: EvalFn | None = None,
+        make_optimizer: Callable[[Iterable[nn.Parameter], LoopConfig], torch.optim.Optimizer] | None = None,
+        extra_metrics: Mapping[str, Any] | None = None) -> FitState:
+    """Train inside a Ray Train worker, reporting metrics and a checkpoint every epoch.
+
+    Args:
+        build_model: Builds the (unwrapped) model; called after seeding, on every rank.
+        forward_loss: ``(model, batch) -> scalar loss``; runs under autocast.
+        train_batches: ``epoch -> iterable of batches`` already on the worker's device.
+        cfg: Loop settings.
+        evaluate: ``(model, epoch) -> (scalar metrics, files)``, run on rank 0 with the unwrapped
+            model in eval mode; files (e.g. ``confusion.png``) go into the checkpoint.
+        make_optimizer: Optimiser factory over trainable parameters (default AdamW).
+        extra_metrics: Constant values added to every report (e.g. the trial config).
+
+    Returns:
+        The final fit state (epoch count, history, train time).
+    """
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = build_model()
+    model = ray.train.torch.prepare_model(model)
+    counter = ByteCounter() if cfg.count_grad_bytes else None
+    register_comm_hook(model, cfg.comm_hook, powersgd_rank=cfg.powersgd_rank,
+                       start_powersgd_iter=cfg.powersgd_start_iter, counter=counter)
+    params = list(trainable_parameters(model))
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    optimizer = (make_optimizer(params, cfg) if make_optimizer
+                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = grad_scaler(cfg.precision, device)
+    state = FitState()
+
+    ckpt = ray.train.get_checkpoint()
+    resumed_from = -1
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = load_checkpoint_state(d)
+        unwrap(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = FitState(**saved["fit"])
+        resumed_from = state.epoch
+    nodes = _node_ids(world)
+    start_epoch = state.epoch
+
+    for epoch in range(start_epoch, cfg.epochs):
+        _maybe_fail(cfg, epoch, rank, world)
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, forward_loss, train_batches(epoch), optimizer, scaler, cfg, device, counter)
+        scheduler.step()
+        metrics: dict[str, Any] = {**(extra_metrics or {}), "epoch": epoch, "start_epoch": start_epoch,
+                                   "resumed_from_epoch": resumed_from, "world_size": world,
+                                   "worker_nodes": nodes, "rank": rank, **stats,
+                                   "images_per_s": stats["samples"] * world / max(stats["epoch_s"], 1e-9)}
+        if counter is not None:
+            metrics["grad_bytes_per_step"] = counter.per_step(skip=cfg.powersgd_start_iter)
+        files: dict[str, bytes] = {}
+        if evaluate is not None and rank == 0:
+            inner = unwrap(model)
+            inner.eval()
+            with torch.no_grad(), autocast(cfg.precision, device):
+                scalars, files = evaluate(inner, epoch)
+            metrics.update(scalars)
+        state.epoch = epoch + 1
+        state.train_time_s += time.perf_counter() - t0
+        metrics["train_time_s"] = state.train_time_s
+        state.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, state, metrics, files)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+    return state
