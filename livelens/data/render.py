@@ -1,0 +1,225 @@
+"""Drawing primitives shared by the generators: fonts, text patches, QR codes, real photos.
+
+Every function takes an explicit ``numpy.random.Generator`` so output is a pure function of
+the seed. Overlay patches are RGBA images whose alpha marks exactly the pixels they cover;
+generators paste them and take the box from the alpha, so boxes are right by construction.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from livelens.errors import ConfigError
+
+FONT_PATH = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@cache
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """WenQuanYi Micro Hei at ``size`` px: one font that renders Chinese and Latin.
+
+    Raises:
+        ConfigError: The font is not installed (Debian package ``fonts-wqy-microhei``).
+    """
+    if not FONT_PATH.is_file():
+        raise ConfigError(
+            f"font {FONT_PATH} is missing: install the Debian package fonts-wqy-microhei "
+            "(scripts/setup.sh does) to generate text"
+        )
+    return ImageFont.truetype(str(FONT_PATH), max(6, int(size)))
+
+
+def text_patch(
+    text: str,
+    size: int,
+    fg: tuple[int, ...],
+    bg: tuple[int, ...] | None = None,
+    pad: float = 0.3,
+    radius: float = 0.0,
+    stroke: int = 0,
+    stroke_fill: tuple[int, ...] = (0, 0, 0),
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Render one text line as an RGBA patch.
+
+    Returns:
+        The patch and the text's own box (x0, y0, x1, y1) inside it (the ink, without padding).
+    """
+    f = font(size)
+    x0, y0, x1, y1 = f.getbbox(text, stroke_width=stroke)
+    p = round(size * pad)
+    w, h = int(x1 - x0) + 2 * p, int(y1 - y0) + 2 * p
+    img = Image.new("RGBA", (max(w, 1), max(h, 1)), (0, 0, 0, 0))
+    d = ImageDraw.Draw(img)
+    if bg is not None:
+        bg = bg if len(bg) == 4 else (*bg, 255)
+        d.rounded_rectangle([0, 0, w - 1, h - 1], radius=int(radius * h), fill=bg)
+    fg = fg if len(fg) == 4 else (*fg, 255)
+    d.text((p - x0, p - y0), text, font=f, fill=fg, stroke_width=stroke, stroke_fill=stroke_fill)
+    return img, (float(p), float(p), float(p + x1 - x0), float(p + y1 - y0))
+
+
+def qr_patch(payload: str, module_px: int, border: int = 2) -> Image.Image:
+    """A real, decodable QR code (black on white, with a quiet zone) as RGBA."""
+    import qrcode
+
+    qr = qrcode.QRCode(border=border, error_correction=qrcode.constants.ERROR_CORRECT_M)
+    qr.add_data(payload)
+    qr.make(fit=True)
+    m = np.array(qr.get_matrix(), dtype=bool)
+    img = np.where(m, 0, 255).astype(np.uint8)
+    img = np.kron(img, np.ones((module_px, module_px), np.uint8))
+    rgba = np.dstack([img, img, img, np.full_like(img, 255)])
+    return Image.fromarray(rgba, "RGBA")
+
+
+def alpha_bbox(patch: Image.Image) -> tuple[int, int, int, int]:
+    """Box (x0, y0, x1, y1) of the non-transparent pixels of an RGBA patch."""
+    box = patch.getchannel("A").getbbox()
+    return box if box else (0, 0, patch.width, patch.height)
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A real photograph available offline."""
+
+    name: str
+    rgb: np.ndarray
+
+
+def _skimage_photos() -> list[tuple[str, np.ndarray]]:
+    """Photos bundled in scikit-image's wheel, read from its data folder (never fetched)."""
+    import skimage.data as sd
+
+    from livelens.imageio import load_image
+
+    folder = Path(sd.__file__).parent
+    names = ["astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "coins.png",
+             "hubble_deep_field.jpg", "motorcycle_left.png", "brick.png", "grass.png", "gravel.png", "moon.png"]
+    return [(f"skimage:{Path(n).stem}", load_image(folder / n)) for n in names if (folder / n).is_file()]
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    from livelens.imageio import array_to_rgb
+
+    return array_to_rgb(np.asarray(arr))
+
+
+@cache
+def real_photos(include_shared: bool = True, max_side: int = 1024) -> tuple[Photo, ...]:
+    """Real photos: scikit-image's and scikit-learn's bundled images, plus ../shared/data ones.
+
+    ../shared is optional (absent on a user's machine); the bundled 14 are always there.
+    Photos are capped at ``max_side`` so workers keep a small, fixed memory footprint.
+    """
+    from sklearn.datasets import load_sample_images
+
+    from livelens.imageio import load_image
+
+    items = _skimage_photos()
+    sk = load_sample_images()
+    items += [(f"sklearn:{Path(f).stem}", img) for f, img in zip(sk.filenames, sk.images, strict=True)]
+    if include_shared:
+        root = shared_data_dir()
+        if root is not None:
+            for sub in ("faces", "icdar2015_toy/imgs"):
+                for p in sorted((root / sub).glob("*.jpg")):
+                    items.append((f"shared:{sub.split('/')[0]}/{p.name}", load_image(p)))
+    photos = []
+    for name, arr in items:
+        rgb = _to_rgb(arr)
+        h, w = rgb.shape[:2]
+        s = max_side / max(h, w)
+        if s < 1:
+            rgb = np.asarray(Image.fromarray(rgb).resize((round(w * s), round(h * s)), Image.BILINEAR))
+        photos.append(Photo(name, np.ascontiguousarray(rgb)))
+    return tuple(photos)
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data next to the repository (or ``$LIVELENS_SHARED/data``), if present."""
+    import os
+
+    root = Path(os.environ.get("LIVELENS_SHARED", REPO.parent / "shared")) / "data"
+    return root if root.is_dir() else None
+
+
+def cover_crop(rgb: np.ndarray, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Random crop with the target aspect ratio, resized to (height, width)."""
+    h, w = rgb.shape[:2]
+    target = width / height
+    scale = rng.uniform(0.7, 1.0)
+    if w / h > target:
+        ch = int(h * scale)
+        cw = int(ch * target)
+    else:
+        cw = int(w * scale)
+        ch = int(cw / target)
+    cw, ch = max(1, min(cw, w)), max(1, min(ch, h))
+    x = int(rng.integers(0, w - cw + 1))
+    y = int(rng.integers(0, h - ch + 1))
+    crop = rgb[y : y + ch, x : x + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.BILINEAR))
+
+
+def procedural_scene(width: int, height: int, rng: np.random.Generator, kind: str | None = None) -> tuple[str, np.ndarray]:
+    """A synthetic background: gradient room, bokeh, stripes/tiles, or noise terrain."""
+    kinds = ("gradient_room", "bokeh", "tiles", "terrain")
+    kind = kind or kinds[int(rng.integers(len(kinds)))]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    c0, c1 = rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
+    if kind == "gradient_room":
+        t = (yy / height)[..., None]
+        img = c0 * (1 - t) + c1 * t
+        # A floor line and a "desk" block make it read as an indoor streaming room.
+        img[int(height * rng.uniform(0.55, 0.8)) :] *= 0.75
+        im = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(2, 6))):
+            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+            d.rectangle([x0, y0, x0 + int(rng.integers(20, width // 3)), y0 + int(rng.integers(20, height // 3))],
+                        fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        img = np.asarray(im.filter(ImageFilter.GaussianBlur(2)))
+    elif kind == "bokeh":
+        im = Image.fromarray(np.broadcast_to(c0 * 0.4, (height, width, 3)).astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(15, 40))):
+            r = int(rng.integers(10, max(11, height // 6)))
+            x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+            d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(60, 256, 3)))
+        img = np.asarray(im.filter(ImageFilter.GaussianBlur(max(3, height // 60))))
+    elif kind == "tiles":
+        period = int(rng.integers(16, 80))
+        checker = ((xx // period + yy // period) % 2)[..., None]
+        img = (c0 * checker + c1 * (1 - checker)).astype(np.uint8)
+    else:
+        # Smooth value noise: upsampled random grid, the look of a game map / landscape.
+        g = rng.random((height // 32 + 2, width // 32 + 2, 3)).astype(np.float32)
+        big = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC), np.float32)
+        base = np.array([70, 110, 50], np.float32) if rng.random() < 0.6 else c0 * 0.6
+        img = (base + (big - 128) * 0.5).clip(0, 255).astype(np.uint8)
+    return f"procedural:{kind}", np.ascontiguousarray(img)
+
+
+def background(width: int, height: int, rng: np.random.Generator, photo_prob: float = 0.6) -> tuple[str, np.ndarray]:
+    """A frame background: a crop of a real photo, or a procedural scene."""
+    if rng.random() < photo_prob:
+        photos = real_photos()
+        p = photos[int(rng.integers(len(photos)))]
+        return f"photo:{p.name}", cover_crop(p.rgb, width, height, rng)
+    return procedural_scene(width, height, rng)
+
+
+def encode_jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """Deterministic JPEG bytes (no optimisation passes that depend on library state)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=2)
+    return buf.getvalue()
