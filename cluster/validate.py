@@ -1,0 +1,360 @@
+"""Offline validation of the deployment files: launcher YAML, KubeRay manifests, Serve configs.
+
+* A Ray cluster-launcher YAML goes through Ray's own ``prepare_config`` + ``validate_config``
+  (its JSON schema rejects typos such as ``min_worker``).
+* A KubeRay manifest (RayCluster, RayJob, RayService) is checked against the CRD's
+  ``openAPIV3Schema`` for its ``apiVersion``, made strict: CRD schemas allow unknown fields,
+  which the API server then silently *prunes*, so a typo'd field just vanishes. As KubeRay's
+  ``openapi2jsonschema.py`` does, every object schema with ``properties`` and no
+  ``additionalProperties``/``x-kubernetes-preserve-unknown-fields`` gets
+  ``additionalProperties: false``.
+* A RayService's ``serveConfigV2`` (a YAML string) goes through
+  ``ServeDeploySchema.model_validate``, plus a check that every application and deployment key
+  is a field of Serve's schema (Serve accepts unknown deployment keys without a word).
+
+CLI: ``python -m cluster.validate cluster/launcher.yaml cluster/kuberay/*.yaml`` (exit 1 on errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from livelens.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_DIR = Path(os.environ.get("LIVELENS_SHARED", REPO.parent / "shared")) / "kuberay-crds"
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation error.
+
+    Attributes:
+        file: The file it was found in.
+        path: JSON path inside the document, e.g. ``$.spec.workerGroupSpecs[0].minReplica``.
+        message: What is wrong.
+    """
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}"
+
+
+class ValidationFailed(ConfigError):
+    """A deployment file is invalid; ``problems`` lists every error found."""
+
+    code = "invalid_manifest"
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def _json_path(parts: Iterable[Any]) -> str:
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+# -- launcher ---------------------------------------------------------------------------------
+def validate_launcher(config: dict[str, Any], file: str = "<launcher>") -> list[Problem]:
+    """Validate a cluster-launcher config with Ray's own schema.
+
+    Args:
+        config: The parsed YAML.
+        file: Name used in messages.
+
+    Returns:
+        The problems found (empty when valid).
+    """
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    if not isinstance(config, dict):
+        return [Problem(file, "$", "a launcher config must be a mapping")]
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except jsonschema.ValidationError as e:
+        first = e.message.splitlines()[0]
+        return [Problem(file, _json_path(e.absolute_path), first)]
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        # Ray's cross-field checks (head_node_type, max_workers...) raise plain errors.
+        return [Problem(file, "$", f"{type(e).__name__}: {e}")]
+    return []
+
+
+# -- KubeRay ----------------------------------------------------------------------------------
+def _strict(schema: Any) -> Any:
+    """Copy of an OpenAPI schema where objects with listed properties reject unknown keys."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_schema(kind: str, version: str, crd_dir: str = str(CRD_DIR)) -> dict[str, Any]:
+    """The strict JSON schema of ``kind`` at ``version`` from the KubeRay CRD files.
+
+    Args:
+        kind: ``RayCluster``, ``RayJob`` or ``RayService``.
+        version: The API version name, e.g. ``v1``.
+        crd_dir: Folder of the CRD YAMLs (default ``../shared/kuberay-crds``).
+
+    Raises:
+        ConfigError: If the CRD file is missing or does not serve that version.
+    """
+    if kind not in CRD_FILES:
+        raise ConfigError(f"unknown KubeRay kind {kind!r}; expected one of {sorted(CRD_FILES)}")
+    path = Path(crd_dir) / CRD_FILES[kind]
+    if not path.is_file():
+        raise ConfigError(
+            f"KubeRay CRD {path} not found: clone the project next to shared/ or set LIVELENS_SHARED"
+        )
+    # The CRDs are ~1 MB each: the C loader parses them in a fraction of the pure-Python time.
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            if not v.get("served", False):
+                raise ConfigError(f"{kind} {version} is not served by this CRD")
+            schema = _strict(v["schema"]["openAPIV3Schema"])
+            # ObjectMeta is a bare `type: object` in CRDs (the API server validates it itself);
+            # keep it open rather than inventing its schema here.
+            schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+            return schema
+    served = [v["name"] for v in crd["spec"]["versions"] if v.get("served")]
+    raise ConfigError(f"{kind} has no version {version!r}; served: {served}")
+
+
+def validate_kuberay(
+    doc: dict[str, Any], file: str = "<manifest>", crd_dir: Path | None = None
+) -> list[Problem]:
+    """Validate one KubeRay resource against its CRD (strict), and its ``serveConfigV2``.
+
+    Args:
+        doc: The parsed manifest.
+        file: Name used in messages.
+        crd_dir: Folder of the CRD YAMLs (default ``../shared/kuberay-crds``).
+
+    Returns:
+        The problems found (empty when valid).
+
+    Raises:
+        ConfigError: If the CRDs are not available.
+    """
+    import jsonschema
+
+    api, kind = doc.get("apiVersion", ""), doc.get("kind", "")
+    group, _, version = str(api).partition("/")
+    if group != "ray.io" or kind not in CRD_FILES:
+        return [Problem(file, "$", f"not a KubeRay resource (apiVersion={api!r}, kind={kind!r})")]
+    schema = crd_schema(kind, version, str(crd_dir or CRD_DIR))
+    validator = jsonschema.Draft7Validator(schema)
+    problems = [
+        Problem(file, _json_path(e.absolute_path), e.message)
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+    if kind == "RayService" and isinstance(doc.get("spec"), dict) and "serveConfigV2" in doc["spec"]:
+        problems += validate_serve_config(
+            doc["spec"]["serveConfigV2"], file=file, base_path="$.spec.serveConfigV2"
+        )
+    return problems
+
+
+# -- Serve ------------------------------------------------------------------------------------
+def validate_serve_config(
+    config: str | dict[str, Any], file: str = "<serve config>", base_path: str = "$"
+) -> list[Problem]:
+    """Validate a Serve deploy config (the ``serve deploy`` / ``serveConfigV2`` format).
+
+    Args:
+        config: The config, as a YAML string (as in ``serveConfigV2``) or a parsed dict.
+        file: Name used in messages.
+        base_path: JSON path of the config inside its file.
+
+    Returns:
+        The problems found (empty when valid).
+    """
+    import pydantic
+    from ray.serve.schema import ServeDeploySchema
+
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError as e:
+            return [Problem(file, base_path, f"serveConfigV2 is not valid YAML: {e}")]
+    if not isinstance(config, dict):
+        return [Problem(file, base_path, "a Serve config must be a mapping")]
+    problems: list[Problem] = []
+    try:
+        ServeDeploySchema.model_validate(config)
+    except pydantic.ValidationError as e:
+        for err in e.errors():
+            loc = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in err["loc"])
+            problems.append(Problem(file, f"{base_path}.{loc}".replace(".[", "["), err["msg"]))
+    # Serve 2.60 ignores unknown keys at every level (top level included), so walk the config
+    # along the pydantic models and flag any key that is not a field.
+    for path, key, fields in _unknown_keys(ServeDeploySchema, config, base_path):
+        hint = _closest(key, fields)
+        problems.append(
+            Problem(
+                file,
+                f"{path}.{key}",
+                "unknown field (Serve would silently ignore it)"
+                + (f"; did you mean {hint!r}?" if hint else ""),
+            )
+        )
+    # pydantic and our own check can both flag the same key; report it once.
+    return list(dict.fromkeys(problems))
+
+
+def _model_in(annotation: Any) -> tuple[type | None, bool]:
+    """The pydantic model inside an annotation, and whether it is a list of them."""
+    import typing
+
+    import pydantic
+
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple) and args:
+        model, _ = _model_in(args[0])
+        return model, model is not None
+    for arg in args:  # Optional[...] / Union[...]
+        model, is_list = _model_in(arg)
+        if model is not None:
+            return model, is_list
+    return None, False
+
+
+def _unknown_keys(model: Any, data: Any, path: str) -> Iterable[tuple[str, str, list[str]]]:
+    """Yield ``(path, key, known_fields)`` for keys of ``data`` that ``model`` does not define."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    names = {n: n for n in fields} | {f.alias: n for n, f in fields.items() if f.alias}
+    for key, value in data.items():
+        if key not in names:
+            yield path, key, list(fields)
+            continue
+        sub, is_list = _model_in(fields[names[key]].annotation)
+        if sub is None:
+            continue
+        if is_list and isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from _unknown_keys(sub, item, f"{path}.{key}[{i}]")
+        elif not is_list:
+            yield from _unknown_keys(sub, value, f"{path}.{key}")
+
+
+def _closest(key: str, options: Iterable[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.8)
+    return match[0] if match else None
+
+
+# -- files ------------------------------------------------------------------------------------
+def validate_file(path: str | Path, crd_dir: Path | None = None) -> list[Problem]:
+    """Validate every YAML document in a file, choosing the validator by its content.
+
+    KubeRay resources are recognised by ``apiVersion: ray.io/...``, launcher configs by
+    ``cluster_name`` + ``provider``, Serve configs by ``applications``.
+
+    Args:
+        path: The file.
+        crd_dir: Folder of the KubeRay CRDs.
+
+    Returns:
+        The problems found (empty when valid).
+    """
+    path = Path(path)
+    name = str(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        return [Problem(name, "$", f"cannot read YAML: {e}")]
+    if not docs:
+        return [Problem(name, "$", "empty file")]
+    problems: list[Problem] = []
+    for k, doc in enumerate(docs):
+        where = name if len(docs) == 1 else f"{name}#{k}"
+        if not isinstance(doc, dict):
+            problems.append(Problem(where, "$", "a document must be a mapping"))
+        elif str(doc.get("apiVersion", "")).startswith("ray.io/"):
+            problems += validate_kuberay(doc, where, crd_dir)
+        elif "provider" in doc and "cluster_name" in doc:
+            problems += validate_launcher(doc, where)
+        elif "applications" in doc:
+            problems += validate_serve_config(doc, where)
+        else:
+            problems.append(Problem(where, "$", "unrecognised file: not a KubeRay, launcher or Serve config"))
+    return problems
+
+
+def check_files(paths: Iterable[str | Path], crd_dir: Path | None = None) -> None:
+    """Validate files and raise on any problem.
+
+    Raises:
+        ValidationFailed: Listing every problem of every file.
+    """
+    problems = [p for path in paths for p in validate_file(path, crd_dir)]
+    if problems:
+        raise ValidationFailed(problems)
+
+
+def default_files() -> list[Path]:
+    """The deployment files shipped in ``cluster/``."""
+    here = Path(__file__).parent
+    return [here / "launcher.yaml", *sorted((here / "kuberay").glob("*.yaml"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; with no files, validates the shipped ones."""
+    p = argparse.ArgumentParser(prog="python -m cluster.validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path, help="YAML files (default: cluster/'s own)")
+    p.add_argument("--crds", type=Path, default=None, help=f"KubeRay CRD folder (default {CRD_DIR})")
+    ns = p.parse_args(argv)
+    files = ns.files or default_files()
+    bad = 0
+    for f in files:
+        try:
+            problems = validate_file(f, ns.crds)
+        except ConfigError as e:
+            problems = [Problem(str(f), "$", str(e))]
+        for prob in problems:
+            print(prob)
+        print(f"{'FAIL' if problems else 'ok  '} {f}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""A real head + 2 worker raylets on this machine (cluster.local), and token auth against it.
+
+One cluster serves the whole module (a start costs ~25 s here); drivers run in subprocesses
+because this pytest process may already be connected to the suite's own Ray session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.local import LocalCluster, find_cluster_pids
+from livelens.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+PINNED_TASKS = """
+import json, ray
+ray.init()
+
+@ray.remote(num_cpus=0.1)
+def where(tag):
+    ctx = ray.get_runtime_context()
+    return {"tag": tag, "node_id": ctx.get_node_id(), "pid": __import__("os").getpid()}
+
+refs = [where.options(resources={f"node_{w}": 0.1}).remote(w) for w in ("w0", "w1")]
+print("@@" + json.dumps(ray.get(refs, timeout=120)))
+"""
+
+
+def _stray(root: Path) -> list[str]:
+    """Lines of `ps` that mention the cluster root (the check a human would do)."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True, check=True).stdout
+    return [ln for ln in out.splitlines() if str(root) in ln and " Z " not in ln and "ps -eo" not in ln]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = Path(tmp_path_factory.mktemp("lc"))
+    c = LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=200, root=root / "c")
+    c.start()
+    yield c
+    c.stop()
+    assert not find_cluster_pids(c.root), "processes left after stop()"
+    assert not _stray(c.root)
+
+
+def test_nodes_are_distinct_raylets_with_own_resources(cluster):
+    nodes = {n["name"]: n for n in cluster.nodes()}
+    assert set(nodes) == {"head", "w0", "w1"}
+    assert len({n["node_id"] for n in nodes.values()}) == 3
+    for w in ("w0", "w1"):
+        assert nodes[w]["resources"]["CPU"] == 2
+        assert nodes[w]["resources"][f"node_{w}"] == 1
+        assert nodes[w]["labels"]["livelens.io/node"] == w
+        # Object store capped as asked, not Ray's 30 %-of-RAM default.
+        assert nodes[w]["resources"]["object_store_memory"] == 200 * 1024 * 1024
+    assert "CPU" not in nodes["head"]["resources"] or nodes["head"]["resources"]["CPU"] == 0
+    assert os.stat(cluster.token_path).st_mode & 0o077 == 0, "token file readable by others"
+
+
+def test_pinned_tasks_run_on_different_raylets(cluster):
+    proc = cluster.run_driver(PINNED_TASKS, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(ln[2:] for ln in proc.stdout.splitlines() if ln.startswith("@@")))
+    by_name = {n["name"]: n["node_id"] for n in cluster.nodes()}
+    assert [r["node_id"] for r in result] == [by_name["w0"], by_name["w1"]]
+
+
+def _job_submit(cluster, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # The CLI shell-quotes each entrypoint word; the job shell has no venv on PATH, so name the interpreter.
+    entry = [sys.executable, "-c", "import ray; ray.init(); print('RES', ray.cluster_resources())"]
+    return subprocess.run(
+        [ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--", *entry],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_job_submit_needs_the_token(cluster, tmp_path):
+    ok = _job_submit(cluster, cluster.client_env())
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "RES" in ok.stdout and "node_w1" in ok.stdout
+    assert "succeeded" in ok.stdout
+
+    # No token at all (empty HOME so ~/.ray/auth_token is not found either): the dashboard refuses.
+    bare = {k: v for k, v in cluster.client_env().items() if not k.startswith("RAY_AUTH")}
+    bare.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
+    refused = _job_submit(cluster, bare)
+    assert refused.returncode != 0
+    assert "RES" not in refused.stdout
+    assert "401" in refused.stdout + refused.stderr or "auth" in (refused.stdout + refused.stderr).lower()
+
+    wrong = cluster.client_env()
+    wrong["RAY_AUTH_TOKEN"] = "0" * 64
+    refused = _job_submit(cluster, wrong)
+    assert refused.returncode != 0 and "RES" not in refused.stdout
+
+
+def test_bad_configuration_is_a_config_error():
+    with pytest.raises(ConfigError):
+        LocalCluster(num_workers=-1)
+    with pytest.raises(ConfigError, match="minimum"):
+        LocalCluster(object_store_mb=10)
+    with pytest.raises(ConfigError, match="no local cluster"):
+        LocalCluster.attach("/nonexistent/livelens-cluster")
