@@ -7,8 +7,6 @@ the one error envelope. Deployments it does not get (None) answer 503 ``capabili
 Run the whole graph with ``serve run serve_apps.gateway:build_app`` or ``python -m serve_apps``.
 """
 
-from __future__ import annotations
-
 import asyncio
 import importlib.util
 import logging
@@ -21,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livelens.errors import (
@@ -83,7 +81,8 @@ def _rid(request: Request) -> str:
 
 
 def _error_response(request: Request, err: LivelensError, retry_after: float | None = None) -> JSONResponse:
-    headers = {REQUEST_ID_HEADER: _rid(request)}
+    # Serve's proxy already puts the request id in X-Request-Id (it takes a client's if sent).
+    headers = {}
     retry = retry_after if retry_after is not None else getattr(err, "retry_after_s", None)
     if retry is not None:
         headers["Retry-After"] = str(max(1, int(retry + 0.999)))
@@ -93,11 +92,6 @@ def _error_response(request: Request, err: LivelensError, retry_after: float | N
 @api.exception_handler(LivelensError)
 async def _on_livelens_error(request: Request, exc: LivelensError) -> JSONResponse:
     return _error_response(request, exc)
-
-
-@api.exception_handler(BackPressureError)
-async def _on_backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
-    return _error_response(request, OverloadedError("the service is at capacity; retry shortly"), retry_after=1)
 
 
 @api.exception_handler(RequestValidationError)
@@ -119,18 +113,44 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     cause = unwrap(exc)
     if isinstance(cause, LivelensError):
         return _error_response(request, cause)
-    if isinstance(cause, BackPressureError):
-        return await _on_backpressure(request, cause)
+    if isinstance(cause, BackPressureError | DeploymentUnavailableError):
+        return _error_response(request, overloaded(cause))
     log.exception("unexpected error in %s", request.url.path)
     return _error_response(request, LivelensError(f"internal error ({type(cause).__name__}); see server logs"))
 
 
-@api.middleware("http")
-async def _request_id(request: Request, call_next):
-    rid = _rid(request)
-    response = await call_next(request)
-    response.headers[REQUEST_ID_HEADER] = rid
-    return response
+# Defined before the deployment: Serve serialises the class when it is decorated, so helpers it
+# calls must already exist at that point.
+def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedError:
+    """A downstream queue is full: our typed 503 with Retry-After.
+
+    Converted inside the routes because Serve installs its own FastAPI handler for
+    ``BackPressureError`` on the ingress app (a plain-text 503), which would replace ours.
+    """
+    err = OverloadedError(f"the service is at capacity; retry in {retry_after_s:g} s ({type(exc).__name__})")
+    err.retry_after_s = retry_after_s  # type: ignore[attr-defined]
+    return err
+
+
+def merge_labels(labels: list[dict]) -> list[dict]:
+    """One entry per label name: the highest score wins, evidence and model names are pooled."""
+    best: dict[str, dict] = {}
+    for lab in labels:
+        cur = best.get(lab["name"])
+        if cur is None:
+            best[lab["name"]] = {**lab, "evidence": list(lab.get("evidence", []))}
+            continue
+        pooled = cur["evidence"] + list(lab.get("evidence", []))
+        if lab["score"] > cur["score"]:
+            cur.update(lab)
+        cur["evidence"] = pooled
+    return sorted(best.values(), key=lambda x: -x["score"])
+
+
+def worst_decision(labels: list[dict]) -> str:
+    """The most severe decision among labels (pass when none)."""
+    rank = {"pass": 0, "review": 1, "block": 2}
+    return max((lab["decision"] for lab in labels), key=rank.__getitem__, default="pass")
 
 
 @serve.deployment
@@ -231,7 +251,10 @@ class Gateway:
         out: dict[str, Any] = {"models": [], "labels": []}
         for cap, res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
-                raise unwrap(res)
+                cause = unwrap(res)
+                if isinstance(cause, BackPressureError | DeploymentUnavailableError):
+                    raise overloaded(cause, self.args.retry_after_s) from None
+                raise cause
             for stage, ms in res.pop("timings_ms", {}).items():
                 timings.add(f"{cap}.{stage}", ms)
             out["models"] += res.pop("models", [])
@@ -255,8 +278,7 @@ class Gateway:
         evidence = self._evidence(opts)
         with timings.stage("total_models"):
             result = await self._analyze_one(image, caps, evidence, timings)
-        return JSONResponse({"request_id": rid, **result, "timings_ms": timings.to_dict()},
-                            headers={REQUEST_ID_HEADER: rid})
+        return JSONResponse({"request_id": rid, **result, "timings_ms": timings.to_dict()})
 
     async def _batch(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
         rid = _rid(request)
@@ -275,14 +297,13 @@ class Gateway:
                 return {"status": 200, **res, "timings_ms": t.to_dict()}
             except Exception as exc:
                 cause = unwrap(exc)
-                if isinstance(cause, BackPressureError):
-                    cause = OverloadedError("the service is at capacity; retry this item shortly")
+                if isinstance(cause, BackPressureError | DeploymentUnavailableError):
+                    cause = overloaded(cause, self.args.retry_after_s)
                 return error_item(cause)
 
         with timings.stage("items"):
             items = await asyncio.gather(*(one(d) for d in images))
-        return JSONResponse({"request_id": rid, "results": items, "timings_ms": timings.to_dict()},
-                            headers={REQUEST_ID_HEADER: rid})
+        return JSONResponse({"request_id": rid, "results": items, "timings_ms": timings.to_dict()})
 
     # ---- routes ----------------------------------------------------------------------------
 
@@ -360,36 +381,17 @@ class Gateway:
         image = await asyncio.to_thread(self._decode, images[0])
         result = await self._analyze_one(image, self._caps(), self._evidence(opts), timings)
         with timings.stage("streams"):
-            state = await streams.ingest.remote(stream_id, image, result, opts.get("ts"))
-        return JSONResponse({"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()},
-                            headers={REQUEST_ID_HEADER: rid})
+            try:
+                state = await streams.ingest.remote(stream_id, image, result, opts.get("ts"))
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise overloaded(exc, self.args.retry_after_s) from None
+        return JSONResponse({"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()})
 
     @api.get("/v1/streams/{stream_id}", summary="A stream's state: window, escalation, evidence bundle")
     async def stream_state(self, stream_id: str, request: Request) -> JSONResponse:
         self._auth(request, "streams")
         state = await self._handle("streams").state.remote(stream_id)
         return JSONResponse({"request_id": _rid(request), "stream": state})
-
-
-def merge_labels(labels: list[dict]) -> list[dict]:
-    """One entry per label name: the highest score wins, evidence and model names are pooled."""
-    best: dict[str, dict] = {}
-    for lab in labels:
-        cur = best.get(lab["name"])
-        if cur is None:
-            best[lab["name"]] = {**lab, "evidence": list(lab.get("evidence", []))}
-            continue
-        pooled = cur["evidence"] + list(lab.get("evidence", []))
-        if lab["score"] > cur["score"]:
-            cur.update(lab)
-        cur["evidence"] = pooled
-    return sorted(best.values(), key=lambda x: -x["score"])
-
-
-def worst_decision(labels: list[dict]) -> str:
-    """The most severe decision among labels (pass when none)."""
-    rank = {"pass": 0, "review": 1, "block": 2}
-    return max((lab["decision"] for lab in labels), key=rank.__getitem__, default="pass")
 
 
 class AppArgs(BaseModel):

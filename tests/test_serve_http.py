@@ -1,0 +1,232 @@
+"""The whole graph over real HTTP, deployed from serve_apps/config/livelens.yaml on the shared cluster.
+
+The app is deployed once for the module the way ``serve run``/``serve deploy`` deploy a config file
+(the controller builds it from ``import_path`` + ``args`` and applies the ``deployments`` overrides),
+with a test key file, a temporary streams database and a tiny moderation queue for backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from livelens.imageio import encode_jpeg, encode_png
+from livelens.serving.auth import add_key_to_file, generate_key
+from livelens.serving.config import validate_serve_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve]
+REPO = Path(__file__).resolve().parents[1]
+APP, PREFIX = "livelens_test", "/ll"
+MAX_BYTES = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def app(serve_session, tmp_path_factory):
+    from ray import serve
+
+    tmp = tmp_path_factory.mktemp("serve_http")
+    key = generate_key()
+    add_key_to_file(tmp / "keys.json", key, "test", rate_per_s=1000, burst=1000)
+    doc = yaml.safe_load((REPO / "serve_apps" / "config" / "livelens.yaml").read_text())
+    spec = doc["applications"][0]
+    spec.update(name=APP, route_prefix=PREFIX)
+    args = spec["args"]
+    args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES)
+    args["streams"].update(db_path=str(tmp / "streams.sqlite"), window=4, k=2)
+    for dep in spec["deployments"]:
+        if dep["name"] == "Moderation":  # a tiny queue so the backpressure test can fill it
+            dep.update(max_ongoing_requests=2, max_queued_requests=2,
+                       autoscaling_config={"min_replicas": 1, "max_replicas": 1})
+    schema = validate_serve_config({"applications": [spec]})
+    serve.context._get_global_client().deploy_apps(schema)
+    base = serve_session + PREFIX
+    deadline = time.time() + 300
+    while True:
+        status = serve.status().applications.get(APP)
+        if status is not None and status.status == "RUNNING":
+            break
+        assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status
+        assert time.time() < deadline, f"app did not start: {status}"
+        time.sleep(2)
+    yield {"url": base, "key": key, "headers": {"Authorization": f"Bearer {key}"}}
+    serve.delete(APP)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    return encode_jpeg(rgb, quality=92)
+
+
+def _banner_frame() -> np.ndarray:
+    """A stream frame with a phone-number banner and a QR code: the classic ads overlay."""
+    import qrcode
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.normal(110, 20, (360, 640, 3)).clip(0, 255)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 280, 640, 350], fill=(250, 250, 250))
+    font = ImageFont.load_default(size=40)
+    draw.text((20, 292), "Call 13812345678", fill=(0, 0, 0), font=font)
+    qr = qrcode.make("https://promo.example.com/win").get_image().convert("RGB").resize((180, 180))
+    img.paste(qr, (440, 40))
+    return np.asarray(img)
+
+
+def _png_bomb(side: int = 20000) -> bytes:
+    """A valid PNG header claiming side×side pixels with a tiny IDAT: refused before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _assert_envelope(r: httpx.Response, status: int | None = None) -> dict:
+    body = r.json()
+    assert set(body) == {"error", "request_id"}, body
+    assert set(body["error"]) == {"type", "code", "message"} and body["request_id"]
+    assert r.headers["x-request-id"] == body["request_id"]
+    if status is not None:
+        assert r.status_code == status, body
+    return body
+
+
+def test_health_and_models_say_what_is_served(app):
+    r = httpx.get(f"{app['url']}/healthz", timeout=10)
+    assert r.status_code == 200 and set(r.json()["capabilities"]) >= {"moderate", "quality", "streams"}
+    r = httpx.get(f"{app['url']}/v1/models", headers=app["headers"], timeout=30)
+    assert r.status_code == 200, r.text
+    models = r.json()["models"]
+    refs = {m["ref"] for m in models}
+    assert "open_nsfw@1.1" in refs and "quality_classical@1" in refs
+    assert all(m.get("source") for m in models)
+
+
+def test_requests_without_a_valid_key_are_refused(app):
+    png = encode_png(np.zeros((32, 32, 3), np.uint8))
+    r = httpx.post(f"{app['url']}/v1/quality", content=png, headers={"content-type": "image/png"}, timeout=10)
+    assert _assert_envelope(r, 401)["error"]["code"] == "missing_api_key"
+    r = httpx.post(f"{app['url']}/v1/quality", content=png, timeout=10,
+                   headers={"content-type": "image/png", "x-api-key": generate_key()})
+    assert _assert_envelope(r, 401)["error"]["code"] == "invalid_api_key"
+
+
+def _bad_cases(shared: object) -> list[tuple[str, dict, int]]:
+    png = encode_png(np.zeros((8, 8, 3), np.uint8))
+    return [
+        ("truncated", {"files": {"file": ("broken.jpg", (shared / "broken" / "broken.jpg").read_bytes())}}, 422),
+        ("zero_bytes", {"content": b"", "headers": {"content-type": "image/jpeg"}}, 422),
+        ("not_an_image", {"files": {"file": ("a.jpg", b"just some text, not an image " * 10)}}, 422),
+        ("png_bomb_20000", {"content": _png_bomb(), "headers": {"content-type": "image/png"}}, 413),
+        ("wrong_content_type", {"content": png, "headers": {"content-type": "text/plain"}}, 415),
+        ("oversize", {"content": b"\xff\xd8" + b"\0" * (MAX_BYTES + 10), "headers": {"content-type": "image/jpeg"}}, 413),
+        ("bad_base64", {"json": {"image": "not base64!"}}, 400),
+        ("bad_json", {"content": b"{oops", "headers": {"content-type": "application/json"}}, 400),
+        ("url_not_allowed", {"json": {"url": "http://169.254.169.254/latest/meta-data"}}, 403),
+        ("bad_evidence_arg", {"content": png, "headers": {"content-type": "image/png"},
+                              "params": {"evidence": "everything"}}, 400),
+    ]
+
+
+def test_bad_input_table_is_4xx_in_the_envelope(app, shared_data):
+    for name, kw, status in _bad_cases(shared_data):
+        headers = {**app["headers"], **kw.pop("headers", {})}
+        r = httpx.post(f"{app['url']}/v1/moderate", headers=headers, timeout=30, **kw)
+        body = _assert_envelope(r)
+        assert r.status_code == status, (name, r.status_code, body)
+    assert httpx.get(f"{app['url']}/healthz", timeout=10).status_code == 200
+
+
+def test_batch_reports_errors_per_item(app):
+    good = base64.b64encode(encode_png(np.full((48, 64, 3), 128, np.uint8))).decode()
+    r = httpx.post(f"{app['url']}/v1/quality/batch", headers=app["headers"], timeout=60,
+                   json={"images": [good, base64.b64encode(b"nope").decode(), good]})
+    assert r.status_code == 200
+    items = r.json()["results"]
+    assert [it["status"] for it in items] == [200, 422, 200]
+    assert items[1]["error"]["code"] == "invalid_image" and "brightness" in items[0]["quality"]
+
+
+def test_composition_phone_banner_and_qr_become_decided_ads_labels(app):
+    frame = _banner_frame()
+    r = httpx.post(f"{app['url']}/v1/analyze", headers=app["headers"], timeout=120,
+                   files={"file": ("frame.jpg", _jpeg(frame), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["request_id"] and body["timings_ms"]["decode"] >= 0 and "ocr.detect" in body["timings_ms"]
+    assert any(m.startswith("ppocr@") for m in body["models"]) and "open_nsfw@1.1" in body["models"]
+    kinds = {e["kind"]: e for e in body["ocr"]["entities"]}
+    assert "phone" in kinds and "qrcode" in kinds, body["ocr"]
+    assert kinds["qrcode"]["value"] == "https://promo.example.com/win"
+    qx0, qy0, qx1, qy1 = kinds["qrcode"]["box"]
+    assert 400 <= qx0 < qx1 <= 660 and 20 <= qy0 < qy1 <= 240  # the QR was pasted at (440, 40)-(620, 220)
+    assert kinds["phone"]["box"][1] >= 270  # inside the banner
+    labels = {lab["name"]: lab for lab in body["labels"]}
+    for name in ("ads_phone", "ads_qrcode"):
+        lab = labels[name]
+        assert lab["decision"] in ("review", "block") and lab["parent"] == "ads_contact" and lab["evidence"]
+        assert set(lab) >= {"name", "parent", "level", "score", "threshold", "decision"}
+    assert body["decision"] in ("review", "block")
+
+
+def test_backpressure_answers_503_and_loses_nothing(app):
+    jpg = _jpeg(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+
+    async def flood(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(
+                f"{app['url']}/v1/moderate", content=jpg, params={"evidence": "none"},
+                headers={**app["headers"], "content-type": "image/jpeg"}) for _ in range(n)))
+
+    responses = asyncio.run(flood(24))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and len(codes) == 24, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert _assert_envelope(r)["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        else:
+            assert r.json()["labels"] is not None
+
+
+def test_stream_escalation_state_survives_a_replica_restart(app):
+    import ray
+    from ray.util.state import list_actors
+
+    frame = _jpeg(_banner_frame())
+    sid = f"room-{int(time.time())}"
+    first = None
+    for i in range(2):
+        r = httpx.post(f"{app['url']}/v1/streams/{sid}/frames", headers=app["headers"], timeout=120,
+                       params={"ts": 1000 + i, "evidence": "none"},
+                       files={"file": ("f.jpg", frame, "image/jpeg")})
+        assert r.status_code == 200, r.text
+        first = first or r.json()["stream"]
+    state = r.json()["stream"]
+    assert state["frame_count"] == 2 and state["escalated"], state  # k=2 of n=4 risky (ads) frames
+    assert state["next_interval_s"] < first["next_interval_s"] or first["next_interval_s"] == state["next_interval_s"] == 1.0
+
+    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+              if a.class_name.startswith(f"ServeReplica:{APP}:Streams")]
+    assert len(actors) == 1
+    ray.kill(ray.get_actor(actors[0].name, namespace="serve"), no_restart=True)
+    deadline = time.time() + 120
+    while True:
+        r = httpx.get(f"{app['url']}/v1/streams/{sid}", headers=app["headers"], timeout=30)
+        if r.status_code == 200:
+            break
+        assert time.time() < deadline, r.text
+        time.sleep(1)
+    after = r.json()["stream"]
+    assert after["frame_count"] == 2 and after["escalated"] and after["window"] == state["window"]
+    assert after["evidence"] and after["evidence"][0]["thumbnail_jpeg_b64"]
