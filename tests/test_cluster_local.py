@@ -17,8 +17,6 @@ import pytest
 from cluster.local import LocalCluster, find_cluster_pids
 from livelens.errors import ConfigError
 
-pytestmark = pytest.mark.slow
-
 PINNED_TASKS = """
 import json, ray
 ray.init()
@@ -39,17 +37,31 @@ def _stray(root: Path) -> list[str]:
     return [ln for ln in out.splitlines() if str(root) in ln and " Z " not in ln and "ps -eo" not in ln]
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.local", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    root = Path(tmp_path_factory.mktemp("lc"))
-    c = LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=200, root=root / "c")
+    root = Path(tmp_path_factory.mktemp("lc")) / "c"
+    c = LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=200, root=root)
     c.start()
     yield c
-    c.stop()
-    assert not find_cluster_pids(c.root), "processes left after stop()"
-    assert not _stray(c.root)
+    # Stop through the CLI (`make cluster-down` path), then check with ps as a human would.
+    down = _cli("--root", str(root), "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not find_cluster_pids(root), "processes left after `down`"
+    assert not _stray(root)
+    assert not root.exists()
 
 
+@pytest.mark.slow
 def test_nodes_are_distinct_raylets_with_own_resources(cluster):
     nodes = {n["name"]: n for n in cluster.nodes()}
     assert set(nodes) == {"head", "w0", "w1"}
@@ -64,6 +76,7 @@ def test_nodes_are_distinct_raylets_with_own_resources(cluster):
     assert os.stat(cluster.token_path).st_mode & 0o077 == 0, "token file readable by others"
 
 
+@pytest.mark.slow
 def test_pinned_tasks_run_on_different_raylets(cluster):
     proc = cluster.run_driver(PINNED_TASKS, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,6 +99,7 @@ def _job_submit(cluster, env: dict[str, str]) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.slow
 def test_job_submit_needs_the_token(cluster, tmp_path):
     ok = _job_submit(cluster, cluster.client_env())
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
@@ -104,6 +118,25 @@ def test_job_submit_needs_the_token(cluster, tmp_path):
     wrong["RAY_AUTH_TOKEN"] = "0" * 64
     refused = _job_submit(cluster, wrong)
     assert refused.returncode != 0 and "RES" not in refused.stdout
+
+
+@pytest.mark.slow
+def test_cli_status_and_env(cluster):
+    status = _cli("--root", str(cluster.root), "status")
+    assert status.returncode == 0, status.stderr
+    assert cluster.address in status.stdout and cluster.dashboard_url in status.stdout
+    assert sum(line.startswith("node ") for line in status.stdout.splitlines()) == 3
+    env = _cli("--root", str(cluster.root), "env")
+    assert f"export RAY_ADDRESS={cluster.address}" in env.stdout
+    # `eval "$(python -m cluster.local env)"` then lets a shell driver in with the token.
+    shell = f'eval "$({sys.executable} -m cluster.local --root {cluster.root} env)"; '
+    shell += f'{sys.executable} -c \'import ray; ray.init(); print("CPUS", ray.cluster_resources()["CPU"])\''
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(
+        ["bash", "-c", shell], env=bare, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CPUS 4.0" in proc.stdout
 
 
 def test_bad_configuration_is_a_config_error():
