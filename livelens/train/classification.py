@@ -1,0 +1,290 @@
+"""Multi-head image classification from a manifest: data checks, Ray Data preprocessing, loss, evaluation.
+
+The safety job (and the sweep, and the default-models job) are thin scripts over these
+functions. Heads follow the taxonomy groups: exclusive groups are softmax heads, multilabel
+groups sigmoid heads (``livelens.models.heads_from_taxonomy``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from livelens.errors import ConfigError, ManifestError
+from livelens.taxonomy import Taxonomy, load_taxonomy
+from livelens.train.metrics import confusion_png, format_label_table, multihead_metrics
+from livelens.train.targets import covered_groups, target_key, targets_from_labels
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+REQUIRED_COLUMNS = ("id", "image_bytes", "image_uri", "split", "labels", "boxes")
+# Labels no single frame can show: frozen is a property of a sequence (see the frames card).
+TEMPORAL_LABELS = ("quality_frozen",)
+
+
+@dataclass
+class ClassificationData:
+    """What the driver learned about a manifest while validating it."""
+
+    groups: list[str]
+    card: dict[str, Any]
+    taxonomy_version: str
+    label_counts: dict[str, int] = field(default_factory=dict)
+    split_rows: dict[str, int] = field(default_factory=dict)
+    ignore_labels: tuple[str, ...] = TEMPORAL_LABELS
+
+
+def dataset_id(card: Mapping[str, Any]) -> str:
+    """A dataset card's id for model cards: ``name@version`` (plus the seed when there is one)."""
+    base = f"{card.get('name', 'unknown')}@{card.get('version', '?')}"
+    return base + (f"#seed={card['seed']}" if "seed" in card else "")
+
+
+def validate_manifest(manifest: str, tax: Taxonomy, groups: Sequence[str] | None = None,
+                      ignore_labels: Sequence[str] = TEMPORAL_LABELS) -> ClassificationData:
+    """Check a manifest before training: it exists, has the schema, fits the taxonomy, has train and val rows.
+
+    Args:
+        manifest: Manifest directory.
+        tax: The taxonomy the model will predict.
+        groups: Heads to train; default: every group with positives in the data.
+        ignore_labels: Labels left out of the targets (not visible in one frame).
+
+    Raises:
+        ManifestError: Missing/corrupt manifest or card, missing columns, empty splits.
+        ConfigError: Labels outside the taxonomy, unknown or uncovered groups.
+    """
+    from livelens.data import load_card, read_manifest
+
+    table = read_manifest(manifest, columns=None)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"manifest {manifest} lacks columns {missing} (has {table.column_names})")
+    card = load_card(manifest)
+    counts: dict[str, int] = {}
+    for names in table.column("labels").to_pylist():
+        for n in set(names or []):
+            if n not in ignore_labels:
+                counts[n] = counts.get(n, 0) + 1
+    covered = covered_groups(tax, counts)
+    if groups:
+        bad = [g for g in groups if g not in tax.groups]
+        if bad:
+            raise ConfigError(f"unknown groups {bad} for taxonomy {tax.version}; known: {list(tax.groups)}")
+        empty = [g for g in groups if g not in covered]
+        if empty:
+            raise ConfigError(f"groups {empty} have no positive example in {manifest}; covered: {covered}")
+        chosen = [g for g in tax.groups if g in groups]
+    else:
+        chosen = covered
+    if not chosen:
+        raise ConfigError(f"manifest {manifest} has no label of taxonomy {tax.version}: nothing to train")
+    splits: dict[str, int] = {}
+    for s in table.column("split").to_pylist():
+        splits[s] = splits.get(s, 0) + 1
+    for need in ("train", "val"):
+        if not splits.get(need):
+            raise ManifestError(f"manifest {manifest} has no {need!r} rows (splits: {splits})")
+    return ClassificationData(groups=chosen, card=card, taxonomy_version=tax.version, label_counts=counts,
+                              split_rows=splits, ignore_labels=tuple(ignore_labels))
+
+
+def heads_for(tax: Taxonomy, groups: Sequence[str]) -> dict[str, Any]:
+    """The model heads (``HeadSpec`` per group) for ``groups``."""
+    from livelens.models import heads_from_taxonomy
+
+    return heads_from_taxonomy(tax, groups=list(groups))
+
+
+def build_classifier(backbone: str, pool: str, tax: Taxonomy, groups: Sequence[str], *, pretrained: bool,
+                     pool_kw: Mapping[str, Any] | None = None, freeze_backbone: bool = False) -> nn.Module:
+    """A taxonomy classifier from the model zoo, optionally with a frozen backbone.
+
+    Freezing keeps CPU training cheap: only the pooling and the heads learn, and the frozen
+    ImageNet features are already good at the overlays and HUDs the generator draws.
+    """
+    from livelens.models import create_model
+
+    model = create_model(backbone, pool, heads=heads_for(tax, groups), pretrained=pretrained, **dict(pool_kw or {}))
+    if freeze_backbone:
+        head_params = {id(p) for p in head_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head_params)
+    return model
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the pooling and the heads (what stays trainable with a frozen backbone)."""
+    params: list[nn.Parameter] = []
+    for name in ("pool", "heads", "head", "classifier"):
+        mod = getattr(model, name, None)
+        if isinstance(mod, nn.Module):
+            params.extend(mod.parameters())
+        elif isinstance(mod, Mapping):
+            for m in mod.values():
+                if isinstance(m, nn.Module):
+                    params.extend(m.parameters())
+    return params
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def preprocess_batch(batch: dict[str, Any], *, size: int, groups: Sequence[str], taxonomy: str | None,
+                     train: bool, evidence_crop: bool = True, ignore_labels: Sequence[str] = TEMPORAL_LABELS,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """``map_batches`` function: decode, augment (train), resize, normalise, and build targets.
+
+    Training crops keep the evidence: a random resized crop that contains a labelled box
+    (``EvidenceCrop``), so a small QR code or phone number is never cropped away while its
+    label stays on. Resizing happens here, in Ray Data tasks, not in the training loop.
+
+    Returns:
+        ``{"x": float32 (B, 3, size, size), "t_<group>": targets}``.
+    """
+    from livelens.data import decode_batch
+
+    tax = load_taxonomy(taxonomy)
+    decoded = decode_batch(batch)
+    images = decoded["image"]
+    ids = [str(i) for i in batch["id"]]
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    crop = None
+    if train and evidence_crop:
+        from livelens.evidence import EvidenceCrop
+
+        crop = EvidenceCrop(size)
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    for i, img in enumerate(images):
+        if train:
+            # Per-row randomness that differs between epochs but is reproducible within one.
+            rng = np.random.default_rng([seed, int(ids[i][:8], 16) if ids[i][:8].isalnum() else i])
+            boxes = [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in (batch["boxes"][i] if "boxes" in batch else [])
+                     if b["label"] not in ignore_labels]
+            img = crop(img, boxes, rng=rng) if crop is not None else img
+            img = _resize(np.asarray(img), size)
+            if rng.random() < 0.5 and not _has_text(batch, i):
+                img = img[:, ::-1]
+        else:
+            img = _resize(img, size)
+        out[i] = (np.ascontiguousarray(img).transpose(2, 0, 1).astype(np.float32) / 255.0 - m) / s
+    labels = [[n for n in (row if row is not None else []) if n not in ignore_labels] for row in batch["labels"]]
+    return {"x": out, **targets_from_labels(labels, tax, groups)}
+
+
+def _has_text(batch: Mapping[str, Any], i: int) -> bool:
+    """Mirroring text makes it unreadable, which would teach the model mirrored-text ads."""
+    texts = batch.get("texts")
+    return texts is not None and texts[i] is not None and len(texts[i]) > 0
+
+
+def make_forward_loss(heads: Mapping[str, Any]) -> Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``(model, batch) -> loss``: the multitask loss over the heads."""
+    from livelens.models import multitask_loss
+
+    def forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["x"])
+        targets = {h: batch[target_key(h)] for h in heads}
+        total, _ = multitask_loss({h: v.float() for h, v in logits.items()}, targets, heads)
+        return total
+
+    return forward_loss
+
+
+def collect_predictions(model: nn.Module, batches, heads: Mapping[str, Any],
+                        device: torch.device | str = "cpu") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Probabilities and targets per head over an iterable of torch batches."""
+    from livelens.models import predict
+
+    probs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+    targets: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+    for batch in batches:
+        p = predict(model, batch["x"].to(device))
+        for h in heads:
+            probs[h].append(p[h].float().cpu().numpy())
+            targets[h].append(batch[target_key(h)].cpu().numpy())
+    return ({h: np.concatenate(v) if v else np.zeros((0, len(heads[h].classes))) for h, v in probs.items()},
+            {h: np.concatenate(v) if v else np.zeros((0,)) for h, v in targets.items()})
+
+
+def evaluate_predictions(probs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                         heads: Mapping[str, Any], title: str = "") -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Scalars for the report, the full per-label details, and the confusion PNG."""
+    m = multihead_metrics(probs, targets, heads)
+    scalars: dict[str, Any] = dict(m["scalars"])
+    scalars["details"] = m["heads"]
+    scalars["report"] = format_label_table(m)
+    files = {"confusion.png": confusion_png(probs, targets, heads, title=title)}
+    return scalars, files
+
+
+def make_evaluate(val_shard, heads: Mapping[str, Any], batch_size: int, device: torch.device):
+    """The ``evaluate`` callback of :func:`livelens.train.fit` over a (full, unsplit) val dataset."""
+
+    def evaluate(model: nn.Module, epoch: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+        probs, targets = collect_predictions(model, val_shard.iter_torch_batches(batch_size=batch_size, device=device),
+                                             heads, device)
+        return evaluate_predictions(probs, targets, heads, title=f"val, epoch {epoch}")
+
+    return evaluate
+
+
+def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidence_crop: bool,
+                     taxonomy: str | None, splits: Mapping[str, str] | None = None,
+                     batch_size: int = 32, num_cpus: float = 0.5) -> dict[str, Any]:
+    """Ray Datasets ``{"train": …, "val": …}`` decoded and preprocessed in Ray Data tasks.
+
+    Args:
+        splits: Dataset name → manifest split (default train→train, val→val).
+        num_cpus: Logical CPUs per preprocessing task (fractional so the trainer's workers fit).
+    """
+    from livelens.data import read_ray
+
+    splits = dict(splits or {"train": "train", "val": "val"})
+    out = {}
+    for name, split in splits.items():
+        ds = read_ray(manifest, split=split, columns=["id", "image_bytes", "image_uri", "labels", "boxes", "texts"])
+        out[name] = ds.map_batches(
+            preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
+            fn_kwargs={"size": size, "groups": data.groups, "taxonomy": taxonomy, "train": name == "train",
+                       "evidence_crop": evidence_crop, "ignore_labels": data.ignore_labels})
+    return out
+
+
+def label_accuracy_summary(details: Mapping[str, Any], min_support: int = 1) -> dict[str, float]:
+    """Binary accuracy of every positive label with support (what the ≥95% goal is about)."""
+    out = {}
+    for m in details.values():
+        for j, (label, lm) in enumerate(m["labels"].items()):
+            if j > 0 and lm["support"] >= min_support and not math.isnan(lm["accuracy"]):
+                out[label] = lm["accuracy"]
+    return out
+
+
+def evaluate_split(model: nn.Module, manifest: str, data: ClassificationData, split: str, size: int,
+                   taxonomy: str | None, batch_size: int = 64) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """Evaluate a trained model on one manifest split (e.g. the held-out ``test``), on the driver.
+
+    Returns:
+        (scalars with ``details`` and ``report``, {"confusion.png": …}), or None when the split is empty.
+    """
+    if not data.split_rows.get(split):
+        return None
+    tax = load_taxonomy(taxonomy)
+    heads = heads_for(tax, data.groups)
+    ds = prepare_datasets(manifest, data, size, False, taxonomy, splits={split: split}, batch_size=batch_size)[split]
+    model.eval()
+    with torch.no_grad():
+        probs, targets = collect_predictions(model, ds.iter_torch_batches(batch_size=batch_size), heads)
+    return evaluate_predictions(probs, targets, heads, title=f"{split} split")
