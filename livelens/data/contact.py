@@ -52,7 +52,13 @@ def contact_sheet_png(table: pa.Table, *, title: str = "", n: int = 48, thumb: i
     cap_h, head_h = 14, 18
     sheet = Image.new("RGB", (ncols * thumb, head_h + nrows * (thumb + cap_h)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 3), f"{title}  ({total} images, showing {len(rows)})", fill=(255, 255, 255))
+    try:
+        from livelens.data.render import font
+
+        cap_font = font(11)
+    except LivelensError:
+        cap_font = None  # no CJK font: captions fall back to Pillow's bitmap font
+    draw.text((4, 3), f"{title}  ({total} images, showing {len(rows)})", fill=(255, 255, 255), font=cap_font)
     for k, row in enumerate(rows):
         x, y = (k % ncols) * thumb, head_h + (k // ncols) * (thumb + cap_h)
         try:
@@ -71,7 +77,7 @@ def contact_sheet_png(table: pa.Table, *, title: str = "", n: int = 48, thumb: i
             if len(pts) >= 6:
                 td.polygon(list(zip(pts[0::2], pts[1::2], strict=True)), outline=(0, 255, 0))
         sheet.paste(tile, (x + (thumb - tw) // 2, y + (thumb - th) // 2))
-        draw.text((x + 2, y + thumb), _caption(row)[:34], fill=(220, 220, 220))
+        draw.text((x + 2, y + thumb), _caption(row)[:34], fill=(220, 220, 220), font=cap_font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=False)
     return buf.getvalue()

@@ -185,19 +185,19 @@ def procedural_scene(width: int, height: int, rng: np.random.Generator, kind: st
         d = ImageDraw.Draw(im)
         for _ in range(int(rng.integers(2, 6))):
             x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-            d.rectangle([x0, y0, x0 + int(rng.integers(20, width // 3)), y0 + int(rng.integers(20, height // 3))],
+            d.rectangle([x0, y0, x0 + int(rng.integers(4, max(5, width // 3))), y0 + int(rng.integers(4, max(5, height // 3)))],
                         fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
         img = np.asarray(im.filter(ImageFilter.GaussianBlur(2)))
     elif kind == "bokeh":
         im = Image.fromarray(np.broadcast_to(c0 * 0.4, (height, width, 3)).astype(np.uint8))
         d = ImageDraw.Draw(im)
         for _ in range(int(rng.integers(15, 40))):
-            r = int(rng.integers(10, max(11, height // 6)))
+            r = int(rng.integers(3, max(4, height // 6)))
             x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
             d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(60, 256, 3)))
         img = np.asarray(im.filter(ImageFilter.GaussianBlur(max(3, height // 60))))
     elif kind == "tiles":
-        period = int(rng.integers(16, 80))
+        period = int(rng.integers(max(4, min(width, height) // 30), max(8, min(width, height) // 6)))
         checker = ((xx // period + yy // period) % 2)[..., None]
         img = (c0 * checker + c1 * (1 - checker)).astype(np.uint8)
     else:
