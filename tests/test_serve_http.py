@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
 import time
 import zlib
@@ -230,3 +231,46 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
     after = r.json()["stream"]
     assert after["frame_count"] == 2 and after["escalated"] and after["window"] == state["window"]
     assert after["evidence"] and after["evidence"][0]["thumbnail_jpeg_b64"]
+
+
+def test_cli_batch_over_a_folder_reports_each_image(app, tmp_path, capsys):
+    from livelens.cli import main
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode_png(np.full((40, 60, 3), 200, np.uint8)))
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out.jsonl"
+    code = main(["--url", app["url"], "--key", app["key"], "quality", str(folder), "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 1 and [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg"]
+    assert "quality" in rows[0] and rows[1]["status"] == 422
+    assert "1/2 images analysed" in capsys.readouterr().err
+
+
+def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    frame = tmp_path / "frame.jpg"
+    frame.write_bytes(_jpeg(_banner_frame()))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(app["url"] + "/")
+            page.fill("#key", app["key"])
+            page.set_input_files("#file", str(frame))
+            page.click("#go")
+            page.wait_for_function("document.getElementById('status').textContent !== 'analyzing…'"
+                                   " && document.getElementById('status').textContent !== ''", timeout=120_000)
+            assert page.text_content("#status") == "done", page.text_content("#error")
+            assert "13812345678" in page.text_content("#ocr")
+            assert page.locator("#quality tbody tr").count() >= 4
+            assert page.text_content("#decision").strip("— ") in ("pass", "review", "block")
+            assert "open_nsfw@1.1" in page.text_content("#meta")
+            overlay = page.locator("#overlay")
+            assert overlay.evaluate("c => c.width") > 0
+        finally:
+            browser.close()
