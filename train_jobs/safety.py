@@ -49,6 +49,7 @@ class SafetyTrainConfig:
     evidence_crop: bool = True
     num_workers: int = 2
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     storage_path: str = "runs/train"
     run_name: str = "safety"
     max_failures: int = 1
@@ -86,6 +87,8 @@ class SafetyTrainConfig:
             raise ConfigError(f"image_size must be in [16, 1024], got {self.image_size}")
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ConfigError("num_workers must be >= 1 and cpus_per_worker > 0")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"unknown placement_strategy {self.placement_strategy!r}")
         tax = load_taxonomy(self.taxonomy)
         data = validate_manifest(self.manifest, tax, self.groups)
         storage_path(self.storage_path)
@@ -130,7 +133,8 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
         train_fn_per_worker,
         train_loop_config=asdict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         # Only train is sharded: rank 0 evaluates on the whole val split, so metrics are global.
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=make_run_config(cfg.run_name, cfg.storage_path, max_failures=cfg.max_failures),
@@ -187,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> SafetyTrainConfig:
     p.add_argument("--no-evidence-crop", action="store_true")
     p.add_argument("--num-workers", type=int, default=base.num_workers)
     p.add_argument("--cpus-per-worker", type=float, default=base.cpus_per_worker)
+    p.add_argument("--placement-strategy", default=base.placement_strategy, help="STRICT_SPREAD: one worker per node")
     p.add_argument("--storage-path", default=base.storage_path)
     p.add_argument("--run-name", default=None, help="default: safety-<timestamp>; reuse one to resume")
     p.add_argument("--max-failures", type=int, default=base.max_failures)
@@ -209,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> SafetyTrainConfig:
         manifest=a.manifest, taxonomy=a.taxonomy, groups=a.groups, backbone=a.backbone, pool=a.pool,
         pool_kw=a.pool_kw, pretrained=not a.no_pretrained, freeze_backbone=not a.train_backbone,
         image_size=a.image_size, evidence_crop=not a.no_evidence_crop, num_workers=a.num_workers,
-        cpus_per_worker=a.cpus_per_worker, storage_path=a.storage_path,
+        cpus_per_worker=a.cpus_per_worker, placement_strategy=a.placement_strategy, storage_path=a.storage_path,
         run_name=a.run_name or time.strftime("safety-%Y%m%d-%H%M%S"), max_failures=a.max_failures,
         model_store=a.model_store, model_name=a.model_name, register=not a.no_register, loop=loop)
 
