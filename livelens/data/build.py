@@ -73,7 +73,9 @@ def _init_ray(num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # RAY_AUTH_MODE is deliberately not set here: Ray reads it when it is imported, and setting it
+    # afterwards leaves the driver in 'disabled' mode while the GCS it spawns demands a token.
+    # A new local ray.init() turns token auth on by itself (and writes ~/.ray/auth_token).
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,

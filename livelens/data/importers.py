@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from livelens.errors import LivelensError, ManifestError
-from livelens.imageio import decode_image, encode_png
+from livelens.imageio import decode_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 OnError = Literal["raise", "skip"]
@@ -285,13 +285,14 @@ def import_zh_text(root: str | Path, *, on_error: OnError = "raise") -> list[dic
 
 
 def import_bundled() -> list[dict]:
-    """scikit-image's and scikit-learn's bundled photos (no labels), encoded as PNG."""
-    from livelens.data.render import real_photos
+    """scikit-image's and scikit-learn's bundled photos (no labels), as their original file bytes."""
+    from livelens.data.render import photo_paths
 
     rows = []
-    for p in real_photos(include_shared=False, max_side=100_000):
-        rows.append({"image_bytes": encode_png(p.rgb), "width": p.rgb.shape[1], "height": p.rgb.shape[0],
-                     "source": p.name.split(":")[0], "attributes": {"photo": p.name}})
+    for name, path in photo_paths(include_shared=False):
+        r = _Reader(name.split(":")[0]).row(path, attributes={"photo": name})
+        if r:
+            rows.append(r)
     return dedupe(rows)
 
 

@@ -423,6 +423,8 @@ def decode_batch(batch: dict[str, Any], size: tuple[int, int] | None = None) -> 
 def attributes(row: Mapping[str, Any]) -> dict[str, Any]:
     """The parsed ``attributes`` JSON of a row (empty dict when absent)."""
     raw = row.get("attributes")
+    if isinstance(raw, Mapping):
+        return dict(raw)  # generator rows, before write_manifest serialises them
     return json.loads(raw) if raw else {}
 
 

@@ -153,13 +153,13 @@ class QualityConfig:
 
 def generate_quality(start: int, count: int, seed: int = 0, cfg: QualityConfig = QualityConfig()) -> list[dict]:
     """Samples for slots ``start .. start + count - 1``; photos are visited round-robin."""
-    photos = render.real_photos(include_shared=cfg.include_shared)
-    splits = photo_splits([p.name for p in photos])
+    paths = render.photo_paths(include_shared=cfg.include_shared)
+    splits = photo_splits([name for name, _ in paths])
     names = list(DISTORTIONS)
     rows = []
     for slot in range(start, start + count):
         rng = np.random.default_rng([seed, slot, 23])
-        photo = photos[slot % len(photos)]
+        photo = render.load_photo(*paths[slot % len(paths)])
         crop = render.cover_crop(photo.rgb, cfg.size, cfg.size, rng)
         if rng.random() < cfg.p_reference:
             distortion, level, out, occ = "none", 0, crop, []

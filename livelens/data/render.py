@@ -93,53 +93,50 @@ class Photo:
     rgb: np.ndarray
 
 
-def _skimage_photos() -> list[tuple[str, np.ndarray]]:
-    """Photos bundled in scikit-image's wheel, read from its data folder (never fetched)."""
-    import skimage.data as sd
-
-    from livelens.imageio import load_image
-
-    folder = Path(sd.__file__).parent
-    names = ["astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "coins.png",
-             "hubble_deep_field.jpg", "motorcycle_left.png", "brick.png", "grass.png", "gravel.png", "moon.png"]
-    return [(f"skimage:{Path(n).stem}", load_image(folder / n)) for n in names if (folder / n).is_file()]
-
-
-def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    from livelens.imageio import array_to_rgb
-
-    return array_to_rgb(np.asarray(arr))
+SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "coins.png",
+                  "hubble_deep_field.jpg", "motorcycle_left.png", "brick.png", "grass.png", "gravel.png", "moon.png")
 
 
 @cache
-def real_photos(include_shared: bool = True, max_side: int = 1024) -> tuple[Photo, ...]:
-    """Real photos: scikit-image's and scikit-learn's bundled images, plus ../shared/data ones.
+def photo_paths(include_shared: bool = True) -> tuple[tuple[str, Path], ...]:
+    """Names and files of the real photos: scikit-image's and scikit-learn's bundled images,
+    plus ../shared/data's faces and ICDAR photos when present.
 
-    ../shared is optional (absent on a user's machine); the bundled 14 are always there.
-    Photos are capped at ``max_side`` so workers keep a small, fixed memory footprint.
+    Only paths are listed here; pixels are decoded on first use (:func:`load_photo`), so a
+    worker that needs two photos does not pay for decoding forty.
     """
-    from sklearn.datasets import load_sample_images
+    from importlib.util import find_spec
 
-    from livelens.imageio import load_image
-
-    items = _skimage_photos()
-    sk = load_sample_images()
-    items += [(f"sklearn:{Path(f).stem}", img) for f, img in zip(sk.filenames, sk.images, strict=True)]
+    # Locate the wheels' data folders without importing skimage/sklearn (seconds of import time).
+    items: list[tuple[str, Path]] = []
+    folder = Path(find_spec("skimage").origin).parent / "data"
+    items += [(f"skimage:{Path(n).stem}", folder / n) for n in SKIMAGE_PHOTOS if (folder / n).is_file()]
+    sk_folder = Path(find_spec("sklearn").origin).parent / "datasets" / "images"
+    items += [(f"sklearn:{p.stem}", p) for p in sorted(sk_folder.glob("*.jpg"))]
     if include_shared:
         root = shared_data_dir()
         if root is not None:
             for sub in ("faces", "icdar2015_toy/imgs"):
-                for p in sorted((root / sub).glob("*.jpg")):
-                    items.append((f"shared:{sub.split('/')[0]}/{p.name}", load_image(p)))
-    photos = []
-    for name, arr in items:
-        rgb = _to_rgb(arr)
-        h, w = rgb.shape[:2]
-        s = max_side / max(h, w)
-        if s < 1:
-            rgb = np.asarray(Image.fromarray(rgb).resize((round(w * s), round(h * s)), Image.BILINEAR))
-        photos.append(Photo(name, np.ascontiguousarray(rgb)))
-    return tuple(photos)
+                items += [(f"shared:{sub.split('/')[0]}/{p.name}", p) for p in sorted((root / sub).glob("*.jpg"))]
+    return tuple(items)
+
+
+@cache
+def load_photo(name: str, path: Path, max_side: int = 1024) -> Photo:
+    """Decode one photo (cached per process), capped at ``max_side`` for a small footprint."""
+    from livelens.imageio import load_image
+
+    rgb = load_image(path)
+    h, w = rgb.shape[:2]
+    s = max_side / max(h, w)
+    if s < 1:
+        rgb = np.asarray(Image.fromarray(rgb).resize((round(w * s), round(h * s)), Image.BILINEAR))
+    return Photo(name, np.ascontiguousarray(rgb))
+
+
+def real_photos(include_shared: bool = True, max_side: int = 1024) -> tuple[Photo, ...]:
+    """All real photos, decoded (see :func:`photo_paths`)."""
+    return tuple(load_photo(n, p, max_side) for n, p in photo_paths(include_shared))
 
 
 def shared_data_dir() -> Path | None:
@@ -212,8 +209,8 @@ def procedural_scene(width: int, height: int, rng: np.random.Generator, kind: st
 def background(width: int, height: int, rng: np.random.Generator, photo_prob: float = 0.6) -> tuple[str, np.ndarray]:
     """A frame background: a crop of a real photo, or a procedural scene."""
     if rng.random() < photo_prob:
-        photos = real_photos()
-        p = photos[int(rng.integers(len(photos)))]
+        paths = photo_paths()
+        p = load_photo(*paths[int(rng.integers(len(paths)))])
         return f"photo:{p.name}", cover_crop(p.rgb, width, height, rng)
     return procedural_scene(width, height, rng)
 
