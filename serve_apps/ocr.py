@@ -133,8 +133,9 @@ class Ocr:
         self.tax = load_taxonomy()
         self._ref: str | None = None
         try:
-            from livelens.ocr import decode_qr, extract_entities
-        except ImportError:  # the entity extractors landed after the engine; serve lines meanwhile
+            from livelens.ocr.entities import extract_entities
+            from livelens.ocr.qr import decode_qr
+        except ImportError:  # without the extractors OCR still serves lines; /v1/models says what is missing
             decode_qr = extract_entities = None
         self._extract, self._decode_qr = extract_entities, decode_qr
 

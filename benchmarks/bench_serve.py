@@ -1,0 +1,177 @@
+"""Serving overhead: end-to-end HTTP throughput and latency against the raw batched model, same run.
+
+Baseline: the moderation model called in this process on batches of decoded frames (decode
+included), i.e. the best the hardware does. Served: ``/v1/moderate`` through the proxy, gateway and
+batched moderation replica, driven by an async httpx load generator on loopback. Reported: the
+throughput ratio (goal ≥ 0.85×), latency percentiles under load, and the per-request overhead at
+concurrency 1 (client latency minus the model time the answer reports; goal p50 ≤ 3 ms). On a CUDA
+machine it also measures safety-classification images/s from JPEG bytes on the GPU.
+
+    python -m benchmarks.bench_serve [--requests 200 --concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from livelens.imageio import decode_image, encode_jpeg
+
+
+def _frames(n: int, seed: int = 0) -> list[bytes]:
+    """Live-stream-sized JPEG frames (smooth content, like real video, so the codec is realistic)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 255, (9, 16, 3), dtype=np.uint8)
+        out.append(encode_jpeg(cv2.resize(small, (640, 360), interpolation=cv2.INTER_CUBIC), quality=85))
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def raw_throughput(model: Any, jpegs: list[bytes], batch: int, seconds: float = 10.0) -> float:
+    """Images/s of decode + batched classification in this process."""
+    done, t0, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        frames = [decode_image(jpegs[(i + k) % len(jpegs)]) for k in range(batch)]
+        model._classify_sync(frames)
+        done, i = done + batch, i + batch
+    return done / (time.perf_counter() - t0)
+
+
+async def http_load(url: str, key: str, jpegs: list[bytes], n: int, concurrency: int) -> dict[str, Any]:
+    """n requests with ``concurrency`` in flight; latencies, status counts and model-side times."""
+    import httpx
+
+    lat, model_ms, codes = [], [], {}
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {key}", "content-type": "image/jpeg"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def one(i: int) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/v1/moderate", content=jpegs[i % len(jpegs)], headers=headers,
+                                      params={"evidence": "none"})
+                lat.append((time.perf_counter() - t0) * 1000)
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    model_ms.append(r.json()["timings_ms"].get("moderate.classify", float("nan")))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    return {"rps": codes.get(200, 0) / wall, "lat": lat, "model_ms": model_ms, "codes": codes}
+
+
+def gpu_images_per_s(seconds: float = 10.0) -> str | float:
+    """Safety classification from JPEG bytes on CUDA (decode on CPU, model on GPU), or why not measured."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "not measured (no CUDA device on this machine)"
+    from serve_apps.common import find_in_stores
+
+    found = find_in_stores("safety")
+    if found is None:
+        return "not measured (no safety model in the stores)"
+    from livelens.models import predict
+    from livelens.models.io import load_from_store
+    from livelens.store import ModelStore
+
+    model = load_from_store(ModelStore(found[0]), found[1]).eval().cuda()
+    jpegs = _frames(64)
+    import cv2
+
+    batch, done = 64, 0
+    torch.backends.cudnn.benchmark = True
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        arr = np.stack([cv2.resize(decode_image(j), (224, 224)) for j in jpegs[:batch]])
+        x = torch.from_numpy(arr).cuda().permute(0, 3, 1, 2).float().div_(255)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            predict(model, x)
+        torch.cuda.synchronize()
+        done += batch
+    return round(done / (time.perf_counter() - t0), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10.0)
+    a = p.parse_args(argv)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    jpegs = _frames(32)
+
+    from serve_apps.moderation import Moderation, ModerationArgs
+
+    margs = ModerationArgs(max_batch_size=a.batch, cam_labels=0).model_dump()
+    raw_model = Moderation.func_or_class(margs)
+    raw_model._classify_sync([decode_image(jpegs[0])])  # warm-up (lazy init, allocator)
+    raw_ips = raw_throughput(raw_model, jpegs, a.batch, a.seconds)
+    del raw_model
+
+    import ray
+    from ray import serve
+
+    from livelens.serving.auth import add_key_to_file, generate_key
+    from serve_apps.gateway import build_app
+
+    key, key_file = generate_key(), "runs/bench_keys.json"
+    add_key_to_file(key_file, key, "bench", rate_per_s=1e6, burst=1e6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({"gateway": {"key_file": key_file},
+                         "moderation": {**margs, "deploy": {"num_cpus": 0.5, "max_ongoing_requests": 32,
+                                                            "max_queued_requests": 1000}},
+                         "ocr": None, "quality": None, "streams": None})
+        serve.run(app, name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(http_load(url, key, jpegs, 16, 4))  # warm-up
+        single = asyncio.run(http_load(url, key, jpegs, 40, 1))
+        loaded = asyncio.run(http_load(url, key, jpegs, a.requests, a.concurrency))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    overhead = [lt - m for lt, m in zip(single["lat"], single["model_ms"], strict=False) if m == m]
+    result = {
+        "device": "cpu", "cpu_count": os.cpu_count(), "batch": a.batch, "concurrency": a.concurrency,
+        "raw_images_per_s": round(raw_ips, 2),
+        "http_images_per_s": round(loaded["rps"], 2),
+        "throughput_ratio_vs_raw": round(loaded["rps"] / raw_ips, 3),
+        "latency_ms_under_load": {q: round(_pct(loaded["lat"], q), 1) for q in (50, 90, 95, 99)},
+        "status_codes": loaded["codes"],
+        "overhead_ms_c1": {"p50": round(statistics.median(overhead), 2) if overhead else None,
+                           "p90": round(_pct(overhead, 90), 2)},
+        "latency_ms_c1_p50": round(_pct(single["lat"], 50), 1),
+        "gpu_safety_images_per_s": gpu_images_per_s(),
+        "goals": {"throughput_ratio": ">= 0.85", "overhead_p50_ms": "<= 3"},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
