@@ -168,42 +168,50 @@ def cover_crop(rgb: np.ndarray, width: int, height: int, rng: np.random.Generato
 
 
 def procedural_scene(width: int, height: int, rng: np.random.Generator, kind: str | None = None) -> tuple[str, np.ndarray]:
-    """A synthetic background: gradient room, bokeh, stripes/tiles, or noise terrain."""
+    """A synthetic background: gradient room, bokeh, tiles, or noise terrain.
+
+    Scenes are smooth, so they are drawn at a quarter of the size and upsampled: the full-size
+    float maths was most of a frame's generation time.
+    """
     kinds = ("gradient_room", "bokeh", "tiles", "terrain")
     kind = kind or kinds[int(rng.integers(len(kinds)))]
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    w, h = max(8, width // 4), max(8, height // 4)
     c0, c1 = rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
+    resample = Image.BILINEAR
     if kind == "gradient_room":
-        t = (yy / height)[..., None]
-        img = c0 * (1 - t) + c1 * t
-        # A floor line and a "desk" block make it read as an indoor streaming room.
-        img[int(height * rng.uniform(0.55, 0.8)) :] *= 0.75
+        t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+        img = np.broadcast_to(c0 * (1 - t) + c1 * t, (h, w, 3)).copy()
+        # A floor line and a few "furniture" blocks make it read as an indoor streaming room.
+        img[int(h * rng.uniform(0.55, 0.8)) :] *= 0.75
         im = Image.fromarray(img.clip(0, 255).astype(np.uint8))
         d = ImageDraw.Draw(im)
         for _ in range(int(rng.integers(2, 6))):
-            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-            d.rectangle([x0, y0, x0 + int(rng.integers(4, max(5, width // 3))), y0 + int(rng.integers(4, max(5, height // 3)))],
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            d.rectangle([x0, y0, x0 + int(rng.integers(1, max(2, w // 3))), y0 + int(rng.integers(1, max(2, h // 3)))],
                         fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-        img = np.asarray(im.filter(ImageFilter.GaussianBlur(2)))
+        img = np.asarray(im)
     elif kind == "bokeh":
-        im = Image.fromarray(np.broadcast_to(c0 * 0.4, (height, width, 3)).astype(np.uint8))
+        im = Image.new("RGB", (w, h), tuple(int(v) for v in c0 * 0.4))
         d = ImageDraw.Draw(im)
         for _ in range(int(rng.integers(15, 40))):
-            r = int(rng.integers(3, max(4, height // 6)))
-            x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+            r = int(rng.integers(1, max(2, h // 6)))
+            x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
             d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(60, 256, 3)))
-        img = np.asarray(im.filter(ImageFilter.GaussianBlur(max(3, height // 60))))
+        img = np.asarray(im.filter(ImageFilter.GaussianBlur(max(1, h // 60))))
     elif kind == "tiles":
-        period = int(rng.integers(max(4, min(width, height) // 30), max(8, min(width, height) // 6)))
+        period = int(rng.integers(max(2, min(w, h) // 30), max(4, min(w, h) // 6)))
+        yy, xx = np.indices((h, w))
         checker = ((xx // period + yy // period) % 2)[..., None]
         img = (c0 * checker + c1 * (1 - checker)).astype(np.uint8)
+        resample = Image.NEAREST
     else:
-        # Smooth value noise: upsampled random grid, the look of a game map / landscape.
-        g = rng.random((height // 32 + 2, width // 32 + 2, 3)).astype(np.float32)
-        big = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC), np.float32)
+        # Smooth value noise: an upsampled random grid, the look of a game map / landscape.
+        g = rng.random((h // 8 + 2, w // 8 + 2, 3)).astype(np.float32)
+        big = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
         base = np.array([70, 110, 50], np.float32) if rng.random() < 0.6 else c0 * 0.6
         img = (base + (big - 128) * 0.5).clip(0, 255).astype(np.uint8)
-    return f"procedural:{kind}", np.ascontiguousarray(img)
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), resample))
+    return f"procedural:{kind}", np.ascontiguousarray(out)
 
 
 def background(width: int, height: int, rng: np.random.Generator, photo_prob: float = 0.6) -> tuple[str, np.ndarray]:

@@ -178,11 +178,12 @@ def generate_text_det(start: int, count: int, seed: int = 0, width: int = 960, h
         bg_name, bg = render.background(fw, fh, rng, photo_prob=0.7)
         img = Image.fromarray(bg).convert("RGBA")
         texts, styles, taken = [], [], []
+        bg_mean = bg.reshape(-1, 3).mean(0)
         for _ in range(int(rng.integers(3, 9))):
             text, _ = random_string(rng, TextConfig(max_len=10))
             style = str(rng.choice(["straight", "straight", "rotated", "curved", "low_contrast", "blurred"]))
             size = int(min(fw, fh) * rng.uniform(0.045, 0.09))
-            fg = _colours(rng, bg.reshape(-1, 3).mean(0), hard=style == "low_contrast")
+            fg = _colours(rng, bg_mean, hard=style == "low_contrast")
             if style == "curved" and len(text) >= 3:
                 patch, poly = _curved_instance(text, size, fg, rng)
             else:
