@@ -25,7 +25,7 @@ from livelens.imageio import encode_jpeg, encode_png
 from livelens.serving.auth import add_key_to_file, generate_key
 from livelens.serving.config import validate_serve_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.serve]
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]  # one ~60 s graph start-up for the module
 REPO = Path(__file__).resolve().parents[1]
 APP, PREFIX = "livelens_test", "/ll"
 MAX_BYTES = 2_000_000
