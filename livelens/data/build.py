@@ -76,15 +76,23 @@ def _init_ray(num_cpus: int | None) -> bool:
     # RAY_AUTH_MODE is deliberately not set here: Ray reads it when it is imported, and setting it
     # afterwards leaves the driver in 'disabled' mode while the GCS it spawns demands a token.
     # A new local ray.init() turns token auth on by itself (and writes ~/.ray/auth_token).
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        object_store_memory=768 * 1024 * 1024,
-        log_to_driver=False,
-        # No working_dir: livelens is installed (editable) in the venv, so workers import it;
-        # uploading the repo would also ship datasets/, runs/ and .venv.
-    )
-    return True
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                object_store_memory=768 * 1024 * 1024,
+                log_to_driver=False,
+                # No working_dir: livelens is installed (editable) in the venv, so workers import it;
+                # uploading the repo would also ship datasets/, runs/ and .venv.
+            )
+            return True
+        except Exception as exc:  # Ray start-up fails with bare Exception/RuntimeError on an overloaded host
+            ray.shutdown()
+            print(f"[data] Ray failed to start (attempt {attempt}): {exc}", file=sys.stderr, flush=True)
+    # The generators are pure functions of (seed, slot): serial output is byte-identical, only slower.
+    print("[data] continuing without Ray: generating serially in this process", file=sys.stderr, flush=True)
+    return False
 
 
 def build(args: BuildArgs) -> dict:
