@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="per raw round")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "token"
     jpegs = _frames(32)
@@ -125,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     margs = ModerationArgs(max_batch_size=a.batch, cam_labels=0).model_dump()
     raw_model = Moderation.func_or_class(margs)
     raw_model._classify_sync([decode_image(jpegs[0])])  # warm-up (lazy init, allocator)
-    raw_ips = raw_throughput(raw_model, jpegs, a.batch, a.seconds)
-    del raw_model
 
     import ray
     from ray import serve
@@ -141,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
+    raw_runs, http_runs, lat, codes = [], [], [], {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"gateway": {"key_file": key_file},
@@ -151,14 +151,27 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(http_load(url, key, jpegs, 16, 4))  # warm-up
         single = asyncio.run(http_load(url, key, jpegs, 40, 1))
-        loaded = asyncio.run(http_load(url, key, jpegs, a.requests, a.concurrency))
+        # Interleaved rounds, medians reported: on a shared machine the load drifts over minutes, and
+        # back-to-back phases would compare two different machines.
+        for _ in range(a.rounds):
+            raw_runs.append(raw_throughput(raw_model, jpegs, a.batch, a.seconds))
+            res = asyncio.run(http_load(url, key, jpegs, a.requests, a.concurrency))
+            http_runs.append(res["rps"])
+            lat += res["lat"]
+            for c, n in res["codes"].items():
+                codes[c] = codes.get(c, 0) + n
     finally:
         serve.shutdown()
         ray.shutdown()
+    raw_ips, http_ips = statistics.median(raw_runs), statistics.median(http_runs)
+    loaded = {"rps": http_ips, "lat": lat, "codes": codes}
     overhead = [lt - m for lt, m in zip(single["lat"], single["model_ms"], strict=False) if m == m]
     result = {
         "device": "cpu", "cpu_count": os.cpu_count(), "batch": a.batch, "concurrency": a.concurrency,
+        "rounds": a.rounds,
         "raw_images_per_s": round(raw_ips, 2),
+        "raw_runs": [round(x, 2) for x in raw_runs],
+        "http_runs": [round(x, 2) for x in http_runs],
         "http_images_per_s": round(loaded["rps"], 2),
         "throughput_ratio_vs_raw": round(loaded["rps"] / raw_ips, 3),
         "latency_ms_under_load": {q: round(_pct(loaded["lat"], q), 1) for q in (50, 90, 95, 99)},

@@ -242,9 +242,14 @@ class Moderation:
         labels = self._labels(scores)
         out: dict[str, Any] = {"heatmaps": []}
         if evidence != "none" and self.model is not None:
-            ev = await asyncio.to_thread(self._evidence_sync, frame, labels, evidence)
-            out["heatmaps"] = ev["heatmaps"]
-            timings["evidence"] = ev["ms"]
+            try:
+                ev = await asyncio.to_thread(self._evidence_sync, frame, labels, evidence)
+                out["heatmaps"] = ev["heatmaps"]
+                timings["evidence"] = ev["ms"]
+            except Exception as exc:
+                # Evidence explains a decision; failing to draw it must not take the decision away.
+                log.exception("evidence failed")
+                out["evidence_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         for lab in labels:
             lab.pop("_head", None)
             lab.pop("_index", None)
