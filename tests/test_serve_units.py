@@ -163,3 +163,16 @@ def test_serve_config_rejects_unknown_deployment_keys():
     doc["surprise"] = 1
     with pytest.raises(ConfigError):
         validate_serve_config(doc)
+
+
+def test_merge_labels_pools_evidence_and_keeps_the_best_score():
+    from serve_apps.gateway import merge_labels, worst_decision
+
+    a = {"name": "ads_phone", "score": 0.6, "decision": "review", "evidence": [{"box": [0, 0, 1, 1]}]}
+    b = {"name": "ads_phone", "score": 0.9, "decision": "block", "evidence": [{"box": [2, 2, 3, 3]}]}
+    c = {"name": "quality_blur", "score": 1.0, "decision": "pass", "evidence": []}
+    merged = merge_labels([a, c, b])
+    assert [m["name"] for m in merged] == ["quality_blur", "ads_phone"]
+    phone = merged[1]
+    assert phone["score"] == 0.9 and phone["decision"] == "block" and len(phone["evidence"]) == 2
+    assert worst_decision(merged) == "block" and worst_decision([]) == "pass"
