@@ -189,3 +189,25 @@ def test_excludes_cover_the_heavy_folders():
         "docs/datasets/x.md",
     ]:
         assert not spec.match_file(path), path
+
+
+def _ray_package_names(excludes: list[str], tmp_path: Path) -> list[str]:
+    """The file names in the zip Ray would upload for working_dir=REPO (Ray's own packager)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    out = tmp_path / f"pkg{len(excludes)}.zip"
+    create_package(str(REPO), out, include_gitignore=True, excludes=excludes)
+    with zipfile.ZipFile(out) as zf:
+        return zf.namelist()
+
+
+def test_repo_upload_leaves_out_datasets_and_heavy_folders(tmp_path):
+    names = _ray_package_names(list(repo_runtime_env()["excludes"]), tmp_path)
+    tops = {n.split("/", 1)[0] for n in names}
+    assert "cluster" in tops and "livelens" in tops
+    assert not tops & {"datasets", ".venv", ".git", ".cache", ".wheelhouse", "runs"}, sorted(tops)
+    # Without the excludes the same packager does ship datasets/ (and .git): the excludes matter.
+    bare = {n.split("/", 1)[0] for n in _ray_package_names([], tmp_path)}
+    assert "datasets" in bare and ".git" in bare
