@@ -41,11 +41,12 @@ def parse_args(argv: list[str] | None = None) -> QualityTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Ray reads the auth mode when it is imported: set it first (a local cluster uses token auth).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     cfg = parse_args(argv)
     cfg.validate()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     # address="local": always a fresh cluster of our own, never a teammate's running one.
     ray.init(address="local", num_cpus=max(2, cfg.num_workers * 2), include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * 1024 * 1024)
