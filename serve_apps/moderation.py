@@ -207,7 +207,8 @@ class Moderation:
                            "evidence": []})
         return sorted(labels, key=lambda x: -x["score"])
 
-    def _evidence_sync(self, frame: np.ndarray, labels: list[dict], mode: str) -> dict[str, Any]:
+    def _evidence_sync(self, frame: np.ndarray, labels: list[dict], mode: str,
+                       first_probs: dict[str, np.ndarray]) -> dict[str, Any]:
         """Grad-CAM, weak boxes and the second pass for the strongest non-pass labels."""
         from livelens import evidence as ev
 
@@ -231,7 +232,16 @@ class Moderation:
                 item["polygons"] = heatmap_polygons(heat, (h, w))
             heatmaps.append(item)
             if self.args.second_pass and frame_boxes:
-                lab["second_pass"] = _jsonable(ev.second_pass(self.model, frame, frame_boxes, scale=1.5))
+                # Small targets: re-judge 1.5× crops at full resolution; the merged score is the answer.
+                head, idx = lab["_head"], lab["_index"]
+                sp = ev.second_pass(self.model, frame, [b[:4] for b in frame_boxes], scale=1.5,
+                                    first_probs=first_probs)
+                merged = float(sp["merged"][head][idx])
+                lab["second_pass"] = {"first_score": lab["score"], "merged_score": merged,
+                                      "crops": [{"box": [float(v) for v in c["box"]],
+                                                 "score": float(c["probs"][head][idx])} for c in sp["crops"]]}
+                if merged != lab["score"]:
+                    lab.update(self.tax.describe(lab["name"], merged))
         return {"heatmaps": heatmaps, "ms": (time.perf_counter() - t0) * 1000}
 
     async def moderate(self, frame: np.ndarray, evidence: str = "boxes") -> dict[str, Any]:
@@ -243,7 +253,7 @@ class Moderation:
         out: dict[str, Any] = {"heatmaps": []}
         if evidence != "none" and self.model is not None:
             try:
-                ev = await asyncio.to_thread(self._evidence_sync, frame, labels, evidence)
+                ev = await asyncio.to_thread(self._evidence_sync, frame, labels, evidence, scores["probs"])
                 out["heatmaps"] = ev["heatmaps"]
                 timings["evidence"] = ev["ms"]
             except Exception as exc:
@@ -256,19 +266,6 @@ class Moderation:
         models = [m["ref"] for m in self.models_info]
         return {**out, "labels": labels, "models": models,
                 "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
-
-
-def _jsonable(obj: Any) -> Any:
-    """Numpy/tensor values from library results as plain JSON types."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, float | int | str | bool) or obj is None:
-        return obj
-    return str(obj)
 
 
 def bind_moderation(args: dict | None = None):
