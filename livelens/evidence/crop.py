@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from livelens.errors import InvalidArgumentError
+
 BoxLike = Sequence[float]
 
 
@@ -33,17 +35,23 @@ class EvidenceCrop:
                rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
         """Draw a crop window ``(x0, y0, x1, y1)`` that contains every box."""
         rng = rng or np.random.default_rng()
+        if width < 1 or height < 1:
+            raise InvalidArgumentError(f"cannot crop an empty {width}x{height} image")
+        for b in boxes:
+            if len(b) < 4 or not b[0] <= b[2] or not b[1] <= b[3]:
+                raise InvalidArgumentError(f"box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {tuple(b)}")
         area = width * height
         s = rng.uniform(*self.scale)
         r = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
         cw = round(min(width, math.sqrt(area * s * r)))
         ch = round(min(height, math.sqrt(area * s / r)))
         cw, ch = max(cw, 1), max(ch, 1)
-        if boxes:
-            ux0 = max(0, math.floor(min(b[0] for b in boxes)))
-            uy0 = max(0, math.floor(min(b[1] for b in boxes)))
-            ux1 = min(width, math.ceil(max(b[2] for b in boxes)))
-            uy1 = min(height, math.ceil(max(b[3] for b in boxes)))
+        if len(boxes):
+            # Boxes partly outside the frame are clipped to it: only the visible evidence can be kept.
+            ux0 = min(max(0, math.floor(min(b[0] for b in boxes))), width - 1)
+            uy0 = min(max(0, math.floor(min(b[1] for b in boxes))), height - 1)
+            ux1 = max(min(width, math.ceil(max(b[2] for b in boxes))), ux0 + 1)
+            uy1 = max(min(height, math.ceil(max(b[3] for b in boxes))), uy0 + 1)
             cw, ch = max(cw, ux1 - ux0), max(ch, uy1 - uy0)
             lo_x, hi_x = max(0, ux1 - cw), min(ux0, width - cw)
             lo_y, hi_y = max(0, uy1 - ch), min(uy0, height - ch)
@@ -66,8 +74,12 @@ class EvidenceCrop:
         return self.crop_with_boxes(image, boxes, rng)[0]
 
     def resized(self, image: np.ndarray, boxes: Sequence[BoxLike] = (),
-                rng: np.random.Generator | None = None) -> np.ndarray:
-        """Crop, then resize to ``size``×``size``."""
+                rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[tuple[float, ...]]]:
+        """Crop, resize to ``size``×``size``, and return the boxes in the output's coordinates."""
         import cv2
 
-        return cv2.resize(self(image, boxes, rng), (self.size, self.size), interpolation=cv2.INTER_AREA)
+        crop, moved = self.crop_with_boxes(image, boxes, rng)
+        h, w = crop.shape[:2]
+        sx, sy = self.size / w, self.size / h
+        out = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return out, [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy, *b[4:]) for b in moved]

@@ -69,8 +69,9 @@ def boxes_from_heatmap(heatmap: np.ndarray, threshold: float = 0.5, max_boxes: i
         min_area: Smallest hot region, in pixels, that gives a box.
 
     Returns:
-        ``(x0, y0, x1, y1, score)`` in heatmap pixels (x1, y1 exclusive); the score is the
-        region's peak heat (relative to the global peak).
+        ``(x0, y0, x1, y1, score)`` in heatmap pixels (x1, y1 exclusive): the smallest
+        rectangle containing each hot region, scored by the region's mean heat (relative to
+        the global peak), so a large lukewarm region ranks below a small very hot one.
     """
     heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
     if heat.ndim != 2 or heat.size == 0:
@@ -86,7 +87,7 @@ def boxes_from_heatmap(heatmap: np.ndarray, threshold: float = 0.5, max_boxes: i
         x, y, w, h, area = (int(v) for v in stats[i])
         if area < min_area:
             continue
-        boxes.append((float(x), float(y), float(x + w), float(y + h), float(norm[labels == i].max())))
+        boxes.append((float(x), float(y), float(x + w), float(y + h), float(norm[labels == i].mean())))
     boxes.sort(key=lambda b: (-b[4], -(b[2] - b[0]) * (b[3] - b[1])))
     return boxes[:max_boxes]
 

@@ -17,13 +17,14 @@ from livelens.models.heads import (
     predict,
     probabilities,
 )
-from livelens.models.pooling import create_pool
+from livelens.models.pooling import GatedPool2d, create_pool, replace_max_pooling
 from livelens.models.transforms import preprocess
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Classifier",
+    "GatedPool2d",
     "HeadSpec",
     "create_model",
     "create_pool",
@@ -36,4 +37,5 @@ __all__ = [
     "predict",
     "preprocess",
     "probabilities",
+    "replace_max_pooling",
 ]

@@ -42,6 +42,8 @@ def save_to_store(store: ModelStore, name: str, model: Classifier, card: dict[st
     """
     model = getattr(model, "module", model)
     state = model.state_dict()
+    # A card that already asks for a head-only save gets one (the training job writes its card first).
+    head_only = head_only or (card.get("state") == "head_only" and card.get("backbone_weights") == "imagenet")
     card = {**card, "arch": model.arch()}
     if head_only:
         if not _backbone_is_imagenet(model):
@@ -50,7 +52,7 @@ def save_to_store(store: ModelStore, name: str, model: Classifier, card: dict[st
         state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
         card.update(state="head_only", backbone_weights="imagenet")
     else:
-        card.setdefault("state", "full")
+        card["state"] = "full"
     return store.save(name, state, card)
 
 

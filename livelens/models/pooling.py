@@ -76,6 +76,56 @@ class GatedPool(nn.Module):
         return g * x.amax(dim=(2, 3)) + (1.0 - g) * x.mean(dim=(2, 3))
 
 
+class GatedPool2d(nn.Module):
+    """Local gated max-average pooling (2×2, stride 2 by default), a drop-in for ``nn.MaxPool2d``.
+
+    The paper's layer as used *inside* a network: for every pooling region the gate
+    ``σ(ωᵀx)`` is computed from that region's own values (ω is a learned ``k×k`` mask,
+    shared by all channels — one gate mask per layer), and mixes the region's max and average.
+
+    Args:
+        kernel_size: Side of the pooling region.
+        stride: Step between regions (defaults to ``kernel_size``).
+    """
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride or kernel_size
+        self.mask = nn.Parameter(torch.zeros(1, 1, kernel_size, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # The same region mask for every channel: a grouped conv with shared weights is ωᵀx per region.
+        gate = torch.sigmoid(F.conv2d(x.reshape(b * c, 1, h, w), self.mask, stride=self.stride))
+        gate = gate.reshape(b, c, *gate.shape[-2:])
+        mx = F.max_pool2d(x, self.kernel_size, self.stride)
+        av = F.avg_pool2d(x, self.kernel_size, self.stride)
+        return gate * mx + (1.0 - gate) * av
+
+
+def replace_max_pooling(module: nn.Module) -> int:
+    """Swap every ``nn.MaxPool2d`` in ``module`` (e.g. ResNet's stem) for :class:`GatedPool2d`.
+
+    Returns:
+        How many layers were replaced.
+    """
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            k = child.kernel_size if isinstance(child.kernel_size, int) else child.kernel_size[0]
+            s = child.stride if isinstance(child.stride, int) else child.stride[0]
+            if child.padding not in (0, (0, 0)):
+                # Padded max pooling (ResNet's 3×3/2 stem) keeps its geometry with a padded gated pool.
+                setattr(module, name, nn.Sequential(nn.ZeroPad2d(child.padding if isinstance(child.padding, int)
+                                                                 else child.padding[0]), GatedPool2d(k, s)))
+            else:
+                setattr(module, name, GatedPool2d(k, s))
+            count += 1
+        else:
+            count += replace_max_pooling(child)
+    return count
+
+
 class TreePool(nn.Module):
     """Tree pooling: learned pooling filters at the leaves, learned gates inside.
 
@@ -134,13 +184,14 @@ class BilinearPool(nn.Module):
         channels: Input channels C.
         reduce_dim: Project to this many channels first (1×1 conv + BN + ReLU); the width
             becomes reduce_dim², which keeps 1280-channel backbones tractable (1280² ≈ 1.6 M).
-            None keeps C.
+            0 or None keeps C (through :func:`create_pool`, which drops None options, pass 0).
         two_stream: Use two different projections (needs ``reduce_dim``).
         normalize: Apply signed sqrt and L2 normalisation.
     """
 
     def __init__(self, channels: int, reduce_dim: int | None = 64, two_stream: bool = False, normalize: bool = True):
         super().__init__()
+        reduce_dim = reduce_dim or None
         if two_stream and reduce_dim is None:
             raise ConfigError("two_stream bilinear pooling needs reduce_dim")
         self.normalize = normalize
