@@ -57,7 +57,7 @@ def test_broken_image_is_a_clear_error_or_a_counted_skip(shared_data, tmp_path):
     (root / "ads_qrcode").mkdir(parents=True)
     (root / "ads_qrcode" / "broken.jpg").write_bytes((shared_data / "broken" / "broken.jpg").read_bytes())
     _img(root / "ads_qrcode" / "ok.jpg")
-    with pytest.raises(ManifestError, match="broken.jpg"):
+    with pytest.raises(ManifestError, match=r"broken\.jpg"):
         im.import_class_folders(root)
     rows = im.import_class_folders(root, on_error="skip")
     assert len(rows) == 1
