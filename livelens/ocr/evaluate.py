@@ -1,0 +1,205 @@
+"""``make eval-ocr``: both OCR backends side by side on the same images, with mmocr's metrics.
+
+Sets: ICDAR 2015 toy (detection HmeanIOU), real word crops (word/char accuracy), the Chinese
+``zh_text`` images with known strings, and a held-out generated Chinese line set. Writes
+``results.json``, ``report.md`` (the table) and one visualisation per image and engine.
+
+    python -m livelens.ocr.evaluate --out runs/eval-ocr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from livelens.imageio import load_image
+from livelens.ocr.engine import create_engine, draw_lines
+from livelens.ocr.types import OcrEngine
+
+DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# Known strings of ../shared/data/zh_text (its README): image → text that must be read.
+ZH_EXPECTED = {"text_rec.jpg": "韩国小馆", "ch_en_num.jpg": "正品促销", "text_cls.jpg": "怪我咯",
+               "img_exif_orientation.jpg": "我是中国人", "empty_black.jpg": ""}
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation options."""
+
+    out: str = "runs/eval-ocr"
+    shared: str = str(DEFAULT_SHARED)
+    engines: tuple[str, ...] = ("ppocr", "mmocr")
+    det_ref: str | None = None
+    rec_ref: str | None = None
+    store: str = "runs/model_store"
+    heldout: int = 100
+    vis: bool = True
+
+
+def _mm_rec_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """mmocr's WordMetric (exact / ignore_case_symbol) and CharMetric on (pred, gt) pairs."""
+    from mmocr.evaluation import CharMetric, WordMetric
+
+    samples = [{"pred_text": {"item": p}, "gt_text": {"item": g}} for p, g in pairs]
+    word, char = WordMetric(mode=["exact", "ignore_case_symbol"]), CharMetric()
+    word.process([], samples)
+    char.process([], samples)
+    return {**word.compute_metrics(word.results), **char.compute_metrics(char.results)}
+
+
+def eval_icdar(engine: OcrEngine, root: Path, vis_dir: Path | None) -> dict[str, float]:
+    """HmeanIOU on icdar2015_toy."""
+    from mmocr.evaluation import HmeanIOUMetric
+
+    spec = json.loads((root / "textdet_test.json").read_text())
+    metric = HmeanIOUMetric()
+    for item in spec["data_list"]:
+        path = root / "imgs" / Path(item["img_path"]).name
+        img = load_image(path)
+        (lines,) = engine.read([img])
+        metric.process([], [{
+            "pred_instances": {"polygons": [np.asarray(ln.polygon, np.float32).reshape(-1) for ln in lines],
+                               "scores": np.array([ln.score for ln in lines], np.float32)},
+            "gt_instances": {"polygons": [np.asarray(i["polygon"], np.float32) for i in item["instances"]],
+                             "ignored": np.array([bool(i["ignore"]) for i in item["instances"]], bool)},
+        }])
+        if vis_dir is not None:
+            Image.fromarray(draw_lines(img, lines)).save(vis_dir / f"icdar_{path.stem}.png")
+    return metric.compute_metrics(metric.results)
+
+
+def eval_word_crops(engine: OcrEngine, root: Path) -> dict[str, float]:
+    """Word and character accuracy on the real word crops (recognition only)."""
+    spec = json.loads((root / "labels.json").read_text())
+    crops = [load_image(root / "imgs" / Path(i["img_path"]).name) for i in spec["data_list"]]
+    preds = engine.recognize(crops)
+    return _mm_rec_metrics([(p, i["instances"][0]["text"]) for (p, _), i in zip(preds, spec["data_list"], strict=True)])
+
+
+def eval_zh_text(engine: OcrEngine, root: Path, vis_dir: Path | None) -> dict[str, Any]:
+    """Share of zh_text images whose expected string is read (and nothing on the black frame)."""
+    per: dict[str, Any] = {}
+    for name, want in ZH_EXPECTED.items():
+        img = load_image(root / name)
+        (lines,) = engine.read([img])
+        texts = [ln.text for ln in lines]
+        ok = (not texts) if not want else any(want in t for t in texts)
+        per[name] = {"expected": want, "read": texts[:3], "ok": ok}
+        if vis_dir is not None:
+            Image.fromarray(draw_lines(img, lines)).save(vis_dir / f"zh_{Path(name).stem}.png")
+    return {"accuracy": sum(v["ok"] for v in per.values()) / len(per), "images": per}
+
+
+def heldout_lines(n: int, seed: int = 12345) -> list[tuple[np.ndarray, str]]:
+    """Generated Chinese/mixed line crops from slots no training run uses."""
+    from livelens.data.text import generate_text_lines
+    from livelens.imageio import decode_image
+
+    rows = generate_text_lines(20_000_000, n, seed=seed)
+    return [(decode_image(r["image_bytes"]), r["texts"][0]["text"]) for r in rows]
+
+
+def build_engine(name: str, args: EvalArgs) -> tuple[OcrEngine, str]:
+    """The engine and a note on its weights."""
+    if name != "mmocr":
+        return create_engine(name), "PP-OCRv6 small (rapidocr 3.10 wheel)"
+    from livelens.store import ModelStore
+
+    store = ModelStore(args.store)
+    refs = {}
+    for key, model, given in (("det", "ocr_det_dbnet_resnet18_fpnc", args.det_ref),
+                              ("rec", "ocr_rec_crnn_minivgg", args.rec_ref)):
+        refs[key] = given or (f"{model}@latest" if store.versions(model) else None)
+    note = ", ".join(f"{k}={v or 'untrained (random init)'}" for k, v in refs.items())
+    return create_engine("mmocr", det=refs["det"], rec=refs["rec"], store=args.store), note
+
+
+def evaluate(args: EvalArgs) -> dict[str, Any]:
+    """Run every set for every engine; write results.json, report.md and visualisations."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = Path(args.shared)
+    held = heldout_lines(args.heldout) if args.heldout else []
+    results: dict[str, Any] = {}
+    for name in args.engines:
+        t0 = time.time()
+        engine, note = build_engine(name, args)
+        vis = out / "vis" / name if args.vis else None
+        if vis is not None:
+            vis.mkdir(parents=True, exist_ok=True)
+        res: dict[str, Any] = {"weights": note}
+        res["icdar2015_toy"] = eval_icdar(engine, shared / "icdar2015_toy", vis)
+        res["word_crops"] = eval_word_crops(engine, shared / "word_crops")
+        res["zh_text"] = eval_zh_text(engine, shared / "zh_text", vis)
+        if held:
+            preds = engine.recognize([c for c, _ in held])
+            res["heldout_zh"] = _mm_rec_metrics([(p, t) for (p, _), (_, t) in zip(preds, held, strict=True)])
+        res["seconds"] = round(time.time() - t0, 1)
+        results[name] = res
+    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2, default=float))
+    (out / "report.md").write_text(markdown(results, len(held)), encoding="utf-8")
+    return results
+
+
+def markdown(results: dict[str, Any], n_held: int) -> str:
+    """The side-by-side table."""
+    names = list(results)
+    rows = [
+        ("ICDAR15 toy det hmean (HmeanIOU)", lambda r: r["icdar2015_toy"].get("hmean")),
+        ("ICDAR15 toy det precision", lambda r: r["icdar2015_toy"].get("precision")),
+        ("ICDAR15 toy det recall", lambda r: r["icdar2015_toy"].get("recall")),
+        ("word_crops word acc (exact)", lambda r: r["word_crops"].get("word_acc")),
+        ("word_crops word acc (ignore case+symbol)", lambda r: r["word_crops"].get("word_acc_ignore_case_symbol")),
+        ("word_crops char recall", lambda r: r["word_crops"].get("char_recall")),
+        ("zh_text expected strings read", lambda r: r["zh_text"]["accuracy"]),
+        (f"held-out generated zh lines word acc (n={n_held})", lambda r: r.get("heldout_zh", {}).get("word_acc")),
+        ("held-out generated zh lines char recall", lambda r: r.get("heldout_zh", {}).get("char_recall")),
+        ("wall time (s)", lambda r: r["seconds"]),
+    ]
+    lines = ["# OCR evaluation", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, get in rows:
+        cells = []
+        for n in names:
+            v = get(results[n])
+            cells.append("–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Weights: " + "; ".join(f"**{n}**: {results[n]['weights']}" for n in names), ""]
+    for n in names:
+        lines.append(f"zh_text ({n}): " + ", ".join(
+            f"{k} {'✓' if v['ok'] else '✗'} {v['read'][:1]}" for k, v in results[n]["zh_text"]["images"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArgs:
+    """Command-line flags onto :class:`EvalArgs`."""
+    base = EvalArgs()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=base.out)
+    p.add_argument("--shared", default=base.shared)
+    p.add_argument("--engines", default=",".join(base.engines))
+    p.add_argument("--det-ref", default=None)
+    p.add_argument("--rec-ref", default=None)
+    p.add_argument("--store", default=base.store)
+    p.add_argument("--heldout", type=int, default=base.heldout)
+    p.add_argument("--no-vis", action="store_true")
+    a = p.parse_args(argv)
+    return EvalArgs(a.out, a.shared, tuple(e for e in a.engines.split(",") if e), a.det_ref, a.rec_ref, a.store,
+                    a.heldout, not a.no_vis)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    evaluate(args)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
