@@ -205,6 +205,9 @@ def create_model(name: str, pool: str = "avg", *, num_classes: int | None = None
     if pool not in POOLS:
         raise ConfigError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
     if taxonomy is not None:
+        if not isinstance(taxonomy, Taxonomy):
+            raise ConfigError(f"taxonomy must be a livelens.taxonomy.Taxonomy (load_taxonomy(path)), "
+                              f"got {type(taxonomy).__name__}")
         if heads is not None or num_classes is not None:
             raise ConfigError("give one of taxonomy, heads or num_classes")
         heads = heads_from_taxonomy(taxonomy, groups)
