@@ -47,7 +47,7 @@ def ddp_throughput(model: nn.Module, cfg: dict[str, Any], rank: int, world: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(cfg["warmup"]):
         step()

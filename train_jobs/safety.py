@@ -24,6 +24,7 @@ from livelens.train.classification import (
     build_classifier,
     dataset_id,
     evaluate_split,
+    evidence_crop_transform,
     heads_for,
     make_evaluate,
     make_forward_loss,
@@ -89,6 +90,8 @@ class SafetyTrainConfig:
             raise ConfigError("num_workers must be >= 1 and cpus_per_worker > 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"unknown placement_strategy {self.placement_strategy!r}")
+        if self.evidence_crop:
+            evidence_crop_transform(self.image_size)
         tax = load_taxonomy(self.taxonomy)
         data = validate_manifest(self.manifest, tax, self.groups)
         storage_path(self.storage_path)

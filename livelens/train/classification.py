@@ -133,6 +133,20 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def evidence_crop_transform(size: int) -> Any:
+    """The models engineer's ``EvidenceCrop`` (random resized crop that keeps a labelled box).
+
+    Raises:
+        ConfigError: ``livelens.evidence`` is not available in this checkout.
+    """
+    try:
+        from livelens.evidence import EvidenceCrop
+    except ImportError as e:
+        raise ConfigError(f"evidence_crop needs livelens.evidence.EvidenceCrop ({e}); "
+                          "pass evidence_crop=False / --no-evidence-crop") from e
+    return EvidenceCrop(size)
+
+
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     import cv2
 
@@ -159,11 +173,7 @@ def preprocess_batch(batch: dict[str, Any], *, size: int, groups: Sequence[str],
     images = decoded["image"]
     ids = [str(i) for i in batch["id"]]
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
-    crop = None
-    if train and evidence_crop:
-        from livelens.evidence import EvidenceCrop
-
-        crop = EvidenceCrop(size)
+    crop = evidence_crop_transform(size) if train and evidence_crop else None
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     for i, img in enumerate(images):

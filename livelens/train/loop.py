@@ -160,11 +160,24 @@ def _node_ids(world: int) -> list[str]:
     return [str(x) for x in out]
 
 
+def keep_frozen_norms_in_eval(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are frozen back in eval mode.
+
+    A frozen backbone must also keep its running statistics: updating them in train mode
+    would change the features the heads were trained on (and the backbone would no longer be
+    the ImageNet one that head-only checkpoints rely on).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters(False)):
+            m.eval()
+
+
 def train_one_epoch(model: nn.Module, forward_loss: Callable[[nn.Module, Batch], torch.Tensor],
                     batches: Iterable[Batch], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     cfg: LoopConfig, device: torch.device, counter: ByteCounter | None = None) -> dict[str, float]:
     """One pass over ``batches``; returns mean loss, step count, samples and seconds."""
     model.train()
+    keep_frozen_norms_in_eval(model)
     total, steps, samples, t0 = 0.0, 0, 0, time.perf_counter()
     for batch in batches:
         with autocast(cfg.precision, device):
