@@ -1,0 +1,75 @@
+"""Build the default models the service ships: ``livelens/resources/default_models`` (a ModelStore root).
+
+    python -m train_jobs.defaults                  # make default-models
+    python -m train_jobs.defaults --manifest runs/data/frames --epochs 4
+
+The safety model is mobilenet_v2 with a frozen ImageNet backbone (kept in eval mode, so its
+BatchNorm statistics stay ImageNet's) and learnt pooling + heads; it is saved head-only
+(``livelens.models.io.save_to_store(..., head_only=True)``), so the shipped file is a few
+hundred KB and loading rebuilds the backbone from torchvision's offline ImageNet weights.
+Serving loads ``safety@<latest>`` from here when the user store has no safety model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from livelens.errors import ConfigError
+from train_jobs.safety import SafetyTrainConfig, run
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "livelens" / "resources" / "default_models"
+MAX_BYTES = 2 * 1024 * 1024
+
+
+def build_defaults(cfg: SafetyTrainConfig, root: Path = DEFAULT_ROOT) -> dict:
+    """Train the safety model into a scratch store, then publish it head-only into ``root``.
+
+    Raises:
+        ConfigError: Bad config or data, or a shipped file over 2 MB.
+    """
+    from livelens.models.io import load_from_store, save_to_store
+    from livelens.store import ModelStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = run(replace(cfg, model_store=scratch, model_name="safety", register=True, freeze_backbone=True,
+                              pretrained=True))
+        scratch_store = ModelStore(scratch)
+        model = load_from_store(scratch_store, summary["ref"])
+        card = {k: v for k, v in scratch_store.card(summary["ref"]).items()
+                if k not in ("name", "version", "ref", "created_at", "arch", "state")}
+    ref = save_to_store(ModelStore(root), "safety", model, {**card, "shipped": True}, head_only=True)
+    name, version = ref.split("@")
+    size = (root / name / version / "model.pt").stat().st_size
+    if size > MAX_BYTES:
+        raise ConfigError(f"{ref} is {size} bytes; shipped defaults must stay under {MAX_BYTES}")
+    return {"ref": ref, "bytes": size, "root": str(root), "test": summary.get("test", {}).get("val_accuracy"),
+            "wall_time_s": summary["wall_time_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (``make default-models``)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", default="runs/data/frames")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--root", default=str(DEFAULT_ROOT))
+    a = p.parse_args(argv)
+    base = SafetyTrainConfig()
+    cfg = replace(base, manifest=a.manifest, image_size=a.image_size, run_name="default-safety",
+                  storage_path=tempfile.mkdtemp(prefix="livelens-defaults-"), loop=replace(base.loop, epochs=a.epochs))
+    try:
+        out = build_defaults(cfg, Path(a.root))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
