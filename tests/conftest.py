@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Ray reads RAY_AUTH_MODE once, when it is first imported: set it before anything imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVELENS_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "data"
@@ -38,7 +41,6 @@ def ray_session(tmp_path_factory):
     """One local Ray cluster for the whole test session (token auth on, small object store)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Workers must not import the repo's datasets/ folder as a package (see test_datasets_shadow).
     if not ray.is_initialized():
         ray.init(
