@@ -48,7 +48,8 @@ def ray_session(tmp_path_factory):
             object_store_memory=512 * 1024 * 1024,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TORCH_HOME": os.environ.get("TORCH_HOME", "")}},
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
+                                      **({"TORCH_HOME": os.environ["TORCH_HOME"]} if os.environ.get("TORCH_HOME") else {})}},
         )
     yield ray
     try:
