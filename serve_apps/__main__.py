@@ -62,6 +62,56 @@ def dev_key(key_file: str) -> str:
     return key
 
 
+def _init_ray(ray, opts: argparse.Namespace, attempts: int = 3) -> None:
+    """Start the local head; retried, because on an oversubscribed host the GCS can miss its deadline."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=opts.num_cpus,
+                object_store_memory=opts.object_store_mb * 1024 * 1024,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TORCH_HOME": os.environ.get(
+                    "TORCH_HOME", str(REPO / ".cache" / "torch"))}},
+            )
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            print(f"[livelens] Ray start attempt {attempt} failed ({str(exc)[:120]}); retrying", flush=True)
+            time.sleep(5)
+
+
+def _wait_healthz(url: str, stop: threading.Event, timeout_s: float = 900) -> dict | None:
+    """Poll /healthz until the gateway answers (None when interrupted or timed out)."""
+    deadline = time.time() + timeout_s
+    while not stop.is_set() and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return json.loads(r.read())
+        except (OSError, ValueError):
+            pass
+        stop.wait(1.0)
+    return None
+
+
+def _report_ready(serve, stop: threading.Event, t_start: float) -> None:
+    """Say when every deployment is running (models loaded), or which one failed."""
+    while not stop.wait(1.0):
+        app = serve.status().applications.get("livelens")
+        if app is None:
+            continue
+        if app.status == "RUNNING":
+            print(f"[livelens] all deployments running {time.time() - t_start:.1f} s after start", flush=True)
+            return
+        if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            print(f"[livelens] deployment problem: {app.status} {app.message[:500]}", flush=True)
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     opts = _parse(argv)
@@ -88,21 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    ray.init(
-        address="local",
-        num_cpus=opts.num_cpus,
-        object_store_memory=opts.object_store_mb * 1024 * 1024,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TORCH_HOME": os.environ.get(
-            "TORCH_HOME", str(REPO / ".cache" / "torch"))}},
-    )
+    _init_ray(ray, opts)
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
-        serve.run(build_app(app_args), name="livelens", route_prefix="/", blocking=False)
         url = f"http://{opts.host}:{opts.port}"
-        with urllib.request.urlopen(f"{url}/healthz", timeout=30) as r:
-            health = json.loads(r.read())
+        # Deploy without waiting for every replica: the gateway answers /healthz as soon as it is up,
+        # while the model replicas (OCR, moderation) finish loading behind it.
+        serve._run(build_app(app_args), _blocking=False, name="livelens", route_prefix="/")
+        health = _wait_healthz(url, stop)
+        if health is None:
+            return 1
         print(f"\n[livelens] serving {url}  (console: {url}/ , API docs: {url}/docs)", flush=True)
         print(f"[livelens] capabilities: {', '.join(health['capabilities'])}; /healthz answered "
               f"{time.time() - t_start:.1f} s after start", flush=True)
@@ -110,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[livelens] try: curl -H 'Authorization: Bearer {key}' -F file=@frame.jpg {url}/v1/analyze",
               flush=True)
         print("[livelens] Ctrl-C to stop", flush=True)
+        _report_ready(serve, stop, t_start)
         deadline = None if opts.exit_after is None else time.time() + opts.exit_after
         while not stop.wait(0.5):
             if deadline is not None and time.time() > deadline:
