@@ -22,6 +22,7 @@ from livelens.models.factory import Backbone
 
 SIZE = 64
 PATCH = 16
+STEPS, BATCH = 30, 16
 
 
 def _small_backbone() -> Backbone:
@@ -50,9 +51,9 @@ def patch_model() -> Classifier:
     rng = np.random.default_rng(0)
     model = Classifier("small_cnn", _small_backbone(), "avg", {"main": HeadSpec("softmax", ("none", "patch"))})
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    for _ in range(STEPS):
         imgs, labels = [], []
-        for i in range(32):
+        for i in range(BATCH):
             img, _ = _scene(rng, patch=PATCH if i % 2 else None)
             imgs.append(img)
             labels.append(i % 2)
@@ -64,6 +65,7 @@ def patch_model() -> Classifier:
     return model.eval()
 
 
+@pytest.mark.slow  # trains the module's small model (~9 s of CPU)
 def test_grad_cam_peak_and_weak_box_find_the_planted_patch(patch_model: Classifier) -> None:
     rng = np.random.default_rng(123)
     ious = []
@@ -115,6 +117,7 @@ def test_boxes_from_heatmap_separates_regions() -> None:
         boxes_from_heatmap(np.zeros((2, 3, 4)))
 
 
+@pytest.mark.slow
 def test_second_pass_recovers_a_small_target_from_the_full_resolution_frame(patch_model: Classifier) -> None:
     rng = np.random.default_rng(7)
     frame, _ = _scene(rng, size=512, patch=None)

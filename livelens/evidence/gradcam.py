@@ -51,11 +51,30 @@ def grad_cam(model: nn.Module, x: torch.Tensor, head: str, class_index: int) -> 
             (grads,) = torch.autograd.grad(out[0, class_index], feats)
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * feats).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        cam = _upsample_to_input(cam.float(), *x.shape[-2:])[0, 0]
     finally:
         model.train(was_training)
     peak = float(cam.max())
     return (cam / peak).numpy().astype(np.float32) if peak > 0 else np.zeros(tuple(x.shape[-2:]), np.float32)
+
+
+def _upsample_to_input(cam: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinearly resize a (1, 1, h, w) map to the input size, cell j centred on pixel j·stride.
+
+    Every stride-2 layer of the torchvision backbones pads by (k − 1) / 2, so feature cell j
+    looks at input pixel j·stride, not at (j + ½)·stride as a plain ``interpolate`` assumes;
+    the plain resize shifts the heatmap half a cell (16 px on a 224 px mobilenet input)
+    towards the bottom right.
+    """
+    h, w = cam.shape[-2:]
+
+    def coords(n_out: int, n_cells: int) -> torch.Tensor:
+        cells = torch.arange(n_out, dtype=torch.float32) * (n_cells / n_out)
+        return cells * 2 / (n_cells - 1) - 1 if n_cells > 1 else torch.zeros(n_out)
+
+    gy, gx = torch.meshgrid(coords(height, h), coords(width, w), indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def boxes_from_heatmap(heatmap: np.ndarray, threshold: float = 0.5, max_boxes: int = 3,
