@@ -143,11 +143,11 @@ def test_roundtrip_ray_data_with_embeddings(tmp_path, ray_session):
     import ray.data
 
     out = mf.write_manifest(_rows(), tmp_path / "m", {"name": "unit"})
-    # Few executions on purpose: each one costs Ray Data worker start-ups on a 2-core machine.
-    decoded = mf.read_ray(out).map_batches(mf.decode_batch, batch_size=8).take_all()
-    assert len(decoded) == 6 and decoded[0]["image"].shape == (40, 60, 3)
-    expected = sum(1 for r in mf.read_manifest(out).to_pylist() if r["split"] == "train")
-    assert mf.read_ray(out, split="train").count() == expected
+    # Two executions only: each costs Ray Data worker start-ups on a 2-core machine.
+    decoded = mf.read_ray(out, split="train").map_batches(mf.decode_batch, batch_size=8).take_all()
+    train = [r for r in mf.read_manifest(out).to_pylist() if r["split"] == "train"]
+    assert sorted(r["id"] for r in decoded) == sorted(r["id"] for r in train)
+    assert all(r["image"].shape == (r["height"], 60, 3) for r in decoded)
 
     # Embeddings computed in Ray land as canonical Arrow fixed-shape tensors that plain pyarrow reads.
     def embed(batch):
