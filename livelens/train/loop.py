@@ -63,7 +63,7 @@ class LoopConfig:
         powersgd_start_iter: Plain allreduce steps before PowerSGD starts compressing.
         max_steps_per_epoch: Cap on steps per epoch (None: the whole shard).
         seed: Seed for the model initialisation (identical on every rank).
-        fail_at_epoch: Failure injection: worker ``fail_rank`` dies at the start of this epoch...
+        fail_at_epoch: Failure injection: worker ``fail_rank`` dies after this epoch's steps, before its checkpoint...
         fail_once_marker: ...once, recorded by creating this file (a path every worker sees).
         fail_rank: Rank that dies (clamped to the last rank).
         count_grad_bytes: Count gradient bytes per step sent by the comm hook (reported).
@@ -254,9 +254,11 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
     start_epoch = state.epoch
 
     for epoch in range(start_epoch, cfg.epochs):
-        _maybe_fail(cfg, epoch, rank, world)
         t0 = time.perf_counter()
         stats = train_one_epoch(model, forward_loss, train_batches(epoch), optimizer, scaler, cfg, device, counter)
+        # Die after this epoch's steps, before its checkpoint: the previous epoch's report has had a whole
+        # epoch to be registered by the controller (dying right after a report can race with it).
+        _maybe_fail(cfg, epoch, rank, world)
         scheduler.step()
         metrics: dict[str, Any] = {**(extra_metrics or {}), "epoch": epoch, "start_epoch": start_epoch,
                                    "resumed_from_epoch": resumed_from, "world_size": world,
