@@ -42,6 +42,20 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 
+def _contrasting_background(rgba: Image.Image) -> tuple[int, int, int, int]:
+    """White behind dark content, black behind light content.
+
+    A fixed black background would make black text on a transparent PNG (a common overlay
+    and sticker format) vanish; picking the contrasting colour keeps it readable for OCR.
+    """
+    arr = np.asarray(rgba)
+    visible = arr[..., 3] > 127
+    if not visible.any():
+        return (0, 0, 0, 255)
+    luma = arr[..., :3][visible].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return (255, 255, 255, 255) if float(luma.mean()) < 128 else (0, 0, 0, 255)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, compositing alpha onto black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -60,8 +74,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _contrasting_background(rgba)), rgba).convert("RGB")
     if img.mode != "RGB":
         return img.convert("RGB")
     return img

@@ -111,3 +111,18 @@ def test_load_image_accepts_arrays_and_rejects_other_types():
         load_image(np.zeros((4, 5, 7), np.uint8))
     with pytest.raises(InvalidImageError):
         load_image(12345)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ink", [0, 255])
+def test_transparent_background_contrasts_with_the_content(ink):
+    """Black (or white) text on a transparent PNG stays visible after normalisation."""
+    rgba = np.zeros((20, 40, 4), np.uint8)
+    rgba[5:15, 5:35, :3] = ink
+    rgba[5:15, 5:35, 3] = 255
+    arr = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert abs(int(arr[10, 20, 0]) - int(arr[1, 1, 0])) == 255
+
+
+def test_real_black_text_on_transparent_png_is_visible(shared_data):
+    arr = load_image(shared_data / "zh_text" / "black_font_color_transparent.png")
+    assert arr.min() < 60 and arr.max() > 200  # dark glyphs on a light background
