@@ -31,7 +31,7 @@ from livelens.train.classification import (
     prepare_datasets,
     validate_manifest,
 )
-from livelens.train.driver import make_run_config, read_checkpoint, storage_path
+from livelens.train.driver import init_ray, make_run_config, read_checkpoint, storage_path
 
 
 @dataclass
@@ -130,6 +130,7 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
 
     data = cfg.validate()
     cfg.groups = data.groups
+    init_ray()
     t0 = time.time()
     datasets = prepare_datasets(cfg.manifest, data, cfg.image_size, cfg.evidence_crop, cfg.taxonomy)
     trainer = TorchTrainer(

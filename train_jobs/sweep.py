@@ -105,11 +105,12 @@ def run(sc: SweepConfig) -> dict[str, Any]:
     from livelens.store import ModelStore
     from livelens.taxonomy import load_taxonomy
     from livelens.train.classification import build_classifier, dataset_id
-    from livelens.train.driver import read_checkpoint, storage_path
+    from livelens.train.driver import init_ray, read_checkpoint, storage_path
     from livelens.train.report import model_cost, plot_accuracy_vs_cost, write_table
 
     sc.validate()
     data = sc.base.validate()
+    init_ray()
     sc.base.groups = data.groups
     out = Path(sc.out)
     out.mkdir(parents=True, exist_ok=True)

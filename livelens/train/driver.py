@@ -72,3 +72,32 @@ def read_checkpoint(checkpoint: Any) -> tuple[dict[str, Any], dict[str, Any], di
         metrics = json.loads((Path(d) / METRICS_FILE).read_text())
         files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.suffix in {".png", ".md", ".csv"}}
     return state, metrics, files
+
+
+def init_ray(num_cpus: int | None = None, attempts: int = 3) -> None:
+    """Connect to Ray for a job: the cluster in ``RAY_ADDRESS`` (``ray job submit``), else our own.
+
+    A local cluster gets more *logical* CPUs than cores: with the default (one per core),
+    two Train workers of one CPU each leave Ray Data no CPU to read and decode the manifest,
+    and the job stalls at 0 rows. Start-up is retried because a raylet on a loaded host can
+    miss Ray's fixed registration window.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=num_cpus or max(6, 3 * (os.cpu_count() or 2)),
+                     object_store_memory=1024 * 1024 * 1024, include_dashboard=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(5)
