@@ -175,25 +175,6 @@ def train_fn_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _init_ray(cfg: OcrTrainConfig, attempts: int = 3) -> None:
-    """Start our own local Ray; retried because a raylet on a loaded host can miss Ray's fixed
-    30 s registration window ("node timed out during startup")."""
-    import ray
-
-    for attempt in range(attempts):
-        try:
-            # address="local": always our own cluster, never one another job left running here.
-            ray.init(address="local", num_cpus=max(2, cfg.num_workers + 1), include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path.cwd())},
-                                                       "excludes": ["datasets/", "runs/", ".venv/"]})
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == attempts - 1:
-                raise
-            time.sleep(5)
-
-
 def run(cfg: OcrTrainConfig) -> dict[str, Any]:
     """Train with Ray Train, then publish the final weights to the model store with a card.
 
@@ -212,7 +193,9 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
 
     started = False
     if not ray.is_initialized():
-        _init_ray(cfg)
+        from livelens.train.driver import init_ray
+
+        init_ray(num_cpus=max(4, cfg.num_workers + 2))
         started = True
     try:
         t0 = time.time()
