@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import subprocess
 import time
@@ -29,6 +30,17 @@ from livelens.errors import ConfigError, ModelNotFoundError
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 DEFAULT_STORE = "runs/model_store"
+
+
+def json_safe(obj: Any) -> Any:
+    """Cards as strict JSON: non-finite floats (an AUC with no positives is NaN) become null."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -137,7 +149,7 @@ class ModelStore:
         with self.fs.open_output_stream(f"{tmp}/model.pt") as f:
             f.write(buf.getvalue())
         with self.fs.open_output_stream(f"{tmp}/card.json") as f:
-            f.write(json.dumps(card, indent=2, ensure_ascii=False, default=str).encode())
+            f.write(json.dumps(json_safe(card), indent=2, ensure_ascii=False, default=str, allow_nan=False).encode())
         self.fs.move(tmp, self._path(name, version))
         return f"{name}@{version}"
 
@@ -145,7 +157,7 @@ class ModelStore:
         """The model card of ``ref``."""
         name, version = self.resolve(ref).split("@")
         with self.fs.open_input_stream(self._path(name, version, "card.json")) as f:
-            return json.loads(f.read())
+            return json_safe(json.loads(f.read()))
 
     def load(self, ref: str) -> StoredModel:
         """Load a model's state dict (``weights_only=True``) and card."""

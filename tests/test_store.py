@@ -60,3 +60,14 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1), "evil": ConfigError("x")}, tmp_path / "m" / "1" / "model.pt")
     with pytest.raises(Exception, match=r"[Ww]eights only"):
         store.load("m@1")
+
+
+def test_cards_are_strict_json(tmp_path):
+    """A NaN metric (AUC of a label with no positives) is stored as null, so HTTP can serve the card."""
+    import json
+
+    store = ModelStore(tmp_path)
+    store.save("m", _state(0), {"metrics": {"auc": float("nan"), "per": [float("inf"), 1.0]}})
+    text = (tmp_path / "m" / "1" / "card.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["metrics"] == {"auc": None, "per": [None, 1.0]}
