@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt data train-safety sweep train-ocr eval-ocr train-quality eval-quality \
+.PHONY: setup run test lint fmt data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
         default-models bench cluster-up cluster-down clean
 
 setup:
@@ -32,6 +32,9 @@ data: setup
 
 train-safety: setup
 	$(PY) -m train_jobs.safety
+
+eval-safety: setup
+	$(PY) -m train_jobs.eval_safety
 
 sweep: setup
 	$(PY) -m train_jobs.sweep

@@ -64,6 +64,14 @@ def test_bad_configs_fail_before_any_worker(frames_manifest, tmp_path):
     assert not (tmp_path / "train").exists()  # nothing was started
 
 
+def test_sweep_pool_grid_multiplies_only_bilinear():
+    from train_jobs.sweep import effective_pool, pool_grid
+
+    grid = pool_grid(["avg", "tree", "bilinear"], ["full", "compact"])
+    assert grid == [("avg", "-"), ("tree", "-"), ("bilinear", "full"), ("bilinear", "compact")]
+    assert [effective_pool(*pv) for pv in grid] == ["avg", "tree", "bilinear", "compact_bilinear"]
+
+
 def _losses(summary: dict) -> list[float]:
     from ray.train import Checkpoint
 
@@ -90,7 +98,8 @@ def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tm
 @pytest.mark.ray
 def test_worker_crash_resumes_from_checkpoint_fp16_hook(ray_session, frames_manifest, tmp_path):
     marker = tmp_path / "crashed"
-    cfg = tiny(frames_manifest, tmp_path, comm_hook="fp16", fail_at_epoch=1, fail_once_marker=str(marker))
+    cfg = tiny(frames_manifest, tmp_path, comm_hook="fp16", fail_at_epoch=1, fail_once_marker=str(marker),
+               precision="fp32")
     summary = run(replace(cfg, register=False))
     assert marker.exists()  # rank 1 really died once
     assert summary["val"]["start_epoch"] == 1 and summary["val"]["resumed_from_epoch"] == 1
@@ -105,15 +114,17 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     from train_jobs.sweep import SweepConfig
     from train_jobs.sweep import run as sweep
 
-    base = replace(tiny(frames_manifest, tmp_path, epochs=2), num_workers=1, register=False, max_failures=0)
+    base = replace(tiny(frames_manifest, tmp_path, epochs=2, precision="fp32"), num_workers=1, register=False,
+                   max_failures=0)
     sc = SweepConfig(base=base, backbones=["mobilenet_v2"], pools=["avg", "gated", "bilinear"],
-                     bilinear_variants=["compact"], lrs=[3e-3], num_samples=3, max_concurrent=3,
+                     bilinear_variants=["compact"], lrs=[3e-3], num_samples=1, max_concurrent=3,
                      out=str(tmp_path / "sweep"))
     summary = sweep(sc)
     assert summary["trials"] == 3 and summary["errors"] == 0
     lines = (tmp_path / "sweep" / "results.md").read_text().strip().splitlines()
     assert len(lines) == 2 + 3
     assert (tmp_path / "sweep" / "accuracy_vs_cost.png").stat().st_size > 5000
+    assert {line.split("|")[3].strip() for line in lines[2:]} == {"avg", "gated", "compact_bilinear"}  # the grid
     card = ModelStore(tmp_path / "store").card(summary["ref"])
     assert card["pooling"] in {"avg", "gated", "compact_bilinear"}
     assert card["metrics"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])

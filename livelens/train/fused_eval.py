@@ -1,0 +1,170 @@
+"""Held-out evaluation of the whole moderation path: classifier, OCR entities and QR decoding, fused.
+
+A frozen-backbone classifier at 128 px cannot read a phone number that is 10 px tall in a
+960×540 frame; the service does not ask it to. ``/v1/analyze`` merges the classifier's labels with
+the ``ads_*`` labels that OCR entities (phones, URLs, WeChat/QQ ids) and decoded QR codes raise
+(``serve_apps.gateway``: union by label, strongest score). This module measures exactly that
+fusion on a manifest split, so the per-label figures are the ones a user of ``/v1/analyze`` gets,
+next to the classifier alone and OCR alone.
+
+    python -m train_jobs.eval_safety            # make eval-safety
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from livelens.errors import ManifestError
+from livelens.taxonomy import Taxonomy, load_taxonomy
+from livelens.train.classification import heads_for, preprocess_batch
+from livelens.train.metrics import head_metrics
+from livelens.train.targets import target_key
+
+OcrLabeler = Callable[[np.ndarray], set[str]]
+
+
+def make_ocr_labeler(engine: Any | None = None, decode_qr: bool = True) -> OcrLabeler:
+    """``image -> {ads labels}`` as the OCR deployment computes them (lines → entities, + QR codes).
+
+    Args:
+        engine: An OCR engine with ``read(images) -> [[TextLine]]``; PP-OCR (offline ONNX) when None.
+        decode_qr: Also decode QR codes (OpenCV), as the deployment does by default.
+    """
+    from livelens.ocr.entities import extract_entities
+    from livelens.ocr.qr import decode_qr as _decode_qr
+
+    if engine is None:
+        from livelens.ocr import create_engine
+
+        engine = create_engine("ppocr")
+
+    def labels(image: np.ndarray) -> set[str]:
+        found = list(extract_entities(engine.read([image])[0]))
+        if decode_qr:
+            found += list(_decode_qr(image))
+        return {e.label for e in found if e.label}
+
+    return labels
+
+
+def fuse_sigmoid(probs: np.ndarray, classes: Sequence[str], extra: Sequence[set[str]]) -> np.ndarray:
+    """Union of a sigmoid head's predictions with labels found by another model, as the gateway merges.
+
+    A found label scores 1.0 (max with the classifier); the negative class (column 0, e.g.
+    ``ads_none``) drops to 0 for a frame where anything was found, so "no ads" and an OCR phone
+    number never co-exist in the answer.
+
+    Args:
+        probs: (N, K) sigmoid probabilities, the negative class first.
+        classes: The K class names.
+        extra: Per row, the label names found by the other model (unknown names are ignored).
+    """
+    if len(extra) != len(probs):
+        raise ValueError(f"{len(extra)} label sets for {len(probs)} rows")
+    out = np.array(probs, dtype=np.float64, copy=True)
+    col = {c: j for j, c in enumerate(classes)}
+    for i, found in enumerate(extra):
+        hits = [col[name] for name in found if name in col and col[name] > 0]
+        if hits:
+            out[i, hits] = 1.0
+            out[i, 0] = 0.0
+    return out
+
+
+def _label_accuracy(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    return {lab: {k: float(m[k]) for k in ("accuracy", "precision", "recall", "f1", "support")}
+            for lab, m in metrics["labels"].items()}
+
+
+def evaluate_fused(model: nn.Module, manifest: str, *, groups: Sequence[str], size: int,
+                   ocr_labeler: OcrLabeler, split: str = "test", fuse_group: str = "ads",
+                   taxonomy: str | None = None, limit: int | None = None, batch_size: int = 16,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Per-label accuracy on ``split`` for the classifier, for OCR alone, and for their fusion.
+
+    Args:
+        model: A taxonomy classifier whose heads include ``fuse_group``.
+        manifest: Manifest directory (or URI) holding ``split``.
+        groups: The model's taxonomy groups (its card's ``groups``).
+        size: The model's input size.
+        ocr_labeler: ``image -> {labels}`` (see :func:`make_ocr_labeler`).
+        split: Manifest split to evaluate; ``test`` is held out from training and model selection.
+        fuse_group: The sigmoid head OCR labels are merged into.
+        taxonomy: Taxonomy path (default: the bundled one).
+        limit: Evaluate only the first ``limit`` rows of the split (for smoke runs).
+        progress: Called with (done, total) after each batch.
+
+    Returns:
+        ``{"rows", "split", "seconds", "classifier": {label: {...}}, "ocr": …, "fused": …,
+        "other_heads": {head: {label: {...}}}}``: every entry holds accuracy, precision, recall,
+        F1 and support.
+
+    Raises:
+        ManifestError: The split is empty or the model has no ``fuse_group`` head.
+    """
+    from livelens.data import decode_batch, read_manifest
+    from livelens.models import predict
+
+    tax: Taxonomy = load_taxonomy(taxonomy)
+    heads = heads_for(tax, groups)
+    if fuse_group not in heads or heads[fuse_group].kind != "sigmoid":
+        raise ManifestError(f"the model has no sigmoid {fuse_group!r} head (heads: {sorted(heads)})")
+    table = read_manifest(manifest, columns=["id", "split", "image_bytes", "image_uri", "labels"])
+    rows = [r for r in table.to_pylist() if r["split"] == split][: limit or None]
+    if not rows:
+        raise ManifestError(f"{manifest} has no rows in split {split!r}")
+    probs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+    targets: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+    found: list[set[str]] = []
+    t0 = time.perf_counter()
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = {k: [r[k] for r in chunk] for k in ("id", "image_bytes", "image_uri", "labels")}
+        pre = preprocess_batch(batch, size=size, groups=groups, taxonomy=taxonomy, train=False)
+        with torch.no_grad():
+            p = predict(model, torch.from_numpy(pre["x"]))
+        for h in heads:
+            probs[h].append(p[h].float().numpy())
+            targets[h].append(pre[target_key(h)])
+        for image in decode_batch(batch)["image"]:
+            found.append(ocr_labeler(np.asarray(image)))
+        if progress:
+            progress(min(start + batch_size, len(rows)), len(rows))
+    P = {h: np.concatenate(v) for h, v in probs.items()}
+    T = {h: np.concatenate(v) for h, v in targets.items()}
+    head = heads[fuse_group]
+    ocr_only = fuse_sigmoid(np.zeros_like(P[fuse_group]), head.classes, found)
+    ocr_only[:, 0] = np.where(ocr_only[:, 1:].max(1) > 0, 0.0, 1.0)  # OCR alone: "none" when it found nothing
+    fused = fuse_sigmoid(P[fuse_group], head.classes, found)
+    return {
+        "rows": len(rows), "split": split, "seconds": round(time.perf_counter() - t0, 1), "group": fuse_group,
+        "classifier": _label_accuracy(head_metrics(P[fuse_group], T[fuse_group], head, fuse_group)),
+        "ocr": _label_accuracy(head_metrics(ocr_only, T[fuse_group], head, fuse_group)),
+        "fused": _label_accuracy(head_metrics(fused, T[fuse_group], head, fuse_group)),
+        "other_heads": {h: _label_accuracy(head_metrics(P[h], T[h], heads[h], h)) for h in heads if h != fuse_group},
+    }
+
+
+def format_fused_table(result: Mapping[str, Any], min_support: int = 1) -> str:
+    """Markdown: one row per label with support, accuracy and recall for classifier, OCR and fused."""
+    lines = ["| label | support | classifier acc | OCR acc | fused acc | classifier recall | fused recall |",
+             "|---|---|---|---|---|---|---|"]
+    for lab, c in result["classifier"].items():
+        if c["support"] < min_support:
+            continue
+        o, f = result["ocr"][lab], result["fused"][lab]
+        lines.append(f"| {lab} | {int(c['support'])} | {c['accuracy']:.3f} | {o['accuracy']:.3f} | "
+                     f"{f['accuracy']:.3f} | {c['recall']:.3f} | {f['recall']:.3f} |")
+    for labs in result["other_heads"].values():
+        for lab, c in labs.items():
+            if c["support"] >= min_support:
+                lines.append(f"| {lab} | {int(c['support'])} | {c['accuracy']:.3f} | - | {c['accuracy']:.3f} | "
+                             f"{c['recall']:.3f} | {c['recall']:.3f} |")
+    return "\n".join(lines)
