@@ -134,10 +134,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--powersgd-rank", type=int, default=2)
     p.add_argument("--skip-cuda", action="store_true")
     a = p.parse_args(argv)
+    # Ray reads the auth mode when it is imported, and a local ray.init() turns token auth on.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     cfg = {**BENCH_DEFAULTS, "steps": a.steps}
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not ray.is_initialized():
         ray.init(num_cpus=max(4, a.workers * 2), include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 1024 * 1024,
