@@ -2,9 +2,9 @@
 
 The design follows the BRISQUE/CORNIA line: distortions change the statistics of locally
 contrast-normalised (MSCN) luminance in characteristic ways. Each frame becomes a
-:data:`N_FEATURES`-vector — MSCN moments and neighbour-product moments at two scales (BRISQUE-style)
+:data:`N_FEATURES`-vector — MSCN moments and neighbour-product moments at three scales (BRISQUE-style)
 plus the classical measures (directional Crete blur, Laplacian variance, noise sigma,
-blockiness, luminance statistics) — and a ~7 k-parameter MLP regresses the score in [0, 100]
+blockiness, luminance statistics, gradient/spectral sharpness, colourfulness) — and an ensemble of five small MLPs regresses the score in [0, 100]
 (100 = pristine). The feature normaliser is part of the state dict, so a stored model is
 self-contained.
 
@@ -38,11 +38,14 @@ class IqaArch:
     Attributes:
         in_features: Length of the feature vector.
         hidden: Width of the two hidden layers.
+        members: Independently initialised MLPs whose scores are averaged. One MLP's held-out
+            SROCC varied by ±0.02 between seeds here; the average of five is steadier and higher.
         side: Long side the frame is resized to before features are computed.
     """
 
     in_features: int = 0
     hidden: int = 64
+    members: int = 5
     side: int = IQA_SIDE
 
     def __post_init__(self) -> None:
@@ -76,28 +79,66 @@ def _nss(gray: np.ndarray) -> list[float]:
     return feats
 
 
+def _sharpness(gray: np.ndarray) -> list[float]:
+    """Gradient and spectrum statistics: blur and JPEG remove high frequencies at different rates.
+
+    Sobel magnitude percentiles (log), the share of spectral power beyond a quarter and half of
+    the Nyquist radius (log), and the Laplacian energy ratio between full and half resolution.
+    """
+    g = gray.astype(np.float32)
+    mag = cv2.magnitude(cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3))
+    grads = [float(np.log1p(v)) for v in np.percentile(mag, [50, 90, 99])]
+    win = np.outer(np.hanning(g.shape[0]), np.hanning(g.shape[1])).astype(np.float32)
+    power = np.abs(np.fft.fftshift(np.fft.fft2((g - g.mean()) * win))) ** 2
+    h, w = power.shape
+    yy, xx = np.ogrid[-(h // 2) : h - h // 2, -(w // 2) : w - w // 2]
+    radius = np.sqrt((yy / (h / 2)) ** 2 + (xx / (w / 2)) ** 2)
+    total = float(power.sum()) + 1e-8
+    spectral = [float(np.log10(power[radius > r].sum() / total + 1e-10)) for r in (0.25, 0.5)]
+    half = cv2.resize(g, (max(8, g.shape[1] // 2), max(8, g.shape[0] // 2)), interpolation=cv2.INTER_AREA)
+    ratio = np.log10((cv2.Laplacian(g, cv2.CV_32F).var() + 1e-3) / (cv2.Laplacian(half, cv2.CV_32F).var() + 1e-3))
+    return grads + spectral + [float(ratio)]
+
+
+def _colour(rgb: np.ndarray, gray: np.ndarray) -> list[float]:
+    """Luminance entropy, saturation mean/std and Hasler–Süsstrunk colourfulness.
+
+    Over- and under-exposure wash colours out and collapse the histogram before pixels clip.
+    """
+    hist = np.bincount(gray.reshape(-1), minlength=256).astype(np.float64)
+    p = hist / max(hist.sum(), 1.0)
+    entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum()) / 8.0
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32) / 255.0
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    colourful = (np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)) / 100.0
+    return [entropy, float(sat.mean()), float(sat.std()), float(colourful)]
+
+
 def features(image: Any, side: int = IQA_SIDE) -> np.ndarray:
     """The NR-IQA feature vector of one image (float32, length :data:`N_FEATURES`)."""
-    rgb = m.to_rgb(image)
-    gray = m._resize_long(m.luminance(rgb), side)
-    if min(gray.shape) < 16:
+    rgb = m._resize_long(m.to_rgb(image), side)
+    if min(rgb.shape[:2]) < 16:
         # Too small for neighbourhood statistics: upscale so every input gets a defined score.
-        gray = cv2.resize(gray, (max(16, gray.shape[1]), max(16, gray.shape[0])), interpolation=cv2.INTER_LINEAR)
+        rgb = cv2.resize(rgb, (max(16, rgb.shape[1]), max(16, rgb.shape[0])), interpolation=cv2.INTER_LINEAR)
+    gray = m.luminance(rgb)
     half = cv2.resize(gray, (max(8, gray.shape[1] // 2), max(8, gray.shape[0] // 2)), interpolation=cv2.INTER_AREA)
+    quarter = cv2.resize(half, (max(8, half.shape[1] // 2), max(8, half.shape[0] // 2)), interpolation=cv2.INTER_AREA)
     crete = m.crete_blur(gray)
     g = gray.astype(np.float32) / 255.0
     lum = [float(g.mean()), float(g.std()), *np.percentile(g, [5, 50, 95]).tolist(),
            float((g < 0.02).mean()), float((g > 0.98).mean())]
     classical = [*crete.values(), float(np.log10(m.laplacian_variance(gray) + 1.0)),
                  m.noise(gray)["sigma"] / 25.0, m.blockiness(gray)["ratio"]]
-    return np.asarray(_nss(gray) + _nss(half) + classical + lum, np.float32)
+    return np.asarray(_nss(gray) + _nss(half) + _nss(quarter) + classical + lum + _sharpness(gray)
+                      + _colour(rgb, gray), np.float32)
 
 
-N_FEATURES = 2 * (4 + 2 * len(_PAIRS)) + 7 + 7
+N_FEATURES = 3 * (4 + 2 * len(_PAIRS)) + 7 + 7 + 6 + 4
 
 
 class IqaNet(nn.Module):
-    """Standardise features → MLP → score in [0, 100].
+    """Standardise features → an ensemble of small MLPs → mean score in [0, 100].
 
     Args:
         arch: Sizes.
@@ -110,20 +151,24 @@ class IqaNet(nn.Module):
         # The normaliser is a buffer: it travels with the state dict, set once from training data.
         self.register_buffer("feat_mean", torch.zeros(n))
         self.register_buffer("feat_std", torch.ones(n))
-        self.mlp = nn.Sequential(
-            nn.Linear(n, self.arch.hidden), nn.ReLU(), nn.Linear(self.arch.hidden, self.arch.hidden), nn.ReLU(),
-            nn.Linear(self.arch.hidden, 1),
-        )
+        h = self.arch.hidden
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(n, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+            for _ in range(max(1, self.arch.members)))
 
     def set_normaliser(self, x: np.ndarray) -> None:
         """Fit the feature standardisation on training features (N, F)."""
         self.feat_mean.copy_(torch.from_numpy(x.mean(0).astype(np.float32)))
         self.feat_std.copy_(torch.from_numpy(x.std(0).astype(np.float32) + 1e-6))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) in [0, 100] from features (B, F)."""
+    def member_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's scores (M, B) in [0, 100] from features (B, F)."""
         z = ((x - self.feat_mean) / self.feat_std).clamp(-8.0, 8.0)
-        return 100.0 * torch.sigmoid(self.mlp(z).squeeze(1))
+        return 100.0 * torch.stack([torch.sigmoid(m(z).squeeze(1)) for m in self.mlps])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) in [0, 100] from features (B, F): the members' mean."""
+        return self.member_scores(x).mean(0)
 
 
 class IqaModel:
@@ -193,7 +238,15 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, passes: in
 
 
 def l1_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L1 between predicted and reference score (robust to a few odd references)."""
+    """L1 between predicted and reference score (robust to a few odd references).
+
+    Each ensemble member is fitted to the reference on its own (the mean of per-member losses),
+    not the average to it, so the members stay independent estimates and averaging cuts variance.
+    """
+    net = model.module if hasattr(model, "module") else model  # DDP wraps the net
+    if isinstance(net, IqaNet):
+        scores = net.member_scores(batch["x"])
+        return torch.nn.functional.l1_loss(scores, batch["y"].expand_as(scores))
     return torch.nn.functional.l1_loss(model(batch["x"]), batch["y"])
 
 

@@ -100,7 +100,8 @@ def cached_feature_table(cfg: QualityTrainConfig) -> dict[str, Any]:
         with np.load(cache) as z:
             table: dict[str, Any] = {k: z[k] for k in z.files}
         table["dataset_id"] = str(table["dataset_id"])
-        return table
+        if table["x"].shape[1] == iqa.N_FEATURES:  # else the feature set changed since: recompute
+            return table
     samples, dataset_id = load_samples(cfg)
     table = {**feature_table(samples), "dataset_id": dataset_id}
     if cache is not None and not from_manifest:
