@@ -72,6 +72,17 @@ def test_sweep_pool_grid_multiplies_only_bilinear():
     assert [effective_pool(*pv) for pv in grid] == ["avg", "tree", "bilinear", "compact_bilinear"]
 
 
+def test_sweep_makes_local_paths_absolute_for_trial_directories(tmp_path, monkeypatch):
+    from train_jobs.sweep import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(SafetyTrainConfig(manifest="runs/data/frames", storage_path="s3://bucket/train",
+                                           model_store="runs/model_store"))
+    assert cfg.manifest == str(tmp_path / "runs/data/frames")
+    assert cfg.model_store == str(tmp_path / "runs/model_store")
+    assert cfg.storage_path == "s3://bucket/train" and cfg.taxonomy is None
+
+
 def _losses(summary: dict) -> list[float]:
     from ray.train import Checkpoint
 

@@ -70,6 +70,19 @@ def pool_grid(pools: list[str], variants: list[str]) -> list[tuple[str, str]]:
     return [(p, v) for p in pools for v in (variants if p == "bilinear" else ["-"])]
 
 
+def absolute_paths(base: SafetyTrainConfig) -> SafetyTrainConfig:
+    """``base`` with local relative paths made absolute.
+
+    Tune runs each trial driver in its own trial directory, so ``runs/data/frames`` would resolve
+    there and every trial would fail with "no manifest". URIs (``s3://…``) are left alone.
+    """
+    def fix(path: str | None) -> str | None:
+        return path if not path or "://" in path else str(Path(path).resolve())
+
+    return replace(base, manifest=fix(base.manifest), taxonomy=fix(base.taxonomy),
+                   storage_path=fix(base.storage_path), model_store=fix(base.model_store))
+
+
 def effective_pool(pool: str, variant: str) -> str:
     """``bilinear`` + ``compact`` is compact bilinear pooling (Gao et al.); other pools ignore the variant."""
     return "compact_bilinear" if pool == "bilinear" and variant == "compact" else pool
@@ -119,6 +132,7 @@ def run(sc: SweepConfig) -> dict[str, Any]:
     from livelens.train.report import model_cost, plot_accuracy_vs_cost, write_table
 
     sc.validate()
+    sc = replace(sc, base=absolute_paths(sc.base))
     data = sc.base.validate()
     init_ray()
     sc.base.groups = data.groups
@@ -157,6 +171,10 @@ def run(sc: SweepConfig) -> dict[str, Any]:
     rows.sort(key=lambda r: -r["val_accuracy"] if r["val_accuracy"] == r["val_accuracy"] else 1.0)
     write_table(rows, COLUMNS, out)
     plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png")
+    if not any(r["status"] == "ok" and r["val_accuracy"] == r["val_accuracy"] for r in rows):
+        first = next((r.error for r in grid if r.error), None)
+        raise ConfigError(f"all {len(rows)} sweep trials failed; table in {out / 'results.md'}; first error: "
+                          f"{str(first).strip().splitlines()[-1] if first else 'no metrics reported'}")
     best = grid.get_best_result(metric="val_accuracy", mode="max", filter_nan_and_inf=True)
     bp = best.config
     best_cfg = trial_config(sc.base, bp, "best")
