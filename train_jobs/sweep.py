@@ -96,6 +96,7 @@ def trial_config(base: SafetyTrainConfig, params: dict[str, Any], name: str) -> 
 
 def trial_driver(config: dict[str, Any]) -> None:
     """One Tune trial: a Train V2 run whose reports reach Tune through TuneReportCallback."""
+    import ray.data
     import ray.train
     import ray.tune
     from ray.train import DataConfig, ScalingConfig
@@ -106,6 +107,8 @@ def trial_driver(config: dict[str, Any]) -> None:
     from livelens.train.driver import storage_path
     from train_jobs.safety import train_fn_per_worker
 
+    # Six trials' worth of Ray Data progress bars interleave into one unreadable driver log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     base = SafetyTrainConfig.from_dict(config["base"])
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     cfg = trial_config(base, config, name)
@@ -150,7 +153,8 @@ def run(sc: SweepConfig) -> dict[str, Any]:
                                     max_concurrent_trials=sc.max_concurrent,
                                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sc.base.loop.epochs,
                                                             grace_period=sc.grace_period, reduction_factor=2),
-                                    search_alg=tune.search.BasicVariantGenerator(random_state=sc.seed)),
+                                    search_alg=tune.search.BasicVariantGenerator(
+                                        random_state=sc.seed, max_concurrent=sc.max_concurrent)),
         run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=storage_path(sc.base.storage_path)),
     )
