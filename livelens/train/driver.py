@@ -81,6 +81,11 @@ def init_ray(num_cpus: int | None = None, attempts: int = 3) -> None:
     two Train workers of one CPU each leave Ray Data no CPU to read and decode the manifest,
     and the job stalls at 0 rows. Start-up is retried because a raylet on a loaded host can
     miss Ray's fixed registration window.
+
+    The dashboard is on because Train V2's ``PlacementGroupCleaner`` asks the State API (served by
+    the dashboard) whether a run's controller is gone. Without it, the worker placement groups of
+    finished or ASHA-stopped sweep trials were never released (5 of 6 CPUs stayed reserved), and
+    the next trials timed out waiting for workers.
     """
     import os
 
@@ -94,7 +99,7 @@ def init_ray(num_cpus: int | None = None, attempts: int = 3) -> None:
     for attempt in range(attempts):
         try:
             ray.init(address="local", num_cpus=num_cpus or max(6, 3 * (os.cpu_count() or 2)),
-                     object_store_memory=1024 * 1024 * 1024, include_dashboard=False)
+                     object_store_memory=1024 * 1024 * 1024, include_dashboard=True)
             return
         except Exception:
             ray.shutdown()
