@@ -81,6 +81,33 @@ async def http_load(url: str, key: str, jpegs: list[bytes], n: int, concurrency:
     return {"rps": codes.get(200, 0) / wall, "lat": lat, "model_ms": model_ms, "codes": codes, "stages": stages}
 
 
+async def http_batch_load(url: str, key: str, jpegs: list[bytes], n: int, per_request: int,
+                          concurrency: int) -> dict[str, Any]:
+    """n multipart requests of ``per_request`` frames each to ``/v1/moderate/batch``; frames/s answered 200."""
+    import httpx
+
+    ok, lat = 0, []
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int) -> None:
+            nonlocal ok
+            files = [("files", (f"{k}.jpg", jpegs[(i * per_request + k) % len(jpegs)], "image/jpeg"))
+                     for k in range(per_request)]
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/v1/moderate/batch", files=files, headers=headers,
+                                      params={"evidence": "none"})
+                lat.append((time.perf_counter() - t0) * 1000)
+                if r.status_code == 200:
+                    ok += sum(1 for item in r.json()["results"] if item.get("status", 200) == 200)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    return {"ips": ok / wall, "lat": lat, "frames_ok": ok}
+
+
 def gpu_images_per_s(seconds: float = 10.0) -> str | float:
     """Safety classification from JPEG bytes on CUDA (decode on CPU, model on GPU), or why not measured."""
     import torch
@@ -143,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
-    raw_runs, http_runs, lat, codes = [], [], [], {}
+    raw_runs, http_runs, batch_runs, lat, codes = [], [], [], [], {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"gateway": {"key_file": key_file},
@@ -160,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             raw_runs.append(raw_throughput(raw_model, jpegs, a.batch, a.seconds))
             res = asyncio.run(http_load(url, key, jpegs, a.requests, a.concurrency))
             http_runs.append(res["rps"])
+            # The same frames as /batch requests of 8: one HTTP round trip and one decode fan-out per 8.
+            bres = asyncio.run(http_batch_load(url, key, jpegs, max(2, a.requests // 8), 8, max(1, a.concurrency // 8)))
+            batch_runs.append(bres["ips"])
             lat += res["lat"]
             for c, n in res["codes"].items():
                 codes[c] = codes.get(c, 0) + n
@@ -177,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "http_runs": [round(x, 2) for x in http_runs],
         "http_images_per_s": round(loaded["rps"], 2),
         "throughput_ratio_vs_raw": round(loaded["rps"] / raw_ips, 3),
+        "batch_route_runs": [round(x, 2) for x in batch_runs],
+        "batch_route_ratio_vs_raw": round(statistics.median(batch_runs) / raw_ips, 3),
         "latency_ms_under_load": {q: round(_pct(loaded["lat"], q), 1) for q in (50, 90, 95, 99)},
         "status_codes": loaded["codes"],
         "overhead_ms_c1": {"p50": round(statistics.median(overhead), 2) if overhead else None,
