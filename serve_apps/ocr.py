@@ -133,11 +133,10 @@ class Ocr:
         self.tax = load_taxonomy()
         self._ref: str | None = None
         try:
-            from livelens.ocr.entities import extract_entities
-            from livelens.ocr.qr import decode_qr
+            from livelens.ocr.qr import frame_entities
         except ImportError:  # without the extractors OCR still serves lines; /v1/models says what is missing
-            decode_qr = extract_entities = None
-        self._extract, self._decode_qr = extract_entities, decode_qr
+            frame_entities = None
+        self._extract = frame_entities
 
     def check_health(self) -> None:
         """The composer holds no model; detector and recogniser have their own checks."""
@@ -189,9 +188,7 @@ class Ocr:
         if self._extract is None:
             return []
         objs = [TextLine(polygon=ln["polygon"], box=ln["box"], text=ln["text"], score=ln["score"]) for ln in lines]
-        found = list(self._extract(objs))
-        if self.args.decode_qr and self._decode_qr is not None:
-            found += list(self._decode_qr(image))
+        found = self._extract(image, objs, qr=self.args.decode_qr)
         return [{"kind": _field(e, "kind"), "value": _field(e, "value"),
                  "box": [float(v) for v in (_field(e, "box") or [])],
                  "label": _field(e, "label"), "score": float(_field(e, "score", 1.0) or 0.0)} for e in found]

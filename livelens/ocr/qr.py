@@ -7,6 +7,7 @@ tiles and decodes each one upscaled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -15,7 +16,7 @@ import numpy as np
 from livelens.imageio import DEFAULT_LIMITS, ImageLimits
 from livelens.ocr.engine import as_rgb
 from livelens.ocr.entities import LABELS
-from livelens.ocr.types import Entity, polygon_to_box
+from livelens.ocr.types import Entity, TextLine, polygon_to_box
 
 
 def _decode(detector: cv2.QRCodeDetector, gray: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -103,3 +104,15 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, second_pass:
                     pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2) + np.array([x0, y0])
                     found[text] = Entity("qrcode", text, polygon_to_box(pts), LABELS["qrcode"], 0.9, "qr_upscaled")
     return sorted(found.values(), key=lambda e: (e.box[1], e.box[0]))
+
+
+def frame_entities(image: Any, lines: Sequence[TextLine], *, qr: bool = True) -> list[Entity]:
+    """Everything in a frame that raises an ads label: entities in its text lines, then its QR codes.
+
+    The one definition the OCR deployment and the held-out evaluation (``livelens.train.fused_eval``)
+    share, so the evaluation measures what the service answers.
+    """
+    from livelens.ocr.entities import extract_entities
+
+    found = list(extract_entities(lines))
+    return found + decode_qr(image) if qr else found

@@ -79,7 +79,7 @@ def _nss(gray: np.ndarray) -> list[float]:
     return feats
 
 
-def _sharpness(gray: np.ndarray) -> list[float]:
+def _sharpness(gray: np.ndarray, half: np.ndarray) -> list[float]:
     """Gradient and spectrum statistics: blur and JPEG remove high frequencies at different rates.
 
     Sobel magnitude percentiles (log), the share of spectral power beyond a quarter and half of
@@ -95,8 +95,8 @@ def _sharpness(gray: np.ndarray) -> list[float]:
     radius = np.sqrt((yy / (h / 2)) ** 2 + (xx / (w / 2)) ** 2)
     total = float(power.sum()) + 1e-8
     spectral = [float(np.log10(power[radius > r].sum() / total + 1e-10)) for r in (0.25, 0.5)]
-    half = cv2.resize(g, (max(8, g.shape[1] // 2), max(8, g.shape[0] // 2)), interpolation=cv2.INTER_AREA)
-    ratio = np.log10((cv2.Laplacian(g, cv2.CV_32F).var() + 1e-3) / (cv2.Laplacian(half, cv2.CV_32F).var() + 1e-3))
+    lap_half = cv2.Laplacian(half.astype(np.float32), cv2.CV_32F).var()
+    ratio = np.log10((cv2.Laplacian(g, cv2.CV_32F).var() + 1e-3) / (lap_half + 1e-3))
     return grads + spectral + [float(ratio)]
 
 
@@ -130,7 +130,7 @@ def features(image: Any, side: int = IQA_SIDE) -> np.ndarray:
            float((g < 0.02).mean()), float((g > 0.98).mean())]
     classical = [*crete.values(), float(np.log10(m.laplacian_variance(gray) + 1.0)),
                  m.noise(gray)["sigma"] / 25.0, m.blockiness(gray)["ratio"]]
-    return np.asarray(_nss(gray) + _nss(half) + _nss(quarter) + classical + lum + _sharpness(gray)
+    return np.asarray(_nss(gray) + _nss(half) + _nss(quarter) + classical + lum + _sharpness(gray, half)
                       + _colour(rgb, gray), np.float32)
 
 
@@ -244,10 +244,8 @@ def l1_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     not the average to it, so the members stay independent estimates and averaging cuts variance.
     """
     net = model.module if hasattr(model, "module") else model  # DDP wraps the net
-    if isinstance(net, IqaNet):
-        scores = net.member_scores(batch["x"])
-        return torch.nn.functional.l1_loss(scores, batch["y"].expand_as(scores))
-    return torch.nn.functional.l1_loss(model(batch["x"]), batch["y"])
+    scores = net.member_scores(batch["x"])
+    return torch.nn.functional.l1_loss(scores, batch["y"].expand_as(scores))
 
 
 @torch.no_grad()

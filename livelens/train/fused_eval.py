@@ -36,8 +36,7 @@ def make_ocr_labeler(engine: Any | None = None, decode_qr: bool = True) -> OcrLa
         engine: An OCR engine with ``read(images) -> [[TextLine]]``; PP-OCR (offline ONNX) when None.
         decode_qr: Also decode QR codes (OpenCV), as the deployment does by default.
     """
-    from livelens.ocr.entities import extract_entities
-    from livelens.ocr.qr import decode_qr as _decode_qr
+    from livelens.ocr.qr import frame_entities
 
     if engine is None:
         from livelens.ocr import create_engine
@@ -45,10 +44,7 @@ def make_ocr_labeler(engine: Any | None = None, decode_qr: bool = True) -> OcrLa
         engine = create_engine("ppocr")
 
     def labels(image: np.ndarray) -> set[str]:
-        found = list(extract_entities(engine.read([image])[0]))
-        if decode_qr:
-            found += list(_decode_qr(image))
-        return {e.label for e in found if e.label}
+        return {e.label for e in frame_entities(image, engine.read([image])[0], qr=decode_qr) if e.label}
 
     return labels
 
