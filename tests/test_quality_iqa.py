@@ -67,3 +67,41 @@ def test_store_round_trip_and_assess_reports_iqa(tmp_path, small_set):
     json.dumps(out)
     assert 0.0 <= out["iqa"]["score"] <= 100.0 and out["iqa"]["model"] == ref
     assert sum(p.numel() for p in net.parameters()) * 4 < 1_000_000  # ships as <1 MB of weights
+
+
+def test_manifest_features_are_photo_disjoint_and_cached_per_dataset(tmp_path):
+    from livelens.data import build
+    from livelens.quality.training import QualityTrainConfig, cached_feature_table
+
+    args = build.parse_args(["--out", str(tmp_path / "data"), "--quality", "24", "--only", "quality"])
+    build.build(args)
+    cfg = QualityTrainConfig(manifest=str(tmp_path / "data" / "quality"), features_cache=str(tmp_path / "f.npz"))
+    table = cached_feature_table(cfg)  # Ray is not running here: featurised serially, same code path per chunk
+    assert table["x"].shape == (24, iqa.N_FEATURES) and np.isfinite(table["x"]).all()
+    test_photos = set(table["photo"][table["test"]])
+    assert test_photos and not test_photos & set(table["photo"][~table["test"]])
+    assert set(table["y"][table["distortion"] == "none"]) <= {100.0}
+    # The cache is reused for the same dataset id and recomputed when the data changes.
+    np.savez(tmp_path / "f.npz", **{**table, "x": table["x"] + 1.0})
+    assert np.allclose(cached_feature_table(cfg)["x"], table["x"] + 1.0)
+    np.savez(tmp_path / "f.npz", **{**table, "x": table["x"] + 1.0, "dataset_id": "another"})
+    assert np.allclose(cached_feature_table(cfg)["x"], table["x"])
+
+
+def test_shipped_quality_model_ranks_distortion_levels():
+    """The default `quality_iqa` (built by `make default-models`) scores heavier distortion lower."""
+    from livelens.quality import distort as dist
+    from serve_apps.common import DEFAULT_STORES
+
+    store = ModelStore(DEFAULT_STORES[1])
+    model = iqa.IqaModel.from_store(store)
+    metrics = store.card(model.ref)["metrics"]
+    # The card carries what its training run measured on held-out photos (see docs/quality.md).
+    assert metrics["eval_split"] == "held-out photos" and 0.9 <= metrics["srocc"] <= 1.0
+    photo = data.coffee()  # a sanity check of the shipped weights on a real photo
+    # Moderate and strong levels: near the top the score saturates (docs/quality.md, limits).
+    for f in (lambda lv: dist.gaussian_blur(photo, [0.01, 2.0, 5.0][lv]),
+              lambda lv: dist.gaussian_noise(photo, [0, 25, 40][lv], seed=1),
+              lambda lv: dist.jpeg(photo, [95, 15, 4][lv])):
+        scores = model.score_batch([f(lv) for lv in range(3)])
+        assert scores[0] > scores[1] > scores[2], scores

@@ -108,6 +108,12 @@ def test_black_screen_and_dark_scene_are_told_apart():
     assert black["black"]["flag"] and black["labels"] == ["quality_black"]
     night = assess(D.exposure(_photo("astronaut"), 0.3))
     assert not night["black"]["flag"]
+    # A noisy encoder-black frame is black; a real scene at 10 % exposure is dark, not black.
+    noisy = np.clip(np.random.default_rng(0).normal(8, 1.5, (540, 960, 3)), 0, 255).astype(np.uint8)
+    assert assess(noisy)["labels"] == ["quality_black"]
+    for name in ("coffee", "camera"):
+        very_dark = assess(D.exposure(_photo(name), 0.1))
+        assert not very_dark["black"]["flag"] and "quality_dark" in very_dark["labels"], name
 
 
 def test_noise_and_compression_respond_to_their_level():

@@ -110,6 +110,9 @@ def test_health_and_models_say_what_is_served(app):
     models = r.json()["models"]
     refs = {m["ref"] for m in models}
     assert "open_nsfw@1.1" in refs and "quality_classical@1" in refs
+    # The learned quality score is served from the shipped defaults, with where it came from.
+    iqa_models = [m for m in models if m["ref"].startswith("quality_iqa@")]
+    assert iqa_models and iqa_models[0]["card"]["metrics"]["eval_split"] == "held-out photos"
     assert all(m.get("source") for m in models)
 
 
@@ -156,6 +159,9 @@ def test_batch_reports_errors_per_item(app):
     items = r.json()["results"]
     assert [it["status"] for it in items] == [200, 422, 200]
     assert items[1]["error"]["code"] == "invalid_image" and "brightness" in items[0]["quality"]
+    iqa = items[0]["quality"]["iqa"]
+    assert 0.0 <= iqa["score"] <= 100.0 and iqa["model"].startswith("quality_iqa@")
+    assert iqa["model"] in items[0]["models"]
 
 
 def test_composition_phone_banner_and_qr_become_decided_ads_labels(app):

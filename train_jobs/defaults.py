@@ -1,6 +1,7 @@
 """Build the default models the service ships: ``livelens/resources/default_models`` (a ModelStore root).
 
-    python -m train_jobs.defaults                  # make default-models
+    python -m train_jobs.defaults                  # make default-models (safety and quality)
+    python -m train_jobs.defaults --only quality   # just the learned quality score
     python -m train_jobs.defaults --manifest runs/data/frames --epochs 4
 
 The safety model is mobilenet_v2 with a frozen ImageNet backbone (kept in eval mode, so its
@@ -8,6 +9,10 @@ BatchNorm statistics stay ImageNet's) and learnt pooling + heads; it is saved he
 (``livelens.models.io.save_to_store(..., head_only=True)``), so the shipped file is a few
 hundred KB and loading rebuilds the backbone from torchvision's offline ImageNet weights.
 Serving loads ``safety@<latest>`` from here when the user store has no safety model.
+
+The quality model (``quality_iqa``, NSS features + an MLP ensemble, ~110 kB) is trained by
+``livelens.quality.training.run`` exactly as ``make train-quality`` does, then copied here with
+its card; serving adds its 0–100 score to every ``/v1/quality`` answer.
 """
 
 from __future__ import annotations
@@ -51,6 +56,32 @@ def build_defaults(cfg: SafetyTrainConfig, root: Path = DEFAULT_ROOT) -> dict:
             "wall_time_s": summary["wall_time_s"]}
 
 
+def build_quality_default(root: Path = DEFAULT_ROOT, manifest: str = "runs/data/quality") -> dict:
+    """Train ``quality_iqa`` with Ray Train into a scratch store, then publish it into ``root``.
+
+    Raises:
+        ConfigError: Bad data, or a shipped file over 2 MB.
+    """
+    from livelens.quality.training import QualityTrainConfig
+    from livelens.quality.training import run as run_quality
+    from livelens.store import ModelStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = QualityTrainConfig(manifest=manifest, model_store=scratch, run_name="default-quality",
+                                 storage_path=tempfile.mkdtemp(prefix="livelens-defaults-"))
+        summary = run_quality(cfg)
+        stored = ModelStore(scratch).load(summary["ref"])
+        card = {k: v for k, v in stored.card.items() if k not in ("name", "version", "ref", "created_at", "state")}
+    ref = ModelStore(root).save(stored.card.get("name", "quality_iqa"), stored.state_dict,
+                                {**card, "shipped": True, "source": "make default-models (train_jobs.defaults)"})
+    name, version = ref.split("@")
+    size = sum(f.stat().st_size for f in (root / name / version).iterdir() if f.is_file())
+    if size > MAX_BYTES:
+        raise ConfigError(f"{ref} is {size} bytes; shipped defaults must stay under {MAX_BYTES}")
+    return {"ref": ref, "bytes": size, "root": str(root), "held_out": summary["held_out"],
+            "wall_time_s": summary["wall_time_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (``make default-models``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,12 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--root", default=str(DEFAULT_ROOT))
+    p.add_argument("--quality-manifest", default="runs/data/quality")
+    p.add_argument("--only", default="safety,quality", help="comma-separated: safety, quality")
     a = p.parse_args(argv)
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    if not only or only - {"safety", "quality"}:
+        print(f"error: --only takes safety and/or quality, got {a.only!r}", file=sys.stderr)
+        return 2
     base = SafetyTrainConfig()
     cfg = replace(base, manifest=a.manifest, image_size=a.image_size, run_name="default-safety",
                   storage_path=tempfile.mkdtemp(prefix="livelens-defaults-"), loop=replace(base.loop, epochs=a.epochs))
+    out = {}
     try:
-        out = build_defaults(cfg, Path(a.root))
+        if "safety" in only:
+            out["safety"] = build_defaults(cfg, Path(a.root))
+        if "quality" in only:
+            out["quality"] = build_quality_default(Path(a.root), a.quality_manifest)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

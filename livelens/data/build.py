@@ -36,7 +36,7 @@ class BuildArgs:
     frames: int = 2500
     text_lines: int = 5000
     text_det: int = 300
-    quality: int = 1200
+    quality: int = 4000
     width: int = 960
     height: int = 540
     only: tuple[str, ...] = SETS

@@ -2,7 +2,7 @@
 
 The contract (docs/contracts.md) is a manifest whose rows carry ``quality`` =
 ``{distortion, level, score}`` and ``attributes.photo`` (the source photo, so splits are
-photo-disjoint). :func:`load_quality_manifest` reads it. Until ``runs/data/quality`` exists,
+photo-disjoint). :func:`quality_rows` reads its metadata (training featurises the pixels in Ray tasks). Until ``runs/data/quality`` exists,
 :func:`generate_quality_set` builds the same kind of rows from real photos bundled with
 scikit-image, scikit-learn and ../shared/data, scoring each distortion by SSIM against its
 pristine photo (a full-reference stand-in for LIVE's DMOS).
@@ -99,21 +99,21 @@ def generate_quality_set(photos: dict[str, np.ndarray], levels: tuple[int, ...] 
     return out
 
 
-def load_quality_manifest(path: str | Path) -> list[QualitySample]:
-    """Rows of the data owner's quality manifest with a ``quality`` struct, as samples.
+def quality_rows(path: str | Path) -> list[dict]:
+    """Metadata of the quality rows of a manifest, without pixels.
 
-    The split is recomputed from ``attributes.photo`` (falling back to the row's ``split``) so
-    that train and test never share a source photo.
+    Each dict has ``index`` (row number in the manifest), ``photo``, ``distortion``, ``level``,
+    ``score`` and ``split``. The split is recomputed from ``attributes.photo`` (falling back to the
+    row's ``split``) so that train and test never share a source photo.
 
     Raises:
         ManifestError: Missing/corrupt manifest or no quality rows.
     """
-    from livelens.data.manifest import decode_row_image, read_manifest
+    from livelens.data.manifest import read_manifest
 
-    table = read_manifest(path)
-    rows = table.to_pylist()
+    table = read_manifest(path, columns=["id", "split", "quality", "attributes"])
     out = []
-    for r in rows:
+    for i, r in enumerate(table.to_pylist()):
         q = r.get("quality")
         if not q:
             continue
@@ -122,10 +122,9 @@ def load_quality_manifest(path: str | Path) -> list[QualitySample]:
         except json.JSONDecodeError:
             attrs = {}
         photo = str(attrs.get("photo") or r["id"])
-        split = photo_split(photo) if attrs.get("photo") else r.get("split", "train")
-        img = decode_row_image(r.get("image_bytes"), r.get("image_uri"))
-        out.append(QualitySample(img, photo, str(q["distortion"]), int(q["level"]), float(q["score"]),
-                                 "test" if split in ("test", "val") else "train"))
+        split = photo_split(photo) if attrs.get("photo") else (r.get("split") or "train")
+        out.append({"index": i, "photo": photo, "distortion": str(q["distortion"]), "level": int(q["level"]),
+                    "score": float(q["score"]), "split": "test" if split in ("test", "val") else "train"})
     if not out:
         raise ManifestError(f"manifest {path} has no rows with a quality struct")
     return out

@@ -159,6 +159,8 @@ def evaluate_iqa() -> dict[str, Any] | None:
         return {"model": model.ref, "card_metrics": ModelStore(cfg.model_store).card(model.ref).get("metrics")}
     with np.load(cache) as z:
         x, y, test, dist = z["x"], z["y"], z["test"], z["distortion"]
+    if x.shape[1] != model.net.arch.in_features:  # the cache is from another feature set
+        return {"model": model.ref, "card_metrics": ModelStore(cfg.model_store).card(model.ref).get("metrics")}
     pred = model.score_features(x[test])
     per = {}
     for d in sorted(set(dist[test]) - {"none"}):

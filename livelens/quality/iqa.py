@@ -115,6 +115,27 @@ def _colour(rgb: np.ndarray, gray: np.ndarray) -> list[float]:
     return [entropy, float(sat.mean()), float(sat.std()), float(colourful)]
 
 
+def _exposure_flat(rgb: np.ndarray, gray: np.ndarray) -> list[float]:
+    """Exposure and flat-region statistics.
+
+    Over-exposure lifts the *dark channel* (the 7×7 minimum of min(R, G, B)), which stays near 0 in
+    almost every well-exposed natural photo (He et al.'s dark-channel prior); under-exposure pulls
+    the bright channel down. Occluders (blocks, stickers, an out-of-focus hand) are large
+    texture-free regions, so the flat share and the largest flat component grow with their size.
+    """
+    k = np.ones((7, 7), np.uint8)
+    dark = cv2.erode(rgb.min(axis=2), k).astype(np.float32) / 255.0
+    bright = cv2.dilate(rgb.max(axis=2), k).astype(np.float32) / 255.0
+    g = gray.astype(np.float32) / 255.0
+    local_std = np.sqrt(np.maximum(cv2.blur(g * g, (7, 7)) - cv2.blur(g, (7, 7)) ** 2, 0.0))
+    flat = (local_std < 0.008).astype(np.uint8)
+    n, _labels, stats, _ = cv2.connectedComponentsWithStats(flat, connectivity=4)
+    largest = float(stats[1:, cv2.CC_STAT_AREA].max()) / flat.size if n > 1 else 0.0
+    return [float(dark.mean()), *np.percentile(dark, [10, 50]).tolist(), *np.percentile(bright, [10, 50]).tolist(),
+            float((rgb.max(axis=2) >= 250).mean()), *np.percentile(g, [1, 99]).tolist(), float(flat.mean()),
+            largest, float(np.log(local_std.mean() + 1e-4))]
+
+
 def features(image: Any, side: int = IQA_SIDE) -> np.ndarray:
     """The NR-IQA feature vector of one image (float32, length :data:`N_FEATURES`)."""
     rgb = m._resize_long(m.to_rgb(image), side)
@@ -131,10 +152,10 @@ def features(image: Any, side: int = IQA_SIDE) -> np.ndarray:
     classical = [*crete.values(), float(np.log10(m.laplacian_variance(gray) + 1.0)),
                  m.noise(gray)["sigma"] / 25.0, m.blockiness(gray)["ratio"]]
     return np.asarray(_nss(gray) + _nss(half) + _nss(quarter) + classical + lum + _sharpness(gray, half)
-                      + _colour(rgb, gray), np.float32)
+                      + _colour(rgb, gray) + _exposure_flat(rgb, gray), np.float32)
 
 
-N_FEATURES = 3 * (4 + 2 * len(_PAIRS)) + 7 + 7 + 6 + 4
+N_FEATURES = 3 * (4 + 2 * len(_PAIRS)) + 7 + 7 + 6 + 4 + 11
 
 
 class IqaNet(nn.Module):

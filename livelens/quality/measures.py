@@ -49,7 +49,7 @@ class Thresholds:
     bright: float = 0.8
     blur: float = 0.45
     black_luma: float = 0.07
-    black_std: float = 0.03
+    black_std: float = 0.008
     occlusion_area: float = 0.05
     occlusion_max_area: float = 0.9
     flat_std: float = 2.5
