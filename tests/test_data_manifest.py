@@ -165,3 +165,24 @@ def test_roundtrip_ray_data_with_embeddings(tmp_path, ray_session):
     assert plain.column("embedding").combine_chunks().to_numpy_ndarray().shape == (6, 4)
     with pytest.raises(ManifestError):
         mf.read_ray(tmp_path / "nope")
+
+
+def test_read_manifest_rows_reads_only_needed_row_groups_in_order(tmp_path, monkeypatch):
+    out = mf.write_manifest(_rows(600), tmp_path / "m", {"name": "unit", "seed": 1})  # row groups of 256
+    whole = mf.read_manifest(out, columns=["id", "image_bytes"])
+    wanted = [599, 3, 300, 3, 256, 255]
+    read_groups = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, groups, *args, **kwargs):
+        read_groups.append(list(groups))
+        return real(self, groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    got = mf.read_manifest_rows(out, wanted, columns=["id", "image_bytes"])
+    assert got.to_pylist() == whole.take(wanted).to_pylist()
+    assert read_groups == [[0, 1, 2]]
+    assert mf.read_manifest_rows(out, [10, 20], columns=["id"])["id"].to_pylist() == whole.take([10, 20])["id"].to_pylist()
+    assert read_groups[-1] == [0]
+    with pytest.raises(ManifestError, match="out of range"):
+        mf.read_manifest_rows(out, [600])

@@ -316,6 +316,35 @@ def read_manifest(path: str | Path, columns: list[str] | None = None) -> pa.Tabl
     return table
 
 
+def read_manifest_rows(path: str | Path, indices: Iterable[int], columns: list[str] | None = None) -> pa.Table:
+    """Rows ``indices`` of a manifest, in that order, reading only the row groups that hold them.
+
+    Manifests are written in row groups of 256, so a worker that needs 250 images decompresses
+    one or two groups instead of the whole image column (180 MB for the 4,000-image quality set).
+
+    Raises:
+        ManifestError: Missing, truncated or corrupt file, or an index out of range.
+    """
+    file = _resolve_dir(path) / MANIFEST_FILE
+    wanted = [int(i) for i in indices]
+    try:
+        pf = pq.ParquetFile(file)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = np.cumsum([0, *sizes])
+        if any(i < 0 or i >= starts[-1] for i in wanted):
+            raise ManifestError(f"row index out of range for {file} ({starts[-1]} rows)")
+        group_of = (np.searchsorted(starts, wanted, side="right") - 1).tolist()
+        groups = sorted(set(group_of))
+        table = pf.read_row_groups(groups, columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"manifest {file} is corrupt or truncated: {exc}") from exc
+    # Position of each selected group's first row inside the table just read.
+    base, offset = {}, 0
+    for g in groups:
+        base[g], offset = offset, offset + sizes[g]
+    return table.take([base[g] + i - int(starts[g]) for i, g in zip(wanted, group_of, strict=True)])
+
+
 def load_card(path: str | Path) -> dict[str, Any]:
     """The dataset card of a manifest directory."""
     file = _resolve_dir(path) / CARD_FILE

@@ -88,10 +88,9 @@ def feature_table(samples: list[QualitySample]) -> dict[str, np.ndarray]:
 
 def _feature_chunk(start: int, count: int, _seed: int, path: str, indices: tuple[int, ...]) -> list[dict]:
     """Features of the manifest rows ``indices[start:start + count]`` (one Ray task decodes its own slice)."""
-    from livelens.data.manifest import decode_row_image, read_manifest
+    from livelens.data.manifest import decode_row_image, read_manifest_rows
 
-    rows = indices[start : start + count]
-    pixels = read_manifest(path, columns=["image_bytes", "image_uri"]).take(list(rows))
+    pixels = read_manifest_rows(path, indices[start : start + count], columns=["image_bytes", "image_uri"])
     data, uris = pixels["image_bytes"].to_pylist(), pixels["image_uri"].to_pylist()
     return [{"x": iqa.features(decode_row_image(b, u))} for b, u in zip(data, uris, strict=True)]
 
@@ -106,7 +105,7 @@ def manifest_feature_table(path: str | Path) -> dict[str, np.ndarray]:
 
     meta = quality_rows(path)
     indices = tuple(r["index"] for r in meta)
-    rows = run_generator(_feature_chunk, len(indices), 0, str(path), indices, chunk=250, desc="iqa features")
+    rows = run_generator(_feature_chunk, len(indices), 0, str(path), indices, chunk=256, desc="iqa features")
     return {
         "x": np.stack([r["x"] for r in rows]).astype(np.float32),
         "y": np.asarray([r["score"] for r in meta], np.float32),
@@ -116,35 +115,42 @@ def manifest_feature_table(path: str | Path) -> dict[str, np.ndarray]:
     }
 
 
+def _fingerprint(manifest: Path) -> str:
+    """Content fingerprint of a manifest: its rows' content ids (a card's name does not change when
+    the data is regenerated with another seed or size)."""
+    import hashlib
+
+    from livelens.data.manifest import read_manifest
+
+    ids = read_manifest(manifest, columns=["id"])["id"].to_pylist()
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def cached_feature_table(cfg: QualityTrainConfig) -> dict[str, Any]:
     """The feature table of the manifest (or the generated fallback), through ``cfg.features_cache``.
 
-    The cache is reused only for the same dataset id and feature width, so regenerated data or a
-    changed feature set is featurised again.
+    The cache is reused only for the same manifest content and feature width, so regenerated data
+    or a changed feature set is featurised again.
     """
     manifest = Path(cfg.manifest)
     from_manifest = (manifest / "manifest.parquet").is_file()
-    if from_manifest:
-        from livelens.data.manifest import load_card
-
-        card = load_card(manifest)
-        dataset_id = str(card.get("id") or card.get("name") or manifest)
-    else:
-        dataset_id = ""
+    fingerprint = _fingerprint(manifest) if from_manifest else "generated"
     cache = Path(cfg.features_cache) if cfg.features_cache else None
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
             table: dict[str, Any] = {k: z[k] for k in z.files}
-        table["dataset_id"] = str(table["dataset_id"])
-        same_data = table["dataset_id"] == dataset_id if from_manifest else table["dataset_id"].startswith(
-            "livelens.quality.dataset:generated")
-        if same_data and table["x"].shape[1] == iqa.N_FEATURES:
+        if str(table.get("fingerprint", "")) == fingerprint and table["x"].shape[1] == iqa.N_FEATURES:
+            table["dataset_id"], table["fingerprint"] = str(table["dataset_id"]), fingerprint
             return table
     if from_manifest:
-        table = {**manifest_feature_table(manifest), "dataset_id": dataset_id}
+        from livelens.data.manifest import load_card
+
+        card = load_card(manifest)
+        table = {**manifest_feature_table(manifest), "dataset_id": str(card.get("id") or card.get("name") or manifest)}
     else:
         samples, dataset_id = load_samples(cfg)
         table = {**feature_table(samples), "dataset_id": dataset_id}
+    table["fingerprint"] = fingerprint
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, **table)
