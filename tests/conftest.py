@@ -14,6 +14,9 @@ import pytest
 
 # Ray reads RAY_AUTH_MODE once, when it is first imported: set it before anything imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The suite runs Serve in the mode `make run` uses (LIVELENS_SERVE_MODE=default for stock Serve);
+# its flags, too, are read at import and inherited by the raylet, so they go in before ray.init.
+_SERVE_MODE = os.environ.setdefault("LIVELENS_SERVE_MODE", "throughput")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVELENS_SHARED", REPO.parent / "shared"))
@@ -42,6 +45,9 @@ def ray_session(tmp_path_factory):
     import ray
 
     # Workers must not import the repo's datasets/ folder as a package (see test_datasets_shadow).
+    from serve_apps.common import SERVE_MODES
+
+    os.environ.update(SERVE_MODES[_SERVE_MODE])
     if not ray.is_initialized():
         ray.init(
             num_cpus=RAY_TEST_CPUS,

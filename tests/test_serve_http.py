@@ -116,6 +116,25 @@ def test_health_and_models_say_what_is_served(app):
     assert all(m.get("source") for m in models)
 
 
+def test_direct_ingress_serves_the_same_api_without_the_proxy(app):
+    """In the throughput mode `make run` uses, the gateway replica answers on its own port too."""
+    import os
+
+    from serve_apps.common import direct_ingress_url
+
+    direct = direct_ingress_url(APP, "127.0.0.1")
+    if os.environ.get("LIVELENS_SERVE_MODE") == "default":
+        assert direct is None  # stock Serve: only the proxy listens
+        return
+    assert direct is not None and direct.endswith(PREFIX) and direct != app["url"]
+    assert httpx.get(f"{direct}/healthz", timeout=30).json()["status"] == "ok"
+    jpg = _jpeg(np.random.default_rng(3).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    r = httpx.post(f"{direct}/v1/moderate", content=jpg, params={"evidence": "none"}, timeout=120,
+                   headers={**app["headers"], "content-type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["labels"] is not None and r.json()["models"]
+    assert httpx.post(f"{direct}/v1/moderate", content=jpg, timeout=30,
+                      headers={"content-type": "image/jpeg"}).status_code == 401
+
 def test_requests_without_a_valid_key_are_refused(app):
     png = encode_png(np.zeros((32, 32, 3), np.uint8))
     r = httpx.post(f"{app['url']}/v1/quality", content=png, headers={"content-type": "image/png"}, timeout=10)
@@ -280,3 +299,30 @@ def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
             assert overlay.evaluate("c => c.width") > 0
         finally:
             browser.close()
+
+
+def test_moderation_lone_requests_skip_the_batch_wait_and_concurrent_ones_share_passes(serve_session):
+    """A lone frame runs at once (batch 1); frames that arrive together ride shared forward passes."""
+    from ray import serve
+    from skimage import data
+
+    from serve_apps.moderation import bind_moderation
+
+    # A long batch wait makes the difference plain: a lone request that queued would wait 2 s.
+    handle = serve.run(bind_moderation({"use_open_nsfw": False, "batch_wait_timeout_s": 2.0, "max_batch_size": 4,
+                                        "cam_labels": 0, "deploy": {"num_cpus": 0.1, "max_ongoing_requests": 16}}),
+                       name="moderation_batching", route_prefix=None)
+    frames = [data.astronaut(), data.coffee(), data.chelsea(), np.full((240, 320, 3), 30, np.uint8)]
+    try:
+        alone = handle.moderate.remote(frames[0], "none").result(timeout_s=120)
+        many = [r.result(timeout_s=120) for r in [handle.moderate.remote(f, "none") for f in frames * 2]]
+    finally:
+        serve.delete("moderation_batching")
+    assert alone["batch"] == 1
+    assert alone["timings_ms"]["classify"] < 1500, alone["timings_ms"]
+    assert alone["timings_ms"]["compute"] <= alone["timings_ms"]["classify"]
+    assert max(r["batch"] for r in many) > 1, [r["batch"] for r in many]
+    # Batching must not change the answer: the astronaut scores the same alone and in a batch.
+    score = {lab["name"]: lab["score"] for lab in alone["labels"]}
+    for res in (many[0], many[4]):
+        assert {lab["name"]: lab["score"] for lab in res["labels"]} == pytest.approx(score, abs=1e-4)
