@@ -69,7 +69,7 @@ async def http_load(url: str, key: str, jpegs: list[bytes], n: int, concurrency:
             t = json.loads(r.body)["timings_ms"]
             model_ms.append(t.get("moderate.classify", float("nan")))
             # What the raw baseline also does per frame: decode plus the forward pass.
-            work_ms.append(t.get("decode", 0.0) + t.get("moderate.compute", float("nan")))
+            work_ms.append(t.get("moderate.decode", 0.0) + t.get("moderate.compute", float("nan")))
             for k, v in t.items():
                 stages.setdefault(k, []).append(float(v))
 

@@ -27,7 +27,7 @@ from livelens.errors import (
     LivelensError,
     OverloadedError,
 )
-from livelens.imageio import ImageLimits, decode_image
+from livelens.imageio import EncodedImage, ImageLimits, probe_image
 from livelens.serving import inputs
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
@@ -224,10 +224,15 @@ class Gateway:
             raise InvalidArgumentError("a batch is multipart (several 'files') or JSON ({'images': [...]})")
         return [inputs.check_raw(request.headers.get("content-type"), body, self.policy)], opts
 
-    def _decode(self, data: bytes | Exception):
+    def _probe(self, data: bytes | Exception) -> EncodedImage:
+        """Refuse bad input from the header (format, bytes, pixels); the pixels are decoded where needed.
+
+        A body that is corrupt past its header fails in the capability's decode with the same typed
+        error (422), which comes back through the handle.
+        """
         if isinstance(data, Exception):
             raise data
-        return decode_image(data, self.policy.limits)
+        return probe_image(data, self.policy.limits)
 
     @staticmethod
     def _evidence(opts: dict) -> str:
@@ -236,7 +241,7 @@ class Gateway:
             raise InvalidArgumentError(f"evidence must be one of {list(EVIDENCE_MODES)}, got {mode!r}")
         return mode
 
-    async def _analyze_one(self, image, caps: tuple[str, ...], evidence: str, timings: Timings) -> dict:
+    async def _analyze_one(self, image: EncodedImage, caps: tuple[str, ...], evidence: str, timings: Timings) -> dict:
         """Fan out to the capabilities in parallel and merge: OCR entities raise ads labels."""
         calls = {}
         if "moderate" in caps:
@@ -263,7 +268,7 @@ class Gateway:
         out["labels"] = merge_labels(out["labels"])
         out["decision"] = worst_decision(out["labels"])
         out["models"] = sorted(set(out["models"]))
-        out["image"] = {"width": int(image.shape[1]), "height": int(image.shape[0])}
+        out["image"] = {"width": image.width, "height": image.height}
         return out
 
     async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
@@ -273,8 +278,8 @@ class Gateway:
             self._auth(request, scope)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=False)
-        with timings.stage("decode"):
-            image = await asyncio.to_thread(self._decode, images[0])
+        with timings.stage("probe"):
+            image = self._probe(images[0])
         evidence = self._evidence(opts)
         with timings.stage("total_models"):
             result = await self._analyze_one(image, caps, evidence, timings)
@@ -291,7 +296,7 @@ class Gateway:
 
         async def one(data):
             try:
-                image = await asyncio.to_thread(self._decode, data)
+                image = self._probe(data)
                 t = Timings()
                 res = await self._analyze_one(image, caps, evidence, t)
                 return {"status": 200, **res, "timings_ms": t.to_dict()}
@@ -378,7 +383,7 @@ class Gateway:
         self._auth(request, "streams")
         streams = self._handle("streams")
         images, opts = await self._read_images(request, batch=False)
-        image = await asyncio.to_thread(self._decode, images[0])
+        image = self._probe(images[0])
         result = await self._analyze_one(image, self._caps(), self._evidence(opts), timings)
         with timings.stage("streams"):
             try:

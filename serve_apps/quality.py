@@ -81,8 +81,11 @@ class Quality:
         return {"models": self.models_info}
 
     def assess(self, image) -> dict[str, Any]:
+        """Classical measures, the learned score and quality labels for one frame (array or bytes)."""
+        from livelens.imageio import as_rgb
+
         t0 = time.perf_counter()
-        out = self._assess(image, iqa=self.iqa)
+        out = self._assess(as_rgb(image), iqa=self.iqa)
         labels = []
         for name in out.pop("labels", []):
             lab = self.tax.describe(name, 1.0)

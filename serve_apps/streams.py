@@ -73,10 +73,12 @@ class Streams:
         return base64.b64encode(encode_jpeg(small, quality=80)).decode()
 
     def _ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None) -> dict[str, Any]:
+        from livelens.imageio import as_rgb
         from livelens.quality import LABELS, FrozenDetector
         from livelens.serving.streams import StreamState, check_stream_id, update_state
 
         check_stream_id(stream_id)
+        image = as_rgb(image)
         state = self.store.load(stream_id) or StreamState(stream_id, next_interval_s=self.policy.base_interval_s)
         det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
         frozen = det.update(image, ts)

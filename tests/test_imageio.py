@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from livelens.errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
-from livelens.imageio import ImageLimits, decode_image, load_image
+from livelens.imageio import EncodedImage, ImageLimits, as_rgb, decode_image, load_image, probe_image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -85,6 +85,51 @@ def _png_header_bomb(width: int, height: int) -> bytes:
 def test_bad_payloads_are_typed(payload, error):
     with pytest.raises(error):
         decode_image(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"", InvalidImageError),
+        (b"this is not an image at all", InvalidImageError),
+        (_png_header_bomb(20000, 20000), ImageTooLargeError),
+        (b"GIF89a" + b"x" * 10, InvalidImageError),
+    ],
+)
+def test_probe_refuses_from_the_header_what_decode_refuses(payload, error):
+    with pytest.raises(error):
+        probe_image(payload)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_probe_reports_the_size_decode_will_give(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_gradient(40, 20), "JPEG", exif=exif.tobytes())
+    enc = probe_image(data)
+    arr = as_rgb(enc)
+    assert arr.shape[:2] == (enc.height, enc.width) and enc.format == "JPEG"
+    assert np.array_equal(arr, decode_image(data))
+
+
+def test_probed_truncated_jpeg_fails_typed_when_decoded(shared_data):
+    from skimage import data
+
+    # A real photo cut in half keeps its header: the probe passes and the pixels are what is broken.
+    whole = _encode(Image.fromarray(data.astronaut()), "JPEG")
+    enc = probe_image(whole[: len(whole) // 2])
+    assert (enc.width, enc.height) == (512, 512)
+    with pytest.raises(InvalidImageError, match=r"truncated|corrupt"):
+        enc.decode()
+    # ../shared's truncated JPEG is cut inside its header, so the probe already refuses it.
+    with pytest.raises(InvalidImageError, match=r"truncated|corrupt"):
+        probe_image((shared_data / "broken" / "broken.jpg").read_bytes()).decode()
+
+
+def test_as_rgb_passes_arrays_through():
+    arr = np.zeros((4, 5, 3), np.uint8)
+    assert as_rgb(arr) is arr
+    assert isinstance(probe_image(_encode(_gradient(), "PNG")), EncodedImage)
 
 
 def test_byte_limit_is_checked_before_decoding():
