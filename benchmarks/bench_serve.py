@@ -138,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0, help="per raw round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="default",
-                   help="Ray Serve runtime flags (serve_apps.common.SERVE_MODES)")
-    p.add_argument("--direct", action="store_true",
-                   help="send requests to the gateway replica's own port (direct ingress), not the proxy")
+    p.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="throughput",
+                   help="Ray Serve runtime flags (serve_apps.common.SERVE_MODES); `make run` uses throughput")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -168,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
-    raw_runs, http_runs, batch_runs, lat, codes, client_cpu = [], [], [], [], {}, []
+    raw_runs: list[float] = []
+    paths: dict[str, dict[str, Any]] = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"gateway": {"key_file": key_file},
@@ -176,57 +175,69 @@ def main(argv: list[str] | None = None) -> int:
                                                             "max_queued_requests": 1000}},
                          "ocr": None, "quality": None, "streams": None})
         serve.run(app, name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        if a.direct:
-            url = direct_ingress_url("bench", "127.0.0.1") or sys.exit("--direct needs a serve mode with direct ingress")
-        asyncio.run(http_load(url, key, jpegs, 16, 4))  # warm-up
-        single = asyncio.run(http_load(url, key, jpegs, 40, 1))
+        # Through Serve's proxy, and (with direct ingress) straight to the gateway replica's port.
+        urls = {"proxy": f"http://127.0.0.1:{port}"}
+        direct = direct_ingress_url("bench", "127.0.0.1")
+        if direct:
+            urls["direct"] = direct
+        for url in urls.values():
+            asyncio.run(http_load(url, key, jpegs, 16, 4))  # warm-up
+        for name, url in urls.items():
+            paths[name] = {"url": url, "single": asyncio.run(http_load(url, key, jpegs, 40, 1)), "runs": [],
+                           "batch_runs": [], "lat": [], "codes": {}, "client_cpu": []}
         # Interleaved rounds, medians reported: on a shared machine the load drifts over minutes, and
         # back-to-back phases would compare two different machines.
         for _ in range(a.rounds):
             raw_runs.append(raw_throughput(raw_model, jpegs, a.batch, a.seconds))
-            res = asyncio.run(http_load(url, key, jpegs, a.requests, a.concurrency))
-            http_runs.append(res["rps"])
-            client_cpu.append(res["client_cpu_ms"])
-            # The same frames as /batch requests of 8: one HTTP round trip and one decode fan-out per 8.
-            bres = asyncio.run(http_batch_load(url, key, jpegs, max(2, a.requests // 8), 8, max(1, a.concurrency // 8)))
-            batch_runs.append(bres["ips"])
-            lat += res["lat"]
-            for c, n in res["codes"].items():
-                codes[c] = codes.get(c, 0) + n
+            for url_name, url in urls.items():
+                acc = paths[url_name]
+                res = asyncio.run(http_load(url, key, jpegs, a.requests, a.concurrency))
+                acc["runs"].append(res["rps"])
+                acc["client_cpu"].append(res["client_cpu_ms"])
+                acc["lat"] += res["lat"]
+                for c, n in res["codes"].items():
+                    acc["codes"][c] = acc["codes"].get(c, 0) + n
+                # The same frames as /batch requests of 8: one HTTP round trip and one fan-out per 8.
+                bres = asyncio.run(http_batch_load(url, key, jpegs, max(2, a.requests // 8), 8,
+                                                   max(1, a.concurrency // 8)))
+                acc["batch_runs"].append(bres["ips"])
     finally:
         serve.shutdown()
         ray.shutdown()
-    raw_ips, http_ips = statistics.median(raw_runs), statistics.median(http_runs)
-    loaded = {"rps": http_ips, "lat": lat, "codes": codes}
-    # Overhead = client latency minus the work the raw baseline also does (decode + forward pass), so the
-    # batch wait, queueing, hops and JSON all count. The older figure subtracted the whole classify
-    # stage, which hid the batch wait; it is kept for comparison.
-    overhead = [lt - w for lt, w in zip(single["lat"], single["work_ms"], strict=False) if w == w]
-    overhead_old = [lt - m for lt, m in zip(single["lat"], single["model_ms"], strict=False) if m == m]
-    result = {
-        "device": "cpu", "cpu_count": os.cpu_count(), "serve_mode": a.serve_mode, "url": url, "batch": a.batch, "concurrency": a.concurrency,
-        "rounds": a.rounds,
+    raw_ips = statistics.median(raw_runs)
+    result: dict[str, Any] = {
+        "device": "cpu", "cpu_count": os.cpu_count(), "serve_mode": a.serve_mode, "batch": a.batch,
+        "concurrency": a.concurrency, "rounds": a.rounds,
         "raw_images_per_s": round(raw_ips, 2),
         "raw_runs": [round(x, 2) for x in raw_runs],
-        "http_runs": [round(x, 2) for x in http_runs],
-        "http_images_per_s": round(loaded["rps"], 2),
-        "throughput_ratio_vs_raw": round(loaded["rps"] / raw_ips, 3),
-        "batch_route_runs": [round(x, 2) for x in batch_runs],
-        "batch_route_ratio_vs_raw": round(statistics.median(batch_runs) / raw_ips, 3),
-        "latency_ms_under_load": {q: round(_pct(loaded["lat"], q), 1) for q in (50, 90, 95, 99)},
-        "status_codes": loaded["codes"],
-        # The load generator shares the 2 cores with the server; its own CPU per request, for scale.
-        "loadgen_cpu_ms_per_request": round(statistics.median(client_cpu), 2),
-        "overhead_ms_c1": {"p50": round(statistics.median(overhead), 2) if overhead else None,
-                           "p90": round(_pct(overhead, 90), 2)},
-        "latency_minus_classify_ms_c1_p50": round(statistics.median(overhead_old), 2) if overhead_old else None,
-        "latency_ms_c1_p50": round(_pct(single["lat"], 50), 1),
-        # Where the c=1 time goes, as the service itself reports it (server-side stages, medians).
-        "server_stages_ms_c1_p50": {k: round(statistics.median(v), 2) for k, v in single["stages"].items()},
-        "gpu_safety_images_per_s": gpu_images_per_s(),
-        "goals": {"throughput_ratio": ">= 0.85", "overhead_p50_ms": "<= 3"},
     }
+    for name, acc in paths.items():
+        single = acc["single"]
+        # Overhead = client latency minus the work the raw baseline also does (decode + forward pass),
+        # so the batch wait, queueing, hops and JSON all count. The older figure subtracted the whole
+        # classify stage, which hid the batch wait; it is kept for comparison.
+        overhead = [lt - w for lt, w in zip(single["lat"], single["work_ms"], strict=False) if w == w]
+        overhead_old = [lt - m for lt, m in zip(single["lat"], single["model_ms"], strict=False) if m == m]
+        result[name] = {
+            "url": acc["url"],
+            "http_runs": [round(x, 2) for x in acc["runs"]],
+            "http_images_per_s": round(statistics.median(acc["runs"]), 2),
+            "throughput_ratio_vs_raw": round(statistics.median(acc["runs"]) / raw_ips, 3),
+            "batch_route_runs": [round(x, 2) for x in acc["batch_runs"]],
+            "batch_route_ratio_vs_raw": round(statistics.median(acc["batch_runs"]) / raw_ips, 3),
+            "latency_ms_under_load": {q: round(_pct(acc["lat"], q), 1) for q in (50, 90, 95, 99)},
+            "status_codes": acc["codes"],
+            # The load generator shares the 2 cores with the server; its own CPU per request, for scale.
+            "loadgen_cpu_ms_per_request": round(statistics.median(acc["client_cpu"]), 2),
+            "overhead_ms_c1": {"p50": round(statistics.median(overhead), 2) if overhead else None,
+                               "p90": round(_pct(overhead, 90), 2)},
+            "latency_minus_classify_ms_c1_p50": round(statistics.median(overhead_old), 2) if overhead_old else None,
+            "latency_ms_c1_p50": round(_pct(single["lat"], 50), 1),
+            # Where the c=1 time goes, as the service itself reports it (server-side stages, medians).
+            "server_stages_ms_c1_p50": {k: round(statistics.median(v), 2) for k, v in single["stages"].items()},
+        }
+    result["gpu_safety_images_per_s"] = gpu_images_per_s()
+    result["goals"] = {"throughput_ratio": ">= 0.85", "overhead_p50_ms": "<= 3"}
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:
