@@ -65,6 +65,11 @@ SERVE_MODES: dict[str, dict[str, str]] = {
         "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
         "RAY_SERVE_LOG_TO_STDERR": "0",
         "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+        # A direct-ingress replica keeps draining for this long when stopped, so that an external
+        # load balancer notices it leaving (Ray's default is 30 s). With none in front, the 30 s made
+        # every Ctrl-C of `make run` and every app deletion in the tests wait; with a load balancer,
+        # raise it to that balancer's health-check interval.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     },
 }
 
