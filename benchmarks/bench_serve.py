@@ -2,10 +2,11 @@
 
 Baseline: the moderation model called in this process on batches of decoded frames (decode
 included), i.e. the best the hardware does. Served: ``/v1/moderate`` through the gateway and the
-batched moderation replica (through the proxy, or with ``--direct`` to the gateway replica's own
-port), driven by a lean asyncio HTTP/1.1 load generator on loopback (``benchmarks.loadgen``). Reported: the
-throughput ratio (goal ≥ 0.85×), latency percentiles under load, and the per-request overhead at
-concurrency 1 (client latency minus the model time the answer reports; goal p50 ≤ 3 ms). On a CUDA
+batched moderation replica, both through Serve's proxy and (with direct ingress) straight to the
+gateway replica's port, driven by a lean asyncio HTTP/1.1 load generator on loopback
+(``benchmarks.loadgen``). Reported per path: the throughput ratio (goal ≥ 0.85×), latency
+percentiles under load, and the per-request overhead at concurrency 1 (client latency minus the
+replica's decode and forward pass, as the answer reports them; goal p50 ≤ 3 ms). On a CUDA
 machine it also measures safety-classification images/s from JPEG bytes on the GPU.
 
     python -m benchmarks.bench_serve [--requests 200 --concurrency 16]

@@ -155,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         if health is None:
             return 1
         print(f"\n[livelens] serving {url}  (console: {url}/ , API docs: {url}/docs)", flush=True)
-        direct = None
-        if opts.serve_mode == "throughput":
-            try:
-                direct = direct_ingress_url("livelens", opts.host)
-            except Exception as exc:  # only informational: the proxy URL above serves regardless
-                print(f"[livelens] could not look up the direct ingress port: {str(exc)[:200]}", flush=True)
+        try:
+            direct = direct_ingress_url("livelens", opts.host)  # None unless the mode has direct ingress
+        except Exception as exc:  # only informational: the proxy URL above serves regardless
+            direct = None
+            print(f"[livelens] could not look up the direct ingress port: {str(exc)[:200]}", flush=True)
         if direct:
             # The gateway replica's own port skips the proxy hop (about 10 ms per request on 2 cores).
             print(f"[livelens] direct to the gateway replica (no proxy hop): {direct}", flush=True)

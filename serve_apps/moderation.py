@@ -225,10 +225,6 @@ class Moderation:
         finally:
             self._computing -= 1
 
-    async def classify_batch(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Raw batched scores (used by the benchmark to compare against the in-process model)."""
-        return await asyncio.to_thread(self._classify_sync, frames)
-
     # ---- labels and evidence -----------------------------------------------------------------
 
     def _labels(self, scores: dict[str, Any]) -> list[dict[str, Any]]:

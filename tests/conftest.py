@@ -44,10 +44,10 @@ def ray_session(tmp_path_factory):
     """One local Ray cluster for the whole test session (token auth on, small object store)."""
     import ray
 
-    # Workers must not import the repo's datasets/ folder as a package (see test_datasets_shadow).
     from serve_apps.common import SERVE_MODES
 
     os.environ.update(SERVE_MODES[_SERVE_MODE])
+    # Workers must not import the repo's datasets/ folder as a package (see test_datasets_shadow).
     if not ray.is_initialized():
         ray.init(
             num_cpus=RAY_TEST_CPUS,

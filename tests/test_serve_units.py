@@ -193,4 +193,3 @@ def test_open_nsfw_session_does_not_spin_and_scores_as_the_package_does():
     theirs = NSFWClassifier(jpeg_reencode=False).classify_batch(frames, max_workers=1)
     got = ours.classify_batch(frames, max_workers=1)
     assert [p.nsfw for p in got] == pytest.approx([p.nsfw for p in theirs], abs=1e-5)
-
