@@ -140,12 +140,25 @@ def kill_cluster(root: str | Path, grace_s: float = 5.0) -> list[int]:
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
         time.sleep(0.2)
-    # Processes may have spawned new ones (workers) while shutting down; kill those too.
-    for pid in sorted(set(pids) | set(find_cluster_pids(root))):
-        if _pid_alive(pid):
+    # Processes may spawn new ones (workers) while shutting down, and SIGKILL is not instant
+    # (CI once saw a process still listed right after it), so sweep until none is left alive.
+    killed = set(pids)
+    deadline = time.monotonic() + max(grace_s, 5.0)
+    while True:
+        alive = [p for p in sorted(killed | set(find_cluster_pids(root))) if _pid_alive(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        for pid in alive:
+            killed.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    return pids
+        time.sleep(0.2)
+    return sorted(killed)
+
+
+def live_cluster_pids(root: str | Path) -> list[int]:
+    """Like :func:`find_cluster_pids`, without zombies (dead, only not yet reaped)."""
+    return [p for p in find_cluster_pids(root) if _pid_alive(p)]
 
 
 class LocalCluster:
@@ -528,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.cmd == "down":
             pids = kill_cluster(root)
             shutil.rmtree(root, ignore_errors=True)
-            left = find_cluster_pids(root)
+            left = live_cluster_pids(root)
             print(f"stopped {len(pids)} processes" + (f"; still alive: {left}" if left else ""))
             return 1 if left else 0
         c = LocalCluster.attach(root)
