@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
 .PHONY: setup run test lint fmt data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
-        default-models bench cluster-up cluster-down clean
+        default-models train-regions bench cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,9 @@ data: setup
 
 train-safety: setup
 	$(PY) -m train_jobs.safety
+
+train-regions: setup
+	$(PY) -m train_jobs.regions
 
 eval-safety: setup
 	$(PY) -m train_jobs.eval_safety
