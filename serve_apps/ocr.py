@@ -5,6 +5,11 @@ frames are recognised together by ``@serve.batch``. The composer then extracts e
 URLs, WeChat/QQ ids), decodes QR codes, and decides the ``ads`` labels through the taxonomy with the
 entity boxes as evidence. PP-OCR (ONNX) is the default engine; an mmocr model from the model store
 is used when ``engine="mmocr"`` is configured.
+
+Every detected box is also a proposal for the text-region classifier (``ads_regions`` from the
+store chain, ``livelens.evidence.regions``), which raises ``ads_watermark``, ``ads_logo`` and
+``ads_text_banner`` — overlays that carry text but no entity — with the box as evidence. It runs in
+the composer while the recogniser reads the same boxes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class OcrArgs(BaseModel):
         batch_wait_timeout_s: How long a recognition batch waits to fill.
         decode_qr: Also look for QR codes.
         threads: Intra-op threads of each replica.
+        regions: Text-region classifier, a name or ``name@version`` in the store chain; empty
+            turns it off. A missing model is reported by ``/v1/models``, not an error.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +49,7 @@ class OcrArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     decode_qr: bool = True
     threads: int = Field(2, ge=1)
+    regions: str = "ads_regions"
     det_deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.25))
     rec_deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.25, max_ongoing_requests=64,
                                                                             max_queued_requests=256))
@@ -138,6 +146,28 @@ class Ocr:
         except ImportError:  # without the extractors OCR still serves lines; /v1/models says what is missing
             frame_entities = None
         self._extract = frame_entities
+        self.regions, self._regions_ref, self._regions_missing = None, None, ""
+        if self.args.regions:
+            self._load_regions(self.args.regions)
+
+    def _load_regions(self, ref: str) -> None:
+        from livelens.errors import LivelensError
+        from livelens.evidence.regions import load_region_model
+        from livelens.store import ModelStore
+        from serve_apps.common import find_in_stores
+
+        found = find_in_stores(ref)
+        if found is None:
+            self._regions_missing = f"no {ref!r} in the store chain: no text-region labels"
+            return
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, self.args.threads))
+            self.regions = load_region_model(ModelStore(found[0]), found[1])
+            self._regions_ref, self._regions_root = found[1], found[0]
+        except LivelensError as e:  # a broken card must not take OCR down with it
+            self._regions_missing = f"{ref}: {e}"
 
     def check_health(self) -> None:
         """The composer holds no model; detector and recogniser have their own checks."""
@@ -154,8 +184,12 @@ class Ocr:
                    else "mmocr model from the model store"}]
         if self.args.decode_qr:
             models.append({"ref": "qr_decoder@1", "kind": "qr", "source": "OpenCV QRCodeDetector (no weights)"})
-        return {"models": models,
-                "missing": "" if self._extract else "livelens.ocr.extract_entities not available: no entities"}
+        if self.regions is not None:
+            models.append({"ref": self._regions_ref, "kind": "text regions (ads_watermark, ads_logo, ads_text_banner)",
+                           "source": f"model store {self._regions_root}", "thresholds": self.regions.thresholds})
+        missing = [m for m in ("" if self._extract else "livelens.ocr.extract_entities not available: no entities",
+                               self._regions_missing) if m]
+        return {"models": models, "missing": "; ".join(missing)}
 
     async def read(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:
         """Lines (polygon, box, text, score), entities, QR payloads and the ads labels they raise."""
@@ -170,9 +204,11 @@ class Ocr:
         boxes = await boxes_call
         timings["detect"] = (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
+        region_task = asyncio.create_task(self._regions(image, boxes, timings)) if self.regions is not None else None
         crops = [crop_line(image, b["polygon"]) for b in boxes]
         texts = await asyncio.gather(*(self.recognizer.recognize.remote(c) for c in crops))
         timings["recognize"] = (time.perf_counter() - t0) * 1000
+        hits = await region_task if region_task is not None else []
         lines = []
         for b, (text, score) in zip(boxes, texts, strict=True):
             pts = np.asarray(b["polygon"], np.float32)
@@ -184,8 +220,36 @@ class Ocr:
         timings["entities"] = (time.perf_counter() - t0) * 1000
         ref = await self._engine_ref()
         models = [ref] + (["qr_decoder@1"] if self.args.decode_qr else [])
-        return {"lines": lines, "entities": entities, "labels": self._ads_labels(entities, ref),
+        labels = self._ads_labels(entities, ref)
+        if self.regions is not None:
+            models.append(self._regions_ref)
+            labels += self._region_labels(hits)
+        return {"lines": lines, "entities": entities, "regions": [h.to_dict() for h in hits], "labels": labels,
                 "models": models, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+    async def _regions(self, image: np.ndarray, boxes: list[dict], timings: dict[str, float]) -> list:
+        from livelens.evidence.regions import region_hits
+
+        t0 = time.perf_counter()
+        axis = []
+        for b in boxes:
+            pts = np.asarray(b["polygon"], np.float32)
+            axis.append((float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())))
+        hits = await asyncio.to_thread(region_hits, self.regions, image, axis) if axis else []
+        timings["regions"] = (time.perf_counter() - t0) * 1000
+        return hits
+
+    def _region_labels(self, hits: list) -> list[dict[str, Any]]:
+        """One taxonomy label per region class found, its best region's score, every region box as evidence."""
+        by_label: dict[str, list] = {}
+        for h in hits:
+            if h.label in self.tax.labels:
+                by_label.setdefault(h.label, []).append(h)
+        return [{**self.tax.describe(name, max(h.score for h in hs)), "group": self.tax.labels[name].group,
+                 "model": self._regions_ref,
+                 "evidence": [{"kind": "box", "box": list(h.box), "source": "text_region", "score": round(h.score, 4)}
+                              for h in hs]}
+                for name, hs in by_label.items()]
 
     def _entities(self, image, lines) -> list[dict[str, Any]]:
         from livelens.ocr import TextLine

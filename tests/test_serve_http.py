@@ -221,6 +221,41 @@ def test_composition_phone_banner_and_qr_become_decided_ads_labels(app):
     assert body["decision"] in ("review", "block")
 
 
+def _generated_frame_with(label: str, seed: int = 99) -> np.ndarray:
+    """The first generated ads frame (seed not used for training) that carries ``label`` and no other text ad."""
+    import io
+
+    from livelens.data.frames import FrameConfig, generate_frames
+
+    cfg = FrameConfig(p_negative=0.0, p_ads=1.0, p_game=0.0, p_black=0.0, p_frozen=0.0, p_small=0.0)
+    for slot in range(200):
+        for row in generate_frames(slot, 1, seed=seed, cfg=cfg):
+            ads = {lab for lab in row["labels"] if lab.startswith("ads_")}
+            if ads == {label}:
+                return np.asarray(Image.open(io.BytesIO(row["image_bytes"])).convert("RGB"))
+    raise AssertionError(f"no generated frame with only {label}")
+
+
+def test_text_regions_raise_a_watermark_with_its_box(app):
+    """Detection → OCR boxes → region classifier: a semi-transparent watermark no entity stands for."""
+    frame = _generated_frame_with("ads_watermark")
+    r = httpx.post(f"{app['url']}/v1/ocr", headers=app["headers"], timeout=120,
+                   files={"file": ("frame.jpg", _jpeg(frame), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    labels = {lab["name"]: lab for lab in body["labels"]}
+    assert "ads_watermark" in labels, body
+    lab = labels["ads_watermark"]
+    assert lab["model"].startswith("ads_regions@") and lab["model"] in body["models"]
+    assert lab["decision"] in ("review", "block") and lab["parent"] == "ads_branding"
+    ev = lab["evidence"][0]
+    assert ev["source"] == "text_region" and len(ev["box"]) == 4
+    assert any(reg["label"] == "ads_watermark" for reg in body["regions"])
+    assert body["timings_ms"]["regions"] > 0
+    models = httpx.get(f"{app['url']}/v1/models", headers=app["headers"], timeout=30).json()["models"]
+    assert any(m["ref"] == lab["model"] and "thresholds" in m for m in models)
+
+
 def test_backpressure_answers_503_and_loses_nothing(app):
     jpg = _jpeg(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
 

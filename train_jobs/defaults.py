@@ -13,6 +13,10 @@ Serving loads ``safety@<latest>`` from here when the user store has no safety mo
 The quality model (``quality_iqa``, NSS features + an ensemble of five MLPs, 44 k parameters, 188 kB) is trained by
 ``livelens.quality.training.run`` exactly as ``make train-quality`` does, then copied here with
 its card; serving adds its 0–100 score to every ``/v1/quality`` answer.
+
+The text-region classifier (``ads_regions``, a 330 k-parameter head over a frozen ImageNet
+mobilenet_v2, head-only) is trained by ``livelens.train.regions.run`` exactly as
+``make train-regions`` does; the OCR deployment runs it on every detected text box.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from livelens.errors import ConfigError
+from livelens.errors import ConfigError, LivelensError
 from train_jobs.safety import SafetyTrainConfig, run
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "livelens" / "resources" / "default_models"
@@ -88,6 +92,27 @@ def build_quality_default(root: Path = DEFAULT_ROOT, manifest: str = "runs/data/
             "wall_time_s": summary["wall_time_s"]}
 
 
+def build_regions_default(root: Path = DEFAULT_ROOT, manifest: str = "runs/data/frames",
+                          train_limit: int | None = None) -> dict:
+    """Train ``ads_regions`` into a scratch store (val thresholds, test figures), then publish it into ``root``.
+
+    Raises:
+        ConfigError: Bad data, or a shipped file over 2 MB.
+    """
+    from livelens.store import ModelStore
+    from livelens.train.regions import RegionTrainConfig
+    from livelens.train.regions import run as run_regions
+
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = run_regions(RegionTrainConfig(manifest=manifest, train_limit=train_limit, model_store=scratch),
+                              progress=lambda s, d, n: print(f"[defaults] regions {s} {d}/{n}", file=sys.stderr,
+                                                             flush=True))
+        stored = ModelStore(scratch).load(summary["ref"])
+    ref = ModelStore(root).save(stored.ref.split("@")[0], stored.state_dict, _shipped_card(stored.card))
+    return {"ref": ref, "bytes": _checked_size(root, ref), "root": str(root), "test": summary.get("test"),
+            "val": summary["val"], "wall_time_s": summary["wall_time_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (``make default-models``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--root", default=str(DEFAULT_ROOT))
     p.add_argument("--quality-manifest", default="runs/data/quality")
-    p.add_argument("--only", default="safety,quality", help="comma-separated: safety, quality")
+    p.add_argument("--only", default="safety,quality,regions", help="comma-separated: safety, quality, regions")
+    p.add_argument("--regions-train-limit", type=lambda v: None if v == "all" else int(v), default=None,
+                   help="train frames the text detector reads (default: all)")
     a = p.parse_args(argv)
     only = {x.strip() for x in a.only.split(",") if x.strip()}
-    if not only or only - {"safety", "quality"}:
-        print(f"error: --only takes safety and/or quality, got {a.only!r}", file=sys.stderr)
+    if not only or only - {"safety", "quality", "regions"}:
+        print(f"error: --only takes safety, quality and/or regions, got {a.only!r}", file=sys.stderr)
         return 2
     base = SafetyTrainConfig()
     cfg = replace(base, manifest=a.manifest, image_size=a.image_size, run_name="default-safety",
@@ -111,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             out["safety"] = build_defaults(cfg, Path(a.root))
         if "quality" in only:
             out["quality"] = build_quality_default(Path(a.root), a.quality_manifest)
-    except ConfigError as e:
+        if "regions" in only:
+            out["regions"] = build_regions_default(Path(a.root), a.manifest, a.regions_train_limit)
+    except LivelensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2))
