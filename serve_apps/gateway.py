@@ -28,6 +28,7 @@ from livelens.errors import (
     OverloadedError,
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
+from livelens.ocr.entities import AUTHORITATIVE_LABELS
 from livelens.serving import inputs
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
@@ -130,6 +131,26 @@ def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedErro
     err = OverloadedError(f"the service is at capacity; retry in {retry_after_s:g} s ({type(exc).__name__})")
     err.retry_after_s = retry_after_s  # type: ignore[attr-defined]
     return err
+
+
+#: Labels that OCR reads directly (entity kind → label): when OCR ran on the frame, its reading
+#: decides them. On the held-out frames the classifier's own guesses for these only added false
+#: positives (WeChat ids: OCR alone 0.978, union 0.948; docs/training.md).
+OCR_AUTHORITATIVE = AUTHORITATIVE_LABELS
+
+
+def overrule_unread(labels: list[dict], ocr_labels: list[dict]) -> list[dict]:
+    """Demote to ``pass`` the classifier labels in :data:`OCR_AUTHORITATIVE` that OCR did not raise.
+
+    The score stays (it is still evidence of something), with ``overruled`` saying why.
+    """
+    read = {lab["name"] for lab in ocr_labels}
+    out = []
+    for lab in labels:
+        if lab["name"] in OCR_AUTHORITATIVE and lab["name"] not in read and lab.get("decision") != "pass":
+            lab = {**lab, "decision": "pass", "overruled": "OCR read the frame and found no such entity"}
+        out.append(lab)
+    return out
 
 
 def merge_labels(labels: list[dict]) -> list[dict]:
@@ -253,7 +274,8 @@ class Gateway:
         t0 = time.perf_counter()
         results = await asyncio.gather(*calls.values(), return_exceptions=True)
         timings.add("fanout", (time.perf_counter() - t0) * 1000)
-        out: dict[str, Any] = {"models": [], "labels": []}
+        out: dict[str, Any] = {"models": []}
+        by_cap: dict[str, list[dict]] = {}
         for cap, res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
                 cause = unwrap(res)
@@ -263,9 +285,11 @@ class Gateway:
             for stage, ms in res.pop("timings_ms", {}).items():
                 timings.add(f"{cap}.{stage}", ms)
             out["models"] += res.pop("models", [])
-            out["labels"] += res.pop("labels", [])
+            by_cap[cap] = res.pop("labels", [])
             out[cap if cap != "moderate" else "moderation"] = res
-        out["labels"] = merge_labels(out["labels"])
+        if "ocr" in by_cap and "moderate" in by_cap:
+            by_cap["moderate"] = overrule_unread(by_cap["moderate"], by_cap["ocr"])
+        out["labels"] = merge_labels([lab for labs in by_cap.values() for lab in labs])
         out["decision"] = worst_decision(out["labels"])
         out["models"] = sorted(set(out["models"]))
         out["image"] = {"width": image.width, "height": image.height}

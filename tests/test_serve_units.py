@@ -165,6 +165,24 @@ def test_serve_config_rejects_unknown_deployment_keys():
         validate_serve_config(doc)
 
 
+def test_ocr_overrules_the_classifiers_unread_entity_labels():
+    from livelens.ocr.entities import LABELS
+    from serve_apps.gateway import OCR_AUTHORITATIVE, overrule_unread, worst_decision
+
+    assert set(LABELS.values()) == OCR_AUTHORITATIVE  # every entity label, and only those
+    cls = [{"name": "ads_wechat_id", "score": 0.8, "decision": "block", "evidence": []},
+           {"name": "ads_phone", "score": 0.75, "decision": "block", "evidence": []},
+           {"name": "ads_watermark", "score": 0.9, "decision": "block", "evidence": []}]
+    ocr = [{"name": "ads_phone", "score": 1.0, "decision": "block", "evidence": [{"box": [0, 0, 9, 9]}]}]
+    out = {lab["name"]: lab for lab in overrule_unread(cls, ocr)}
+    assert out["ads_wechat_id"]["decision"] == "pass" and out["ads_wechat_id"]["score"] == 0.8
+    assert "overruled" in out["ads_wechat_id"]
+    assert out["ads_phone"]["decision"] == "block" and "overruled" not in out["ads_phone"]  # OCR read one
+    assert out["ads_watermark"]["decision"] == "block"  # no entity stands for a watermark
+    assert worst_decision(overrule_unread(cls[:1], [])) == "pass"
+    assert cls[0]["decision"] == "block"  # the input is not modified
+
+
 def test_merge_labels_pools_evidence_and_keeps_the_best_score():
     from serve_apps.gateway import merge_labels, worst_decision
 

@@ -25,6 +25,9 @@ LABELS = {
     "qq_id": "ads_qq_id",
     "qrcode": "ads_qrcode",
 }
+#: Labels OCR reads directly: where OCR ran on a frame, its reading decides them (the gateway
+#: demotes the classifier's unread ones; ``livelens.train.fused_eval`` measures the same rule).
+AUTHORITATIVE_LABELS = frozenset(LABELS.values())
 
 CN_DIGITS = {
     "零": "0", "〇": "0", "洞": "0", "一": "1", "幺": "1", "壹": "1", "二": "2", "两": "2", "贰": "2",

@@ -21,35 +21,56 @@ import torch
 from torch import nn
 
 from livelens.errors import ManifestError
+from livelens.ocr.entities import AUTHORITATIVE_LABELS
 from livelens.taxonomy import Taxonomy, load_taxonomy
 from livelens.train.classification import heads_for, preprocess_batch
 from livelens.train.metrics import head_metrics
 from livelens.train.targets import target_key
 
-OcrLabeler = Callable[[np.ndarray], set[str]]
+#: ``image -> {source: labels}`` (a plain set counts as one source, ``ocr``).
+OcrLabeler = Callable[[np.ndarray], "set[str] | Mapping[str, set[str]]"]
 
 
-def make_ocr_labeler(engine: Any | None = None, decode_qr: bool = True) -> OcrLabeler:
-    """``image -> {ads labels}`` as the OCR deployment computes them (lines → entities, + QR codes).
+def make_ocr_labeler(engine: Any | None = None, decode_qr: bool = True,
+                     region_model: Any | None = None) -> OcrLabeler:
+    """``image -> {source: ads labels}`` as the OCR deployment computes them.
+
+    Sources: ``entities`` (lines → phones, URLs, ids, + QR codes) and, with ``region_model``,
+    ``regions`` (every detected text box classified by :mod:`livelens.evidence.regions`).
 
     Args:
-        engine: An OCR engine with ``read(images) -> [[TextLine]]``; PP-OCR (offline ONNX) when None.
+        engine: An OCR engine with ``detect``/``recognize``; PP-OCR (offline ONNX) when None.
         decode_qr: Also decode QR codes (OpenCV), as the deployment does by default.
+        region_model: A :class:`~livelens.evidence.regions.RegionClassifier`, or None.
     """
+    from livelens.ocr import TextLine, crop_line
     from livelens.ocr.qr import frame_entities
 
     if engine is None:
         from livelens.ocr import create_engine
 
         engine = create_engine("ppocr")
+    min_score = float(getattr(engine, "text_score", 0.0) or 0.0)
 
-    def labels(image: np.ndarray) -> set[str]:
-        return {e.label for e in frame_entities(image, engine.read([image])[0], qr=decode_qr) if e.label}
+    def labels(image: np.ndarray) -> dict[str, set[str]]:
+        # Detect once: the regions use every box, the entities only lines with readable text
+        # (what the deployment does too).
+        boxes = engine.detect([image])[0]
+        texts = engine.recognize([crop_line(image, b.polygon) for b in boxes]) if boxes else []
+        lines = [TextLine(b.polygon, b.box, t, s) for b, (t, s) in zip(boxes, texts, strict=True)
+                 if t.strip() and s >= min_score]
+        out = {"entities": {e.label for e in frame_entities(image, lines, qr=decode_qr) if e.label}}
+        if region_model is not None:
+            from livelens.evidence.regions import frame_labels, region_hits
+
+            out["regions"] = set(frame_labels(region_hits(region_model, image, [b.box for b in boxes])))
+        return out
 
     return labels
 
 
-def fuse_sigmoid(probs: np.ndarray, classes: Sequence[str], extra: Sequence[set[str]]) -> np.ndarray:
+def fuse_sigmoid(probs: np.ndarray, classes: Sequence[str], extra: Sequence[set[str]],
+                 authoritative: Sequence[str] = ()) -> np.ndarray:
     """Union of a sigmoid head's predictions with labels found by another model, as the gateway merges.
 
     A found label scores 1.0 (max with the classifier); the negative class (column 0, e.g.
@@ -60,11 +81,16 @@ def fuse_sigmoid(probs: np.ndarray, classes: Sequence[str], extra: Sequence[set[
         probs: (N, K) sigmoid probabilities, the negative class first.
         classes: The K class names.
         extra: Per row, the label names found by the other model (unknown names are ignored).
+        authoritative: Labels the other model decides alone: the classifier's score for them is
+            dropped (the gateway's ``overrule_unread``), so only a found one is positive.
     """
     if len(extra) != len(probs):
         raise ValueError(f"{len(extra)} label sets for {len(probs)} rows")
     out = np.array(probs, dtype=np.float64, copy=True)
     col = {c: j for j, c in enumerate(classes)}
+    ruled = [col[name] for name in authoritative if name in col and col[name] > 0]
+    if ruled:
+        out[:, ruled] = 0.0
     for i, found in enumerate(extra):
         hits = [col[name] for name in found if name in col and col[name] > 0]
         if hits:
@@ -81,6 +107,7 @@ def _label_accuracy(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 def evaluate_fused(model: nn.Module, manifest: str, *, groups: Sequence[str], size: int,
                    ocr_labeler: OcrLabeler, split: str = "test", fuse_group: str = "ads",
                    taxonomy: str | None = None, limit: int | None = None, batch_size: int = 16,
+                   authoritative: Sequence[str] = AUTHORITATIVE_LABELS,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Per-label accuracy on ``split`` for the classifier, for OCR alone, and for their fusion.
 
@@ -92,6 +119,8 @@ def evaluate_fused(model: nn.Module, manifest: str, *, groups: Sequence[str], si
         ocr_labeler: ``image -> {labels}`` (see :func:`make_ocr_labeler`).
         split: Manifest split to evaluate; ``test`` is held out from training and model selection.
         fuse_group: The sigmoid head OCR labels are merged into.
+        authoritative: Labels OCR decides alone when it ran (the gateway's rule); ``()`` for a
+            plain union.
         taxonomy: Taxonomy path (default: the bundled one).
         limit: Evaluate only the first ``limit`` rows of the split (for smoke runs).
         progress: Called with (done, total) after each batch.
@@ -117,7 +146,7 @@ def evaluate_fused(model: nn.Module, manifest: str, *, groups: Sequence[str], si
         raise ManifestError(f"{manifest} has no rows in split {split!r}")
     probs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
     targets: dict[str, list[np.ndarray]] = {h: [] for h in heads}
-    found: list[set[str]] = []
+    found: list[dict[str, set[str]]] = []
     t0 = time.perf_counter()
     model.eval()
     for start in range(0, len(rows), batch_size):
@@ -130,37 +159,57 @@ def evaluate_fused(model: nn.Module, manifest: str, *, groups: Sequence[str], si
             probs[h].append(p[h].float().numpy())
             targets[h].append(pre[target_key(h)])
         for image in decode_batch(batch)["image"]:
-            found.append(ocr_labeler(np.asarray(image)))
+            got = ocr_labeler(np.asarray(image))
+            found.append(dict(got) if isinstance(got, Mapping) else {"ocr": set(got)})
         if progress:
             progress(min(start + batch_size, len(rows)), len(rows))
     P = {h: np.concatenate(v) for h, v in probs.items()}
     T = {h: np.concatenate(v) for h, v in targets.items()}
     head = heads[fuse_group]
-    ocr_only = fuse_sigmoid(np.zeros_like(P[fuse_group]), head.classes, found)
+    union = [set().union(*f.values()) if f else set() for f in found]
+    ocr_only = fuse_sigmoid(np.zeros_like(P[fuse_group]), head.classes, union)
     ocr_only[:, 0] = np.where(ocr_only[:, 1:].max(1) > 0, 0.0, 1.0)  # OCR alone: "none" when it found nothing
-    fused = fuse_sigmoid(P[fuse_group], head.classes, found)
+    ruled = tuple(authoritative)
+
+    def fuse(sets: Sequence[set[str]]) -> np.ndarray:
+        out = fuse_sigmoid(P[fuse_group], head.classes, sets, ruled)
+        # The API has no "ads_none" label: a frame is ads-free when no ads label is positive.
+        out[:, 0] = np.where(out[:, 1:].max(1) >= 0.5, 0.0, 1.0)
+        return out
+
+    fused = fuse(union)
+
+    def acc(probs: np.ndarray) -> dict[str, dict[str, float]]:
+        return _label_accuracy(head_metrics(probs, T[fuse_group], head, fuse_group))
+
+    sources = sorted({s for f in found for s in f})
+    # Each source left out in turn: what it adds to the answer (e.g. the text regions).
+    without = {s: acc(fuse([set().union(*(v for k, v in f.items() if k != s)) for f in found]))
+               for s in sources if len(sources) > 1}
     return {
         "rows": len(rows), "split": split, "seconds": round(time.perf_counter() - t0, 1), "group": fuse_group,
-        "classifier": _label_accuracy(head_metrics(P[fuse_group], T[fuse_group], head, fuse_group)),
-        "ocr": _label_accuracy(head_metrics(ocr_only, T[fuse_group], head, fuse_group)),
-        "fused": _label_accuracy(head_metrics(fused, T[fuse_group], head, fuse_group)),
+        "sources": sources, "authoritative": sorted(ruled),
+        "classifier": acc(P[fuse_group]), "ocr": acc(ocr_only), "fused": acc(fused), "fused_without": without,
         "other_heads": {h: _label_accuracy(head_metrics(P[h], T[h], heads[h], h)) for h in heads if h != fuse_group},
     }
 
 
 def format_fused_table(result: Mapping[str, Any], min_support: int = 1) -> str:
     """Markdown: one row per label with support, accuracy and recall for classifier, OCR and fused."""
-    lines = ["| label | support | classifier acc | OCR acc | fused acc | classifier recall | fused recall |",
-             "|---|---|---|---|---|---|---|"]
+    without = result.get("fused_without") or {}
+    extra = "".join(f" fused w/o {s} acc |" for s in without)
+    lines = ["| label | support | classifier acc | OCR acc |" + extra + " fused acc | classifier recall | fused recall |",
+             "|---|---|---|---|" + "---|" * len(without) + "---|---|---|"]
     for lab, c in result["classifier"].items():
         if c["support"] < min_support:
             continue
         o, f = result["ocr"][lab], result["fused"][lab]
-        lines.append(f"| {lab} | {int(c['support'])} | {c['accuracy']:.3f} | {o['accuracy']:.3f} | "
+        cols = "".join(f" {w[lab]['accuracy']:.3f} |" for w in without.values())
+        lines.append(f"| {lab} | {int(c['support'])} | {c['accuracy']:.3f} | {o['accuracy']:.3f} |{cols} "
                      f"{f['accuracy']:.3f} | {c['recall']:.3f} | {f['recall']:.3f} |")
     for labs in result["other_heads"].values():
         for lab, c in labs.items():
             if c["support"] >= min_support:
-                lines.append(f"| {lab} | {int(c['support'])} | {c['accuracy']:.3f} | - | {c['accuracy']:.3f} | "
-                             f"{c['recall']:.3f} | {c['recall']:.3f} |")
+                lines.append(f"| {lab} | {int(c['support'])} | {c['accuracy']:.3f} | - |" + " - |" * len(without)
+                             + f" {c['accuracy']:.3f} | {c['recall']:.3f} | {c['recall']:.3f} |")
     return "\n".join(lines)
