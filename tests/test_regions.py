@@ -11,6 +11,8 @@ from livelens.evidence.regions import (
     GEOMETRY_DIM,
     REGION_CLASSES,
     RegionClassifier,
+    box_decisions,
+    contact_flags,
     crop_regions,
     frame_labels,
     geometry_features,
@@ -140,6 +142,30 @@ def test_load_region_model_refuses_other_models(tmp_path):
         RegionClassifier(classes=("ads_logo", "region_none"), pretrained=False)
 
 
+def test_contact_flags_put_entities_in_their_text_boxes():
+    boxes = [(0, 0, 100, 20), (0, 40, 100, 60), (200, 0, 300, 20)]
+    # One entity inside box 0, one split across boxes 0 and 1 (centre in the gap: neither), none in box 2.
+    assert contact_flags(boxes, [(10, 2, 60, 18)]) == [True, False, False]
+    assert contact_flags(boxes, [(10, 2, 60, 18), (10, 30, 90, 50)]) == [True, True, False]
+    assert contact_flags(boxes, []) == [False, False, False]
+
+
+def test_box_decisions_let_the_reading_refute_a_contact():
+    classes = list(REGION_CLASSES)
+    phone, banner, logo = classes.index("ads_phone"), classes.index("ads_text_banner"), classes.index("ads_logo")
+    p = np.zeros((3, len(classes)), np.float32)
+    p[0, [0, phone, banner, logo]] = (0.1, 0.8, 0.04, 0.06)  # a pill: phone by appearance
+    p[1, [0, phone]] = (0.3, 0.7)
+    p[2, [0, logo]] = (0.2, 0.8)
+    # Appearance alone: the best class.
+    assert [n for n, _ in box_decisions(classes, p)] == ["ads_phone", "ads_phone", "ads_logo"]
+    got = box_decisions(classes, p, contacts=[False, True, False])
+    # Box 0: no contact was read, so it is a banner (not the likelier logo), scored by the whole ad mass.
+    assert got[0] == ("ads_text_banner", pytest.approx(0.9))
+    assert got[1] == ("ads_phone", pytest.approx(0.7))  # a contact was read: appearance stands
+    assert got[2] == ("ads_logo", pytest.approx(0.8))  # not a contact class: untouched
+
+
 def test_region_hits_keep_argmax_labels_above_threshold():
     model = RegionClassifier(pretrained=False)
     # Steer the head: a constant bias towards ads_logo, every weight zero.
@@ -199,17 +225,22 @@ def _fresh_frames(label: str, n: int, seed: int = 99) -> list[np.ndarray]:
 
 
 def test_shipped_region_model_finds_text_overlays_on_unseen_frames():
-    """The shipped ads_regions on PP-OCR boxes: most watermark, logo and banner frames are caught."""
+    """The shipped ads_regions on PP-OCR boxes, read as serving reads them: most overlays are caught."""
     from pathlib import Path
 
     from livelens.ocr import create_engine
+    from livelens.train.regions import ppocr_reader
 
     store = ModelStore(Path(__file__).resolve().parents[1] / "livelens" / "resources" / "default_models")
     model = load_region_model(store, "ads_regions")
     engine = create_engine("ppocr")
+    read = ppocr_reader(engine)
     for label in ("ads_watermark", "ads_logo", "ads_text_banner"):
-        frames = _fresh_frames(label, 4)
-        found = [label in frame_labels(region_hits(model, f, [b.box for b in engine.detect([f])[0]])) for f in frames]
+        found = []
+        for f in _fresh_frames(label, 4):
+            boxes = [b.box for b in engine.detect([f])[0]]
+            found.append(label in frame_labels(region_hits(model, f, boxes, contacts=read(f, boxes))))
+        # Held-out frame recall is 0.83 / 0.92 / 0.95 (card): 3 of 4 unseen frames at least.
         assert sum(found) >= 3, (label, found)
 
 

@@ -29,24 +29,49 @@ from livelens.errors import ManifestError
 from livelens.evidence.regions import (
     FUSE_LABELS,
     RegionClassifier,
+    box_decisions,
+    contact_flags,
     crop_regions,
     geometry_features,
 )
 
 Detector = Callable[[np.ndarray], list[tuple[float, float, float, float]]]
+#: ``(frame, boxes) -> per box, whether OCR read a contact entity in it`` (see ``box_decisions``).
+Reader = Callable[[np.ndarray, Sequence[Sequence[float]]], list[bool]]
 IGNORE = -1
 
 
-def ppocr_detector() -> Detector:
+def ppocr_detector(engine: Any | None = None) -> Detector:
     """``frame -> boxes`` with the PP-OCR detector the OCR deployment uses (offline ONNX)."""
-    from livelens.ocr import create_engine
+    if engine is None:
+        from livelens.ocr import create_engine
 
-    engine = create_engine("ppocr")
+        engine = create_engine("ppocr")
 
     def detect(frame: np.ndarray) -> list[tuple[float, float, float, float]]:
         return [tuple(float(v) for v in b.box) for b in engine.detect([frame])[0]]
 
     return detect
+
+
+def ppocr_reader(engine: Any | None = None) -> Reader:
+    """``(frame, boxes) -> contact flags``: recognise each box and extract entities, as serving does."""
+    from livelens.ocr import TextLine, create_engine, crop_line
+    from livelens.ocr.entities import extract_entities
+
+    engine = create_engine("ppocr") if engine is None else engine
+    min_score = float(getattr(engine, "text_score", 0.0) or 0.0)
+
+    def read(frame: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[bool]:
+        if not len(boxes):
+            return []
+        polys = [[(b[0], b[1]), (b[2], b[1]), (b[2], b[3]), (b[0], b[3])] for b in boxes]
+        texts = engine.recognize([crop_line(frame, p) for p in polys])
+        lines = [TextLine(p, tuple(b[:4]), t, sc) for p, b, (t, sc) in zip(polys, boxes, texts, strict=True)
+                 if t.strip() and sc >= min_score]
+        return contact_flags(boxes, [e.box for e in extract_entities(lines)])
+
+    return read
 
 
 def box_targets(boxes: Sequence[Sequence[float]], overlays: Sequence[dict[str, Any]], classes: Sequence[str]
@@ -88,6 +113,7 @@ class RegionSet:
     boxes: np.ndarray          # (N, 4) float32
     frame_labels: list[set[str]] = field(default_factory=list)  # ads labels of each frame
     seconds: float = 0.0
+    contacts: np.ndarray | None = None  # (N,) bool: OCR read a contact entity in the box (None: not read)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -118,6 +144,14 @@ class BoxCache:
         self.boxes[key] = [[round(float(v), 2) for v in b[:4]] for b in boxes]
         self._dirty = True
 
+    def get_flags(self, key: str) -> list[bool] | None:
+        got = self.boxes.get(f"{key}#contacts")
+        return None if got is None else [bool(v) for v in got]
+
+    def put_flags(self, key: str, flags: Sequence[bool]) -> None:
+        self.boxes[f"{key}#contacts"] = [int(bool(v)) for v in flags]
+        self._dirty = True
+
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
@@ -130,8 +164,12 @@ class BoxCache:
 
 def build_region_set(model: RegionClassifier, manifest: str, split: str, detector: Detector,
                      limit: int | None = None, progress: Callable[[int, int], None] | None = None,
-                     cache: BoxCache | None = None) -> RegionSet:
+                     cache: BoxCache | None = None, reader: Reader | None = None,
+                     flag_cache: BoxCache | None = None) -> RegionSet:
     """Detect text in every frame of ``split``, label the boxes, and cache their features.
+
+    With ``reader``, each box also gets its contact flag (what serving reads in it), which
+    :func:`frame_scores` then uses as serving does.
 
     Raises:
         ManifestError: The split has no rows.
@@ -142,7 +180,7 @@ def build_region_set(model: RegionClassifier, manifest: str, split: str, detecto
     rows = [r for r in table.to_pylist() if r["split"] == split][: limit or None]
     if not rows:
         raise ManifestError(f"{manifest} has no rows in split {split!r}")
-    feats, geo, targets, frame_of, all_boxes, frame_labels = [], [], [], [], [], []
+    feats, geo, targets, frame_of, all_boxes, frame_labels, contacts = [], [], [], [], [], [], []
     t0 = time.perf_counter()
     for i, r in enumerate(rows):
         if r["image_bytes"] is None:
@@ -154,6 +192,13 @@ def build_region_set(model: RegionClassifier, manifest: str, split: str, detecto
             boxes = detector(img)
             if cache is not None:
                 cache.put(r["id"], boxes)
+        if boxes and reader is not None:
+            flags = flag_cache.get_flags(r["id"]) if flag_cache is not None else None
+            if flags is None or len(flags) != len(boxes):
+                flags = reader(img, boxes)
+                if flag_cache is not None:
+                    flag_cache.put_flags(r["id"], flags)
+            contacts.extend(flags)
         if boxes:
             h, w = img.shape[:2]
             feats.append(model.features(crop_regions(img, boxes, model.crop_hw)).numpy())
@@ -162,8 +207,9 @@ def build_region_set(model: RegionClassifier, manifest: str, split: str, detecto
             frame_of.extend([i] * len(boxes))
             all_boxes.append(np.asarray(boxes, np.float32))
         if (i + 1) % 25 == 0 or i + 1 == len(rows):
-            if cache is not None:
-                cache.save()
+            for c in (cache, flag_cache):
+                if c is not None:
+                    c.save()
             if progress:
                 progress(i + 1, len(rows))
     c = model.channels
@@ -172,7 +218,8 @@ def build_region_set(model: RegionClassifier, manifest: str, split: str, detecto
         geometry=np.concatenate(geo) if geo else np.zeros((0, geometry_features([], 1, 1).shape[1]), np.float32),
         targets=np.asarray(targets, np.int64), frame=np.asarray(frame_of, np.int64),
         boxes=np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32),
-        frame_labels=frame_labels, seconds=round(time.perf_counter() - t0, 1))
+        frame_labels=frame_labels, seconds=round(time.perf_counter() - t0, 1),
+        contacts=np.asarray(contacts, bool) if reader is not None else None)
 
 
 def fit_head(model: RegionClassifier, data: RegionSet, epochs: int = 60, lr: float = 2e-3, batch_size: int = 256,
@@ -227,15 +274,17 @@ def region_probs(model: RegionClassifier, data: RegionSet) -> np.ndarray:
 
 
 def frame_scores(model: RegionClassifier, data: RegionSet, probs: np.ndarray | None = None) -> np.ndarray:
-    """(frames, K) best score per class over each frame's regions, counting a region only for its argmax class.
+    """(frames, K) best score per class over each frame's regions, counting a region only for its decided class.
 
-    This is exactly what :func:`livelens.evidence.regions.region_hits` reports before thresholds.
+    This is exactly what :func:`livelens.evidence.regions.region_hits` reports before thresholds,
+    with the set's contact flags when it has them (see :func:`~livelens.evidence.regions.box_decisions`).
     """
     probs = region_probs(model, data) if probs is None else probs
     out = np.zeros((len(data.frame_labels), len(model.classes)), np.float32)
-    top = probs.argmax(1)
-    for p, j, f in zip(probs, top, data.frame, strict=True):
-        out[f, j] = max(out[f, j], p[j])
+    index = {c: j for j, c in enumerate(model.classes)}
+    for (name, score), f in zip(box_decisions(model.classes, probs, data.contacts), data.frame, strict=True):
+        j = index[name]
+        out[f, j] = max(out[f, j], score)
     return out
 
 
@@ -347,21 +396,38 @@ def run(cfg: RegionTrainConfig, detector: Detector | None = None,
 
     cfg.validate()
     t0 = time.perf_counter()
-    cache = None
+    cache = flag_cache = None
+    reader = None
     if detector is None:
-        detector = ppocr_detector()
+        from livelens.ocr import create_engine
+
+        engine = create_engine("ppocr")
+        detector, reader = ppocr_detector(engine), ppocr_reader(engine)
         if cfg.cache_dir:
             from importlib.metadata import version
 
             # Boxes are the PP-OCR detector's; its weights ship in the rapidocr wheel.
             cache = BoxCache(Path(cfg.cache_dir) / f"ppocr-det-rapidocr-{version('rapidocr')}.json")
+            # Contact flags also depend on the recogniser and on the entity rules, which change
+            # more often than the detector: their file is keyed by the rules' source.
+            import hashlib
+            import inspect
+
+            from livelens.evidence import regions as regions_mod
+            from livelens.ocr import entities as entities_mod
+
+            rules = inspect.getsource(entities_mod) + inspect.getsource(regions_mod.contact_flags)
+            key = hashlib.sha256(rules.encode()).hexdigest()[:12]
+            flag_cache = BoxCache(Path(cfg.cache_dir) / f"contacts-rapidocr-{version('rapidocr')}-{key}.json")
     model = RegionClassifier(cfg.backbone)
 
-    def build(split: str, limit: int | None) -> RegionSet:
+    def build(split: str, limit: int | None, read: bool = True) -> RegionSet:
+        # The head learns appearance only; the reading matters where decisions are taken.
         return build_region_set(model, cfg.manifest, split, detector, limit=limit, cache=cache,
+                                reader=reader if read else None, flag_cache=flag_cache,
                                 progress=(lambda d, n: progress(split, d, n)) if progress else None)
 
-    train = build("train", cfg.train_limit)
+    train = build("train", cfg.train_limit, read=False)
     val = build("val", cfg.val_limit)
     history = fit_head(model, train, epochs=cfg.epochs, lr=cfg.lr)
     model.thresholds = choose_thresholds(model, val)
@@ -384,6 +450,8 @@ def run(cfg: RegionTrainConfig, detector: Detector | None = None,
         card = {"task": "ads_regions", "datasets": [dataset_id(load_card(cfg.manifest))],
                 "taxonomy_version": load_taxonomy().version, "backbone": cfg.backbone,
                 "fuse_labels": list(FUSE_LABELS), "proposals": "PP-OCR text detection",
+                "decisions": "a contact class (phone, URL, ids) that the OCR reading refutes falls back to the "
+                             "best fused class, scored 1 - p(region_none) (livelens.evidence.regions.box_decisions)",
                 "eval_split": "test" if "test" in summary else "val",
                 "metrics": {k: summary[k] for k in ("val", "test", "box_accuracy") if k in summary},
                 "train": {"epochs": cfg.epochs, "lr": cfg.lr, "train_frames": len(train.frame_labels),
