@@ -53,8 +53,10 @@ _URL = re.compile(
     re.IGNORECASE,
 )
 # Chinese keywords may touch the ID; latin ones need a separator so "wxWidgets" stays a word.
+# "加微" ("add Wei") is the streamers' short form (the frame generator writes it too); "加微博"
+# (follow on Weibo) is not.
 _WECHAT = re.compile(
-    r"(?:(?:微信|威信|薇信|徽信|V信|v信|卫星|wei信)(?:同号|号码|号|id|ID)?[:：\s]*"
+    r"(?:(?:微信|威信|薇信|徽信|V信|v信|卫星|wei信|加微(?!博))(?:同号|号码|号|id|ID)?[:：\s]*"
     r"|(?<![a-zA-Z])(?:vx|wx|vxin|weixin|wechat)(?:号|id)?[:：\s]+)"
     r"([a-zA-Z][-_a-zA-Z0-9]{5,19}|1[3-9]\d{9})(?![-_a-zA-Z0-9])",
     re.IGNORECASE,
