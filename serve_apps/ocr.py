@@ -208,7 +208,7 @@ class Ocr:
         crops = [crop_line(image, b["polygon"]) for b in boxes]
         texts = await asyncio.gather(*(self.recognizer.recognize.remote(c) for c in crops))
         timings["recognize"] = (time.perf_counter() - t0) * 1000
-        hits = await region_task if region_task is not None else []
+        region_probs = await region_task if region_task is not None else None
         lines = []
         for b, (text, score) in zip(boxes, texts, strict=True):
             pts = np.asarray(b["polygon"], np.float32)
@@ -221,23 +221,34 @@ class Ocr:
         ref = await self._engine_ref()
         models = [ref] + (["qr_decoder@1"] if self.args.decode_qr else [])
         labels = self._ads_labels(entities, ref)
-        if self.regions is not None:
+        hits = []
+        if region_probs is not None:
+            hits = self._region_hits(image, region_probs, entities)
             models.append(self._regions_ref)
             labels += self._region_labels(hits)
         return {"lines": lines, "entities": entities, "regions": [h.to_dict() for h in hits], "labels": labels,
                 "models": models, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
-    async def _regions(self, image: np.ndarray, boxes: list[dict], timings: dict[str, float]) -> list:
-        from livelens.evidence.regions import region_hits
-
+    async def _regions(self, image: np.ndarray, boxes: list[dict], timings: dict[str, float]) -> tuple:
+        """``(axis-aligned boxes, class probabilities)`` of every text box, while the recogniser reads them."""
         t0 = time.perf_counter()
         axis = []
         for b in boxes:
             pts = np.asarray(b["polygon"], np.float32)
             axis.append((float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())))
-        hits = await asyncio.to_thread(region_hits, self.regions, image, axis) if axis else []
+        probs = await asyncio.to_thread(self.regions.classify, image, axis) if axis else None
         timings["regions"] = (time.perf_counter() - t0) * 1000
-        return hits
+        return axis, probs
+
+    def _region_hits(self, image: np.ndarray, region_probs: tuple, entities: list[dict]) -> list:
+        """Hits from the box probabilities, with contact classes decided by what OCR read in each box."""
+        from livelens.evidence.regions import contact_flags, region_hits
+
+        axis, probs = region_probs
+        if probs is None:
+            return []
+        flags = contact_flags(axis, [e["box"] for e in entities if e["kind"] != "qrcode" and len(e["box"]) == 4])
+        return region_hits(self.regions, image, axis, contacts=flags, probs=probs)
 
     def _region_labels(self, hits: list) -> list[dict[str, Any]]:
         """One taxonomy label per region class found, its best region's score, every region box as evidence."""

@@ -59,11 +59,14 @@ def make_ocr_labeler(engine: Any | None = None, decode_qr: bool = True,
         texts = engine.recognize([crop_line(image, b.polygon) for b in boxes]) if boxes else []
         lines = [TextLine(b.polygon, b.box, t, s) for b, (t, s) in zip(boxes, texts, strict=True)
                  if t.strip() and s >= min_score]
-        out = {"entities": {e.label for e in frame_entities(image, lines, qr=decode_qr) if e.label}}
+        found = frame_entities(image, lines, qr=decode_qr)
+        out = {"entities": {e.label for e in found if e.label}}
         if region_model is not None:
-            from livelens.evidence.regions import frame_labels, region_hits
+            from livelens.evidence.regions import contact_flags, frame_labels, region_hits
 
-            out["regions"] = set(frame_labels(region_hits(region_model, image, [b.box for b in boxes])))
+            axis = [b.box for b in boxes]
+            flags = contact_flags(axis, [e.box for e in found if e.kind != "qrcode"])
+            out["regions"] = set(frame_labels(region_hits(region_model, image, axis, contacts=flags)))
         return out
 
     return labels
