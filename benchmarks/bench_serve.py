@@ -3,7 +3,8 @@
 Baseline: the moderation model called in this process on batches of decoded frames (decode
 included), i.e. the best the hardware does. Served: ``/v1/moderate`` through the gateway and the
 batched moderation replica, both through Serve's proxy and (with direct ingress) straight to the
-gateway replica's port, driven by a lean asyncio HTTP/1.1 load generator on loopback
+gateway replica's port, and a third time with the model built inside the gateway replica
+(``GatewayArgs.colocate``, path ``colocated_direct``: no gateway→model hop), driven by a lean asyncio HTTP/1.1 load generator on loopback
 (``benchmarks.loadgen``). Reported per path: the throughput ratio (goal ≥ 0.85×), latency
 percentiles under load, and the per-request overhead at concurrency 1 (client latency minus the
 replica's decode and forward pass, as the answer reports them; goal p50 ≤ 3 ms). On a CUDA
@@ -176,11 +177,18 @@ def main(argv: list[str] | None = None) -> int:
                                                             "max_queued_requests": 1000}},
                          "ocr": None, "quality": None, "streams": None})
         serve.run(app, name="bench", route_prefix="/")
+        # The same model built inside the gateway replica (GatewayArgs.colocate): no gateway→model hop.
+        colo = build_app({"gateway": {"key_file": key_file, "colocate": ["moderate"]},
+                          "moderation": {**margs, "deploy": {"num_cpus": 0.5}},
+                          "ocr": None, "quality": None, "streams": None})
+        serve.run(colo, name="bench_colo", route_prefix="/colo")
         # Through Serve's proxy, and (with direct ingress) straight to the gateway replica's port.
         urls = {"proxy": f"http://127.0.0.1:{port}"}
         direct = direct_ingress_url("bench", "127.0.0.1")
         if direct:
             urls["direct"] = direct
+        colo_direct = direct_ingress_url("bench_colo", "127.0.0.1")
+        urls["colocated_" + ("direct" if colo_direct else "proxy")] = colo_direct or f"http://127.0.0.1:{port}/colo"
         for url in urls.values():
             asyncio.run(http_load(url, key, jpegs, 16, 4))  # warm-up
         for name, url in urls.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,58 @@ def unwrap(exc: BaseException) -> BaseException:
         exc = exc.cause  # type: ignore[assignment]
         seen += 1
     return exc
+
+
+class LocalHandle:
+    """A capability's class run inside the calling replica, with a handle's ``h.method.remote(...)`` shape.
+
+    Composition costs a hop per call: on this 2-core machine a Serve handle call carrying a 20 KB
+    frame takes about 1.3 ms in the throughput mode, beside a forward pass of about 37 ms. A
+    gateway that *colocates* a capability builds its class here instead of calling its
+    deployment, so the request stays in one process. The capability then scales with the gateway
+    and shares its queue limits; ``GatewayArgs.colocate`` documents the trade.
+
+    ``remote`` schedules coroutine methods as tasks on the running loop (as a handle call starts at
+    once) and plain methods in a worker thread, as Serve runs a sync method (``Quality.assess`` takes
+    tens of ms and must not stall the gateway's loop). Exceptions come out of the awaited result
+    unchanged, as ``unwrap`` gives them for real handles.
+    """
+
+    def __init__(self, instance: Any):
+        self.instance = instance
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _LocalMethod(getattr(self.instance, name))
+
+
+class _LocalMethod:
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any):
+        self._fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        import asyncio
+        import inspect
+
+        if inspect.iscoroutinefunction(self._fn):
+            return asyncio.ensure_future(self._fn(*args, **kwargs))
+        return asyncio.ensure_future(asyncio.to_thread(self._fn, *args, **kwargs))
+
+
+@dataclass(frozen=True)
+class Colocated:
+    """A capability to build inside the gateway's replica (a :class:`LocalHandle`) instead of binding it.
+
+    Attributes:
+        cls: The capability's class (a deployment's ``func_or_class``).
+        args: Its validated args, as the deployment would get them.
+    """
+
+    cls: type
+    args: dict
+
+    def build(self) -> LocalHandle:
+        return LocalHandle(self.cls(self.args))

@@ -250,8 +250,8 @@ def test_text_regions_raise_a_watermark_with_its_box(app):
     assert lab["decision"] in ("review", "block") and lab["parent"] == "ads_branding"
     ev = lab["evidence"][0]
     assert ev["source"] == "text_region" and len(ev["box"]) == 4
-    assert any(reg["label"] == "ads_watermark" for reg in body["regions"])
-    assert body["timings_ms"]["regions"] > 0
+    assert any(reg["label"] == "ads_watermark" for reg in body["ocr"]["regions"])
+    assert body["timings_ms"]["ocr.regions"] > 0
     models = httpx.get(f"{app['url']}/v1/models", headers=app["headers"], timeout=30).json()["models"]
     assert any(m["ref"] == lab["model"] and "thresholds" in m for m in models)
 
@@ -377,3 +377,46 @@ def test_moderation_lone_requests_skip_the_batch_wait_and_concurrent_ones_share_
     score = {lab["name"]: lab["score"] for lab in alone["labels"]}
     for res in (many[0], many[4]):
         assert {lab["name"]: lab["score"] for lab in res["labels"]} == pytest.approx(score, abs=1e-4)
+
+
+def test_colocated_gateway_answers_as_the_composed_graph(app, tmp_path):
+    """Moderation and quality built inside the gateway replica: same answers, no hop, same envelope."""
+    from ray import serve
+    from skimage import data
+
+    from serve_apps.gateway import build_app
+
+    key = generate_key()
+    add_key_to_file(tmp_path / "keys.json", key, "colo", rate_per_s=1000, burst=1000)
+    serve.run(build_app({"gateway": {"key_file": str(tmp_path / "keys.json"), "colocate": ["moderate", "quality"],
+                                     "deploy": {"num_cpus": 0.1}},
+                         "moderation": {"deploy": {"num_cpus": 0.1}}, "quality": {"deploy": {"num_cpus": 0.1}},
+                         "ocr": None, "streams": None}),
+              name="livelens_colo", route_prefix="/colo")
+    colo = app["url"][: -len(PREFIX)] + "/colo"
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        status = serve.status().applications["livelens_colo"]
+        assert set(status.deployments) == {"Gateway"}  # nothing else was deployed
+        jpg = _jpeg(data.astronaut())
+        got = {}
+        for name, url, hdrs in (("colo", colo, headers), ("graph", app["url"], app["headers"])):
+            r = httpx.post(f"{url}/v1/analyze", content=jpg, params={"evidence": "none"}, timeout=120,
+                           headers={**hdrs, "content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            got[name] = r.json()
+        scores = {lab["name"]: lab["score"] for lab in got["graph"]["labels"] if lab["model"].startswith("safety")}
+        assert scores and {lab["name"]: lab["score"] for lab in got["colo"]["labels"]
+                           if lab["model"].startswith("safety")} == pytest.approx(scores, abs=1e-4)
+        assert got["colo"]["quality"]["iqa"]["score"] == pytest.approx(got["graph"]["quality"]["iqa"]["score"], abs=1e-3)
+        assert "moderate.classify" in got["colo"]["timings_ms"] and "ocr" not in got["colo"]
+        # Typed errors from the colocated decode keep their envelope and status.
+        r = httpx.post(f"{colo}/v1/moderate", content=_half_jpeg(), timeout=60,
+                       headers={**headers, "content-type": "image/jpeg"})
+        assert _assert_envelope(r, 422)["error"]["type"]
+        models = httpx.get(f"{colo}/v1/models", headers=headers, timeout=30).json()
+        refs = {m["ref"] for m in models["models"]}
+        assert any(ref.startswith("safety@") for ref in refs) and "quality_classical@1" in refs
+        assert httpx.get(f"{colo}/healthz", timeout=10).json()["capabilities"] == ["moderate", "quality"]
+    finally:
+        serve.delete("livelens_colo")

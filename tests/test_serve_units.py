@@ -211,3 +211,60 @@ def test_open_nsfw_session_does_not_spin_and_scores_as_the_package_does():
     theirs = NSFWClassifier(jpeg_reencode=False).classify_batch(frames, max_workers=1)
     got = ours.classify_batch(frames, max_workers=1)
     assert [p.nsfw for p in got] == pytest.approx([p.nsfw for p in theirs], abs=1e-5)
+
+
+def test_local_handle_has_a_handles_shape_and_keeps_error_types():
+    import asyncio
+
+    from serve_apps.common import LocalHandle
+
+    class Cap:
+        def __init__(self):
+            self.calls = []
+
+        async def work(self, x, scale=1):
+            self.calls.append(x)
+            await asyncio.sleep(0)
+            if x < 0:
+                raise InvalidArgumentError("negative")
+            return x * scale
+
+        def info(self):
+            import threading
+
+            # A plain method runs off the loop, as Serve runs sync methods.
+            return {"models": ["m@1"], "main": threading.current_thread() is threading.main_thread()}
+
+    async def main():
+        h = LocalHandle(Cap())
+        pending = h.work.remote(2, scale=3)
+        assert h.instance.calls == []  # scheduled like a handle call, not run inside remote()
+        assert await pending == 6
+        assert await asyncio.gather(h.work.remote(1), h.info.remote()) == [1, {"models": ["m@1"], "main": False}]
+        with pytest.raises(InvalidArgumentError, match="negative"):
+            await h.work.remote(-1)
+        with pytest.raises(AttributeError):
+            _ = h._private
+
+    asyncio.run(main())
+
+
+def test_colocated_capabilities_are_built_in_the_gateway_with_their_cpus():
+    from serve_apps.common import Colocated
+    from serve_apps.gateway import AppArgs, build_app
+
+    def gateway_node(app):
+        return app._bound_deployment  # Serve 2.60 keeps the bound Deployment here
+
+    base = {"ocr": None, "streams": None,
+            "moderation": {"deploy": {"num_cpus": 0.5}}, "quality": {"deploy": {"num_cpus": 0.2}}}
+    plain = gateway_node(build_app(base))
+    colo = gateway_node(build_app({**base, "gateway": {"colocate": ["moderate"]}}))
+    gw_cpus = AppArgs().gateway.deploy.num_cpus
+    assert plain.ray_actor_options["num_cpus"] == pytest.approx(gw_cpus)
+    assert colo.ray_actor_options["num_cpus"] == pytest.approx(gw_cpus + 0.5)
+    mod = colo.init_kwargs["moderation"]
+    assert isinstance(mod, Colocated) and mod.cls.__name__ == "Moderation" and mod.args["deploy"]["num_cpus"] == 0.5
+    assert not isinstance(colo.init_kwargs["quality"], Colocated)  # only what was asked for
+    with pytest.raises(ValueError, match="colocate"):
+        AppArgs.model_validate({"gateway": {"colocate": ["ocr"]}})  # OCR has deployments of its own
