@@ -65,3 +65,14 @@ def test_corrupt_input_raises_typed_error(engine: PpOcrEngine, shared_data) -> N
         engine.read([b"not an image"])
     with pytest.raises(InvalidArgumentError):
         create_engine("tesseract")
+
+
+def test_onnx_sessions_do_not_spin_and_keep_their_models(engine: PpOcrEngine) -> None:
+    """Every stage's ONNX Runtime session was rebuilt without spinning workers, from the same model file."""
+    from livelens.ocr.engine import PPOCR_MODEL_FILES
+
+    stages = {"det": engine._det_ocr.text_det, "cls": engine._cls, "rec": engine._rec}
+    for name, stage in stages.items():
+        sess = stage.session.session
+        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0", name
+        assert sess._model_path.endswith(PPOCR_MODEL_FILES[name]), name

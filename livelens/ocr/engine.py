@@ -33,6 +33,29 @@ PPOCR_MODEL_FILES = {
 }
 
 
+def _stop_spinning(wrapper: Any, model_path: Path, threads: int | None) -> None:
+    """Rebuild a rapidocr stage's ONNX Runtime session with idle workers that sleep instead of spin.
+
+    detect → classify → recognise run three sessions one after the other, each with its own
+    intra-op pool. ONNX Runtime's workers spin after a run, so the pool that just finished kept
+    both cores busy while the next stage's pool wanted them (the same fault cost open_nsfw 20 CPU-ms
+    per request in serving). rapidocr 3.10 has no option for it, so the session is rebuilt from
+    the same file with the options rapidocr would set, plus ``allow_spinning=0``.
+    """
+    import onnxruntime as ort
+
+    if not hasattr(wrapper, "session"):
+        return  # not the onnxruntime engine: nothing to change
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.enable_cpu_mem_arena = False  # rapidocr's default
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    wrapper.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def ppocr_model_dir() -> Path:
     """Where rapidocr's wheel ships its ONNX models."""
     import rapidocr
@@ -159,6 +182,8 @@ class PpOcrEngine:
             # Separate instances for crop-only stages, as rapidocr's own det/rec split suggests.
             self._cls = RapidOCR(params={**base, "Global.use_det": False, "Global.use_rec": False})._load_cls_model()
             self._rec = RapidOCR(params={**base, "Global.use_det": False, "Global.use_cls": False})._load_rec_model()
+        for stage, key in ((self._det_ocr.text_det, "det"), (self._cls, "cls"), (self._rec, "rec")):
+            _stop_spinning(stage.session, paths[key], threads)
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
 
     # -- detection -------------------------------------------------------------------
