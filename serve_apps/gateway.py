@@ -461,25 +461,25 @@ def build_app(args: AppArgs | dict | None = None):
         args = args.model_copy(update={"ocr": None})
     colocate = set(args.gateway.colocate)
     extra_cpus = 0.0
+
+    def capability(cap: str, cap_args: dict, deployment: Any, args_model: type[BaseModel], bind: Any) -> Any:
+        """The bound deployment, or (colocated) its class and args, whose CPUs the gateway then takes."""
+        nonlocal extra_cpus
+        if cap not in colocate:
+            return bind(cap_args)
+        valid = args_model.model_validate(cap_args)
+        extra_cpus += valid.deploy.num_cpus
+        return Colocated(deployment.func_or_class, valid.model_dump())
+
     if args.moderation is not None:
         from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
-        if "moderate" in colocate:
-            margs = ModerationArgs.model_validate(args.moderation)
-            handles["moderation"] = Colocated(Moderation.func_or_class, margs.model_dump())
-            extra_cpus += margs.deploy.num_cpus
-        else:
-            handles["moderation"] = bind_moderation(args.moderation)
+        handles["moderation"] = capability("moderate", args.moderation, Moderation, ModerationArgs, bind_moderation)
     if args.ocr is not None:
         from serve_apps.ocr import bind_ocr
         handles["ocr"] = bind_ocr(args.ocr)
     if args.quality is not None:
         from serve_apps.quality import Quality, QualityArgs, bind_quality
-        if "quality" in colocate:
-            qargs = QualityArgs.model_validate(args.quality)
-            handles["quality"] = Colocated(Quality.func_or_class, qargs.model_dump())
-            extra_cpus += qargs.deploy.num_cpus
-        else:
-            handles["quality"] = bind_quality(args.quality)
+        handles["quality"] = capability("quality", args.quality, Quality, QualityArgs, bind_quality)
     if args.streams is not None:
         from serve_apps.streams import bind_streams
         handles["streams"] = bind_streams(args.streams)
