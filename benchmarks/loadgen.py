@@ -87,7 +87,9 @@ async def run_load(url: str, path: str, bodies: list[bytes], n: int, concurrency
 
     ``on_response(i, response, latency_ms)`` is called for every answer.
     """
-    full = path + ("?" + urlencode(params) if params else "")
+    # The URL's own path is the app's route prefix ("http://host:port/colo"): requests go below it.
+    prefix = urlsplit(url).path.rstrip("/")
+    full = prefix + path + ("?" + urlencode(params) if params else "")
     todo = iter(range(n))
 
     async def worker() -> None:

@@ -70,6 +70,13 @@ def test_run_load_counts_every_request_with_its_status(server_url):
     assert wall > 0
 
 
+def test_run_load_sends_requests_below_the_urls_route_prefix(server_url):
+    paths: list[str] = []
+    asyncio.run(run_load(server_url + "/ok/app", "/v1/moderate", [b"x"], 3, 1, {}, {"evidence": "none"},
+                         lambda i, r, ms: paths.append(json.loads(r.body)["path"])))
+    assert paths == ["/ok/app/v1/moderate?evidence=none"] * 3
+
+
 def test_multipart_body_parses_back_into_its_files():
     from email.parser import BytesParser
 

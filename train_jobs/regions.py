@@ -6,7 +6,7 @@ contact overlay, or nothing. See ``livelens.evidence.regions`` and ``livelens.tr
 
 Example::
 
-    python -m train_jobs.regions                             # all frames: ~16 min on 2 cores, seconds when cached
+    python -m train_jobs.regions                             # all frames: 16-42 min on 2 cores (text detection), ~2 min when cached
     python -m train_jobs.regions --train-limit 100 --test-limit 0 --no-register
 """
 
