@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +165,6 @@ class _LocalMethod:
         self._fn = fn
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        import asyncio
-        import inspect
-
         if inspect.iscoroutinefunction(self._fn):
             return asyncio.ensure_future(self._fn(*args, **kwargs))
         return asyncio.ensure_future(asyncio.to_thread(self._fn, *args, **kwargs))

@@ -140,21 +140,18 @@ def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedErro
     return err
 
 
-#: Labels that OCR reads directly (entity kind → label): when OCR ran on the frame, its reading
-#: decides them. On the held-out frames the classifier's own guesses for these only added false
-#: positives (WeChat ids: OCR alone 0.978, union 0.948; docs/training.md).
-OCR_AUTHORITATIVE = AUTHORITATIVE_LABELS
-
-
 def overrule_unread(labels: list[dict], ocr_labels: list[dict]) -> list[dict]:
-    """Demote to ``pass`` the classifier labels in :data:`OCR_AUTHORITATIVE` that OCR did not raise.
+    """Demote to ``pass`` the classifier labels OCR reads directly that OCR did not raise.
 
-    The score stays (it is still evidence of something), with ``overruled`` saying why.
+    When OCR ran on the frame, its reading decides :data:`livelens.ocr.entities.AUTHORITATIVE_LABELS`:
+    on the held-out frames the classifier's own guesses for them only added false positives
+    (WeChat ids: OCR alone 0.978, union 0.948; docs/training.md). The score stays (it is still
+    evidence of something), with ``overruled`` saying why.
     """
     read = {lab["name"] for lab in ocr_labels}
     out = []
     for lab in labels:
-        if lab["name"] in OCR_AUTHORITATIVE and lab["name"] not in read and lab.get("decision") != "pass":
+        if lab["name"] in AUTHORITATIVE_LABELS and lab["name"] not in read and lab.get("decision") != "pass":
             lab = {**lab, "decision": "pass", "overruled": "OCR read the frame and found no such entity"}
         out.append(lab)
     return out

@@ -204,17 +204,19 @@ class Ocr:
         boxes = await boxes_call
         timings["detect"] = (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
-        region_task = asyncio.create_task(self._regions(image, boxes, timings)) if self.regions is not None else None
+        # Axis-aligned boxes once: the lines report them and the text regions classify them.
+        axis = []
+        for b in boxes:
+            pts = np.asarray(b["polygon"], np.float32)
+            axis.append([float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())])
+        region_task = (asyncio.create_task(self._regions(image, axis, timings))
+                       if self.regions is not None and axis else None)
         crops = [crop_line(image, b["polygon"]) for b in boxes]
         texts = await asyncio.gather(*(self.recognizer.recognize.remote(c) for c in crops))
         timings["recognize"] = (time.perf_counter() - t0) * 1000
         region_probs = await region_task if region_task is not None else None
-        lines = []
-        for b, (text, score) in zip(boxes, texts, strict=True):
-            pts = np.asarray(b["polygon"], np.float32)
-            box = [float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())]
-            if text.strip():
-                lines.append({"polygon": b["polygon"], "box": box, "text": text, "score": score})
+        lines = [{"polygon": b["polygon"], "box": box, "text": text, "score": score}
+                 for b, box, (text, score) in zip(boxes, axis, texts, strict=True) if text.strip()]
         t0 = time.perf_counter()
         entities = await asyncio.to_thread(self._entities, image, lines)
         timings["entities"] = (time.perf_counter() - t0) * 1000
@@ -222,45 +224,29 @@ class Ocr:
         models = [ref] + (["qr_decoder@1"] if self.args.decode_qr else [])
         labels = self._ads_labels(entities, ref)
         hits = []
-        if region_probs is not None:
-            hits = self._region_hits(image, region_probs, entities)
+        if self.regions is not None:
+            if region_probs is not None:
+                hits = self._region_hits(image, axis, region_probs, entities)
             models.append(self._regions_ref)
-            labels += self._region_labels(hits)
+            labels += self._grouped_labels(hits, lambda h: self._regions_ref, lambda h: {
+                "kind": "box", "box": list(h.box), "source": "text_region", "score": round(h.score, 4)})
         return {"lines": lines, "entities": entities, "regions": [h.to_dict() for h in hits], "labels": labels,
                 "models": models, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
-    async def _regions(self, image: np.ndarray, boxes: list[dict], timings: dict[str, float]) -> tuple:
-        """``(axis-aligned boxes, class probabilities)`` of every text box, while the recogniser reads them."""
+    async def _regions(self, image: np.ndarray, axis: list[list[float]], timings: dict[str, float]) -> np.ndarray:
+        """Class probabilities of every text box, computed while the recogniser reads them."""
         t0 = time.perf_counter()
-        axis = []
-        for b in boxes:
-            pts = np.asarray(b["polygon"], np.float32)
-            axis.append((float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())))
-        probs = await asyncio.to_thread(self.regions.classify, image, axis) if axis else None
+        probs = await asyncio.to_thread(self.regions.classify, image, axis)
         timings["regions"] = (time.perf_counter() - t0) * 1000
-        return axis, probs
+        return probs
 
-    def _region_hits(self, image: np.ndarray, region_probs: tuple, entities: list[dict]) -> list:
+    def _region_hits(self, image: np.ndarray, axis: list[list[float]], probs: np.ndarray,
+                     entities: list[dict]) -> list:
         """Hits from the box probabilities, with contact classes decided by what OCR read in each box."""
         from livelens.evidence.regions import contact_flags, region_hits
 
-        axis, probs = region_probs
-        if probs is None:
-            return []
         flags = contact_flags(axis, [e["box"] for e in entities if e["kind"] != "qrcode" and len(e["box"]) == 4])
         return region_hits(self.regions, image, axis, contacts=flags, probs=probs)
-
-    def _region_labels(self, hits: list) -> list[dict[str, Any]]:
-        """One taxonomy label per region class found, its best region's score, every region box as evidence."""
-        by_label: dict[str, list] = {}
-        for h in hits:
-            if h.label in self.tax.labels:
-                by_label.setdefault(h.label, []).append(h)
-        return [{**self.tax.describe(name, max(h.score for h in hs)), "group": self.tax.labels[name].group,
-                 "model": self._regions_ref,
-                 "evidence": [{"kind": "box", "box": list(h.box), "source": "text_region", "score": round(h.score, 4)}
-                              for h in hs]}
-                for name, hs in by_label.items()]
 
     def _entities(self, image, lines) -> list[dict[str, Any]]:
         from livelens.ocr import TextLine
@@ -275,18 +261,28 @@ class Ocr:
 
     def _ads_labels(self, entities: list[dict], ref: str) -> list[dict[str, Any]]:
         """One taxonomy label per entity kind, its strongest entity's score, every box as evidence."""
-        by_label: dict[str, list[dict]] = {}
-        for e in entities:
-            if e["label"] and e["label"] in self.tax.labels:
-                by_label.setdefault(e["label"], []).append(e)
+        return self._grouped_labels(
+            entities, lambda e: "qr_decoder@1" if e["kind"] == "qrcode" else ref,
+            lambda e: {"kind": "box", "box": e["box"], "source": e["kind"], "value": e["value"]})
+
+    def _grouped_labels(self, items: list, model_of, evidence_of) -> list[dict[str, Any]]:
+        """One taxonomy label per item label (entities or text regions): the best score, every item as evidence.
+
+        The label's model is the items' one model, or the first non-QR one when they mix (a phone
+        read by OCR and a QR code name two models; OCR's stands for the label).
+        """
+        by_label: dict[str, list] = {}
+        for it in items:
+            name = it["label"] if isinstance(it, dict) else it.label
+            if name and name in self.tax.labels:
+                by_label.setdefault(name, []).append(it)
         labels = []
-        for name, ents in by_label.items():
-            score = max(e["score"] for e in ents)
-            lab = self.tax.describe(name, score)
-            model = "qr_decoder@1" if all(e["kind"] == "qrcode" for e in ents) else ref
-            labels.append({**lab, "group": self.tax.labels[name].group, "model": model,
-                           "evidence": [{"kind": "box", "box": e["box"], "source": e["kind"], "value": e["value"]}
-                                        for e in ents]})
+        for name, its in by_label.items():
+            score = max(float(it["score"] if isinstance(it, dict) else it.score) for it in its)
+            models = [model_of(it) for it in its]
+            model = next((m for m in models if m != "qr_decoder@1"), models[0])
+            labels.append({**self.tax.describe(name, score), "group": self.tax.labels[name].group, "model": model,
+                           "evidence": [evidence_of(it) for it in its]})
         return labels
 
 

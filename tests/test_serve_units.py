@@ -166,10 +166,10 @@ def test_serve_config_rejects_unknown_deployment_keys():
 
 
 def test_ocr_overrules_the_classifiers_unread_entity_labels():
-    from livelens.ocr.entities import LABELS
-    from serve_apps.gateway import OCR_AUTHORITATIVE, overrule_unread, worst_decision
+    from livelens.ocr.entities import AUTHORITATIVE_LABELS, LABELS
+    from serve_apps.gateway import overrule_unread, worst_decision
 
-    assert set(LABELS.values()) == OCR_AUTHORITATIVE  # every entity label, and only those
+    assert set(LABELS.values()) == AUTHORITATIVE_LABELS  # every entity label, and only those
     cls = [{"name": "ads_wechat_id", "score": 0.8, "decision": "block", "evidence": []},
            {"name": "ads_phone", "score": 0.75, "decision": "block", "evidence": []},
            {"name": "ads_watermark", "score": 0.9, "decision": "block", "evidence": []}]
