@@ -119,6 +119,17 @@ for _name, _builder in (("mobilenet_v2", _mobilenet_v2), ("resnet18", _resnet18)
     register_backbone(_name, _builder)
 
 
+def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
+    """The bare feature extractor of backbone ``name``: what :func:`create_model` pools.
+
+    Raises:
+        ConfigError: Unknown name, or ``pretrained`` without the offline weights.
+    """
+    if name not in _BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; known: {list_models()}")
+    return _BACKBONES[name](pretrained).module
+
+
 def list_models() -> list[str]:
     """Backbone names accepted by :func:`create_model`."""
     return sorted(_BACKBONES)

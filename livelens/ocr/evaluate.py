@@ -21,6 +21,7 @@ from PIL import Image
 
 from livelens.imageio import load_image
 from livelens.ocr.engine import create_engine, draw_lines
+from livelens.ocr.metrics import det_metrics, rec_metrics
 from livelens.ocr.types import OcrEngine
 
 DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -43,36 +44,20 @@ class EvalArgs:
     vis: bool = True
 
 
-def _mm_rec_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """mmocr's WordMetric (exact / ignore_case_symbol) and CharMetric on (pred, gt) pairs."""
-    from mmocr.evaluation import CharMetric, WordMetric
-
-    samples = [{"pred_text": {"item": p}, "gt_text": {"item": g}} for p, g in pairs]
-    word, char = WordMetric(mode=["exact", "ignore_case_symbol"]), CharMetric()
-    word.process([], samples)
-    char.process([], samples)
-    return {**word.compute_metrics(word.results), **char.compute_metrics(char.results)}
-
-
 def eval_icdar(engine: OcrEngine, root: Path, vis_dir: Path | None) -> dict[str, float]:
     """HmeanIOU on icdar2015_toy."""
-    from mmocr.evaluation import HmeanIOUMetric
-
     spec = json.loads((root / "textdet_test.json").read_text())
-    metric = HmeanIOUMetric()
+    preds, gts = [], []
     for item in spec["data_list"]:
         path = root / "imgs" / Path(item["img_path"]).name
         img = load_image(path)
         (lines,) = engine.read([img])
-        metric.process([], [{
-            "pred_instances": {"polygons": [np.asarray(ln.polygon, np.float32).reshape(-1) for ln in lines],
-                               "scores": np.array([ln.score for ln in lines], np.float32)},
-            "gt_instances": {"polygons": [np.asarray(i["polygon"], np.float32) for i in item["instances"]],
-                             "ignored": np.array([bool(i["ignore"]) for i in item["instances"]], bool)},
-        }])
+        preds.append(([ln.polygon for ln in lines], [ln.score for ln in lines]))
+        gts.append(([np.asarray(i["polygon"], np.float32) for i in item["instances"]],
+                    [bool(i["ignore"]) for i in item["instances"]]))
         if vis_dir is not None:
             Image.fromarray(draw_lines(img, lines)).save(vis_dir / f"icdar_{path.stem}.png")
-    return metric.compute_metrics(metric.results)
+    return det_metrics(preds, gts)
 
 
 def eval_word_crops(engine: OcrEngine, root: Path) -> dict[str, float]:
@@ -80,7 +65,7 @@ def eval_word_crops(engine: OcrEngine, root: Path) -> dict[str, float]:
     spec = json.loads((root / "labels.json").read_text())
     crops = [load_image(root / "imgs" / Path(i["img_path"]).name) for i in spec["data_list"]]
     preds = engine.recognize(crops)
-    return _mm_rec_metrics([(p, i["instances"][0]["text"]) for (p, _), i in zip(preds, spec["data_list"], strict=True)])
+    return rec_metrics([(p, i["instances"][0]["text"]) for (p, _), i in zip(preds, spec["data_list"], strict=True)])
 
 
 def eval_zh_text(engine: OcrEngine, root: Path, vis_dir: Path | None) -> dict[str, Any]:
@@ -113,12 +98,15 @@ def build_engine(name: str, args: EvalArgs) -> tuple[OcrEngine, str]:
     from livelens.store import ModelStore
 
     store = ModelStore(args.store)
-    refs = {}
-    for key, model, given in (("det", "ocr_det_dbnet_resnet18_fpnc", args.det_ref),
-                              ("rec", "ocr_rec_crnn_minivgg", args.rec_ref)):
-        refs[key] = given or (f"{model}@latest" if store.versions(model) else None)
+    refs = {"det": args.det_ref or newest(store, "ocr_det_"), "rec": args.rec_ref or newest(store, "ocr_rec_")}
     note = ", ".join(f"{k}={v or 'untrained (random init)'}" for k, v in refs.items())
     return create_engine("mmocr", det=refs["det"], rec=refs["rec"], store=args.store), note
+
+
+def newest(store: Any, prefix: str) -> str | None:
+    """The most recently published ``name@version`` whose name starts with ``prefix`` (None if none)."""
+    cards = [c for n in store.names() if n.startswith(prefix) for c in [store.card(n)]]
+    return max(cards, key=lambda c: c.get("created_at", ""))["ref"] if cards else None
 
 
 def evaluate(args: EvalArgs) -> dict[str, Any]:
@@ -140,7 +128,7 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
         res["zh_text"] = eval_zh_text(engine, shared / "zh_text", vis)
         if held:
             preds = engine.recognize([c for c, _ in held])
-            res["heldout_zh"] = _mm_rec_metrics([(p, t) for (p, _), (_, t) in zip(preds, held, strict=True)])
+            res["heldout_zh"] = rec_metrics([(p, t) for (p, _), (_, t) in zip(preds, held, strict=True)])
         res["seconds"] = round(time.time() - t0, 1)
         results[name] = res
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2, default=float))

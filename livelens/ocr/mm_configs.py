@@ -9,6 +9,12 @@ the model part and changed where livelens differs:
 * images arrive as RGB, so the preprocessors do not swap channels;
 * the recogniser uses the Chinese + English dictionary and keeps letter case.
 
+Two configs exist for CPU training, where mmocr's defaults do not converge in a working day:
+``dbnet_mobilenetv2_fpnc`` (DBNet on mmdet's MobileNetV2, initialised from torchvision's
+ImageNet weights, the one pretrained backbone available offline; ResNet-18 has none here) and
+``crnn_resnet_small`` (CRNN on a narrow residual CNN from mmocr's own ``ResNet``: a fifth of
+mini-VGG's backbone FLOPs per crop).
+
 The string ``type`` keys are mmocr's registry, used only inside :mod:`livelens.ocr.mmocr_adapter`.
 """
 
@@ -52,6 +58,19 @@ def dbnet_resnet18_fpnc() -> dict[str, Any]:
     )
 
 
+def dbnet_mobilenetv2_fpnc() -> dict[str, Any]:
+    """DBNet on mmdet's MobileNetV2 (strides 4/8/16/32 → 24/32/96/320 channels) with a slim FPNC.
+
+    Same layer order as torchvision's ``mobilenet_v2.features``, so its ImageNet weights load
+    (see :data:`IMAGENET_INIT`).
+    """
+    cfg = dbnet_resnet18_fpnc()
+    cfg["backbone"] = dict(type="mmdet.MobileNetV2", out_indices=(1, 2, 4, 6), init_cfg=None)
+    cfg["neck"] = dict(type="FPNC", in_channels=[24, 32, 96, 320], lateral_channels=128, out_channels=32)
+    cfg["det_head"]["in_channels"] = 128
+    return cfg
+
+
 def crnn_minivgg(dict_file: str | Path | None = None) -> dict[str, Any]:
     """CRNN (mini-VGG + BiLSTM) with a CTC head, on 32-px-high grayscale line crops."""
     return dict(
@@ -67,6 +86,22 @@ def crnn_minivgg(dict_file: str | Path | None = None) -> dict[str, Any]:
         ),
         data_preprocessor=dict(type="TextRecogDataPreprocessor", mean=[127], std=[127]),
     )
+
+
+def crnn_resnet_small(dict_file: str | Path | None = None) -> dict[str, Any]:
+    """CRNN on a narrow residual CNN (mmocr's textrecog ``ResNet``), BiLSTM and CTC, grayscale.
+
+    Strides take a 32-px crop to height 1 and width/4, as mini-VGG does, with 32→256 channels
+    instead of 64→512.
+    """
+    cfg = crnn_minivgg(dict_file)
+    cfg["backbone"] = dict(
+        type="ResNet", in_channels=1, stem_channels=[32], block_cfgs=dict(type="BasicBlock", use_conv1x1=True),
+        arch_layers=[1, 2, 2, 2, 1], arch_channels=[32, 64, 128, 192, 256],
+        strides=[(2, 2), (2, 2), (2, 1), (2, 1), (2, 1)],
+    )
+    cfg["decoder"]["in_channels"] = 256
+    return cfg
 
 
 def svtr_tiny(dict_file: str | Path | None = None) -> dict[str, Any]:
@@ -89,10 +124,12 @@ def svtr_tiny(dict_file: str | Path | None = None) -> dict[str, Any]:
     )
 
 
-DETECTORS = {"dbnet_resnet18_fpnc": dbnet_resnet18_fpnc}
-RECOGNIZERS = {"crnn_minivgg": crnn_minivgg, "svtr_tiny": svtr_tiny}
-# Input channels each recogniser expects (CRNN's mini-VGG is grayscale).
-REC_CHANNELS = {"crnn_minivgg": 1, "svtr_tiny": 3}
+DETECTORS = {"dbnet_resnet18_fpnc": dbnet_resnet18_fpnc, "dbnet_mobilenetv2_fpnc": dbnet_mobilenetv2_fpnc}
+RECOGNIZERS = {"crnn_minivgg": crnn_minivgg, "crnn_resnet_small": crnn_resnet_small, "svtr_tiny": svtr_tiny}
+# Input channels each recogniser expects (the CRNNs are grayscale).
+REC_CHANNELS = {"crnn_minivgg": 1, "crnn_resnet_small": 1, "svtr_tiny": 3}
+# Backbones that start from torchvision's ImageNet weights when training (config → torchvision arch).
+IMAGENET_INIT = {"dbnet_mobilenetv2_fpnc": "mobilenet_v2"}
 # SVTR's encoder has a fixed input width; CRNN takes any width.
 REC_FIXED_WIDTH = {"svtr_tiny": 100}
 

@@ -50,9 +50,46 @@ def build_model(cfg: dict[str, Any] | str) -> nn.Module:
     return model
 
 
-def build_detector(name: str = "dbnet_resnet18_fpnc") -> nn.Module:
-    """DBNet (ResNet-18 + FPNC), randomly initialised."""
-    return build_model(mm_configs.get(name))
+def build_detector(name: str = "dbnet_resnet18_fpnc", pretrained: bool = False) -> nn.Module:
+    """A DBNet detector; ``pretrained`` starts its backbone from ImageNet where the config has one."""
+    model = build_model(mm_configs.get(name))
+    if pretrained:
+        imagenet_init(model, name)
+    return model
+
+
+def imagenet_init(model: nn.Module, name: str) -> int:
+    """Copy torchvision's ImageNet weights into the backbone of config ``name``.
+
+    mmdet's MobileNetV2 builds its layers in the order of torchvision's ``features`` (stem,
+    seven inverted-residual stages, the 1×1 head), so the tensors pair up one to one; every
+    pair's shape is checked, so a different layout fails loudly instead of loading garbage.
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        ConfigError: The config has no ImageNet initialisation, the offline weights are missing,
+            or the layouts do not match.
+    """
+    arch = mm_configs.IMAGENET_INIT.get(name)
+    if arch is None:
+        raise ConfigError(f"mmocr config {name!r} has no ImageNet initialisation; "
+                          f"known: {sorted(mm_configs.IMAGENET_INIT)}")
+    from livelens.models.factory import create_backbone
+
+    src = [(k, v) for k, v in create_backbone(arch, pretrained=True).state_dict().items()
+           if not k.endswith("num_batches_tracked")]
+    dst_state = model.backbone.state_dict()
+    dst = [k for k in dst_state if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ConfigError(f"{arch} has {len(src)} tensors, the {name} backbone {len(dst)}")
+    for (sk, sv), dk in zip(src, dst, strict=True):
+        if sv.shape != dst_state[dk].shape:
+            raise ConfigError(f"{arch}.{sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst_state[dk].shape)}")
+        dst_state[dk] = sv.clone()
+    model.backbone.load_state_dict(dst_state)
+    return len(src)
 
 
 def build_recognizer(name: str = "crnn_minivgg", dict_file: str | None = None) -> nn.Module:
@@ -168,12 +205,15 @@ class MmocrEngine:
         det: Detector: a model-store ref (``name@version``), a state dict, or ``None`` for
             random weights (useful only for tests).
         rec: Recogniser, the same way.
-        det_name: Detector config name in :mod:`livelens.ocr.mm_configs`.
-        rec_name: Recogniser config name.
+        det_name: Detector config name in :mod:`livelens.ocr.mm_configs`; a stored model's card
+            names its own config, which wins.
+        rec_name: Recogniser config name, the same way.
         store: Model store root (for refs).
         rec_batch_num: Crops per recognition batch.
         text_score: Lines below this recognition score are dropped.
         min_box_score: Detections below this score are dropped.
+        det_size: Detector input's long side; a stored detector's card gives the size it was
+            trained at, which wins (text seen at twice its training size is text it never saw).
         device: Torch device.
         limits: Image limits.
     """
@@ -183,25 +223,49 @@ class MmocrEngine:
     def __init__(self, det: str | dict | None = None, rec: str | dict | None = None, *,
                  det_name: str = "dbnet_resnet18_fpnc", rec_name: str = "crnn_minivgg",
                  store: str | None = None, rec_batch_num: int = 64, text_score: float = 0.0,
-                 min_box_score: float = 0.3, device: str = "cpu", limits: ImageLimits = DEFAULT_LIMITS):
+                 min_box_score: float = 0.3, det_size: int = mm_configs.DET_SIZE, device: str = "cpu",
+                 limits: ImageLimits = DEFAULT_LIMITS):
         self.device = torch.device(device)
-        self.det_name, self.rec_name = det_name, rec_name
-        self.detector = self._load(build_detector(det_name), det, store)
-        self.recognizer = self._load(build_recognizer(rec_name), rec, store)
+        det_stored, rec_stored = self._stored(det, store), self._stored(rec, store)
+        self.det_name = _card_config(det_stored, det_name)
+        self.rec_name = _card_config(rec_stored, rec_name)
+        self.detector = self._load(build_detector(self.det_name), det_stored or det)
+        self.recognizer = self._load(build_recognizer(self.rec_name), rec_stored or rec)
+        trained_size = ((det_stored.card.get("train") or {}).get("det_size") if det_stored is not None else None)
+        self.det_size = int(trained_size or det_size)
         self.rec_batch_num = rec_batch_num
         self.text_score = text_score
         self.min_box_score = min_box_score
         self.limits = limits
         self.cards: dict[str, Any] = {}
 
-    def _load(self, model: nn.Module, src: str | dict | None, store: str | None) -> nn.Module:
-        if isinstance(src, str):
-            from livelens.store import DEFAULT_STORE, ModelStore
+    @classmethod
+    def from_modules(cls, detector: nn.Module | None = None, recognizer: nn.Module | None = None, *,
+                     det_name: str = "dbnet_resnet18_fpnc", rec_name: str = "crnn_minivgg",
+                     **kwargs: Any) -> MmocrEngine:
+        """An engine around models already in memory (e.g. at the end of a training run).
 
-            stored = ModelStore(store or DEFAULT_STORE).load(src)
-            model.load_state_dict(stored.state_dict)
-        elif isinstance(src, dict):
-            model.load_state_dict(src)
+        The one not given is built with random weights: score only the one you pass.
+        """
+        eng = cls(det_name=det_name, rec_name=rec_name, **kwargs)
+        if detector is not None:
+            eng.detector = detector.to(eng.device).eval()
+        if recognizer is not None:
+            eng.recognizer = recognizer.to(eng.device).eval()
+        return eng
+
+    @staticmethod
+    def _stored(src: str | dict | None, store: str | None) -> Any:
+        if not isinstance(src, str):
+            return None
+        from livelens.store import DEFAULT_STORE, ModelStore
+
+        return ModelStore(store or DEFAULT_STORE).load(src)
+
+    def _load(self, model: nn.Module, src: Any) -> nn.Module:
+        state = src if isinstance(src, dict) else getattr(src, "state_dict", None)
+        if state is not None:
+            model.load_state_dict(state)
         return model.to(self.device).eval()
 
     def detect(self, images: Sequence[Any]) -> list[list[TextBox]]:
@@ -210,7 +274,7 @@ class MmocrEngine:
         out: list[list[TextBox]] = [[] for _ in rgbs]
         live = [i for i, r in enumerate(rgbs) if r is not None]
         for i in live:  # one at a time: images differ in size, and padding would waste compute
-            (res,) = predict(self.detector, _to_device(det_inputs([rgbs[i]]), self.device))
+            (res,) = predict(self.detector, _to_device(det_inputs([rgbs[i]], size=self.det_size), self.device))
             pred = res.pred_instances
             for poly, score in zip(pred.polygons, pred.scores, strict=True):
                 poly = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
@@ -252,6 +316,13 @@ class MmocrEngine:
             if text.strip() and score >= self.text_score:
                 results[i].append(TextLine(b.polygon, b.box, text, score))
         return results
+
+
+def _card_config(stored: Any, default: str) -> str:
+    """The mm config a stored model was trained with (its card), else ``default``."""
+    if stored is None:
+        return default
+    return (stored.card.get("arch") or {}).get("config") or default
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
