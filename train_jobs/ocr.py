@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "det": dict(model="dbnet_mobilenetv2_fpnc", source="generate", generate=3000, max_samples=3000, epochs=30,
                     max_minutes=15, batch_size=8, lr=1e-3, warmup_steps=30, det_size=320, eval_samples=60),
         "rec": dict(model="crnn_resnet_small", source="generate", generate=40000, max_samples=40000, epochs=30,
-                    max_minutes=25, batch_size=64, lr=1e-3, warmup_steps=100, eval_samples=400),
+                    max_minutes=25, batch_size=32, lr=1e-3, warmup_steps=100, eval_samples=400),
     },
     "smoke": {
         "det": dict(model="dbnet_mobilenetv2_fpnc", source="generate", generate=8, max_samples=8, epochs=1,

@@ -89,10 +89,12 @@ def crnn_minivgg(dict_file: str | Path | None = None) -> dict[str, Any]:
 
 
 def crnn_resnet_small(dict_file: str | Path | None = None) -> dict[str, Any]:
-    """CRNN on a narrow residual CNN (mmocr's textrecog ``ResNet``), BiLSTM and CTC, grayscale.
+    """CRNN on a narrow residual CNN (mmocr's textrecog ``ResNet``) with a per-column CTC head, grayscale.
 
     Strides take a 32-px crop to height 1 and width/4, as mini-VGG does, with 32→256 channels
-    instead of 64→512.
+    instead of 64→512. The decoder is mmocr's ``CRNNDecoder`` with ``rnn_flag=False`` (a 1×1
+    convolution per column): with its BiLSTM, 631 steps on 2 cores (25 min) never left CTC's
+    all-blank plateau (held-out character recall 0.003); without it a step costs 30 % less.
     """
     cfg = crnn_minivgg(dict_file)
     cfg["backbone"] = dict(
@@ -100,7 +102,7 @@ def crnn_resnet_small(dict_file: str | Path | None = None) -> dict[str, Any]:
         arch_layers=[1, 2, 2, 2, 1], arch_channels=[32, 64, 128, 192, 256],
         strides=[(2, 2), (2, 2), (2, 1), (2, 1), (2, 1)],
     )
-    cfg["decoder"]["in_channels"] = 256
+    cfg["decoder"].update(in_channels=256, rnn_flag=False)
     return cfg
 
 
