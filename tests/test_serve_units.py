@@ -268,3 +268,22 @@ def test_colocated_capabilities_are_built_in_the_gateway_with_their_cpus():
     assert not isinstance(colo.init_kwargs["quality"], Colocated)  # only what was asked for
     with pytest.raises(ValueError, match="colocate"):
         AppArgs.model_validate({"gateway": {"colocate": ["ocr"]}})  # OCR has deployments of its own
+
+
+def test_make_run_layouts_and_args_override(tmp_path):
+    from serve_apps.__main__ import _parse, app_args
+    from serve_apps.gateway import AppArgs
+
+    colo = app_args(_parse(["--key-file", "k.json"]))
+    assert colo["gateway"] == {"colocate": ["moderate", "quality"], "key_file": "k.json"}
+    assert app_args(_parse(["--layout", "composed"]))["gateway"].get("colocate") is None
+    # --args wins over the layout, key by key, and can switch a capability off.
+    over = app_args(_parse(["--args", '{"gateway": {"colocate": ["quality"]}, "ocr": null}']))
+    assert over["gateway"]["colocate"] == ["quality"] and over["ocr"] is None
+    path = tmp_path / "args.json"
+    path.write_text('{"moderation": {"max_batch_size": 4}}')
+    from_file = app_args(_parse(["--args", str(path)]))
+    assert from_file["moderation"] == {"max_batch_size": 4} and from_file["gateway"]["colocate"]
+    for args in (colo, over, from_file):
+        AppArgs.model_validate(args)  # every layout is a valid application
+
