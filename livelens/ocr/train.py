@@ -217,7 +217,7 @@ def train_one_epoch(model: torch.nn.Module, batches, opt: torch.optim.Optimizer,
             budget.step += 1
         if log_every and n % log_every == 0:
             where = f"step {budget.step}, {budget.progress():.0%} of budget" if budget is not None else f"step {n}"
-            print(f"[ocr-train] {where}: loss {total / n:.4f}, lr {opt.param_groups[0]['lr']:.2e}", flush=True)
+            print(f"[ocr-train] {where}: epoch's mean loss {total / n:.4f}, lr {opt.param_groups[0]['lr']:.2e}", flush=True)
     return total / max(1, n)
 
 
@@ -227,7 +227,9 @@ def _all_done(done: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return done
-    flag = torch.tensor([1.0 if done else 0.0])
+    # NCCL reduces CUDA tensors only.
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if done else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
