@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
         url = f"http://{opts.host}:{opts.port}"
-        # Deploy without waiting for every replica: the gateway answers /healthz as soon as it is up,
-        # while the model replicas (OCR, moderation) finish loading behind it.
+        # Deploy without waiting for every replica: the gateway answers /healthz as soon as it is up
+        # (with the capabilities it colocates loaded), while the other model replicas (OCR, and in
+        # the composed layout moderation) finish loading behind it.
         serve._run(build_app(args), _blocking=False, name="livelens", route_prefix="/")
         health = _wait_healthz(url, stop)
         if health is None:
