@@ -101,6 +101,11 @@ class OcrTrainConfig:
         if self.max_minutes < 0 or self.eval_samples < 0 or self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("max_minutes, eval_samples and warmup_steps must be >= 0, lr > 0")
 
+    @property
+    def imagenet_arch(self) -> str | None:
+        """The torchvision arch the backbone starts from, or None (random init)."""
+        return mm_configs.IMAGENET_INIT.get(self.model) if self.pretrained else None
+
     def uses_manifest(self) -> bool:
         """Whether the data comes from the manifest (else it is generated in memory)."""
         return self.source == "manifest" or (
@@ -266,7 +271,7 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
     rng = np.random.default_rng(cfg.seed + ray.train.get_context().get_world_rank())
     if cfg.task == "det":
-        model = mm.build_detector(cfg.model, pretrained=cfg.pretrained and cfg.model in mm_configs.IMAGENET_INIT)
+        model = mm.build_detector(cfg.model, pretrained=cfg.imagenet_arch is not None)
     else:
         model = mm.build_recognizer(cfg.model)
     model = ray.train.torch.prepare_model(model)
@@ -357,8 +362,7 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
             "data": {"source": cfg.data if cfg.uses_manifest() else "generated:livelens.data.text",
                      "max_samples": cfg.max_samples, "heldout": "val split" if cfg.uses_manifest()
                      else "generated slots from 10,000,000 (disjoint from training)"},
-            "init": "imagenet:" + mm_configs.IMAGENET_INIT[cfg.model]
-            if cfg.pretrained and cfg.model in mm_configs.IMAGENET_INIT else "random",
+            "init": f"imagenet:{cfg.imagenet_arch}" if cfg.imagenet_arch else "random",
             "train": asdict(cfg),
             "metrics": dict(result.metrics or {}),
             "train_seconds": round(time.time() - t0, 1),
