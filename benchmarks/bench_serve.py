@@ -54,7 +54,7 @@ def raw_throughput(model: Any, jpegs: list[bytes], batch: int, seconds: float = 
     done, t0, i = 0, time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         frames = [decode_image(jpegs[(i + k) % len(jpegs)]) for k in range(batch)]
-        model._classify_sync(frames)
+        model.classify(frames)
         done, i = done + batch, i + batch
     return done / (time.perf_counter() - t0)
 
@@ -107,7 +107,7 @@ def gpu_images_per_s(seconds: float = 10.0) -> str | float:
 
     if not torch.cuda.is_available():
         return "not measured (no CUDA device on this machine)"
-    from serve_apps.common import find_in_stores
+    from livelens.store import find_in_stores
 
     found = find_in_stores("safety")
     if found is None:
@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(SERVE_MODES[a.serve_mode])
     jpegs = _frames(32)
 
-    from serve_apps.moderation import Moderation, ModerationArgs
+    from livelens.moderation import ModerationEngine
 
-    margs = ModerationArgs(max_batch_size=a.batch, cam_labels=0).model_dump()
-    raw_model = Moderation.func_or_class(margs)
-    raw_model._classify_sync([decode_image(jpegs[0])])  # warm-up (lazy init, allocator)
+    margs = {"live": {"max_batch_size": a.batch, "cam_labels": 0}}
+    # The raw baseline is the engine the deployment runs, called in-process on whole batches.
+    raw_model = ModerationEngine()
+    raw_model.classify([decode_image(jpegs[0])])  # warm-up (lazy init, allocator)
 
     import ray
     from ray import serve

@@ -8,6 +8,14 @@ The store lives on a local path or any pyarrow filesystem URI (``s3://…``, ``g
 
 A version is published by writing into a temporary directory and renaming it, so readers
 never see a half-written model.
+
+**The store chain.** Every job publishes into the *user store* (:func:`user_store`) and everything
+that loads a model — serving, evaluations, ``make coverage`` — searches the chain
+(:func:`store_chain`): the user store first, then the defaults shipped in
+``livelens/resources/default_models``. So a model a job trains is the one serving loads next,
+and a fresh clone still serves the shipped ones. ``LIVELENS_MODEL_STORE`` moves the user store
+(a path or a pyarrow URI shared by the cluster, e.g. for ``ray job submit``);
+``LIVELENS_MODEL_STORES`` (``os.pathsep``-separated) replaces the whole chain.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +39,64 @@ import torch
 from livelens.errors import ConfigError, ModelNotFoundError
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_PACKAGE = Path(__file__).resolve().parent
+#: The models that ship with livelens (a store root inside the package).
+SHIPPED_STORE = str(_PACKAGE / "resources" / "default_models")
+#: The user store, relative to the project root (see :func:`user_store`).
 DEFAULT_STORE = "runs/model_store"
+USER_STORE_ENV = "LIVELENS_MODEL_STORE"
+CHAIN_ENV = "LIVELENS_MODEL_STORES"
+
+
+def project_root() -> Path:
+    """The checkout livelens runs from (where ``runs/`` lives); the working directory for an installed package."""
+    root = _PACKAGE.parent
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def user_store() -> str:
+    """Where jobs publish: ``$LIVELENS_MODEL_STORE``, else ``<project root>/runs/model_store``.
+
+    Anchored at the project root rather than the working directory, so a job started from
+    ``train_jobs/``, a Tune trial directory or a notebook publishes where serving looks.
+    """
+    env = os.environ.get(USER_STORE_ENV, "").strip()
+    return env or str(project_root() / DEFAULT_STORE)
+
+
+def store_chain() -> list[str]:
+    """Stores to search, in order: the user store, then the shipped defaults (``$LIVELENS_MODEL_STORES`` overrides)."""
+    env = os.environ.get(CHAIN_ENV, "")
+    chain = [p for p in env.split(os.pathsep) if p.strip()]
+    return chain or [user_store(), SHIPPED_STORE]
+
+
+def find_in_stores(ref: str, stores: Sequence[str] | None = None) -> tuple[str, str] | None:
+    """The first store of the chain holding ``ref`` and the resolved ``name@version``, or None.
+
+    Args:
+        ref: ``name``, ``name@latest`` or ``name@version``.
+        stores: The chain to search; :func:`store_chain` when None or empty.
+
+    Raises:
+        ConfigError: ``ref`` is not a valid model name.
+    """
+    parse_ref(ref)
+    for root in stores or store_chain():
+        try:
+            return str(root), ModelStore(root).resolve(ref)
+        except (ModelNotFoundError, OSError):
+            continue
+    return None
+
+
+def open_in_stores(ref: str, stores: Sequence[str] | None = None) -> tuple[ModelStore, str]:
+    """Like :func:`find_in_stores`, but a missing model is a :class:`ModelNotFoundError` naming the chain."""
+    found = find_in_stores(ref, stores)
+    if found is None:
+        chain = list(stores or store_chain())
+        raise ModelNotFoundError(f"model {ref!r} is in none of the model stores {chain}")
+    return ModelStore(found[0]), found[1]
 
 
 def json_safe(obj: Any) -> Any:
@@ -79,8 +146,8 @@ class ModelStore:
         root: A local directory or a pyarrow filesystem URI.
     """
 
-    def __init__(self, root: str | Path = DEFAULT_STORE):
-        root = str(root)
+    def __init__(self, root: str | Path | None = None):
+        root = str(root) if root is not None else user_store()
         if "://" in root:
             self.fs, self.root = pafs.FileSystem.from_uri(root)
         else:

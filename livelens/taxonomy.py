@@ -8,7 +8,8 @@ the file and line, because a taxonomy edited by hand is the usual source of mist
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -120,6 +121,43 @@ class Taxonomy:
         if action == "review" and decision == "block":
             return "review"
         return decision
+
+    def with_thresholds(self, overrides: Mapping[str, Mapping[str, float]]) -> Taxonomy:
+        """A copy with some labels' block/review thresholds replaced (live tuning, no file edit).
+
+        Args:
+            overrides: ``{label: {"threshold": t, "review": r}}``; either key may be left out,
+                keeping the label's own value.
+
+        Raises:
+            TaxonomyError: An unknown label or key, a value outside [0, 1], or review above threshold.
+        """
+        if not overrides:
+            return self
+        labels = dict(self.labels)
+        for name, values in overrides.items():
+            if name not in labels:
+                raise TaxonomyError(f"threshold override for unknown label {name!r}")
+            if not isinstance(values, Mapping) or set(values) - {"threshold", "review"}:
+                raise TaxonomyError(f"threshold override for {name!r} takes 'threshold' and/or 'review', got {values!r}")
+            lab = labels[name]
+            thr = _prob(values.get("threshold", lab.threshold), "threshold", f"override {name}")
+            rev = _prob(values.get("review", min(lab.review, thr)), "review", f"override {name}")
+            if rev > thr:
+                raise TaxonomyError(f"override {name}: review threshold {rev} is above the block threshold {thr}")
+            labels[name] = replace(lab, threshold=thr, review=rev)
+        return Taxonomy(version=self.version, labels=labels, groups=self.groups, source=self.source,
+                        children=self.children)
+
+    def raise_threshold(self, name: str) -> float:
+        """The score from which the service acts on ``name``: review for block/review groups, block for tags.
+
+        This is "the served threshold" of every precision/recall figure: a label counts as
+        predicted when the answer would route it to review or block it (or, for informational
+        ``tag`` groups such as games, would tag it).
+        """
+        label = self.labels[name]
+        return label.threshold if self.groups[label.group].action == "tag" else label.review
 
     @staticmethod
     def worst(decisions: list[Decision]) -> Decision:

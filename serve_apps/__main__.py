@@ -19,7 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve_apps.common import REPO, SERVE_MODES, direct_ingress_url, find_in_stores
+from livelens.store import find_in_stores
+from serve_apps.common import REPO, SERVE_MODES, direct_ingress_url
 
 #: Where the capabilities run. On one node a hop between replicas costs more than it gives: in the
 #: same benchmark run, /v1/moderate served 0.916× the raw model colocated and 0.752× composed, with
@@ -30,17 +31,54 @@ LAYOUTS: dict[str, dict] = {
 }
 
 
+CONFIG = REPO / "serve_apps" / "config" / "livelens.yaml"
+
+
+def _overlay(base: dict, given: dict) -> dict:
+    """``given`` laid over ``base`` one level deep per capability (its values win)."""
+    merged = {cap: dict(v) if isinstance(v, dict) else v for cap, v in base.items()}
+    for cap, val in given.items():
+        merged[cap] = {**(merged.get(cap) or {}), **val} if isinstance(val, dict) and merged.get(cap) is not None \
+            else val
+    return merged
+
+
 def app_args(opts: argparse.Namespace) -> dict:
-    """``AppArgs`` for the layout, with ``--args`` laid over it (its values win) and the key file set."""
+    """``AppArgs`` of the shipped config (serve_apps/config/livelens.yaml), the layout, then ``--args`` over both."""
     given: dict = {}
     if opts.args:
         text = Path(opts.args).read_text() if Path(opts.args).is_file() else opts.args
         given = json.loads(text)
-    merged = {cap: dict(v) for cap, v in LAYOUTS[opts.layout].items()}
-    for cap, val in given.items():
-        merged[cap] = {**merged.get(cap, {}), **val} if isinstance(val, dict) else val
+    merged = _overlay(_overlay(deploy_config(opts.config)["applications"][0].get("args") or {},
+                               LAYOUTS[opts.layout]), given)
     merged.setdefault("gateway", {})["key_file"] = opts.key_file
     return merged
+
+
+def deploy_config(path: str | Path = CONFIG) -> dict:
+    """The Serve config file ``make run`` starts from (one application)."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    apps = doc.get("applications") or []
+    if len(apps) != 1:
+        raise SystemExit(f"{path}: make run serves one application, the file has {len(apps)}")
+    return doc
+
+
+def serve_schema(opts: argparse.Namespace, args: dict):
+    """The validated Serve config ``make run`` applies: the file's application with the merged args.
+
+    Deploying a config (not ``serve.run``) is what lets ``python -m serve_apps.admin`` and
+    ``PUT /v1/admin/live`` change live settings later, as ``serve deploy`` of an edited file does.
+    """
+    from livelens.serving.config import validate_serve_config
+
+    doc = deploy_config(opts.config)
+    app = {**doc["applications"][0], "name": "livelens", "route_prefix": "/", "args": args}
+    return validate_serve_config({"applications": [app], "proxy_location": doc.get("proxy_location", "EveryNode"),
+                                  "http_options": {**(doc.get("http_options") or {}), "host": opts.host,
+                                                   "port": opts.port}})
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -51,8 +89,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="logical CPUs for the local cluster (deployments use fractions of one)")
     p.add_argument("--object-store-mb", type=int, default=512)
     p.add_argument("--key-file", default="runs/api_keys.json")
+    p.add_argument("--config", default=str(CONFIG), help="the Serve config file to start from")
     p.add_argument("--args", default=None, help="JSON (or a path to JSON) of serve_apps.gateway.AppArgs; "
-                   "its keys win over the layout's")
+                   "its keys win over the config file's and the layout's")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="colocated",
                    help="colocated (default): moderation and quality run inside the gateway replica, OCR "
                         "and streams are deployments of their own; composed: every capability is its own "
@@ -152,13 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     # Serve reads these when each of its processes imports it; the raylet passes them on.
     os.environ.update(SERVE_MODES[opts.serve_mode])
     args = app_args(opts)
+    schema = serve_schema(opts, args)
+    # Ray reads its auth and Serve flags when first imported, so the app's models load after them.
+    from serve_apps.gateway import AppArgs
+
+    AppArgs.model_validate(args)  # typos fail here, with pydantic's message, before Ray starts
     ensure_default_models(not opts.no_build)
     key = dev_key(opts.key_file)
 
     import ray
     from ray import serve
 
-    from serve_apps.gateway import build_app
 
     stop = threading.Event()
 
@@ -175,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         # Deploy without waiting for every replica: the gateway answers /healthz as soon as it is up
         # (with the capabilities it colocates loaded), while the other model replicas (OCR, and in
         # the composed layout moderation) finish loading behind it.
-        serve._run(build_app(args), _blocking=False, name="livelens", route_prefix="/")
+        from ray.serve.context import _get_global_client
+
+        _get_global_client().deploy_apps(schema, _blocking=False)
         health = _wait_healthz(url, stop)
         if health is None:
             return 1

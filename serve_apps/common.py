@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REPO = Path(__file__).resolve().parents[1]
-#: Where models are looked up, in order: the user's trained models first, then the shipped defaults.
-DEFAULT_STORES = ("runs/model_store", str(REPO / "livelens" / "resources" / "default_models"))
+
+
+class Args(BaseModel):
+    """Base of the capabilities' args: a partial nested mapping overrides only the keys it names.
+
+    ``moderation.deploy: {max_replicas: 2}`` keeps moderation's own default CPUs and queue limits
+    (those of its ``default_factory``), where plain pydantic would rebuild ``DeployOptions`` from
+    the class defaults and silently change them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_nested_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, f in cls.model_fields.items():
+            given = out.get(name)
+            if isinstance(given, dict) and f.default_factory is not None:
+                default = f.default_factory()
+                if isinstance(default, BaseModel):
+                    out[name] = {**default.model_dump(exclude_unset=False), **given}
+        return out
 
 
 class DeployOptions(BaseModel):
@@ -104,25 +126,6 @@ def direct_ingress_url(app_name: str, host: str | None = None) -> str | None:
     return None
 
 
-def store_chain() -> list[str]:
-    """Model stores to search, in order; ``LIVELENS_MODEL_STORES`` (os.pathsep-separated) overrides."""
-    env = os.environ.get("LIVELENS_MODEL_STORES")
-    return [p for p in env.split(os.pathsep) if p] if env else list(DEFAULT_STORES)
-
-
-def find_in_stores(ref: str, stores: list[str] | None = None) -> tuple[str, str] | None:
-    """The first store holding ``ref`` and the resolved ``name@version``, or None."""
-    from livelens.errors import ModelNotFoundError
-    from livelens.store import ModelStore
-
-    for root in stores or store_chain():
-        try:
-            return root, ModelStore(root).resolve(ref)
-        except (ModelNotFoundError, OSError):
-            continue
-    return None
-
-
 def unwrap(exc: BaseException) -> BaseException:
     """The original exception behind a Ray task error, so typed errors keep their type and code."""
     seen = 0
@@ -180,7 +183,7 @@ class Colocated:
     """
 
     cls: type
-    args: dict
+    args: Any
 
     def build(self) -> LocalHandle:
         return LocalHandle(self.cls(self.args))

@@ -9,6 +9,7 @@ Run the whole graph with ``serve run serve_apps.gateway:build_app`` or ``python 
 
 import asyncio
 import importlib.util
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -22,17 +23,22 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from livelens import fusion
 from livelens.errors import (
+    ConfigError,
     InvalidArgumentError,
     LivelensError,
     OverloadedError,
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
-from livelens.ocr.entities import AUTHORITATIVE_LABELS
 from livelens.serving import inputs
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
-from serve_apps.common import Colocated, DeployOptions, LocalHandle, unwrap
+from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, unwrap
+from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
+from serve_apps.ocr import OcrArgs, bind_ocr
+from serve_apps.quality import Quality, QualityArgs, bind_quality
+from serve_apps.streams import StreamsArgs, bind_streams
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
@@ -40,7 +46,23 @@ EVIDENCE_MODES = ("none", "boxes", "heatmap", "polygons")
 CAPABILITIES = ("moderate", "ocr", "quality")
 
 
-class GatewayArgs(BaseModel):
+class GatewayConfig(BaseModel):
+    """Gateway knobs that change without a restart (the Gateway deployment's ``user_config``).
+
+    Attributes:
+        thresholds: Per label, a block ``threshold`` and/or ``review`` threshold replacing the
+            taxonomy's; every answer's decisions follow them at once (``livelens.fusion.redecide``).
+        moderation: The live config of colocated moderation (:class:`serve_apps.moderation.ModerationConfig`).
+        quality: The live config of colocated quality (:class:`serve_apps.quality.QualityConfig`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
+    moderation: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+
+
+class GatewayArgs(Args):
     """Gateway settings.
 
     Attributes:
@@ -50,6 +72,7 @@ class GatewayArgs(BaseModel):
         max_bytes: Largest encoded image.
         max_pixels: Largest decoded image (width × height), checked before decoding.
         retry_after_s: What 503 answers suggest.
+        live: The starting :class:`GatewayConfig` (Serve's ``user_config`` replaces it live).
         colocate: Capabilities built inside the gateway replica instead of as deployments of their
             own (``moderate``, ``quality``). Each call then skips a Serve hop (about 1.3 ms of a
             ~4 ms per-request overhead here); the capability's CPUs are added to the gateway's, it
@@ -67,6 +90,7 @@ class GatewayArgs(BaseModel):
     max_pixels: int = Field(40_000_000, gt=0)
     retry_after_s: int = Field(1, ge=0)
     colocate: list[Literal["moderate", "quality"]] = Field(default_factory=list)
+    live: GatewayConfig = Field(default_factory=lambda: GatewayConfig())
     deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(max_ongoing_requests=64,
                                                                         max_queued_requests=512))
 
@@ -140,51 +164,17 @@ def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedErro
     return err
 
 
-def overrule_unread(labels: list[dict], ocr_labels: list[dict]) -> list[dict]:
-    """Demote to ``pass`` the classifier labels OCR reads directly that OCR did not raise.
-
-    When OCR ran on the frame, its reading decides :data:`livelens.ocr.entities.AUTHORITATIVE_LABELS`:
-    on the held-out frames the classifier's own guesses for them only added false positives
-    (WeChat ids: OCR alone 0.978, union 0.948; docs/training.md). The score stays (it is still
-    evidence of something), with ``overruled`` saying why.
-    """
-    read = {lab["name"] for lab in ocr_labels}
-    out = []
-    for lab in labels:
-        if lab["name"] in AUTHORITATIVE_LABELS and lab["name"] not in read and lab.get("decision") != "pass":
-            lab = {**lab, "decision": "pass", "overruled": "OCR read the frame and found no such entity"}
-        out.append(lab)
-    return out
-
-
-def merge_labels(labels: list[dict]) -> list[dict]:
-    """One entry per label name: the highest score wins, evidence and model names are pooled."""
-    best: dict[str, dict] = {}
-    for lab in labels:
-        cur = best.get(lab["name"])
-        if cur is None:
-            best[lab["name"]] = {**lab, "evidence": list(lab.get("evidence", []))}
-            continue
-        pooled = cur["evidence"] + list(lab.get("evidence", []))
-        if lab["score"] > cur["score"]:
-            cur.update(lab)
-        cur["evidence"] = pooled
-    return sorted(best.values(), key=lambda x: -x["score"])
-
-
-def worst_decision(labels: list[dict]) -> str:
-    """The most severe decision among labels (pass when none)."""
-    rank = {"pass": 0, "review": 1, "block": 2}
-    return max((lab["decision"] for lab in labels), key=rank.__getitem__, default="pass")
-
-
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
     """The FastAPI ingress; capability deployments arrive as handles (None = not deployed)."""
 
-    def __init__(self, args: dict, moderation=None, ocr=None, quality=None, streams=None):
-        self.args = GatewayArgs.model_validate(args)
+    def __init__(self, args: GatewayArgs, moderation=None, ocr=None, quality=None, streams=None):
+        from livelens.taxonomy import load_taxonomy
+
+        self.args = args
+        self.base_tax = load_taxonomy()
+        self.live, self.tax = args.live, self.base_tax.with_thresholds(args.live.thresholds)
         self.policy = inputs.InputPolicy(
             limits=ImageLimits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
             url_allowlist=frozenset(h.lower() for h in self.args.url_allowlist),
@@ -197,6 +187,30 @@ class Gateway:
         if self.args.require_auth and not len(self.keys):
             log.warning("no API keys configured (%s / LIVELENS_API_KEYS): every /v1 request will get 401",
                         self.args.key_file)
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply a new ``user_config``: threshold overrides, and the live configs of colocated capabilities.
+
+        Raises:
+            ConfigError: An invalid config or threshold; nothing is changed then.
+        """
+        from livelens.errors import ConfigError
+
+        try:
+            live = GatewayConfig.model_validate(config or {})
+        except ValueError as exc:
+            raise ConfigError(f"gateway user_config: {exc}") from None
+        tax = self.base_tax.with_thresholds(live.thresholds)
+        for cap, key in (("moderate", "moderation"), ("quality", "quality")):
+            h, given = self.handles.get(cap), getattr(live, key)
+            if given is not None and not isinstance(h, LocalHandle):
+                raise ConfigError(f"gateway user_config has {key!r}, but {cap} is not colocated in the gateway; "
+                                  "set it on its own deployment")
+            if isinstance(h, LocalHandle) and given is not None and given != getattr(self.live, key):
+                result = h.instance.reconfigure(given)
+                if inspect.isawaitable(result):
+                    await result
+        self.live, self.tax = live, tax
 
     def check_health(self) -> None:
         """Serve calls this periodically; colocated capabilities are checked here, deployments by Serve."""
@@ -283,8 +297,7 @@ class Gateway:
         t0 = time.perf_counter()
         results = await asyncio.gather(*calls.values(), return_exceptions=True)
         timings.add("fanout", (time.perf_counter() - t0) * 1000)
-        out: dict[str, Any] = {"models": []}
-        by_cap: dict[str, list[dict]] = {}
+        results_by_cap = {}
         for cap, res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
                 cause = unwrap(res)
@@ -293,16 +306,9 @@ class Gateway:
                 raise cause
             for stage, ms in res.pop("timings_ms", {}).items():
                 timings.add(f"{cap}.{stage}", ms)
-            out["models"] += res.pop("models", [])
-            by_cap[cap] = res.pop("labels", [])
-            out[cap if cap != "moderate" else "moderation"] = res
-        if "ocr" in by_cap and "moderate" in by_cap:
-            by_cap["moderate"] = overrule_unread(by_cap["moderate"], by_cap["ocr"])
-        out["labels"] = merge_labels([lab for labs in by_cap.values() for lab in labs])
-        out["decision"] = worst_decision(out["labels"])
-        out["models"] = sorted(set(out["models"]))
-        out["image"] = {"width": image.width, "height": image.height}
-        return out
+            results_by_cap[cap] = res
+        with timings.stage("fusion"):
+            return fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
 
     async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
         rid = _rid(request)
@@ -372,7 +378,34 @@ class Gateway:
                 models += [{**m, "capability": cap} for m in res.get("models", [])]
                 if res.get("missing"):
                     problems[cap] = res["missing"]
-        return JSONResponse({"request_id": _rid(request), "models": models, "problems": problems})
+        from livelens.coverage import coverage_rows, summary
+
+        rows = coverage_rows(self.tax, models)
+        return JSONResponse({"request_id": _rid(request), "models": models, "problems": problems,
+                             "coverage": {"summary": summary(rows), "labels": rows},
+                             "thresholds": self.live.thresholds})
+
+    @api.get("/v1/admin/live", summary="Each capability's live config (model versions, thresholds, batching)")
+    async def live_configs(self, request: Request) -> JSONResponse:
+        from serve_apps import admin
+
+        self._auth(request, "admin")
+        live = await asyncio.to_thread(admin.current_live, serve.get_replica_context().app_name)
+        return JSONResponse({"request_id": _rid(request), "live": live})
+
+    @api.put("/v1/admin/live/{capability}", summary="Change a capability's live config without a restart")
+    async def set_live_config(self, capability: str, request: Request) -> JSONResponse:
+        """The body is a JSON object of the fields to change, e.g. ``{"safety_ref": "safety@2"}``.
+
+        The change goes through the Serve controller (as ``serve deploy`` of an edited config), so
+        every replica, and every replica started later, runs it.
+        """
+        from serve_apps import admin
+
+        self._auth(request, "admin")
+        changes = await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy)
+        live = await asyncio.to_thread(admin.set_live, capability, changes, serve.get_replica_context().app_name)
+        return JSONResponse({"request_id": _rid(request), "capability": capability, "live": live})
 
     @api.post("/v1/moderate", summary="Safety labels with pass/review/block and evidence")
     async def moderate(self, request: Request) -> JSONResponse:
@@ -433,53 +466,77 @@ class Gateway:
 
 
 class AppArgs(BaseModel):
-    """The whole graph; each capability can be switched off (its routes then answer 503)."""
+    """The whole graph, validated once; each capability can be switched off (None: its routes answer 503)."""
 
     model_config = ConfigDict(extra="forbid")
     gateway: GatewayArgs = Field(default_factory=GatewayArgs)
-    moderation: dict | None = Field(default_factory=dict)
-    ocr: dict | None = Field(default_factory=dict)
-    quality: dict | None = Field(default_factory=dict)
-    streams: dict | None = Field(default_factory=dict)
+    moderation: ModerationArgs | None = Field(default_factory=ModerationArgs)
+    ocr: OcrArgs | None = Field(default_factory=OcrArgs)
+    quality: QualityArgs | None = Field(default_factory=QualityArgs)
+    streams: StreamsArgs | None = Field(default_factory=StreamsArgs)
+
+
+def colocated_args(args: AppArgs) -> AppArgs:
+    """``args`` with each colocated capability's live config in the gateway's, where ``reconfigure`` finds it.
+
+    A live config the gateway's already names wins, and becomes the capability's starting one.
+    """
+    live = args.gateway.live.model_copy()
+    caps = {}
+    for cap, key in (("moderate", "moderation"), ("quality", "quality")):
+        cap_args = getattr(args, key)
+        if cap not in args.gateway.colocate or cap_args is None:
+            if getattr(live, key) is not None:
+                raise ConfigError(f"gateway.live.{key} is set, but {cap} is not colocated (gateway.colocate)")
+            continue
+        given = getattr(live, key)
+        if given is None:
+            setattr(live, key, cap_args.live.model_dump())
+        else:
+            caps[key] = cap_args.model_copy(update={"live": type(cap_args.live).model_validate(given)})
+    return args.model_copy(update={"gateway": args.gateway.model_copy(update={"live": live}), **caps})
 
 
 def build_app(args: AppArgs | dict | None = None):
     """The full graph: gateway → moderation, OCR (detect → recognize), quality, streams.
 
     Args:
-        args: ``AppArgs`` (or a dict of it); a capability set to None is not deployed.
+        args: ``AppArgs`` (or a dict of it, validated here once); a capability set to None is not deployed.
+
+    Raises:
+        ConfigError: Invalid args (the message lists pydantic's findings).
     """
-    args = AppArgs.model_validate(args or {}) if not isinstance(args, AppArgs) else args
-    handles: dict[str, Any] = {}
+    if not isinstance(args, AppArgs):
+        try:
+            args = AppArgs.model_validate(args or {})
+        except ValueError as exc:
+            raise ConfigError(f"invalid livelens app args: {exc}") from None
     # A capability whose library is not installed is left out (its routes answer 503) rather than
     # failing the whole graph: the gateway, quality and streams stay useful on their own.
     if args.ocr is not None and importlib.util.find_spec("livelens.ocr") is None:
         log.warning("livelens.ocr is not available: /v1/ocr is not deployed")
         args = args.model_copy(update={"ocr": None})
+    args = colocated_args(args)
     colocate = set(args.gateway.colocate)
+    handles: dict[str, Any] = {}
     extra_cpus = 0.0
 
-    def capability(cap: str, cap_args: dict, deployment: Any, args_model: type[BaseModel], bind: Any) -> Any:
+    def capability(cap: str, cap_args: BaseModel, deployment: Any, bind: Any) -> Any:
         """The bound deployment, or (colocated) its class and args, whose CPUs the gateway then takes."""
         nonlocal extra_cpus
         if cap not in colocate:
             return bind(cap_args)
-        valid = args_model.model_validate(cap_args)
-        extra_cpus += valid.deploy.num_cpus
-        return Colocated(deployment.func_or_class, valid.model_dump())
+        extra_cpus += cap_args.deploy.num_cpus
+        return Colocated(deployment.func_or_class, cap_args)
 
     if args.moderation is not None:
-        from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
-        handles["moderation"] = capability("moderate", args.moderation, Moderation, ModerationArgs, bind_moderation)
+        handles["moderation"] = capability("moderate", args.moderation, Moderation, bind_moderation)
     if args.ocr is not None:
-        from serve_apps.ocr import bind_ocr
         handles["ocr"] = bind_ocr(args.ocr)
     if args.quality is not None:
-        from serve_apps.quality import Quality, QualityArgs, bind_quality
-        handles["quality"] = capability("quality", args.quality, Quality, QualityArgs, bind_quality)
+        handles["quality"] = capability("quality", args.quality, Quality, bind_quality)
     if args.streams is not None:
-        from serve_apps.streams import bind_streams
         handles["streams"] = bind_streams(args.streams)
     options = args.gateway.deploy.to_options()
     options["ray_actor_options"]["num_cpus"] += extra_cpus  # the colocated models run in this replica
-    return Gateway.options(**options).bind(args.gateway.model_dump(), **handles)
+    return Gateway.options(**options, user_config=args.gateway.live.model_dump()).bind(args.gateway, **handles)

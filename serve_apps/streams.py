@@ -13,13 +13,13 @@ import base64
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 
-from serve_apps.common import DeployOptions
+from serve_apps.common import Args, DeployOptions
 
 
-class StreamsArgs(BaseModel):
+class StreamsArgs(Args):
     """Streams settings.
 
     Attributes:
@@ -47,10 +47,10 @@ class StreamsArgs(BaseModel):
 class Streams:
     """Folds frame verdicts into persisted stream state."""
 
-    def __init__(self, args: dict):
+    def __init__(self, args: StreamsArgs):
         from livelens.serving.streams import SqliteStreamStore, StreamPolicy
 
-        self.args = StreamsArgs.model_validate(args)
+        self.args = args
         a = self.args
         self.policy = StreamPolicy(window=a.window, k=a.k, base_interval_s=a.base_interval_s,
                                    min_interval_s=a.min_interval_s, max_evidence=a.max_evidence)
@@ -140,14 +140,15 @@ class Streams:
                 "served_at": time.time()}
 
 
-def bind_streams(args: dict | None = None):
+def bind_streams(args: StreamsArgs | dict | None = None):
     """The streams deployment, bound (for composition into the gateway)."""
-    a = StreamsArgs.model_validate(args or {})
-    return Streams.options(**{**a.deploy.to_options(),
-                              "autoscaling_config": {**a.deploy.to_options()["autoscaling_config"],
-                                                     "max_replicas": 1}}).bind(a.model_dump())
+    a = args if isinstance(args, StreamsArgs) else StreamsArgs.model_validate(args or {})
+    options = a.deploy.to_options()
+    # One replica owns the SQLite file (module docstring).
+    return Streams.options(**{**options, "autoscaling_config": {**options["autoscaling_config"], "max_replicas": 1}}
+                           ).bind(a)
 
 
 def build_app(args: StreamsArgs | dict | None = None):
     """Streams alone (used through a handle)."""
-    return bind_streams(args.model_dump() if isinstance(args, StreamsArgs) else args)
+    return bind_streams(args)

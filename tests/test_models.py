@@ -89,7 +89,7 @@ def test_bad_configs_fail_before_the_backbone_is_built(monkeypatch) -> None:
     def must_not_build(pretrained: bool):
         raise AssertionError("the backbone was built before the config was checked")
 
-    monkeypatch.setitem(factory._BACKBONES, "resnet50", must_not_build)
+    monkeypatch.setitem(factory.BACKBONES._items, "resnet50", factory.BackboneSpec(must_not_build, 2048))
     tax = load_taxonomy()
     bad = [
         dict(pool="median", num_classes=3),
@@ -104,13 +104,35 @@ def test_bad_configs_fail_before_the_backbone_is_built(monkeypatch) -> None:
     for kw in bad:
         with pytest.raises(ConfigError):
             create_model("resnet50", **kw)
-    with pytest.raises(ConfigError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown backbone 'vit_giant'"):
         create_model("vit_giant", num_classes=3)
 
 
-def test_name_table_rejects_duplicates() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        factory.register_backbone("resnet18", factory._resnet18)
+def test_name_tables_reject_duplicates_and_unknown_names() -> None:
+    from livelens.models.pooling import POOL_BUILDERS
+    from livelens.ocr.engine import ENGINES
+    from livelens.ocr.mm_configs import DETECTORS, RECOGNIZERS
+
+    for table, name in ((factory.BACKBONES, "resnet18"), (POOL_BUILDERS, "gated"), (DETECTORS, "dbnet_resnet18_fpnc"),
+                        (RECOGNIZERS, "crnn_minivgg"), (ENGINES, "ppocr")):
+        with pytest.raises(ValueError, match="already registered"):
+            table.register(name, table.get(name))
+        with pytest.raises(ConfigError, match=f"unknown {table.kind} 'nope'; choose one of .*{name}"):
+            table.get("nope")
+
+
+def test_check_model_dry_builds_the_pooling_at_the_backbone_width(monkeypatch) -> None:
+    def must_not_build(pretrained: bool):
+        raise AssertionError("a dry check built the backbone")
+
+    monkeypatch.setitem(factory.BACKBONES._items, "resnet50", factory.BackboneSpec(must_not_build, 2048))
+    assert factory.check_model("resnet50", "avg") == 2048
+    assert factory.check_model("resnet50", "bilinear", reduce_dim=64) == 64 * 64
+    assert factory.check_model("resnet50", "compact_bilinear", sketch_dim=512) == 512
+    for pool, kw in (("gated", {"grid": 0}), ("tree", {"depth": "three"}), ("avg", {"grid": 4}),
+                     ("compact_bilinear", {"sketchdim": 512}), ("median", {})):
+        with pytest.raises(ConfigError):
+            factory.check_model("resnet50", pool, **kw)
 
 
 def test_multitask_loss_weights_and_predict() -> None:

@@ -93,9 +93,9 @@ def test_manifest_features_are_photo_disjoint_and_cached_per_dataset(tmp_path):
 def test_shipped_quality_model_ranks_distortion_levels():
     """The default `quality_iqa` (built by `make default-models`) scores heavier distortion lower."""
     from livelens.quality import distort as dist
-    from serve_apps.common import DEFAULT_STORES
+    from livelens.store import SHIPPED_STORE
 
-    store = ModelStore(DEFAULT_STORES[1])
+    store = ModelStore(SHIPPED_STORE)
     model = iqa.IqaModel.from_store(store)
     metrics = store.card(model.ref)["metrics"]
     # The card carries what its training run measured on held-out photos (see docs/quality.md).

@@ -43,11 +43,9 @@ def app(serve_session, tmp_path_factory):
     spec.update(name=APP, route_prefix=PREFIX)
     args = spec["args"]
     args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES)
-    args["streams"].update(db_path=str(tmp / "streams.sqlite"), window=4, k=2)
-    for dep in spec["deployments"]:
-        if dep["name"] == "Moderation":  # a tiny queue so the backpressure test can fill it
-            dep.update(max_ongoing_requests=2, max_queued_requests=2,
-                       autoscaling_config={"min_replicas": 1, "max_replicas": 1})
+    args["streams"] = {"db_path": str(tmp / "streams.sqlite"), "window": 4, "k": 2}
+    # A tiny moderation queue so the backpressure test can fill it.
+    args["moderation"]["deploy"].update(max_ongoing_requests=2, max_queued_requests=2, max_replicas=1)
     schema = validate_serve_config({"applications": [spec]})
     serve.context._get_global_client().deploy_apps(schema)
     base = serve_session + PREFIX
@@ -360,8 +358,9 @@ def test_moderation_lone_requests_skip_the_batch_wait_and_concurrent_ones_share_
     from serve_apps.moderation import bind_moderation
 
     # A long batch wait makes the difference plain: a lone request that queued would wait 2 s.
-    handle = serve.run(bind_moderation({"use_open_nsfw": False, "batch_wait_timeout_s": 2.0, "max_batch_size": 4,
-                                        "cam_labels": 0, "deploy": {"num_cpus": 0.1, "max_ongoing_requests": 16}}),
+    handle = serve.run(bind_moderation({"use_open_nsfw": False, "live": {"batch_wait_timeout_s": 2.0, "max_batch_size": 4,
+                                                                         "cam_labels": 0},
+                                        "deploy": {"num_cpus": 0.1, "max_ongoing_requests": 16}}),
                        name="moderation_batching", route_prefix=None)
     frames = [data.astronaut(), data.coffee(), data.chelsea(), np.full((240, 320, 3), 30, np.uint8)]
     try:
@@ -420,3 +419,119 @@ def test_colocated_gateway_answers_as_the_composed_graph(app, tmp_path):
         assert httpx.get(f"{colo}/healthz", timeout=10).json()["capabilities"] == ["moderate", "quality"]
     finally:
         serve.delete("livelens_colo")
+
+
+def test_models_report_label_coverage_for_every_leaf(app):
+    from livelens.taxonomy import load_taxonomy
+
+    body = httpx.get(f"{app['url']}/v1/models", headers=app["headers"], timeout=30).json()
+    rows = {r["label"]: r for r in body["coverage"]["labels"]}
+    tax = load_taxonomy()
+    assert set(rows) == set(tax.leaves)  # nothing silently absent
+    assert rows["ads_phone"]["status"] == "covered" and {s["source"] for s in rows["ads_phone"]["sources"]} >= {"ocr_rule"}
+    assert rows["ads_watermark"]["status"] == "covered"
+    assert rows["weapon_gun"]["status"] == "none" and rows["weapon_gun"]["sources"] == []
+    assert rows["exposure_genitals"]["status"] == "category"  # open_nsfw speaks for the porn category only
+    s = body["coverage"]["summary"]
+    assert s["leaves"] == len(tax.leaves) == s["covered"] + s["category"] + s["none"] and 15 <= s["covered"] < 60
+
+
+def _eval_frames() -> list[tuple[str, bytes]]:
+    """Generated frames of a seed no model was trained or tuned on, and the phone/QR banner, as JPEG."""
+    from livelens.data.frames import FrameConfig, generate_frames
+
+    cfg = FrameConfig(p_frozen=0.0)
+    rows = [r for r in generate_frames(0, 6, seed=4242, cfg=cfg)][:5]
+    return [(r["id"][:8], r["image_bytes"]) for r in rows] + [("banner", _jpeg(_banner_frame()))]
+
+
+def test_the_evaluation_measures_what_http_answers(app):
+    """The same frames through /v1/analyze and through the evaluation's analyser: the same labels."""
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.imageio import decode_image
+
+    analyzer = LocalAnalyzer()
+    compared = 0
+    for name, data in _eval_frames():
+        r = httpx.post(f"{app['url']}/v1/analyze", content=data, timeout=120,
+                       headers={**app["headers"], "content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        served = r.json()
+        local = analyzer.analyze(decode_image(data))
+        assert served["models"] == local["models"], name
+        assert served["decision"] == local["decision"], name
+        got = {lab["name"]: (lab["decision"], lab["model"]) for lab in served["labels"]}
+        want = {lab["name"]: (lab["decision"], lab["model"]) for lab in local["labels"]}
+        assert got == want, name
+        assert {k: v["score"] for k, v in zip(got, served["labels"], strict=True)} == pytest.approx(
+            {lab["name"]: lab["score"] for lab in local["labels"]}, abs=1e-3), name
+        assert [ln["text"] for ln in served["ocr"]["lines"]] == [ln["text"] for ln in local["ocr"]["lines"]], name
+        compared += len(got)
+    assert compared >= 10  # the frames carry labels: the comparison is not of empty answers
+
+
+def _store_with_two_safety_versions(root: Path) -> None:
+    """safety@1 and safety@2 in one store: the shipped model's files under two versions."""
+    import shutil
+
+    from livelens.store import SHIPPED_STORE
+
+    src = Path(SHIPPED_STORE) / "safety" / "1"
+    for v in ("1", "2"):
+        dst = root / "safety" / v
+        shutil.copytree(src, dst)
+        card = json.loads((dst / "card.json").read_text())
+        card.update(version=v, ref=f"safety@{v}")
+        (dst / "card.json").write_text(json.dumps(card))
+
+
+def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
+    """`serve_apps.admin.set_live` (what `serve deploy` of an edited user_config does) under load."""
+    from ray import serve
+
+    from serve_apps.admin import apply_app, current_live, set_live
+
+    store = tmp_path / "store"
+    _store_with_two_safety_versions(store)
+    key = generate_key()
+    add_key_to_file(tmp_path / "keys.json", key, "swap", rate_per_s=1000, burst=1000)
+    apply_app({"name": "livelens_swap", "route_prefix": "/swap", "import_path": "serve_apps.gateway:build_app",
+               "args": {"gateway": {"key_file": str(tmp_path / "keys.json"), "deploy": {"num_cpus": 0.1}},
+                        "moderation": {"stores": [str(store)], "use_open_nsfw": False,
+                                       "live": {"safety_ref": "safety@1", "cam_labels": 0},
+                                       "deploy": {"num_cpus": 0.1}},
+                        "ocr": None, "quality": None, "streams": None}})
+    url = app["url"][: -len(PREFIX)] + "/swap"
+    headers = {"Authorization": f"Bearer {key}", "content-type": "image/jpeg"}
+    jpg = _jpeg(np.random.default_rng(7).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    answers: list[tuple[int, list[str]]] = []
+
+    async def load(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def worker() -> None:
+                while not stop.is_set():
+                    r = await client.post(f"{url}/v1/moderate", content=jpg, headers=headers,
+                                          params={"evidence": "none"})
+                    answers.append((r.status_code, r.json().get("models", []) if r.status_code == 200 else []))
+            await asyncio.gather(*(worker() for _ in range(3)))
+
+    async def main() -> dict:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load(stop))
+        await asyncio.sleep(3)
+        live = await asyncio.to_thread(set_live, "moderate", {"safety_ref": "safety@2"}, "livelens_swap")
+        await asyncio.sleep(3)
+        stop.set()
+        await task
+        return live
+
+    try:
+        live = asyncio.run(main())
+        assert live["safety_ref"] == "safety@2" and current_live("livelens_swap")["moderate"]["safety_ref"] == "safety@2"
+        codes = [c for c, _ in answers]
+        assert len(codes) >= 10 and set(codes) == {200}, codes
+        assert "safety@1" in answers[0][1] and "safety@2" in answers[-1][1]
+        r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"evidence": "none"}, timeout=60)
+        assert "safety@2" in r.json()["models"]
+    finally:
+        serve.delete("livelens_swap")

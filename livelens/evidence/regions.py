@@ -273,3 +273,19 @@ def load_region_model(store: Any, ref: str) -> RegionClassifier:
         raise ConfigError(f"{stored.ref}: weights do not match the architecture: {exc}") from exc
     model.thresholds = {str(k): float(v) for k, v in (stored.card.get("thresholds") or {}).items()}
     return model.eval()
+
+
+def open_region_model(ref: str, stores: Sequence[str] | None = None) -> tuple[RegionClassifier, str, str]:
+    """Load a region classifier from the store chain.
+
+    Returns:
+        ``(model, name@version, store root)``.
+
+    Raises:
+        ModelNotFoundError: ``ref`` is in no store of the chain.
+        ConfigError: Its card is not a region classifier's.
+    """
+    from livelens.store import open_in_stores
+
+    store, full = open_in_stores(ref, stores)
+    return load_region_model(store, full), full, store.uri

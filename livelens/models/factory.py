@@ -20,7 +20,8 @@ from torch import nn
 
 from livelens.errors import ConfigError
 from livelens.models.heads import HeadSpec, MultiTaskHead, heads_from_taxonomy, normalize_heads
-from livelens.models.pooling import POOLS, create_pool
+from livelens.models.pooling import POOL_BUILDERS, POOLS, create_pool
+from livelens.registry import Registry
 from livelens.taxonomy import Taxonomy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,18 +106,24 @@ def _resnet50(pretrained: bool) -> Backbone:
     return Backbone(ResNetFeatures(torchvision.models.resnet50(weights=weights)), 2048)
 
 
-_BACKBONES: dict[str, Callable[[bool], Backbone]] = {}
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone builder and the width of the feature map it gives, known without building it.
+
+    Attributes:
+        build: ``pretrained -> Backbone``.
+        channels: Channels of the last feature map (what a pooling is built for).
+    """
+
+    build: Callable[[bool], Backbone]
+    channels: int
 
 
-def register_backbone(name: str, builder: Callable[[bool], Backbone]) -> None:
-    """Add a backbone builder; a name can be registered once."""
-    if name in _BACKBONES:
-        raise ValueError(f"backbone {name!r} is already registered")
-    _BACKBONES[name] = builder
-
-
-for _name, _builder in (("mobilenet_v2", _mobilenet_v2), ("resnet18", _resnet18), ("resnet50", _resnet50)):
-    register_backbone(_name, _builder)
+#: Backbones by name.
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+BACKBONES.register("mobilenet_v2", BackboneSpec(_mobilenet_v2, 1280))
+BACKBONES.register("resnet18", BackboneSpec(_resnet18, 512))
+BACKBONES.register("resnet50", BackboneSpec(_resnet50, 2048))
 
 
 def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
@@ -125,14 +132,29 @@ def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
     Raises:
         ConfigError: Unknown name, or ``pretrained`` without the offline weights.
     """
-    if name not in _BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; known: {list_models()}")
-    return _BACKBONES[name](pretrained).module
+    return BACKBONES.get(name).build(pretrained).module
 
 
 def list_models() -> list[str]:
     """Backbone names accepted by :func:`create_model`."""
-    return sorted(_BACKBONES)
+    return sorted(BACKBONES.names())
+
+
+def check_model(name: str, pool: str = "avg", **pool_kw: Any) -> int:
+    """Dry-build the pooling ``name`` would get, at its real width, without building the backbone.
+
+    This is the driver-side check of a training config: an unknown backbone or pooling, or a
+    pooling option that the pooling rejects (``pool_kw``), fails here before any worker starts.
+
+    Returns:
+        The pooled feature width the heads would get.
+
+    Raises:
+        ConfigError: Unknown backbone or pooling, or bad pooling options.
+    """
+    spec = BACKBONES.get(name)
+    _, width = create_pool(pool, spec.channels, **pool_kw)
+    return width
 
 
 def list_pools() -> list[str]:
@@ -211,10 +233,8 @@ def create_model(name: str, pool: str = "avg", *, num_classes: int | None = None
         ConfigError: Unknown backbone or pooling, bad heads, or no offline weights — all
             checked before the backbone is built.
     """
-    if name not in _BACKBONES:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    if pool not in POOLS:
-        raise ConfigError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+    spec = BACKBONES.get(name)
+    POOL_BUILDERS.get(pool)
     if taxonomy is not None:
         if not isinstance(taxonomy, Taxonomy):
             raise ConfigError(f"taxonomy must be a livelens.taxonomy.Taxonomy (load_taxonomy(path)), "
@@ -225,4 +245,4 @@ def create_model(name: str, pool: str = "avg", *, num_classes: int | None = None
     specs = normalize_heads(heads, num_classes)
     # Validate the pooling options on a tiny width before paying for the backbone.
     create_pool(pool, 8, **{k: v for k, v in pool_kw.items() if k not in ("reduce_dim", "sketch_dim")})
-    return Classifier(name, _BACKBONES[name](pretrained), pool, specs, pool_kw, drop_rate)
+    return Classifier(name, spec.build(pretrained), pool, specs, pool_kw, drop_rate)

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from livelens.errors import ConfigError
-
-POOLS = ("avg", "max", "gated", "tree", "bilinear", "compact_bilinear")
+from livelens.registry import Registry
 
 
 class AvgPool(nn.Module):
@@ -42,6 +41,13 @@ class MaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.amax(dim=(2, 3))
+
+
+def _positive_int(value: object, what: str) -> int:
+    """``value`` as an int >= 1, or a ConfigError naming the option (configs arrive as JSON)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _region(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -63,7 +69,7 @@ class GatedPool(nn.Module):
 
     def __init__(self, channels: int, grid: int = 4):
         super().__init__()
-        self.grid = grid
+        self.grid = grid = _positive_int(grid, "gated pooling grid")
         self.mask = nn.Parameter(torch.zeros(grid * grid))
         self.bias = nn.Parameter(torch.zeros(channels))
 
@@ -142,8 +148,9 @@ class TreePool(nn.Module):
 
     def __init__(self, channels: int, depth: int = 2, grid: int = 4):
         super().__init__()
-        if depth < 2:
+        if _positive_int(depth, "tree pooling depth") < 2:
             raise ConfigError(f"tree pooling needs depth ≥ 2, got {depth}")
+        grid = _positive_int(grid, "tree pooling grid")
         self.depth, self.grid = depth, grid
         n_leaves, n_nodes = 2 ** (depth - 1), 2 ** (depth - 1) - 1
         g = torch.Generator().manual_seed(0)
@@ -191,7 +198,7 @@ class BilinearPool(nn.Module):
 
     def __init__(self, channels: int, reduce_dim: int | None = 64, two_stream: bool = False, normalize: bool = True):
         super().__init__()
-        reduce_dim = reduce_dim or None
+        reduce_dim = _positive_int(reduce_dim, "bilinear reduce_dim") if reduce_dim else None
         if two_stream and reduce_dim is None:
             raise ConfigError("two_stream bilinear pooling needs reduce_dim")
         self.normalize = normalize
@@ -232,6 +239,7 @@ class CompactBilinearPool(nn.Module):
 
     def __init__(self, channels: int, sketch_dim: int = 2048, normalize: bool = True, seed: int = 0):
         super().__init__()
+        sketch_dim = _positive_int(sketch_dim, "compact bilinear sketch_dim")
         self.sketch_dim, self.normalize = sketch_dim, normalize
         g = torch.Generator().manual_seed(seed)
         for k in (1, 2):
@@ -253,6 +261,26 @@ class CompactBilinearPool(nn.Module):
         return signed_sqrt_l2(z) if self.normalize else z
 
 
+def _no_options(module: type[nn.Module]):
+    def build(channels: int, **kw) -> tuple[nn.Module, int]:
+        if kw:
+            raise ConfigError(f"{module.__name__} takes no options, got {sorted(kw)}")
+        return module(), channels
+
+    return build
+
+
+#: Pooling builders by name: ``(channels, **options) -> (module, output width)``.
+POOL_BUILDERS: Registry = Registry("pooling")
+POOL_BUILDERS.register("avg", _no_options(AvgPool))
+POOL_BUILDERS.register("max", _no_options(MaxPool))
+POOL_BUILDERS.register("gated", lambda channels, **kw: (GatedPool(channels, **kw), channels))
+POOL_BUILDERS.register("tree", lambda channels, **kw: (TreePool(channels, **kw), channels))
+POOL_BUILDERS.register("bilinear", lambda channels, **kw: _with_width(BilinearPool(channels, **kw)))
+POOL_BUILDERS.register("compact_bilinear", lambda channels, **kw: _with_width(CompactBilinearPool(channels, **kw)))
+POOLS = tuple(POOL_BUILDERS.names())
+
+
 def create_pool(kind: str, channels: int, **kw) -> tuple[nn.Module, int]:
     """Build a pooling layer by name.
 
@@ -269,20 +297,9 @@ def create_pool(kind: str, channels: int, **kw) -> tuple[nn.Module, int]:
         ConfigError: Unknown kind or options.
     """
     kw = {k: v for k, v in kw.items() if v is not None}
-    builders = {
-        "avg": lambda: (AvgPool(), channels),
-        "max": lambda: (MaxPool(), channels),
-        "gated": lambda: (GatedPool(channels, **kw), channels),
-        "tree": lambda: (TreePool(channels, **kw), channels),
-        "bilinear": lambda: _with_width(BilinearPool(channels, **kw)),
-        "compact_bilinear": lambda: _with_width(CompactBilinearPool(channels, **kw)),
-    }
-    if kind not in builders:
-        raise ConfigError(f"unknown pooling {kind!r}; choose one of {', '.join(POOLS)}")
-    if kind in ("avg", "max") and kw:
-        raise ConfigError(f"{kind} pooling takes no options, got {sorted(kw)}")
+    build = POOL_BUILDERS.get(kind)
     try:
-        return builders[kind]()
+        return build(channels, **kw)
     except TypeError as exc:
         raise ConfigError(f"bad options for {kind} pooling: {exc}") from exc
 

@@ -21,6 +21,7 @@ import numpy as np
 from livelens.errors import ConfigError, InvalidArgumentError, LivelensError
 from livelens.imageio import DEFAULT_LIMITS, ImageLimits, load_image
 from livelens.ocr.types import OcrEngine, TextBox, TextLine
+from livelens.registry import Registry
 
 # Below this many pixels on a side there is no legible text; answering "nothing" is the
 # documented behaviour for 1×1 and empty frames (not an error).
@@ -248,20 +249,48 @@ class PpOcrEngine:
         return results
 
 
+def _mmocr_engine(**kwargs: Any) -> OcrEngine:
+    from livelens.ocr.mmocr_adapter import MmocrEngine  # torch + mmocr: only when asked for
+
+    return MmocrEngine(**kwargs)
+
+
+#: OCR backends by name: ``**kwargs -> engine``.
+ENGINES: Registry = Registry("OCR engine")
+ENGINES.register("ppocr", PpOcrEngine)
+ENGINES.register("mmocr", _mmocr_engine)
+
+
+def engine_ref(engine: Any) -> str:
+    """``model@version`` of an OCR engine (its own ``ref``/``model_refs`` when it has one)."""
+    for attr in ("ref", "model_ref"):
+        if isinstance(getattr(engine, attr, None), str):
+            return getattr(engine, attr)
+    refs = getattr(engine, "model_refs", None)
+    if isinstance(refs, dict | list | tuple) and refs:
+        return "+".join(refs.values() if isinstance(refs, dict) else refs)
+    name = getattr(engine, "name", type(engine).__name__.lower())
+    return ppocr_ref() if name == "ppocr" else f"{name}@1"
+
+
+def ppocr_ref() -> str:
+    """``ppocr@rapidocr-<version>``: the PP-OCR ONNX files ship inside the rapidocr wheel, whose version pins them."""
+    from importlib.metadata import version
+
+    return f"ppocr@rapidocr-{version('rapidocr')}"
+
+
 def create_engine(name: str = "ppocr", **kwargs: Any) -> OcrEngine:
     """Build an OCR engine by backend name: ``ppocr`` (default) or ``mmocr``.
 
     Args:
-        name: The backend.
+        name: The backend (see :data:`ENGINES`).
         **kwargs: Passed to the backend's constructor.
-    """
-    if name == "ppocr":
-        return PpOcrEngine(**kwargs)
-    if name == "mmocr":
-        from livelens.ocr.mmocr_adapter import MmocrEngine
 
-        return MmocrEngine(**kwargs)
-    raise InvalidArgumentError(f"unknown OCR engine {name!r}; use 'ppocr' or 'mmocr'")
+    Raises:
+        ConfigError: Unknown backend (an :class:`~livelens.errors.InvalidArgumentError`).
+    """
+    return ENGINES.get(name)(**kwargs)
 
 
 def draw_lines(image: np.ndarray, lines: Sequence[TextLine], color: tuple[int, int, int] = (0, 200, 0)) -> np.ndarray:

@@ -26,7 +26,7 @@ LABELS = {
     "qrcode": "ads_qrcode",
 }
 #: Labels OCR reads directly: where OCR ran on a frame, its reading decides them (the gateway
-#: demotes the classifier's unread ones; ``livelens.train.fused_eval`` measures the same rule).
+#: demotes the classifier's unread ones, ``livelens.fusion.overrule_unread``).
 AUTHORITATIVE_LABELS = frozenset(LABELS.values())
 
 CN_DIGITS = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from livelens.imageio import load_image
 from livelens.ocr.engine import create_engine, draw_lines
 from livelens.ocr.metrics import det_metrics, rec_metrics
 from livelens.ocr.types import OcrEngine
+from livelens.store import user_store
 
 DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # Known strings of ../shared/data/zh_text (its README): image → text that must be read.
@@ -39,7 +40,7 @@ class EvalArgs:
     engines: tuple[str, ...] = ("ppocr", "mmocr")
     det_ref: str | None = None
     rec_ref: str | None = None
-    store: str = "runs/model_store"
+    store: str = field(default_factory=user_store)
     # 100 lines swung the mmocr character recall to 0.654 against 0.812-0.818 on 400 (two seeds).
     heldout: int = 400
     vis: bool = True

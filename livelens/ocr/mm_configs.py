@@ -24,6 +24,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from livelens.registry import Registry
+
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DICT_FILE = RESOURCES / "dict_zh_en.txt"
 
@@ -126,8 +128,13 @@ def svtr_tiny(dict_file: str | Path | None = None) -> dict[str, Any]:
     )
 
 
-DETECTORS = {"dbnet_resnet18_fpnc": dbnet_resnet18_fpnc, "dbnet_mobilenetv2_fpnc": dbnet_mobilenetv2_fpnc}
-RECOGNIZERS = {"crnn_minivgg": crnn_minivgg, "crnn_resnet_small": crnn_resnet_small, "svtr_tiny": svtr_tiny}
+DETECTORS: Registry = Registry("mmocr detector config")
+DETECTORS.register("dbnet_resnet18_fpnc", dbnet_resnet18_fpnc)
+DETECTORS.register("dbnet_mobilenetv2_fpnc", dbnet_mobilenetv2_fpnc)
+RECOGNIZERS: Registry = Registry("mmocr recogniser config")
+RECOGNIZERS.register("crnn_minivgg", crnn_minivgg)
+RECOGNIZERS.register("crnn_resnet_small", crnn_resnet_small)
+RECOGNIZERS.register("svtr_tiny", svtr_tiny)
 # Input channels each recogniser expects (the CRNNs are grayscale).
 REC_CHANNELS = {"crnn_minivgg": 1, "crnn_resnet_small": 1, "svtr_tiny": 3}
 # Backbones that start from torchvision's ImageNet weights when training (config → torchvision arch).
@@ -137,10 +144,14 @@ REC_FIXED_WIDTH = {"svtr_tiny": 100}
 
 
 def get(name: str, **kwargs: Any) -> dict[str, Any]:
-    """A fresh (deep-copied) config by name."""
-    table = {**DETECTORS, **RECOGNIZERS}
+    """A fresh (deep-copied) config by name, detector or recogniser.
+
+    Raises:
+        ConfigError: Unknown name.
+    """
+    table = DETECTORS if name in DETECTORS else RECOGNIZERS
     if name not in table:
         from livelens.errors import ConfigError
 
-        raise ConfigError(f"unknown mmocr config {name!r}; known: {sorted(table)}")
-    return copy.deepcopy(table[name](**kwargs))
+        raise ConfigError(f"unknown mmocr config {name!r}; known: {sorted([*DETECTORS, *RECOGNIZERS])}")
+    return copy.deepcopy(table.get(name)(**kwargs))

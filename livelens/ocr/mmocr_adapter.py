@@ -208,7 +208,7 @@ class MmocrEngine:
         det_name: Detector config name in :mod:`livelens.ocr.mm_configs`; a stored model's card
             names its own config, which wins.
         rec_name: Recogniser config name, the same way.
-        store: Model store root (for refs).
+        store: Model store root for refs; default: the store chain of :mod:`livelens.store`.
         rec_batch_num: Crops per recognition batch.
         text_score: Lines below this recognition score are dropped.
         min_box_score: Detections below this score are dropped.
@@ -238,6 +238,8 @@ class MmocrEngine:
         self.min_box_score = min_box_score
         self.limits = limits
         self.cards: dict[str, Any] = {}
+        #: ``name@version`` of each stored model (what answers name as their model).
+        self.model_refs = {k: v.ref for k, v in (("det", det_stored), ("rec", rec_stored)) if v is not None}
 
     @classmethod
     def from_modules(cls, detector: nn.Module | None = None, recognizer: nn.Module | None = None, *,
@@ -258,9 +260,10 @@ class MmocrEngine:
     def _stored(src: str | dict | None, store: str | None) -> Any:
         if not isinstance(src, str):
             return None
-        from livelens.store import DEFAULT_STORE, ModelStore
+        from livelens.store import open_in_stores
 
-        return ModelStore(store or DEFAULT_STORE).load(src)
+        found, ref = open_in_stores(src, [store] if store else None)
+        return found.load(ref)
 
     def _load(self, model: nn.Module, src: Any) -> nn.Module:
         state = src if isinstance(src, dict) else getattr(src, "state_dict", None)

@@ -109,7 +109,7 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, second_pass:
 def frame_entities(image: Any, lines: Sequence[TextLine], *, qr: bool = True) -> list[Entity]:
     """Everything in a frame that raises an ads label: entities in its text lines, then its QR codes.
 
-    The one definition the OCR deployment and the held-out evaluation (``livelens.train.fused_eval``)
+    The one definition the OCR deployment and the held-out evaluation (``livelens.evaluation``)
     share, so the evaluation measures what the service answers.
     """
     from livelens.ocr.entities import extract_entities

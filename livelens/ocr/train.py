@@ -27,6 +27,7 @@ from livelens.errors import ConfigError
 from livelens.ocr import mm_configs
 from livelens.ocr import mmocr_adapter as mm
 from livelens.ocr.metrics import det_metrics, rec_metrics
+from livelens.store import user_store
 
 
 @dataclass
@@ -76,7 +77,7 @@ class OcrTrainConfig:
     eval_samples: int = 0
     num_workers: int = 1
     use_gpu: bool = False
-    store: str = "runs/model_store"
+    store: str = field(default_factory=user_store)
     name: str = ""
     storage_path: str = "runs/ray_results"
     seed: int = 0

@@ -17,6 +17,7 @@ import numpy as np
 from livelens.errors import ConfigError
 from livelens.quality import iqa
 from livelens.quality.dataset import QualitySample, generate_quality_set, quality_rows, real_photos
+from livelens.store import user_store
 from livelens.train.loop import LoopConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ class QualityTrainConfig:
     passes_per_epoch: int = 20
     storage_path: str = "runs/train"
     run_name: str = ""
-    model_store: str = "runs/model_store"
+    model_store: str = field(default_factory=user_store)
     register: bool = True
     features_cache: str = "runs/quality/features.npz"
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=15, lr=3e-3, batch_size=64))

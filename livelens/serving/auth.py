@@ -27,7 +27,7 @@ from livelens.errors import AuthError, ConfigError, ForbiddenError, RateLimitedE
 ENV_VAR = "LIVELENS_API_KEYS"
 DEFAULT_KEY_FILE = "runs/api_keys.json"
 KEY_PREFIX = "ll_"
-ALL_SCOPES = ("moderate", "ocr", "quality", "analyze", "streams", "models")
+ALL_SCOPES = ("moderate", "ocr", "quality", "analyze", "streams", "models", "admin")
 
 
 def hash_key(key: str) -> str:

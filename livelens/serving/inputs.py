@@ -104,6 +104,29 @@ def fetch_url(url: str, policy: InputPolicy, timeout_s: float = 5.0) -> bytes:
         return bytes(buf)
 
 
+#: Largest JSON body that is not an image carrier (admin and option bodies).
+MAX_OPTIONS_BYTES = 64 * 1024
+
+
+def parse_json_object(body: bytes, policy: InputPolicy | None = None, max_bytes: int = MAX_OPTIONS_BYTES) -> dict:
+    """A small JSON object body (settings, not images).
+
+    Raises:
+        ImageTooLargeError: Over ``max_bytes`` (413).
+        InvalidArgumentError: Not JSON, or not an object.
+    """
+    if len(body) > max_bytes:
+        raise ImageTooLargeError(f"body is {len(body)} bytes; settings bodies are at most {max_bytes}",
+                                 code="body_too_large")
+    try:
+        doc = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidArgumentError(f"body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgumentError("the body must be a JSON object")
+    return doc
+
+
 def images_from_json(body: bytes, policy: InputPolicy, batch: bool,
                      fetch: Callable[[str, InputPolicy], bytes] = fetch_url) -> tuple[list[bytes | Exception], dict]:
     """Parse a JSON body into image bytes (or a per-item error) plus the remaining options.

@@ -34,6 +34,7 @@ from livelens.evidence.regions import (
     crop_regions,
     geometry_features,
 )
+from livelens.store import user_store
 
 Detector = Callable[[np.ndarray], list[tuple[float, float, float, float]]]
 #: ``(frame, boxes) -> per box, whether OCR read a contact entity in it`` (see ``box_decisions``).
@@ -55,21 +56,21 @@ def ppocr_detector(engine: Any | None = None) -> Detector:
 
 
 def ppocr_reader(engine: Any | None = None) -> Reader:
-    """``(frame, boxes) -> contact flags``: recognise each box and extract entities, as serving does."""
-    from livelens.ocr import TextLine, create_engine, crop_line
-    from livelens.ocr.entities import extract_entities
+    """``(frame, boxes) -> contact flags``: read each box and extract entities with serving's own rules."""
+    from livelens.ocr import create_engine, crop_line
+    from livelens.ocr.pipeline import TEXT_SCORE, frame_entities, lines_from_detections
+    from livelens.ocr.types import box_to_polygon
 
     engine = create_engine("ppocr") if engine is None else engine
-    min_score = float(getattr(engine, "text_score", 0.0) or 0.0)
 
     def read(frame: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[bool]:
         if not len(boxes):
             return []
-        polys = [[(b[0], b[1]), (b[2], b[1]), (b[2], b[3]), (b[0], b[3])] for b in boxes]
-        texts = engine.recognize([crop_line(frame, p) for p in polys])
-        lines = [TextLine(p, tuple(b[:4]), t, sc) for p, b, (t, sc) in zip(polys, boxes, texts, strict=True)
-                 if t.strip() and sc >= min_score]
-        return contact_flags(boxes, [e.box for e in extract_entities(lines)])
+        # The cache keeps axis boxes, so the crops are of those (serving crops the detector's quads).
+        dets = [{"polygon": box_to_polygon(b[:4]), "score": 1.0} for b in boxes]
+        texts = engine.recognize([crop_line(frame, d["polygon"]) for d in dets])
+        lines = lines_from_detections(dets, [list(b[:4]) for b in boxes], texts, TEXT_SCORE)
+        return contact_flags(boxes, [e["box"] for e in frame_entities(frame, lines, qr=False)])
 
     return read
 
@@ -359,7 +360,7 @@ class RegionTrainConfig:
     epochs: int = 60
     lr: float = 2e-3
     backbone: str = "mobilenet_v2"
-    model_store: str = "runs/models"
+    model_store: str = field(default_factory=user_store)
     model_name: str = "ads_regions"
     register: bool = True
     cache_dir: str = "runs/regions/cache"

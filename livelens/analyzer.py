@@ -1,0 +1,107 @@
+"""``/v1/analyze`` in one process: the deployments' engines and the gateway's fusion, frame by frame.
+
+:class:`LocalAnalyzer` holds the same pieces the Serve graph distributes — the moderation engine,
+the OCR pipeline with a local PP-OCR engine, the quality engine — and merges their results with
+:func:`livelens.fusion.assemble`, as the gateway does. Evaluations (``make eval-safety``, the
+real-photo false-positive check) run it, so their figures are the service's; a test puts the same
+frames through it and through HTTP and compares the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from livelens import fusion
+from livelens.imageio import EncodedImage
+from livelens.taxonomy import Taxonomy, load_taxonomy
+
+CAPABILITIES = ("moderate", "ocr", "quality")
+
+
+class LocalAnalyzer:
+    """The capabilities of the service, built from the store chain, run in this process.
+
+    Args:
+        safety_ref: Safety classifier (None: open_nsfw only).
+        regions_ref: Text-region model ('' or None: none).
+        iqa_ref: Learned quality model (None: classical measures only).
+        caps: Capabilities to run (the service's ``/v1/analyze`` runs all three).
+        stores: The store chain (default :func:`livelens.store.store_chain`).
+        use_open_nsfw: Also run open_nsfw, as the default service does.
+        decode_qr: Also decode QR codes, as the default service does.
+        evidence: Evidence mode, as the ``evidence`` query parameter (``boxes`` by default: its
+            second pass changes scores, so it is part of what is measured).
+        tax: The taxonomy (with any threshold overrides the gateway would apply).
+        ocr_engine: An OCR engine to use instead of a fresh PP-OCR one.
+    """
+
+    def __init__(self, safety_ref: str | None = "safety", regions_ref: str | None = "ads_regions",
+                 iqa_ref: str | None = "quality_iqa", caps: Sequence[str] = CAPABILITIES,
+                 stores: Sequence[str] | None = None, use_open_nsfw: bool = True, decode_qr: bool = True,
+                 evidence: str = "boxes", tax: Taxonomy | None = None, ocr_engine: Any | None = None,
+                 threads: int = 2):
+        self.tax = tax or load_taxonomy()
+        self.caps = tuple(c for c in CAPABILITIES if c in caps)
+        self.evidence = evidence
+        self.moderation = self.ocr = self.quality = None
+        if "moderate" in self.caps:
+            from livelens.moderation import ModerationEngine
+
+            self.moderation = ModerationEngine(safety_ref, stores, use_open_nsfw, threads, self.tax)
+        if "ocr" in self.caps:
+            from livelens.ocr import create_engine
+            from livelens.ocr.pipeline import OcrPipeline
+
+            regions = (None, None)
+            if regions_ref:
+                from livelens.evidence.regions import open_region_model
+
+                model, ref, _ = open_region_model(regions_ref, stores)
+                regions = (model, ref)
+            engine = ocr_engine or create_engine("ppocr", threads=threads)
+            self.ocr = OcrPipeline.local(engine, decode_qr=decode_qr, regions=regions[0], regions_ref=regions[1],
+                                         tax=self.tax)
+        if "quality" in self.caps:
+            from livelens.quality.engine import QualityEngine
+
+            self.quality = QualityEngine(iqa_ref, stores, self.tax)
+
+    def models(self) -> list[str]:
+        """``name@version`` of every model the analyser runs."""
+        out: list[str] = []
+        if self.moderation is not None:
+            out += self.moderation.model_refs(self.moderation.safety)
+        if self.ocr is not None:
+            out += self.ocr[0].models()
+        if self.quality is not None:
+            out += self.quality.assess(np.zeros((16, 16, 3), np.uint8))["models"]
+        return sorted(set(out))
+
+    def parts(self, image: np.ndarray | EncodedImage) -> dict[str, dict[str, Any]]:
+        """Each capability's result for one frame, as its deployment answers it (timings dropped)."""
+        from livelens.imageio import as_rgb
+
+        rgb = as_rgb(image)
+        out: dict[str, dict[str, Any]] = {}
+        if self.moderation is not None:
+            res = self.moderation.moderate(rgb, self.evidence)
+            res.pop("_timings", None)
+            out["moderate"] = res
+        if self.ocr is not None:
+            pipe, detect, recognize = self.ocr
+            res = pipe.read_sync(rgb, detect, recognize)
+            res.pop("timings_ms", None)
+            out["ocr"] = res
+        if self.quality is not None:
+            out["quality"] = self.quality.assess(rgb)
+        return out
+
+    def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:
+        """The ``/v1/analyze`` body of one frame (without request id and timings)."""
+        from livelens.imageio import as_rgb
+
+        rgb = as_rgb(image)
+        return fusion.assemble(self.tax, self.parts(rgb), (rgb.shape[1], rgb.shape[0]))

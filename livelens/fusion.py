@@ -1,0 +1,230 @@
+"""How each source's findings become the labels of an answer, and how the sources are merged.
+
+One module for the rules, called by the serving deployments (``serve_apps``), the gateway and
+every evaluation (:mod:`livelens.evaluation`), so a figure measured offline is a figure of the
+service. A label is a plain dict in the API's shape::
+
+    {"name", "parent", "level", "score", "threshold", "decision", "group", "model", "evidence": [...]}
+
+The sources and what they raise:
+
+* the safety classifier (``safety@N``): every head's classes, scored by its probabilities;
+* open_nsfw (``open_nsfw@1.1``): the ``porn`` category;
+* OCR entities (``ppocr@…``/``mmocr…``) and QR codes (``qr_decoder@1``): the contact ads labels;
+* text regions (``ads_regions@N``): watermarks, logos, banners;
+* quality measures (``quality_classical@1``): the ``quality`` group's flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from livelens.ocr.entities import AUTHORITATIVE_LABELS as OCR_AUTHORITATIVE
+from livelens.taxonomy import Taxonomy
+
+QR_MODEL = "qr_decoder@1"
+QUALITY_MODEL = "quality_classical@1"
+OPEN_NSFW_REF = "open_nsfw@1.1"
+_RANK = {"pass": 0, "review": 1, "block": 2}
+
+#: Source name of a label, by the prefix of the model that raised it (evaluations leave each out in turn).
+SOURCE_PREFIXES = (("safety", "classifier"), ("open_nsfw", "open_nsfw"), ("ppocr", "entities"),
+                   ("mmocr", "entities"), ("ocr_", "entities"), (QR_MODEL.split("@")[0], "qr"),
+                   ("ads_regions", "regions"), ("quality", "quality"))
+
+
+def source_of(label: Mapping[str, Any]) -> str:
+    """The source (``classifier``, ``entities``, ``regions``…) of a label, from its ``model``."""
+    model = str(label.get("model", ""))
+    for prefix, source in SOURCE_PREFIXES:
+        if model.startswith(prefix):
+            return source
+    return model.split("@")[0] or "unknown"
+
+
+def make_label(tax: Taxonomy, name: str, score: float, model: str, *, group: str | None = None,
+               evidence: Iterable[dict] = ()) -> dict[str, Any]:
+    """One label in the API's shape, decided by ``tax``."""
+    lab = tax.describe(name, float(score))
+    group = group or (tax.labels[name].group if name in tax.labels else lab["parent"])
+    return {**lab, "group": group, "model": model, "evidence": list(evidence)}
+
+
+def classifier_labels(tax: Taxonomy, classes: Mapping[str, Sequence[str]], probs: Mapping[str, np.ndarray],
+                      model: str, min_score: float) -> list[dict[str, Any]]:
+    """Labels of one frame from a taxonomy classifier's per-head probabilities.
+
+    Negative classes (``ads_none``) are no label; classes scoring below ``min_score`` are left out
+    of the answer (they could not be decided anything but ``pass``). Each label keeps where it came
+    from (``_head``, ``_index``) for the evidence step, which removes them.
+
+    Args:
+        tax: The taxonomy deciding the labels.
+        classes: Per head, its classes in output order (the negative first).
+        probs: Per head, the frame's probabilities (K,).
+        model: ``name@version`` of the classifier.
+        min_score: Smallest score reported.
+    """
+    labels = []
+    for head, p in probs.items():
+        for idx, name in enumerate(classes.get(head, ())):
+            if idx >= len(p) or tax.is_negative(name) or name not in tax.labels or float(p[idx]) < min_score:
+                continue
+            labels.append({**make_label(tax, name, float(p[idx]), model, group=head), "_head": head, "_index": idx})
+    return sorted(labels, key=lambda x: -x["score"])
+
+
+def nsfw_labels(tax: Taxonomy, score: float | None, min_score: float, model: str = OPEN_NSFW_REF) -> list[dict]:
+    """open_nsfw's score as the ``porn`` category label (nothing below ``min_score``)."""
+    if score is None or score < min_score:
+        return []
+    return [make_label(tax, "porn", score, model, group="porn")]
+
+
+def grouped_labels(tax: Taxonomy, items: Iterable[Any], model_of: Callable[[Any], str],
+                   evidence_of: Callable[[Any], dict]) -> list[dict[str, Any]]:
+    """One label per item label (entities or text regions): the best score, every item as evidence.
+
+    The label's model is the items' one model, or the first non-QR one when they mix (a phone
+    read by OCR and a QR code name two models; OCR's stands for the label).
+    """
+    by_label: dict[str, list] = {}
+    for it in items:
+        name = it["label"] if isinstance(it, Mapping) else it.label
+        if name and name in tax.labels:
+            by_label.setdefault(name, []).append(it)
+    labels = []
+    for name, its in by_label.items():
+        score = max(float(it["score"] if isinstance(it, Mapping) else it.score) for it in its)
+        models = [model_of(it) for it in its]
+        model = next((m for m in models if m != QR_MODEL), models[0])
+        labels.append(make_label(tax, name, score, model, evidence=[evidence_of(it) for it in its]))
+    return labels
+
+
+def entity_labels(tax: Taxonomy, entities: Iterable[Mapping[str, Any]], ocr_model: str) -> list[dict[str, Any]]:
+    """Contact ads labels from OCR entities and QR codes, every entity's box as evidence."""
+    return grouped_labels(tax, entities, lambda e: QR_MODEL if e["kind"] == "qrcode" else ocr_model,
+                          lambda e: {"kind": "box", "box": list(e["box"]), "source": e["kind"], "value": e["value"]})
+
+
+def region_labels(tax: Taxonomy, hits: Iterable[Any], model: str) -> list[dict[str, Any]]:
+    """Overlay ads labels from text-region hits (:class:`~livelens.evidence.regions.RegionHit`)."""
+    return grouped_labels(tax, hits, lambda h: model, lambda h: {
+        "kind": "box", "box": list(h.box), "source": "text_region", "score": round(float(h.score), 4)})
+
+
+def quality_labels(tax: Taxonomy, assessed: Mapping[str, Any], model: str = QUALITY_MODEL) -> list[dict[str, Any]]:
+    """The ``quality`` group's labels from :func:`livelens.quality.assess` (flags score 1.0)."""
+    labels = []
+    for name in assessed.get("labels", []):
+        box = (assessed.get("occlusion") or {}).get("box") if name == "quality_occluded" else None
+        ev = [{"kind": "box", "box": box, "source": "quality"}] if box else []
+        labels.append(make_label(tax, name, 1.0, model, evidence=ev))
+    return labels
+
+
+def overrule_unread(labels: list[dict], ocr_labels: list[dict]) -> list[dict]:
+    """Demote to ``pass`` the classifier labels OCR reads directly that OCR did not raise.
+
+    When OCR ran on the frame, its reading decides :data:`OCR_AUTHORITATIVE`: a classifier's
+    "phone number" where OCR read no phone number is a false positive (the classifier alone had
+    ads_phone at recall 0 and precision 0 on held-out frames). The score stays, so a reviewer can
+    still see what the classifier thought; ``overruled`` says why.
+    """
+    read = {lab["name"] for lab in ocr_labels}
+    out = []
+    for lab in labels:
+        if lab["name"] in OCR_AUTHORITATIVE and lab["name"] not in read and lab.get("decision") != "pass":
+            lab = {**lab, "decision": "pass", "overruled": "OCR read the frame and found no such entity"}
+        out.append(lab)
+    return out
+
+
+def merge_labels(labels: Iterable[dict]) -> list[dict]:
+    """One entry per label name: the highest score wins, evidence is pooled."""
+    best: dict[str, dict] = {}
+    for lab in labels:
+        cur = best.get(lab["name"])
+        if cur is None:
+            best[lab["name"]] = {**lab, "evidence": list(lab.get("evidence", []))}
+            continue
+        pooled = cur["evidence"] + list(lab.get("evidence", []))
+        if lab["score"] > cur["score"]:
+            cur.update(lab)
+        cur["evidence"] = pooled
+    return sorted(best.values(), key=lambda x: -x["score"])
+
+
+def redecide(tax: Taxonomy, labels: Iterable[dict]) -> list[dict]:
+    """Every label's threshold and decision from its score under ``tax`` (live threshold overrides).
+
+    A label overruled by OCR stays ``pass``.
+    """
+    out = []
+    for lab in labels:
+        if lab["name"] in tax.labels and not lab.get("overruled"):
+            d = tax.describe(lab["name"], lab["score"])
+            lab = {**lab, "threshold": d["threshold"], "decision": d["decision"]}
+        out.append(lab)
+    return out
+
+
+def worst_decision(labels: Iterable[dict]) -> str:
+    """The most severe decision among labels (pass when none)."""
+    return max((lab["decision"] for lab in labels), key=_RANK.__getitem__, default="pass")
+
+
+def fuse(tax: Taxonomy, by_cap: Mapping[str, list[dict]]) -> tuple[list[dict], str]:
+    """The answer's labels and decision from each capability's labels (``moderate``, ``ocr``, ``quality``).
+
+    OCR overrules the classifier's unread contact labels when both ran; duplicates merge (best
+    score, pooled evidence); each label is decided under ``tax``.
+    """
+    caps = dict(by_cap)
+    if "ocr" in caps and "moderate" in caps:
+        caps["moderate"] = overrule_unread(caps["moderate"], caps["ocr"])
+    labels = redecide(tax, merge_labels(lab for labs in caps.values() for lab in labs))
+    return labels, worst_decision(labels)
+
+
+def assemble(tax: Taxonomy, results: Mapping[str, dict[str, Any]], image_size: tuple[int, int]) -> dict[str, Any]:
+    """The body of an analyse answer from each capability's result (what the gateway returns).
+
+    Args:
+        tax: The taxonomy (with the gateway's live threshold overrides).
+        results: Per capability (``moderate``, ``ocr``, ``quality``), its deployment's answer
+            without timings; each has ``labels`` and ``models``.
+        image_size: ``(width, height)``.
+    """
+    out: dict[str, Any] = {"models": []}
+    by_cap: dict[str, list[dict]] = {}
+    for cap, res in results.items():
+        res = dict(res)
+        out["models"] += res.pop("models", [])
+        by_cap[cap] = res.pop("labels", [])
+        out["moderation" if cap == "moderate" else cap] = res
+    out["labels"], out["decision"] = fuse(tax, by_cap)
+    out["models"] = sorted(set(out["models"]))
+    out["image"] = {"width": int(image_size[0]), "height": int(image_size[1])}
+    return out
+
+
+def fires(tax: Taxonomy, label: Mapping[str, Any]) -> bool:
+    """Whether the answer acts on a label: what every precision/recall figure counts as predicted.
+
+    Acting means reaching :meth:`Taxonomy.raise_threshold` (review for block/review groups, the
+    tag threshold for informational groups); a label OCR overruled does not act.
+    """
+    name = label["name"]
+    if name not in tax.labels or label.get("overruled"):
+        return False
+    return float(label["score"]) >= tax.raise_threshold(name)
+
+
+def fired(tax: Taxonomy, labels: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The names of the labels that act (see :func:`fires`)."""
+    return {lab["name"] for lab in labels if fires(tax, lab)}
