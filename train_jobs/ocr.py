@@ -11,17 +11,19 @@ Presets (flags override any field):
     python -m train_jobs.ocr --preset gpu
 
 The weights go to the model store as ``ocr_det_<config>`` / ``ocr_rec_<config>`` with model
-cards; ``make eval-ocr`` picks the newest of each.
+cards; ``make eval-ocr`` picks the newest of each. Every field of ``OcrTrainConfig`` (and of its
+``loop``) is a flag; rerunning with the same ``--run-name`` resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 
+from livelens.cli_config import apply_flat, config_from_args, config_parser
 from livelens.ocr.train import OcrTrainConfig, run
 
+#: Per preset and task, the settings that differ from ``OcrTrainConfig``'s defaults (flat names, as flags).
 PRESETS: dict[str, dict[str, dict]] = {
     "cpu": {
         "det": dict(model="dbnet_mobilenetv2_fpnc", source="generate", generate=3000, max_samples=3000, epochs=30,
@@ -42,7 +44,11 @@ PRESETS: dict[str, dict[str, dict]] = {
                     batch_size=256, eval_samples=1000, use_gpu=True),
     },
 }
-_FIELDS = {f.name: f.type for f in fields(OcrTrainConfig)}
+
+
+def preset_config(preset: str, task: str) -> OcrTrainConfig:
+    """The preset's config for ``task``."""
+    return apply_flat(OcrTrainConfig(task=task), PRESETS[preset][task])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[list[str], argparse.Namespace]:
@@ -50,34 +56,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], argparse.Names
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["det", "rec", "both"], default="both")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--model", default=None, help="mm_configs name (per task, so only with --task det|rec)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None, help="training-loop budget per task (0 = none)")
-    p.add_argument("--max-samples", type=int, default=None, help="also the number generated")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--det-size", type=int, default=None)
-    p.add_argument("--eval-samples", type=int, default=None)
-    p.add_argument("--source", choices=["auto", "manifest", "generate"], default=None)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--gpu", action="store_true", default=None, dest="use_gpu")
-    p.add_argument("--store", default=None)
+    config_parser(OcrTrainConfig, parser=p, exclude=("task",))
     args = p.parse_args(argv)
-    if args.model and args.task == "both":
+    if getattr(args, "cfg:model", None) and args.task == "both":
         p.error("--model names one config: use it with --task det or --task rec")
     return (["det", "rec"] if args.task == "both" else [args.task]), args
 
 
 def task_config(task: str, a: argparse.Namespace) -> OcrTrainConfig:
-    """The preset for ``task`` with the flags that were given laid over it."""
-    kw = dict(PRESETS[a.preset][task])
-    for key in _FIELDS.keys() - {"task"}:
-        val = getattr(a, key, None)
-        if val is not None:
-            kw[key] = val
-    if a.max_samples is not None:
-        kw["generate"] = a.max_samples
-    return OcrTrainConfig(task=task, **kw)
+    """The preset for ``task`` with the flags that were given laid over it (``--max-samples`` also sets ``generate``)."""
+    cfg = config_from_args(preset_config(a.preset, task), a)
+    if hasattr(a, "cfg:max_samples") and not hasattr(a, "cfg:generate"):
+        cfg = apply_flat(cfg, {"generate": cfg.max_samples})
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

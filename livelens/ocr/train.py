@@ -1,11 +1,11 @@
-"""Training the mmocr detector and recogniser as Ray Train jobs (our own loop, mmocr's losses).
+"""Training the mmocr detector and recogniser as Ray Train jobs: the shared loop, mmocr's losses.
 
-Why our own loop rather than mmengine's ``Runner`` inside the workers: Ray Train already owns
-what the Runner would (process group, device placement, checkpoints, failure handling,
-reporting), and the Runner wants config-driven datasets, hooks and its own checkpoint
-layout. Calling ``model.loss`` from a 30-line loop keeps one source of truth for
-checkpoints (Ray → model store), lets the data come from our Parquet manifests, and keeps
-mmocr confined to :mod:`livelens.ocr.mmocr_adapter`.
+The loop is :func:`livelens.train.loop.fit`, the one every livelens job uses (DDP, checkpoints
+holding model, optimiser, scheduler and step, resume after a worker dies, the warm-up + cosine
+schedule over steps or a time budget). mmengine's ``Runner`` is not used: Ray Train already owns
+what it would (process group, devices, checkpoints, failure handling, reporting), and it wants
+config-driven datasets and its own checkpoint layout. mmocr stays confined to
+:mod:`livelens.ocr.mmocr_adapter`: this module asks it for a model, batches and a loss.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import json
 import math
 import os
 import secrets
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,12 @@ from livelens.ocr import mm_configs
 from livelens.ocr import mmocr_adapter as mm
 from livelens.ocr.metrics import det_metrics, rec_metrics
 from livelens.store import user_store
+from livelens.train.loop import LoopConfig
+
+
+def _ocr_loop() -> LoopConfig:
+    return LoopConfig(epochs=2, lr=1e-3, batch_size=16, schedule="warmup_cosine", warmup_steps=50,
+                      clip_grad_norm=5.0, log_every=50, eval_last_only=True)
 
 
 @dataclass
@@ -42,23 +47,16 @@ class OcrTrainConfig:
             ``generate`` (``generate`` fresh samples in memory; held-out ones from disjoint slots).
         generate: Samples to generate when generating.
         max_samples: Cap on training samples.
-        epochs: Passes over the data (the upper bound when ``max_minutes`` is set).
-        max_minutes: Wall-clock budget for the training loop (0 = none). The learning-rate
-            schedule follows whichever of steps and time runs out first, so a budgeted run
-            still ends on a small learning rate.
-        batch_size: Per-worker batch size.
-        lr: Peak AdamW learning rate.
-        warmup_steps: Linear warm-up before the cosine decay.
         pretrained: Start backbones from ImageNet where the config has offline weights.
         det_size: Detector input side.
         eval_samples: Held-out samples scored at the end (0 = none).
-        num_workers: Ray Train workers.
-        use_gpu: Put workers on GPUs.
-        store: Model store root.
+        num_workers: Ray Train workers (one GPU each with ``loop.use_gpu``).
+        store: Model store root (default: the user store of the chain serving searches).
         name: Model name in the store.
         storage_path: Ray Train storage (checkpoints, results).
-        seed: Random seed.
-        log_every: Print the running loss every so many steps (0 = only per epoch).
+        run_name: Ray Train run name; rerunning with the same one resumes it (default: a new one).
+        max_failures: Worker-group restarts from the last checkpoint before the run fails.
+        loop: The shared loop's settings (epochs, lr, batch size, schedule, time budget, seed).
     """
 
     task: str = "rec"
@@ -67,23 +65,20 @@ class OcrTrainConfig:
     source: str = "auto"
     generate: int = 256
     max_samples: int = 512
-    epochs: int = 2
-    max_minutes: float = 0.0
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 50
     pretrained: bool = True
     det_size: int = 320
     eval_samples: int = 0
     num_workers: int = 1
-    use_gpu: bool = False
     store: str = field(default_factory=user_store)
     name: str = ""
     storage_path: str = "runs/ray_results"
-    seed: int = 0
-    log_every: int = 50
+    run_name: str = ""
+    max_failures: int = 1
+    loop: LoopConfig = field(default_factory=_ocr_loop)
 
     def __post_init__(self) -> None:
+        if isinstance(self.loop, dict):
+            self.loop = LoopConfig.from_dict(self.loop)
         if self.task not in ("det", "rec"):
             raise ConfigError(f"task must be 'det' or 'rec', got {self.task!r}")
         self.model = self.model or ("dbnet_mobilenetv2_fpnc" if self.task == "det" else "crnn_resnet_small")
@@ -96,11 +91,19 @@ class OcrTrainConfig:
             raise ConfigError(f"source must be auto, manifest or generate, got {self.source!r}")
         if self.source == "manifest" and not (Path(self.data) / "manifest.parquet").is_file():
             raise ConfigError(f"no manifest at {self.data} (run make data, or use source='generate')")
-        for k in ("epochs", "batch_size", "max_samples", "num_workers", "generate"):
+        for k in ("max_samples", "num_workers", "generate"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.max_minutes < 0 or self.eval_samples < 0 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError("max_minutes, eval_samples and warmup_steps must be >= 0, lr > 0")
+        if self.eval_samples < 0 or self.max_failures < 0:
+            raise ConfigError("eval_samples and max_failures must be >= 0")
+        self.loop.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OcrTrainConfig:
+        """Rebuild from :func:`dataclasses.asdict` output (what Ray passes to the workers)."""
+        if unknown := set(d) - {f.name for f in fields(cls)}:
+            raise ConfigError(f"unknown OCR training config keys {sorted(unknown)}")
+        return cls(**d)
 
     @property
     def imagenet_arch(self) -> str | None:
@@ -127,7 +130,7 @@ def load_rows(cfg: OcrTrainConfig, split: str = "train", count: int | None = Non
     gen = generate_text_det if cfg.task == "det" else generate_text_lines
     offset = 0 if split == "train" else 10_000_000  # disjoint slots for held-out sets
     n = min(count, cfg.generate) if split == "train" else count
-    return gen(offset, n, seed=cfg.seed)
+    return gen(offset, n, seed=cfg.loop.seed)
 
 
 def decode_rows(rows: list[dict]) -> list[tuple[np.ndarray, list[dict]]]:
@@ -169,77 +172,6 @@ def rec_batches(rows: list[dict], batch_size: int, channels: int, fixed_width: i
                             channels=channels, fixed_width=fixed_width)
 
 
-def lr_at(progress: float, step: int, peak: float, warmup_steps: int, floor: float = 0.02) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``peak`` to ``floor × peak`` over ``progress``."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    p = min(1.0, max(0.0, progress))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-@dataclass
-class Budget:
-    """When training ends: after ``total_steps`` or ``max_seconds``, whichever comes first."""
-
-    total_steps: int
-    max_seconds: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    step: int = 0
-
-    def progress(self) -> float:
-        by_steps = self.step / max(1, self.total_steps)
-        by_time = (time.monotonic() - self.started) / self.max_seconds if self.max_seconds else 0.0
-        return max(by_steps, by_time)
-
-    def done(self) -> bool:
-        return self.progress() >= 1.0
-
-
-def train_one_epoch(model: torch.nn.Module, batches, opt: torch.optim.Optimizer, device: torch.device,
-                    budget: Budget | None = None, peak_lr: float | None = None, warmup_steps: int = 0,
-                    log_every: int = 0) -> float:
-    """One pass (cut short when ``budget`` runs out); returns the mean total loss.
-
-    With ``budget`` and ``peak_lr`` the learning rate follows :func:`lr_at` step by step.
-    ``log_every`` prints the running loss every so many steps: a CPU epoch can take many minutes.
-    """
-    model.train()
-    total, n = 0.0, 0
-    for batch in batches:
-        if budget is not None and _all_done(budget.done()):
-            break
-        if budget is not None and peak_lr is not None:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(budget.progress(), budget.step, peak_lr, warmup_steps)
-        if device.type != "cpu":
-            batch = {"inputs": [t.to(device) for t in batch["inputs"]], "data_samples": batch["data_samples"]}
-        loss, _ = mm.compute_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        total, n = total + float(loss.detach()), n + 1
-        if budget is not None:
-            budget.step += 1
-        if log_every and n % log_every == 0:
-            where = f"step {budget.step}, {budget.progress():.0%} of budget" if budget is not None else f"step {n}"
-            print(f"[ocr-train] {where}: epoch's mean loss {total / n:.4f}, lr {opt.param_groups[0]['lr']:.2e}", flush=True)
-    return total / max(1, n)
-
-
-def _all_done(done: bool) -> bool:
-    """Whether any worker is out of budget: DDP workers must stop on the same step or hang."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return done
-    # NCCL reduces CUDA tensors only.
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([1.0 if done else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 # -- held-out scores ---------------------------------------------------------------------
 def heldout_scores(cfg: OcrTrainConfig, model: torch.nn.Module, rows: list[dict]) -> dict[str, float]:
     """The trained model on held-out rows: word/char accuracy (rec) or HmeanIOU (det)."""
@@ -259,80 +191,80 @@ def heldout_scores(cfg: OcrTrainConfig, model: torch.nn.Module, rows: list[dict]
     return {f"heldout_{k}": v for k, v in det_metrics(preds, gts).items()}
 
 
-def train_fn_per_worker(config: dict) -> None:
-    """The Ray Train worker: build the model, train, report a checkpoint per epoch."""
-    import ray.train
-    import ray.train.torch
+def forward_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The mmocr model's total loss on one raw batch, through the (possibly DDP-wrapped) module.
 
-    cfg = OcrTrainConfig(**config)
-    torch.manual_seed(cfg.seed)
-    if not cfg.use_gpu:
+    The preprocessor runs on the inner model; the loss goes through ``model(..., mode="loss")`` so
+    that DDP's gradient hooks see the forward pass.
+    """
+    from livelens.train.ddp import unwrap
+
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    if device.type != "cpu":
+        batch = {"inputs": [t.to(device) for t in batch["inputs"]], "data_samples": batch["data_samples"]}
+    data = inner.data_preprocessor(batch, training=True)
+    losses = model(data["inputs"], data["data_samples"], mode="loss")
+    return sum(v for v in losses.values() if isinstance(v, torch.Tensor))
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """The Ray Train worker: this rank's rows, mmocr batches and loss, the shared loop."""
+    import ray.train
+
+    from livelens.train import fit
+
+    cfg = OcrTrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.loop.use_gpu:
         # Ray sets OMP_NUM_THREADS to a worker's CPU reservation, one thread for our fractional
         # 0.5; the workers of this node share its cores instead (one worker ran at half speed).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
-    rng = np.random.default_rng(cfg.seed + ray.train.get_context().get_world_rank())
-    if cfg.task == "det":
-        model = mm.build_detector(cfg.model, pretrained=cfg.imagenet_arch is not None)
-    else:
-        model = mm.build_recognizer(cfg.model)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    device = ray.train.torch.get_device()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    ctx = ray.train.get_context()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     # Each worker takes its shard of the rows (manifests are small enough to list); images stay
     # encoded until their batch is made.
-    rows = load_rows(cfg)[ctx.get_world_rank()::ctx.get_world_size()]
-    start = 0
-    if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "model.pt", weights_only=True, map_location="cpu")
-            core.load_state_dict(state["model"])
-            start = int(state["epoch"]) + 1
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    budget = Budget(total_steps=steps_per_epoch * cfg.epochs, max_seconds=cfg.max_minutes * 60)
-    budget.step = steps_per_epoch * start
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
+    rows = load_rows(cfg)[rank::world]
+
+    def build() -> torch.nn.Module:
         if cfg.task == "det":
-            batches = det_batches(rows, cfg.batch_size, cfg.det_size, rng)
-        else:
-            batches = rec_batches(rows, cfg.batch_size, mm_configs.REC_CHANNELS.get(cfg.model, 1),
-                                  mm_configs.REC_FIXED_WIDTH.get(cfg.model), rng)
-        loss = train_one_epoch(model, batches, opt, device, budget, cfg.lr, cfg.warmup_steps,
-                               log_every=cfg.log_every)
-        last = epoch == cfg.epochs - 1 or _all_done(budget.done())
-        metrics = {"epoch": epoch, "loss": loss, "epoch_s": time.time() - t0, "samples": len(rows),
-                   "steps": budget.step, "lr": opt.param_groups[0]["lr"]}
-        if last and cfg.eval_samples and ctx.get_world_rank() == 0:
-            t1 = time.time()
-            metrics |= heldout_scores(cfg, core, load_rows(cfg, "val", cfg.eval_samples))
-            metrics["eval_s"] = time.time() - t1
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if ctx.get_world_rank() == 0:
-                torch.save({"model": core.state_dict(), "epoch": epoch}, Path(d) / "model.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if last:
-            break
+            return mm.build_detector(cfg.model, pretrained=cfg.imagenet_arch is not None)
+        return mm.build_recognizer(cfg.model)
+
+    def batches(epoch: int):
+        # Seeded by epoch: a resumed run sees the epoch's batches it would have seen.
+        rng = np.random.default_rng([cfg.loop.seed, rank, epoch])
+        if cfg.task == "det":
+            return det_batches(rows, cfg.loop.batch_size, cfg.det_size, rng)
+        return rec_batches(rows, cfg.loop.batch_size, mm_configs.REC_CHANNELS.get(cfg.model, 1),
+                           mm_configs.REC_FIXED_WIDTH.get(cfg.model), rng)
+
+    def evaluate(model: torch.nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, bytes]]:
+        if not cfg.eval_samples:
+            return {}, {}
+        t1 = time.time()
+        scores = heldout_scores(cfg, model, load_rows(cfg, "val", cfg.eval_samples))
+        return {**scores, "eval_s": time.time() - t1}, {}
+
+    fit(build, forward_loss, batches, cfg.loop, evaluate=evaluate,
+        steps_per_epoch=math.ceil(len(rows) / cfg.loop.batch_size), extra_metrics={"samples_total": len(rows)})
 
 
 def run(cfg: OcrTrainConfig) -> dict[str, Any]:
     """Train with Ray Train, then publish the final weights to the model store with a card.
 
     Returns:
-        ``{"ref", "metrics", "card"}``.
+        ``{"ref", "metrics", "card", "checkpoint"}``.
     """
     # Before importing ray, which reads its auth settings at import. Our own token: the shared
     # ~/.ray/auth_token belongs to whichever cluster on this host wrote it last.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from livelens.store import ModelStore, git_sha
+    from livelens.train.driver import make_run_config, read_checkpoint
 
     started = False
     if not ray.is_initialized():
@@ -342,19 +274,18 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
         started = True
     try:
         t0 = time.time()
+        name = cfg.run_name or f"{cfg.name}-{int(t0)}"
         trainer = TorchTrainer(
             train_fn_per_worker,
             train_loop_config=asdict(cfg),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": 0.5} if not cfg.use_gpu else {"CPU": 1, "GPU": 1}),
-            run_config=RunConfig(name=f"{cfg.name}-{int(t0)}", storage_path=str(Path(cfg.storage_path).resolve()),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
+                                         resources_per_worker={"CPU": 0.5} if not cfg.loop.use_gpu else {"CPU": 1, "GPU": 1}),
+            run_config=make_run_config(name, cfg.storage_path, max_failures=cfg.max_failures, keep=1),
         )
         result = trainer.fit()
         if result.error:
             raise result.error
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "model.pt", weights_only=True, map_location="cpu")["model"]
+        state, metrics, _ = read_checkpoint(result.checkpoint)
         card = {
             "task": f"ocr_{cfg.task}",
             "arch": {"backend": "mmocr", "config": cfg.model, "mm_config": mm_configs.get(cfg.model)},
@@ -365,13 +296,13 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
                      else "generated slots from 10,000,000 (disjoint from training)"},
             "init": f"imagenet:{cfg.imagenet_arch}" if cfg.imagenet_arch else "random",
             "train": asdict(cfg),
-            "metrics": dict(result.metrics or {}),
+            "metrics": dict(metrics),
             "train_seconds": round(time.time() - t0, 1),
             "git": git_sha(),
             "load": "livelens.ocr.mmocr_adapter.MmocrEngine(det=..., rec=...)",
         }
-        ref = ModelStore(cfg.store).save(cfg.name, state, json.loads(json.dumps(card, default=str)))
-        return {"ref": ref, "metrics": card["metrics"], "card": card}
+        ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
+        return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": result.checkpoint.path}
     finally:
         if started:
             ray.shutdown()

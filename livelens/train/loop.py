@@ -41,6 +41,7 @@ from livelens.train.ddp import (
 )
 
 STATE_FILE = "state.pt"
+SCHEDULES = ("cosine_epochs", "warmup_cosine")
 METRICS_FILE = "metrics.json"
 
 Batch = Mapping[str, Any]
@@ -67,6 +68,16 @@ class LoopConfig:
         fail_once_marker: ...once, recorded by creating this file (a path every worker sees).
         fail_rank: Rank that dies (clamped to the last rank).
         count_grad_bytes: Count gradient bytes per step sent by the comm hook (reported).
+        schedule: ``cosine_epochs`` (cosine over epochs) or ``warmup_cosine`` (linear warm-up, then
+            a cosine per step to ``lr_floor`` × lr over the run's steps or its time budget,
+            whichever ends first).
+        warmup_steps: Warm-up steps of ``warmup_cosine``.
+        lr_floor: Where ``warmup_cosine`` ends, as a fraction of lr.
+        max_minutes: Time budget of the training loop (0: none); ``warmup_cosine`` follows it, and
+            every schedule stops when it is spent (all workers on the same step).
+        clip_grad_norm: Clip the gradient norm to this (0: no clipping).
+        log_every: Print the running loss every so many steps (0: per epoch only).
+        eval_last_only: Evaluate only after the last epoch (evaluation that costs minutes).
     """
 
     epochs: int = 2
@@ -84,6 +95,13 @@ class LoopConfig:
     fail_once_marker: str | None = None
     fail_rank: int = 1
     count_grad_bytes: bool = False
+    schedule: str = "cosine_epochs"
+    warmup_steps: int = 0
+    lr_floor: float = 0.02
+    max_minutes: float = 0.0
+    clip_grad_norm: float = 0.0
+    log_every: int = 0
+    eval_last_only: bool = False
 
     def validate(self) -> None:
         """Check values before any worker starts.
@@ -99,6 +117,12 @@ class LoopConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.fail_at_epoch is not None and not self.fail_once_marker:
             raise ConfigError("fail_at_epoch needs fail_once_marker (so the failure happens only once)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.warmup_steps < 0 or self.max_minutes < 0 or self.clip_grad_norm < 0 or self.log_every < 0:
+            raise ConfigError("warmup_steps, max_minutes, clip_grad_norm and log_every must be >= 0")
+        if not 0 <= self.lr_floor <= 1:
+            raise ConfigError(f"lr_floor must be in [0, 1], got {self.lr_floor}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LoopConfig:
@@ -112,11 +136,91 @@ class LoopConfig:
 
 @dataclass
 class FitState:
-    """What a checkpoint restores."""
+    """What a checkpoint restores (besides model, optimiser, scheduler and scaler state).
 
-    epoch: int = 0  # next epoch to run
+    Attributes:
+        epoch: The next epoch to run.
+        step: Optimiser steps taken so far, over all epochs (the per-step schedule's position).
+        loop_s: Seconds spent in training steps so far (the time budget's position).
+        train_time_s: Seconds of training and evaluation so far.
+        history: One entry of scalar metrics per finished epoch.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    loop_s: float = 0.0
     train_time_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_at(progress: float, step: int, peak: float, warmup_steps: int, floor: float = 0.02) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``peak`` to ``floor × peak`` over ``progress``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    p = min(1.0, max(0.0, progress))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class StepSchedule:
+    """Where a run is in its steps and its time budget; sets the learning rate of ``warmup_cosine``.
+
+    Its position lives in :class:`FitState` (``step``, ``loop_s``), so a resumed run continues the
+    schedule where the checkpoint left it rather than warming up again.
+
+    Args:
+        cfg: The loop settings (``schedule``, ``lr``, ``warmup_steps``, ``lr_floor``, ``max_minutes``).
+        total_steps: The run's steps (``steps_per_epoch × epochs``); None when unknown, then only
+            the time budget (if any) moves ``warmup_cosine``'s cosine.
+        state: The run's state; ``step`` and ``loop_s`` are read and advanced.
+    """
+
+    def __init__(self, cfg: LoopConfig, total_steps: int | None, state: FitState):
+        self.cfg, self.total_steps, self.state = cfg, total_steps, state
+        self.max_s = cfg.max_minutes * 60
+        self._t0 = time.perf_counter()
+        self._base = state.loop_s
+
+    def elapsed(self) -> float:
+        return self._base + time.perf_counter() - self._t0
+
+    def sync(self) -> None:
+        """Fold the time since the last sync into ``state.loop_s`` (call before a checkpoint)."""
+        now = time.perf_counter()
+        self.state.loop_s = self._base + now - self._t0
+        self._base, self._t0 = self.state.loop_s, now
+
+    def progress(self) -> float:
+        by_steps = self.state.step / self.total_steps if self.total_steps else 0.0
+        by_time = self.elapsed() / self.max_s if self.max_s else 0.0
+        return max(by_steps, by_time)
+
+    def out_of_time(self) -> bool:
+        return bool(self.max_s) and self.elapsed() >= self.max_s
+
+    def done(self) -> bool:
+        return self.out_of_time() or (self.cfg.schedule == "warmup_cosine" and bool(self.total_steps)
+                                      and self.state.step >= self.total_steps)
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> float:
+        """Set the step's learning rate (``warmup_cosine``); returns the rate in use."""
+        if self.cfg.schedule == "warmup_cosine":
+            lr = lr_at(self.progress(), self.state.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_floor)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+        return float(optimizer.param_groups[0]["lr"])
+
+
+def all_workers(flag: bool) -> bool:
+    """Whether ``flag`` holds on any worker: DDP workers must stop on the same step or hang."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    # NCCL reduces CUDA tensors only.
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -174,35 +278,55 @@ def keep_frozen_norms_in_eval(model: nn.Module) -> None:
 
 def train_one_epoch(model: nn.Module, forward_loss: Callable[[nn.Module, Batch], torch.Tensor],
                     batches: Iterable[Batch], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    cfg: LoopConfig, device: torch.device, counter: ByteCounter | None = None) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss, step count, samples and seconds."""
+                    cfg: LoopConfig, device: torch.device, counter: ByteCounter | None = None,
+                    schedule: StepSchedule | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (cut short when the schedule is done); mean loss, steps, samples, seconds."""
     model.train()
     keep_frozen_norms_in_eval(model)
     total, steps, samples, t0 = 0.0, 0, 0, time.perf_counter()
     for batch in batches:
+        if schedule is not None and all_workers(schedule.done()):
+            break
+        if schedule is not None:
+            schedule.apply(optimizer)
         with autocast(cfg.precision, device):
             loss = forward_loss(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {steps}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         if counter is not None:
             counter.end_step()
         total += float(loss.detach())
         steps += 1
-        samples += len(next(iter(batch.values())))
+        if schedule is not None:
+            schedule.state.step += 1
+        samples += _batch_len(batch)
+        if cfg.log_every and steps % cfg.log_every == 0:
+            where = f"step {schedule.state.step}, {schedule.progress():.0%}" if schedule is not None else f"step {steps}"
+            print(f"[train] {where}: epoch's mean loss {total / steps:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}",
+                  flush=True)
         if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
             break
     secs = time.perf_counter() - t0
-    return {"train_loss": total / max(steps, 1), "steps": steps, "samples": samples, "epoch_s": secs}
+    return {"train_loss": total / max(steps, 1), "steps": steps, "samples": samples, "epoch_s": secs,
+            "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def _batch_len(batch: Batch) -> int:
+    first = next(iter(batch.values()))
+    return len(first)
 
 
 def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module, Batch], torch.Tensor],
         train_batches: Callable[[int], Iterable[Batch]], cfg: LoopConfig, *, evaluate: EvalFn | None = None,
         make_optimizer: Callable[[Iterable[nn.Parameter], LoopConfig], torch.optim.Optimizer] | None = None,
-        extra_metrics: Mapping[str, Any] | None = None) -> FitState:
+        extra_metrics: Mapping[str, Any] | None = None, steps_per_epoch: int | None = None) -> FitState:
     """Train inside a Ray Train worker, reporting metrics and a checkpoint every epoch.
 
     Args:
@@ -214,6 +338,8 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
             model in eval mode; files (e.g. ``confusion.png``) go into the checkpoint.
         make_optimizer: Optimiser factory over trainable parameters (default AdamW).
         extra_metrics: Constant values added to every report (e.g. the trial config).
+        steps_per_epoch: Steps in one epoch, when known: ``warmup_cosine`` spreads its cosine over
+            ``steps_per_epoch × epochs``.
 
     Returns:
         The final fit state (epoch count, history, train time).
@@ -252,22 +378,28 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         resumed_from = state.epoch
     nodes = _node_ids(world)
     start_epoch = state.epoch
+    schedule = StepSchedule(cfg, steps_per_epoch * cfg.epochs if steps_per_epoch else None, state)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, forward_loss, train_batches(epoch), optimizer, scaler, cfg, device, counter)
+        stats = train_one_epoch(model, forward_loss, train_batches(epoch), optimizer, scaler, cfg, device, counter,
+                                schedule)
+        schedule.sync()
         # Die after this epoch's steps, before its checkpoint: the previous epoch's report has had a whole
         # epoch to be registered by the controller (dying right after a report can race with it).
         _maybe_fail(cfg, epoch, rank, world)
-        scheduler.step()
+        if cfg.schedule == "cosine_epochs":
+            scheduler.step()
+        last = epoch == cfg.epochs - 1 or all_workers(schedule.done())
         metrics: dict[str, Any] = {**(extra_metrics or {}), "epoch": epoch, "start_epoch": start_epoch,
                                    "resumed_from_epoch": resumed_from, "world_size": world,
-                                   "worker_nodes": nodes, "rank": rank, **stats,
+                                   "worker_nodes": nodes, "rank": rank, **stats, "global_step": state.step,
+                                   "loop_s": state.loop_s, "last": last,
                                    "images_per_s": stats["samples"] * world / max(stats["epoch_s"], 1e-9)}
         if counter is not None:
             metrics["grad_bytes_per_step"] = counter.per_step(skip=cfg.powersgd_start_iter)
         files: dict[str, bytes] = {}
-        if evaluate is not None and rank == 0:
+        if evaluate is not None and rank == 0 and (last or not cfg.eval_last_only):
             inner = unwrap(model)
             inner.eval()
             with torch.no_grad(), autocast(cfg.precision, device):
@@ -283,4 +415,6 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        if last:
+            break
     return state
