@@ -231,8 +231,32 @@ def validate_serve_config(
                 + (f"; did you mean {hint!r}?" if hint else ""),
             )
         )
+    problems += _livelens_args(config, file, base_path)
     # pydantic and our own check can both flag the same key; report it once.
     return list(dict.fromkeys(problems))
+
+
+def _livelens_args(config: dict[str, Any], file: str, base_path: str) -> list[Problem]:
+    """Check the ``args`` of every livelens application against ``AppArgs``, as ``build_app`` will.
+
+    Serve passes ``args`` to the builder untouched, so a typo there (``max_batch_size`` where
+    the live config belongs) would only fail when the cluster deploys it.
+    """
+    import pydantic
+
+    problems: list[Problem] = []
+    for i, app in enumerate(config.get("applications") or []):
+        if not isinstance(app, dict) or app.get("import_path") != "serve_apps.gateway:build_app":
+            continue
+        from serve_apps.gateway import AppArgs
+
+        try:
+            AppArgs.model_validate(app.get("args") or {})
+        except pydantic.ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(x) for x in err["loc"])
+                problems.append(Problem(file, f"{base_path}.applications[{i}].args.{loc}", err["msg"]))
+    return problems
 
 
 def _model_in(annotation: Any) -> tuple[type | None, bool]:

@@ -107,7 +107,7 @@ def config_parser(cls: type, *, description: str | None = None, exclude: tuple[s
             continue
         if origin in (list, tuple):
             (item,) = typing.get_args(base)[:1] or (str,)
-            p.add_argument(opt, nargs="*", type=item if item in (int, float, str) else str, **kw)
+            p.add_argument(opt, nargs="*", type=item if item in (int, float, str) else str, metavar=flag.upper(), **kw)
             continue
         conv = _parse_json if (origin in (dict, Mapping) or base in (dict, Any)) else (
             base if base in (int, float, str) else str)

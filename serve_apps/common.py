@@ -47,6 +47,7 @@ class DeployOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(64, ge=1)
     min_replicas: int = Field(1, ge=0)
@@ -57,7 +58,7 @@ class DeployOptions(BaseModel):
     def to_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         return {
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "health_check_period_s": self.health_check_period_s,

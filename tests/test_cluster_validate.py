@@ -129,7 +129,7 @@ def test_serve_unknown_deployment_key_is_rejected(tmp_path, crds):
     from ray.serve.schema import ServeDeploySchema
 
     broken = copy.deepcopy(cfg)
-    broken["applications"][0]["deployments"][0]["num_replica"] = 3
+    broken["applications"][0]["deployments"] = [{"name": "Moderation", "num_replica": 3}]
     ServeDeploySchema.model_validate(broken)
     doc["spec"]["serveConfigV2"] = yaml.safe_dump(broken, sort_keys=False)
     problems = validate_file(_write(tmp_path, doc), crds)
@@ -139,13 +139,22 @@ def test_serve_unknown_deployment_key_is_rejected(tmp_path, crds):
     assert "did you mean 'num_replicas'" in problems[0].message
 
 
+def test_livelens_app_args_are_checked_as_build_app_will(tmp_path, crds):
+    doc = _load("kuberay/rayservice.yaml")
+    cfg = _serve_config(doc)
+    cfg["applications"][0]["args"]["moderation"]["max_batch_size"] = 16  # a live knob outside `live`
+    doc["spec"]["serveConfigV2"] = yaml.safe_dump(cfg, sort_keys=False)
+    problems = validate_file(_write(tmp_path, doc), crds)
+    assert [p.path for p in problems] == ["$.spec.serveConfigV2.applications[0].args.moderation.max_batch_size"]
+
+
 def test_serve_schema_errors_are_reported(tmp_path, crds):
     doc = _load("kuberay/rayservice.yaml")
     cfg = _serve_config(doc)
     cfg["proxy_location"] = "Nowhere"  # not an enum value: Serve's own schema rejects it
     cfg["http_option"] = {}  # unknown top-level key: Serve 2.60 accepts it, we do not
     cfg["http_options"]["request_timeout"] = 5  # unknown nested key
-    cfg["applications"][0]["deployments"][0]["autoscaling_config"]["max_replica"] = 3
+    cfg["applications"][0]["deployments"] = [{"name": "Gateway", "autoscaling_config": {"max_replica": 3}}]
     doc["spec"]["serveConfigV2"] = yaml.safe_dump(cfg)
     paths = {p.path for p in validate_file(_write(tmp_path, doc), crds)}
     base = "$.spec.serveConfigV2"

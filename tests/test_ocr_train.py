@@ -87,7 +87,7 @@ def test_metrics_are_mmocr_metrics_on_plain_inputs():
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("task", ["det", "rec"])
-def test_tiny_ray_train_run_publishes_a_loadable_model(ray_session, tmp_path, task):
+def test_tiny_ray_train_run_publishes_a_loadable_model(ray_session, tmp_path, task, monkeypatch):
     """On the shared loop; the recogniser's run loses a worker and resumes optimiser, scheduler and step."""
     from ray.train import Checkpoint
 
@@ -126,5 +126,6 @@ def test_tiny_ray_train_run_publishes_a_loadable_model(ray_session, tmp_path, ta
     # Serving loads exactly this model when its store heads the chain.
     from serve_apps.ocr import OcrArgs, _engine
 
-    served = _engine(OcrArgs(engine="mmocr", engine_kwargs={task: out["ref"].split("@")[0], "store": cfg.store}))
+    monkeypatch.setenv("LIVELENS_MODEL_STORE", cfg.store)
+    served = _engine(OcrArgs(engine="mmocr", engine_kwargs={task: out["ref"].split("@")[0]}))
     assert served.model_refs == {task: out["ref"]}

@@ -195,6 +195,17 @@ def test_run_on_generated_frames_with_the_real_detector(tmp_path):
     assert "test" not in summary and set(summary["thresholds"]) == {"ads_watermark", "ads_logo", "ads_text_banner"}
     card = ModelStore(tmp_path / "store").card(summary["ref"])
     assert card["datasets"] == ["frames@1#seed=11"] and card["proposals"] == "PP-OCR text detection"
+    # The OCR deployment's loader, on the default chain, finds exactly this model in the user store.
+    import os
+
+    from livelens.evidence.regions import open_region_model
+
+    os.environ["LIVELENS_MODEL_STORE"] = str(tmp_path / "store")
+    try:
+        _, ref, root = open_region_model("ads_regions")
+    finally:
+        del os.environ["LIVELENS_MODEL_STORE"]
+    assert (ref, root) == (summary["ref"], str(tmp_path / "store"))
     # Seed 3's 16 slots fall in train and test only: no validation split to choose thresholds on.
     no_val = write_manifest(generate_frames(0, 16, seed=3, cfg=cfg), tmp_path / "no_val", frames_card(3, 16, cfg),
                             contact_sheet=False)

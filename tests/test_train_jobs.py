@@ -64,12 +64,42 @@ def test_bad_configs_fail_before_any_worker(frames_manifest, tmp_path):
     assert not (tmp_path / "train").exists()  # nothing was started
 
 
-def test_sweep_pool_grid_multiplies_only_bilinear():
-    from train_jobs.sweep import effective_pool, pool_grid
+def test_sweep_checks_every_pooling_and_its_options_before_any_trial(frames_manifest, tmp_path):
+    from train_jobs.sweep import SweepConfig, run
 
-    grid = pool_grid(["avg", "tree", "bilinear"], ["full", "compact"])
-    assert grid == [("avg", "-"), ("tree", "-"), ("bilinear", "full"), ("bilinear", "compact")]
-    assert [effective_pool(*pv) for pv in grid] == ["avg", "tree", "bilinear", "compact_bilinear"]
+    base = tiny(frames_manifest, tmp_path)
+    for bad, match in ((dict(pools=["avg", "median"]), "unknown pooling 'median'"),
+                       (dict(pools=["bilinear"], pool_kw={"bilinear": {"reduce_dim": 0.5}}), "reduce_dim"),
+                       (dict(pools=["avg"], pool_kw={"gated": {"grid": 2}}), "not swept"),
+                       (dict(backbones=["vit"]), "unknown backbone")):
+        with pytest.raises(ConfigError, match=match):
+            run(SweepConfig(base=base, **bad))
+    assert not (tmp_path / "train").exists()  # nothing was started
+
+
+def test_safety_and_sweep_command_lines_come_from_their_configs():
+    from train_jobs.safety import parse_args
+    from train_jobs.sweep import SweepConfig, main
+
+    cfg = parse_args(["--pool", "bilinear", "--pool-kw", '{"reduce_dim": 16}', "--no-freeze-backbone",
+                      "--epochs", "7", "--groups", "ads", "game"])
+    assert cfg.pool == "bilinear" and cfg.pool_kw == {"reduce_dim": 16} and not cfg.freeze_backbone
+    assert cfg.loop.epochs == 7 and cfg.groups == ["ads", "game"]
+    assert cfg.loop.lr == SafetyTrainConfig().loop.lr and cfg.image_size == SafetyTrainConfig().image_size
+    with pytest.raises(SystemExit):
+        parse_args(["--pool-kw", "{not json"])
+    with pytest.raises(SystemExit):
+        main(["--pool", "avg"])  # the base's pooling is what each trial sets: no such flag on the sweep
+    assert SweepConfig().pools[-1] == "compact_bilinear"  # final pool names, no variant key
+
+
+def test_bad_pool_options_fail_on_the_driver(frames_manifest, tmp_path):
+    base = tiny(frames_manifest, tmp_path)
+    for pool, kw in (("gated", {"grid": 0}), ("compact_bilinear", {"sketch_dim": -4}), ("avg", {"grid": 2}),
+                     ("tree", {"depth": 1})):
+        with pytest.raises(ConfigError):
+            run(replace(base, pool=pool, pool_kw=kw))
+    assert not (tmp_path / "train").exists()
 
 
 def test_sweep_makes_local_paths_absolute_for_trial_directories(tmp_path, monkeypatch):
@@ -92,8 +122,15 @@ def _losses(summary: dict) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tmp_path):
+def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tmp_path, monkeypatch):
     summary = run(tiny(frames_manifest, tmp_path, comm_hook="powersgd", powersgd_rank=2))
+    # Serving (the moderation engine, default chain) loads exactly this model once its store is the user store.
+    from livelens.moderation import ModerationEngine
+
+    monkeypatch.setenv("LIVELENS_MODEL_STORE", str(tmp_path / "store"))
+    served = ModerationEngine(use_open_nsfw=False)
+    assert served.safety.ref == summary["ref"] and served.safety.info["store"] == str(tmp_path / "store")
+    assert served.safety.info["covers"] and all(c["source"] == "trained_head" for c in served.safety.info["covers"])
     losses = _losses(summary)
     assert summary["val"]["world_size"] == 2
     assert len(losses) == 2 and losses[-1] < losses[0]
@@ -127,8 +164,8 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
 
     base = replace(tiny(frames_manifest, tmp_path, epochs=2, precision="fp32"), num_workers=1, register=False,
                    max_failures=0)
-    sc = SweepConfig(base=base, backbones=["mobilenet_v2"], pools=["avg", "gated", "bilinear"],
-                     bilinear_variants=["compact"], lrs=[3e-3], num_samples=1, max_concurrent=3,
+    sc = SweepConfig(base=base, backbones=["mobilenet_v2"], pools=["avg", "gated", "compact_bilinear"],
+                     pool_kw={"compact_bilinear": {"sketch_dim": 256}}, lrs=[3e-3], num_samples=1, max_concurrent=3,
                      out=str(tmp_path / "sweep"))
     summary = sweep(sc)
     assert summary["trials"] == 3 and summary["errors"] == 0
@@ -136,7 +173,10 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     assert len(lines) == 2 + 3
     assert (tmp_path / "sweep" / "accuracy_vs_cost.png").stat().st_size > 5000
     assert {line.split("|")[3].strip() for line in lines[2:]} == {"avg", "gated", "compact_bilinear"}  # the grid
+    assert "256" in next(line for line in lines[2:] if "compact_bilinear" in line)  # its options reached the trial
     card = ModelStore(tmp_path / "store").card(summary["ref"])
     assert card["pooling"] in {"avg", "gated", "compact_bilinear"}
-    assert card["metrics"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert card["pool_kw"] == ({"sketch_dim": 256} if card["pooling"] == "compact_bilinear" else {})
+    assert card["metrics"]["macro_f1"] == pytest.approx(summary["best_val_macro_f1"])
+    assert card["threshold_rule"].startswith("served") and card["train_label_counts"]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ref"] == summary["ref"]

@@ -58,6 +58,33 @@ def test_multihead_scalars_and_confusion_png():
     assert img.format == "PNG" and img.width > 300 and img.height > 200
 
 
+def test_metrics_at_served_thresholds_show_what_accuracy_hides():
+    from livelens.models import heads_from_taxonomy
+    from livelens.train.metrics import served_thresholds
+
+    tax = load_taxonomy()
+    head = heads_from_taxonomy(tax, ["ads"])["ads"]
+    thr = served_thresholds(tax, head)
+    j = head.classes.index("ads_phone")
+    assert thr[j] == tax.labels["ads_phone"].review  # a block-action group acts from its review threshold
+    game = heads_from_taxonomy(tax, ["game"])["game"]
+    k = game.classes.index("game_honor_of_kings")
+    assert served_thresholds(tax, game)[k] == tax.labels["game_honor_of_kings"].threshold  # tags: the tag threshold
+    # 20 frames, 2 with a phone the model scores 0.45: argmax/0.5 says "never", which is 90% accurate.
+    n = 20
+    probs = np.full((n, len(head.classes)), 0.01)
+    probs[:, 0] = 0.9
+    target = np.zeros_like(probs)
+    target[:, 0] = 1
+    for i in (0, 1):
+        probs[i, j], target[i, j], target[i, 0] = 0.45, 1, 0
+    plain = head_metrics(probs, target, head)["labels"]["ads_phone"]
+    served = head_metrics(probs, target, head, thresholds=thr)["labels"]["ads_phone"]
+    assert plain["accuracy"] == 0.9 and plain["recall"] == 0.0
+    assert served["recall"] == 1.0 and served["precision"] == 1.0  # 0.45 >= review 0.40: the service reviews it
+    assert head_metrics(probs, target, head, thresholds=thr)["labels"]["ads_none"]["recall"] == 1.0
+
+
 def test_targets_from_labels_exclusive_and_multilabel():
     tax = load_taxonomy()
     rows = [["ads_qrcode", "ads_phone", "game_honor_of_kings"], [], ["quality_black"]]

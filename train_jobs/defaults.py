@@ -68,7 +68,7 @@ def build_defaults(cfg: SafetyTrainConfig, root: Path = DEFAULT_ROOT) -> dict:
         # save_to_store writes the architecture itself.
         card = _shipped_card(scratch_store.card(summary["ref"]), drop=("arch",))
     ref = save_to_store(ModelStore(root), "safety", model, card, head_only=True)
-    return {"ref": ref, "bytes": _checked_size(root, ref), "root": str(root), "test": summary.get("test", {}).get("val_accuracy"),
+    return {"ref": ref, "bytes": _checked_size(root, ref), "root": str(root), "test": {k: summary.get("test", {}).get(f"val_{k}") for k in ("macro_f1", "min_recall", "min_precision")},
             "wall_time_s": summary["wall_time_s"]}
 
 

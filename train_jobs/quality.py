@@ -7,37 +7,17 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
+from livelens.cli_config import config_from_args, config_parser
 from livelens.quality.training import QualityTrainConfig, run
-from livelens.train.loop import LoopConfig
 
 
 def parse_args(argv: list[str] | None = None) -> QualityTrainConfig:
-    """Command-line flags onto :class:`QualityTrainConfig`."""
-    base = QualityTrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=base.manifest)
-    p.add_argument("--shared", default=base.shared)
-    p.add_argument("--num-workers", type=int, default=base.num_workers)
-    p.add_argument("--cpus-per-worker", type=float, default=base.cpus_per_worker)
-    p.add_argument("--epochs", type=int, default=base.loop.epochs)
-    p.add_argument("--passes-per-epoch", type=int, default=base.passes_per_epoch)
-    p.add_argument("--lr", type=float, default=base.loop.lr)
-    p.add_argument("--batch-size", type=int, default=base.loop.batch_size)
-    p.add_argument("--storage-path", default=base.storage_path)
-    p.add_argument("--run-name", default="", help="reuse one to resume")
-    p.add_argument("--model-store", default=base.model_store)
-    p.add_argument("--no-register", action="store_true")
-    a = p.parse_args(argv)
-    return QualityTrainConfig(
-        manifest=a.manifest, shared=a.shared, num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker,
-        passes_per_epoch=a.passes_per_epoch, storage_path=a.storage_path, run_name=a.run_name,
-        model_store=a.model_store, register=not a.no_register,
-        loop=LoopConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size),
-    )
+    """Command-line flags onto :class:`QualityTrainConfig` (one per field, :mod:`livelens.cli_config`)."""
+    parser = config_parser(QualityTrainConfig, description=__doc__)
+    return config_from_args(QualityTrainConfig(), parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

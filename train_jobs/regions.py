@@ -12,35 +12,18 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from livelens.cli_config import config_from_args, config_parser
 from livelens.errors import LivelensError
 from livelens.train.regions import RegionTrainConfig, run
 
 
-def _limit(v: str) -> int | None:
-    return None if v in ("all", "") else int(v)
-
-
 def parse_args(argv: list[str] | None = None) -> RegionTrainConfig:
-    """Command-line flags onto :class:`RegionTrainConfig`."""
-    base = RegionTrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=base.manifest)
-    p.add_argument("--train-limit", type=_limit, default=base.train_limit, help="frames, or 'all'")
-    p.add_argument("--val-limit", type=_limit, default=base.val_limit)
-    p.add_argument("--test-limit", type=_limit, default=base.test_limit, help="0 skips the held-out report")
-    p.add_argument("--epochs", type=int, default=base.epochs)
-    p.add_argument("--lr", type=float, default=base.lr)
-    p.add_argument("--model-store", default=base.model_store)
-    p.add_argument("--model-name", default=base.model_name)
-    p.add_argument("--no-register", action="store_true")
-    a = p.parse_args(argv)
-    return RegionTrainConfig(manifest=a.manifest, train_limit=a.train_limit, val_limit=a.val_limit,
-                             test_limit=a.test_limit, epochs=a.epochs, lr=a.lr, model_store=a.model_store,
-                             model_name=a.model_name, register=not a.no_register)
+    """Command-line flags onto :class:`RegionTrainConfig` (one per field; limits take a number or ``all``)."""
+    parser = config_parser(RegionTrainConfig, description=__doc__)
+    return config_from_args(RegionTrainConfig(), parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

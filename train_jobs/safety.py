@@ -9,7 +9,6 @@ Rerunning with the same ``--run-name`` and ``--storage-path`` resumes from the l
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,7 +36,30 @@ from livelens.train.driver import init_ray, make_run_config, read_checkpoint, st
 
 @dataclass
 class SafetyTrainConfig:
-    """Everything the safety job needs; validated on the driver before any worker starts."""
+    """Everything the safety job needs; validated on the driver before any worker starts.
+
+    Attributes:
+        manifest: Frames manifest (``make data``).
+        taxonomy: Taxonomy file (default: the packaged one).
+        groups: Heads to train (default: every group the data has positives of).
+        backbone: Backbone name (``livelens.models.list_models``).
+        pool: Pooling name (``livelens.models.list_pools``).
+        pool_kw: Pooling options as JSON, e.g. '{"reduce_dim": 32}'; dry-built before any worker starts.
+        pretrained: Start from the offline ImageNet weights.
+        freeze_backbone: Train only the pooling and heads (a frozen ImageNet backbone).
+        image_size: Input side in pixels.
+        evidence_crop: Random resized crops that keep the labelled boxes.
+        num_workers: Ray Train workers.
+        cpus_per_worker: Logical CPUs each worker reserves.
+        placement_strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node).
+        storage_path: Ray Train storage (a path or URI); checkpoints and results go here.
+        run_name: Run name; rerunning with the same one resumes from its last checkpoint.
+        max_failures: Worker-group restarts from the last checkpoint before the run fails.
+        model_store: Where the model is registered (default: the user store serving searches first).
+        model_name: Name in the store.
+        register: Publish the trained model into the store.
+        loop: The shared loop's settings.
+    """
 
     manifest: str = "runs/data/frames"
     taxonomy: str | None = None
@@ -53,7 +75,7 @@ class SafetyTrainConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     storage_path: str = "runs/train"
-    run_name: str = "safety"
+    run_name: str = ""
     max_failures: int = 1
     model_store: str = field(default_factory=user_store)
     model_name: str = "safety"
@@ -79,14 +101,13 @@ class SafetyTrainConfig:
             ConfigError: Unknown backbone/pool/group, bad taxonomy, missing or malformed manifest,
                 impossible precision or comm hook, bad sizes.
         """
-        from livelens.models import list_models, list_pools
+        from livelens.models.factory import check_model
         from livelens.taxonomy import load_taxonomy
 
         self.loop.validate()
-        if self.backbone not in list_models():
-            raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {list_models()}")
-        if self.pool not in list_pools():
-            raise ConfigError(f"unknown pooling {self.pool!r}; choose one of {list_pools()}")
+        if not isinstance(self.pool_kw, dict):
+            raise ConfigError(f"pool_kw must be a mapping of pooling options, got {self.pool_kw!r}")
+        check_model(self.backbone, self.pool, **self.pool_kw)  # the pooling, dry-built at the backbone's width
         if not 16 <= self.image_size <= 1024:
             raise ConfigError(f"image_size must be in [16, 1024], got {self.image_size}")
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
@@ -123,7 +144,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     heads = heads_for(tax, groups)
     fit(build, make_forward_loss(heads),
         lambda epoch: train.iter_torch_batches(batch_size=cfg.loop.batch_size, device=device, drop_last=True),
-        cfg.loop, evaluate=make_evaluate(val, heads, cfg.loop.batch_size, device))
+        cfg.loop, evaluate=make_evaluate(val, heads, cfg.loop.batch_size, device, cfg.taxonomy))
 
 
 def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
@@ -133,6 +154,7 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
 
     data = cfg.validate()
     cfg.groups = data.groups
+    cfg.run_name = cfg.run_name or time.strftime("safety-%Y%m%d-%H%M%S")
     init_ray()
     t0 = time.time()
     datasets = prepare_datasets(cfg.manifest, data, cfg.image_size, cfg.evidence_crop, cfg.taxonomy)
@@ -168,8 +190,10 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
         card = {"task": "safety", "datasets": [dataset_id(data.card)], "taxonomy_version": data.taxonomy_version,
                 "backbone": cfg.backbone, "pooling": cfg.pool, "pool_kw": cfg.pool_kw, "groups": cfg.groups,
                 "input_size": cfg.image_size, "eval_split": "test" if held_out else "val",
-                "metrics": {"accuracy": final.get("val_accuracy"), "macro_f1": final.get("val_macro_f1"),
+                "metrics": {"macro_f1": final.get("val_macro_f1"), "min_recall": final.get("val_min_recall"),
+                            "min_precision": final.get("val_min_precision"), "accuracy": final.get("val_accuracy"),
                             "per_label": final.get("details")},
+                "threshold_rule": final.get("threshold_rule"), "train_label_counts": data.train_label_counts,
                 "train_time_s": metrics.get("train_time_s"), "wall_time_s": summary["wall_time_s"],
                 "checkpoint": result.checkpoint.path, "config": asdict(cfg)}
         summary["ref"] = save_to_store(ModelStore(cfg.model_store), cfg.model_name, model, card)
@@ -183,47 +207,10 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> SafetyTrainConfig:
-    """Command-line flags onto :class:`SafetyTrainConfig` (flags mirror the field names)."""
-    base = SafetyTrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=base.manifest)
-    p.add_argument("--taxonomy", default=None)
-    p.add_argument("--groups", nargs="*", default=None, help="heads to train (default: those the data covers)")
-    p.add_argument("--backbone", default=base.backbone)
-    p.add_argument("--pool", default=base.pool)
-    p.add_argument("--pool-kw", type=json.loads, default={}, help='JSON, e.g. \'{"dim": 512}\'')
-    p.add_argument("--no-pretrained", action="store_true")
-    p.add_argument("--train-backbone", action="store_true", help="fine-tune the whole backbone")
-    p.add_argument("--image-size", type=int, default=base.image_size)
-    p.add_argument("--no-evidence-crop", action="store_true")
-    p.add_argument("--num-workers", type=int, default=base.num_workers)
-    p.add_argument("--cpus-per-worker", type=float, default=base.cpus_per_worker)
-    p.add_argument("--placement-strategy", default=base.placement_strategy, help="STRICT_SPREAD: one worker per node")
-    p.add_argument("--storage-path", default=base.storage_path)
-    p.add_argument("--run-name", default=None, help="default: safety-<timestamp>; reuse one to resume")
-    p.add_argument("--max-failures", type=int, default=base.max_failures)
-    p.add_argument("--model-store", default=base.model_store)
-    p.add_argument("--model-name", default=base.model_name)
-    p.add_argument("--no-register", action="store_true")
-    lp = base.loop
-    p.add_argument("--epochs", type=int, default=lp.epochs)
-    p.add_argument("--lr", type=float, default=lp.lr)
-    p.add_argument("--batch-size", type=int, default=lp.batch_size)
-    p.add_argument("--precision", default=lp.precision, help="fp32 | bf16 | fp16 (GPU)")
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--comm-hook", default=lp.comm_hook, help="none | fp16 | powersgd")
-    p.add_argument("--powersgd-rank", type=int, default=lp.powersgd_rank)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    a = p.parse_args(argv)
-    loop = LoopConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, precision=a.precision, use_gpu=a.use_gpu,
-                      comm_hook=a.comm_hook, powersgd_rank=a.powersgd_rank, max_steps_per_epoch=a.max_steps_per_epoch)
-    return SafetyTrainConfig(
-        manifest=a.manifest, taxonomy=a.taxonomy, groups=a.groups, backbone=a.backbone, pool=a.pool,
-        pool_kw=a.pool_kw, pretrained=not a.no_pretrained, freeze_backbone=not a.train_backbone,
-        image_size=a.image_size, evidence_crop=not a.no_evidence_crop, num_workers=a.num_workers,
-        cpus_per_worker=a.cpus_per_worker, placement_strategy=a.placement_strategy, storage_path=a.storage_path,
-        run_name=a.run_name or time.strftime("safety-%Y%m%d-%H%M%S"), max_failures=a.max_failures,
-        model_store=a.model_store, model_name=a.model_name, register=not a.no_register, loop=loop)
+    """Command-line flags onto :class:`SafetyTrainConfig` (one flag per field, :mod:`livelens.cli_config`)."""
+    from livelens.cli_config import config_from_args, config_parser
+
+    return config_from_args(SafetyTrainConfig(), config_parser(SafetyTrainConfig, description=__doc__).parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: summary[k] for k in ("ref", "checkpoint", "wall_time_s") if k in summary}, default=str))
     final = summary.get("test", summary["val"])
-    print(f"held-out ({'test' if 'test' in summary else 'val'}) accuracy {final.get('val_accuracy'):.4f}")
+    print(f"held-out ({'test' if 'test' in summary else 'val'}) at the served thresholds: macro-F1 "
+          f"{final.get('val_macro_f1'):.4f}, worst recall {final.get('val_min_recall'):.4f}, worst precision "
+          f"{final.get('val_min_precision'):.4f}")
     print(final.get("report", ""))
     return 0
 

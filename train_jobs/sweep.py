@@ -1,7 +1,8 @@
-"""Ray Tune sweep of the safety classifier: ASHA over a backbone × pooling (× bilinear variant) grid, lr sampled.
+"""Ray Tune sweep of the safety classifier: ASHA over a backbone × pooling grid, lr sampled.
 
     python -m train_jobs.sweep                      # runs/sweep/{results.md,results.csv,accuracy_vs_cost.png}
     python -m train_jobs.sweep --num-samples 2 --epochs 4 --backbones mobilenet_v2 resnet18 --no-pretrained
+    python -m train_jobs.sweep --pools bilinear compact_bilinear --pool-kw '{"bilinear": {"reduce_dim": 32}}'
 
 Each trial is a driver function that runs its own Train V2 ``TorchTrainer``; a
 ``TuneReportCallback`` forwards every epoch's metrics to Tune, where ASHA stops weak trials
@@ -10,7 +11,6 @@ early. The best trial's checkpoint is registered in the model store.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,22 +22,36 @@ from livelens.errors import ConfigError
 from livelens.train import LoopConfig
 from train_jobs.safety import SafetyTrainConfig
 
-COLUMNS = ("name", "backbone", "pool", "bilinear_variant", "lr", "val_accuracy", "val_macro_f1", "epochs",
+COLUMNS = ("name", "backbone", "pool", "pool_kw", "lr", "val_macro_f1", "val_accuracy", "epochs",
            "latency_ms", "params", "status")
 
 
 @dataclass
 class SweepConfig:
-    """The search space and the budget; ``base`` holds every fixed training setting."""
+    """The search space and the budget; ``base`` holds every fixed training setting.
+
+    Attributes:
+        base: The training settings every trial shares.
+        backbones: Backbones to grid over.
+        pools: Poolings to grid over, by their final names (``compact_bilinear`` is one of them).
+        pool_kw: Options per pooling, JSON, e.g. '{"bilinear": {"reduce_dim": 32}}'.
+        lrs: Learning rates a trial samples from.
+        num_samples: Trials per grid point.
+        max_concurrent: Trials running at once.
+        grace_period: Epochs before ASHA may stop a trial.
+        seed: Seed of the lr sampling.
+        out: Where the table, the CSV and the plot go.
+        model_name: Store name of the best trial's model.
+    """
 
     # fp32 on CPU: bf16 is emulated without AVX512-BF16/AMX (11.6 vs 40-54 img/s measured here).
     # Only mobilenet_v2 has offline ImageNet weights; add resnet18/50 with --no-pretrained or a weight cache.
     base: SafetyTrainConfig = field(default_factory=lambda: SafetyTrainConfig(
-        num_workers=1, cpus_per_worker=1.0, register=False, max_failures=0,
+        num_workers=1, cpus_per_worker=1.0, register=False, max_failures=0, storage_path="runs/sweep/train",
         loop=LoopConfig(epochs=3, lr=3e-3, batch_size=32, precision="fp32")))
     backbones: list[str] = field(default_factory=lambda: ["mobilenet_v2"])
-    pools: list[str] = field(default_factory=lambda: ["avg", "max", "gated", "tree", "bilinear"])
-    bilinear_variants: list[str] = field(default_factory=lambda: ["full", "compact"])
+    pools: list[str] = field(default_factory=lambda: ["avg", "max", "gated", "tree", "bilinear", "compact_bilinear"])
+    pool_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
     num_samples: int = 1
     max_concurrent: int = 2
@@ -47,27 +61,18 @@ class SweepConfig:
     model_name: str = "safety-sweep"
 
     def validate(self) -> None:
-        """Check the space and the base config (which also checks the data) before any trial starts."""
-        from livelens.models import list_models, list_pools
+        """Dry-build every backbone × pooling with its options before any trial starts (and check the base)."""
+        from livelens.models.factory import check_model
 
+        if not isinstance(self.pool_kw, dict) or not all(isinstance(v, dict) for v in self.pool_kw.values()):
+            raise ConfigError(f"pool_kw maps a pooling name to its options, got {self.pool_kw!r}")
+        if stray := set(self.pool_kw) - set(self.pools):
+            raise ConfigError(f"pool_kw names poolings that are not swept: {sorted(stray)}")
+        if self.num_samples < 1 or self.max_concurrent < 1 or not self.lrs or not self.pools or not self.backbones:
+            raise ConfigError("num_samples, max_concurrent >= 1 and at least one backbone, pooling and lr are required")
         for b in self.backbones:
-            if b not in list_models():
-                raise ConfigError(f"unknown backbone {b!r}; choose from {list_models()}")
-        for p in self.pools:
-            if p not in list_pools():
-                raise ConfigError(f"unknown pooling {p!r}; choose from {list_pools()}")
-        if bad := set(self.bilinear_variants) - {"full", "compact"}:
-            raise ConfigError(f"unknown bilinear variants {sorted(bad)}; use 'full' or 'compact'")
-        if self.num_samples < 1 or self.max_concurrent < 1 or not self.lrs:
-            raise ConfigError("num_samples, max_concurrent >= 1 and at least one lr are required")
-
-
-def pool_grid(pools: list[str], variants: list[str]) -> list[tuple[str, str]]:
-    """Every (pool, bilinear variant) pair worth a trial: the variant only multiplies ``bilinear``.
-
-    A grid (not random choice) so that each pooling is tried ``num_samples`` times, none twice by chance.
-    """
-    return [(p, v) for p in pools for v in (variants if p == "bilinear" else ["-"])]
+            for p in self.pools:
+                check_model(b, p, **self.pool_kw.get(p, {}))
 
 
 def absolute_paths(base: SafetyTrainConfig) -> SafetyTrainConfig:
@@ -83,14 +88,9 @@ def absolute_paths(base: SafetyTrainConfig) -> SafetyTrainConfig:
                    storage_path=fix(base.storage_path), model_store=fix(base.model_store))
 
 
-def effective_pool(pool: str, variant: str) -> str:
-    """``bilinear`` + ``compact`` is compact bilinear pooling (Gao et al.); other pools ignore the variant."""
-    return "compact_bilinear" if pool == "bilinear" and variant == "compact" else pool
-
-
 def trial_config(base: SafetyTrainConfig, params: dict[str, Any], name: str) -> SafetyTrainConfig:
     """The training config of one trial."""
-    return replace(base, backbone=params["backbone"], pool=effective_pool(params["pool"], params["bilinear_variant"]),
+    return replace(base, backbone=params["backbone"], pool=params["pool"], pool_kw=dict(params.get("pool_kw") or {}),
                    run_name=name, loop=replace(base.loop, lr=float(params["lr"])))
 
 
@@ -141,15 +141,15 @@ def run(sc: SweepConfig) -> dict[str, Any]:
     sc.base.groups = data.groups
     out = Path(sc.out)
     out.mkdir(parents=True, exist_ok=True)
-    space = {"backbone": tune.grid_search(sc.backbones),
-             "pool_variant": tune.grid_search([list(pv) for pv in pool_grid(sc.pools, sc.bilinear_variants)]),
-             "pool": tune.sample_from(lambda spec: spec.config.pool_variant[0]),
-             "bilinear_variant": tune.sample_from(lambda spec: spec.config.pool_variant[1]),
+    # A grid (not a random choice) over backbones and poolings, so that each pooling is tried
+    # num_samples times and none twice by chance; each pooling carries its own options.
+    space = {"backbone": tune.grid_search(sc.backbones), "pool": tune.grid_search(sc.pools),
+             "pool_kw": tune.sample_from(lambda spec: sc.pool_kw.get(spec.config.pool, {})),
              "lr": tune.choice(sc.lrs), "base": asdict(sc.base), "data": asdict(data)}
     tuner = tune.Tuner(
         tune.with_resources(trial_driver, {"cpu": 0.01}),  # the driver only waits; workers hold the CPUs
         param_space=space,
-        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", num_samples=sc.num_samples,
+        tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max", num_samples=sc.num_samples,
                                     max_concurrent_trials=sc.max_concurrent,
                                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sc.base.loop.epochs,
                                                             grace_period=sc.grace_period, reduction_factor=2),
@@ -164,40 +164,43 @@ def run(sc: SweepConfig) -> dict[str, Any]:
     rows = []
     for r in grid:
         p, m = r.config, r.metrics or {}
-        pool = effective_pool(p["pool"], p["bilinear_variant"])
-        model = build_classifier(p["backbone"], pool, tax, data.groups, pretrained=False)
+        pool, kw = p["pool"], dict(p.get("pool_kw") or {})
+        model = build_classifier(p["backbone"], pool, tax, data.groups, pretrained=False, pool_kw=kw)
         rows.append({"name": f"{p['backbone']}/{pool}/lr={p['lr']:g}", "backbone": p["backbone"], "pool": pool,
-                     "bilinear_variant": p["bilinear_variant"] if p["pool"] == "bilinear" else "-",
-                     "lr": float(p["lr"]), "val_accuracy": float(m.get("val_accuracy", float("nan"))),
+                     "pool_kw": json.dumps(kw) if kw else "-", "lr": float(p["lr"]), "val_accuracy": float(m.get("val_accuracy", float("nan"))),
                      "val_macro_f1": float(m.get("val_macro_f1", float("nan"))),
                      "epochs": int(m.get("training_iteration", 0)), **model_cost(model, sc.base.image_size),
                      "status": "error" if r.error else "ok", "checkpoint_path": m.get("checkpoint_path")})
-    rows.sort(key=lambda r: -r["val_accuracy"] if r["val_accuracy"] == r["val_accuracy"] else 1.0)
+    # Ranked by macro-F1 at the served thresholds: accuracy hides a label with recall 0.
+    rows.sort(key=lambda r: -r["val_macro_f1"] if r["val_macro_f1"] == r["val_macro_f1"] else 1.0)
     write_table(rows, COLUMNS, out)
-    plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png")
-    if not any(r["status"] == "ok" and r["val_accuracy"] == r["val_accuracy"] for r in rows):
+    plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png", metric="val_macro_f1")
+    if not any(r["status"] == "ok" and r["val_macro_f1"] == r["val_macro_f1"] for r in rows):
         first = next((r.error for r in grid if r.error), None)
         raise ConfigError(f"all {len(rows)} sweep trials failed; table in {out / 'results.md'}; first error: "
                           f"{str(first).strip().splitlines()[-1] if first else 'no metrics reported'}")
-    best = grid.get_best_result(metric="val_accuracy", mode="max", filter_nan_and_inf=True)
+    best = grid.get_best_result(metric="val_macro_f1", mode="max", filter_nan_and_inf=True)
     bp = best.config
     best_cfg = trial_config(sc.base, bp, "best")
     ckpt = _checkpoint(best.metrics["checkpoint_path"], sc.base.storage_path)
     state, metrics, _ = read_checkpoint(ckpt)
-    model = build_classifier(best_cfg.backbone, best_cfg.pool, tax, data.groups, pretrained=False)
+    model = build_classifier(best_cfg.backbone, best_cfg.pool, tax, data.groups, pretrained=False,
+                             pool_kw=best_cfg.pool_kw)
     model.load_state_dict(state["model"])
     from livelens.models.io import save_to_store
 
     card = {"task": "safety", "datasets": [dataset_id(data.card)], "taxonomy_version": data.taxonomy_version,
-            "backbone": best_cfg.backbone, "pooling": best_cfg.pool, "groups": data.groups,
-            "input_size": best_cfg.image_size, "metrics": {"accuracy": metrics.get("val_accuracy"),
-                                                           "macro_f1": metrics.get("val_macro_f1"),
-                                                           "per_label": metrics.get("details")},
+            "backbone": best_cfg.backbone, "pooling": best_cfg.pool, "pool_kw": best_cfg.pool_kw, "groups": data.groups,
+            "input_size": best_cfg.image_size, "eval_split": "val",
+            "metrics": {"macro_f1": metrics.get("val_macro_f1"), "min_recall": metrics.get("val_min_recall"),
+                        "min_precision": metrics.get("val_min_precision"), "accuracy": metrics.get("val_accuracy"),
+                        "per_label": metrics.get("details")},
+            "threshold_rule": metrics.get("threshold_rule"), "train_label_counts": data.train_label_counts,
             "train_time_s": metrics.get("train_time_s"), "sweep": {"trials": len(rows), "table": str(out / "results.md")},
             "config": asdict(best_cfg)}
     ref = save_to_store(ModelStore(sc.base.model_store), sc.model_name, model, card)
-    summary = {"ref": ref, "best": {k: bp[k] for k in ("backbone", "pool", "bilinear_variant", "lr")},
-               "best_val_accuracy": metrics.get("val_accuracy"), "trials": len(rows),
+    summary = {"ref": ref, "best": {k: bp[k] for k in ("backbone", "pool", "pool_kw", "lr")},
+               "best_val_macro_f1": metrics.get("val_macro_f1"), "trials": len(rows),
                "errors": sum(r["status"] == "error" for r in rows), "wall_time_s": time.time() - t0,
                "outputs": [str(out / n) for n in ("results.md", "results.csv", "accuracy_vs_cost.png")]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -216,28 +219,13 @@ def _checkpoint(path: str, storage: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point (``make sweep``)."""
-    sc = SweepConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=sc.base.manifest)
-    p.add_argument("--backbones", nargs="+", default=sc.backbones)
-    p.add_argument("--pools", nargs="+", default=sc.pools)
-    p.add_argument("--bilinear-variants", nargs="+", default=sc.bilinear_variants)
-    p.add_argument("--lrs", nargs="+", type=float, default=sc.lrs)
-    p.add_argument("--num-samples", type=int, default=sc.num_samples)
-    p.add_argument("--max-concurrent", type=int, default=sc.max_concurrent)
-    p.add_argument("--epochs", type=int, default=sc.base.loop.epochs)
-    p.add_argument("--image-size", type=int, default=sc.base.image_size)
-    p.add_argument("--no-pretrained", action="store_true")
-    p.add_argument("--storage-path", default="runs/sweep/train")
-    p.add_argument("--model-store", default=sc.base.model_store)
-    p.add_argument("--out", default=sc.out)
-    a = p.parse_args(argv)
-    sc = replace(sc, backbones=a.backbones, pools=a.pools, bilinear_variants=a.bilinear_variants, lrs=a.lrs,
-                 num_samples=a.num_samples, max_concurrent=a.max_concurrent, out=a.out,
-                 base=replace(sc.base, manifest=a.manifest, image_size=a.image_size, pretrained=not a.no_pretrained,
-                              storage_path=a.storage_path, model_store=a.model_store,
-                              loop=replace(sc.base.loop, epochs=a.epochs)))
+    """CLI entry point (``make sweep``): one flag per field of :class:`SweepConfig` and of its ``base``."""
+    from livelens.cli_config import config_from_args, config_parser
+
+    # The base's own backbone, pooling and run name are what each trial sets: not flags here.
+    per_trial = ("backbone", "pool", "base_pool_kw", "run_name", "base_model_name", "register")
+    parser = config_parser(SweepConfig, description=__doc__, exclude=per_trial)
+    sc = config_from_args(SweepConfig(), parser.parse_args(argv))
     try:
         summary = run(sc)
     except ConfigError as e:

@@ -7,7 +7,6 @@ groups sigmoid heads (``livelens.models.heads_from_taxonomy``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +17,14 @@ from torch import nn
 
 from livelens.errors import ConfigError, ManifestError
 from livelens.taxonomy import Taxonomy, load_taxonomy
-from livelens.train.metrics import confusion_png, format_label_table, multihead_metrics
+from livelens.train.metrics import confusion_png, format_label_table, multihead_metrics, served_thresholds
 from livelens.train.targets import covered_groups, target_key, targets_from_labels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REQUIRED_COLUMNS = ("id", "image_bytes", "image_uri", "split", "labels", "boxes")
+#: How every classifier figure counts a label as predicted (see :meth:`Taxonomy.raise_threshold`).
+THRESHOLD_RULE = "served: review threshold (tag threshold for informational groups)"
 # Labels no single frame can show: frozen is a property of a sequence (see the frames card).
 TEMPORAL_LABELS = ("quality_frozen",)
 
@@ -36,6 +37,7 @@ class ClassificationData:
     card: dict[str, Any]
     taxonomy_version: str
     label_counts: dict[str, int] = field(default_factory=dict)
+    train_label_counts: dict[str, int] = field(default_factory=dict)
     split_rows: dict[str, int] = field(default_factory=dict)
     ignore_labels: tuple[str, ...] = TEMPORAL_LABELS
 
@@ -68,10 +70,13 @@ def validate_manifest(manifest: str, tax: Taxonomy, groups: Sequence[str] | None
         raise ManifestError(f"manifest {manifest} lacks columns {missing} (has {table.column_names})")
     card = load_card(manifest)
     counts: dict[str, int] = {}
-    for names in table.column("labels").to_pylist():
+    train_counts: dict[str, int] = {}
+    for names, split in zip(table.column("labels").to_pylist(), table.column("split").to_pylist(), strict=True):
         for n in set(names or []):
             if n not in ignore_labels:
                 counts[n] = counts.get(n, 0) + 1
+                if split == "train":
+                    train_counts[n] = train_counts.get(n, 0) + 1
     covered = covered_groups(tax, counts)
     if groups:
         bad = [g for g in groups if g not in tax.groups]
@@ -92,7 +97,7 @@ def validate_manifest(manifest: str, tax: Taxonomy, groups: Sequence[str] | None
         if not splits.get(need):
             raise ManifestError(f"manifest {manifest} has no {need!r} rows (splits: {splits})")
     return ClassificationData(groups=chosen, card=card, taxonomy_version=tax.version, label_counts=counts,
-                              split_rows=splits, ignore_labels=tuple(ignore_labels))
+                              train_label_counts=train_counts, split_rows=splits, ignore_labels=tuple(ignore_labels))
 
 
 def heads_for(tax: Taxonomy, groups: Sequence[str]) -> dict[str, Any]:
@@ -229,23 +234,32 @@ def collect_predictions(model: nn.Module, batches, heads: Mapping[str, Any],
 
 
 def evaluate_predictions(probs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
-                         heads: Mapping[str, Any], title: str = "") -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Scalars for the report, the full per-label details, and the confusion PNG."""
-    m = multihead_metrics(probs, targets, heads)
+                         heads: Mapping[str, Any], title: str = "", taxonomy: str | Taxonomy | None = None
+                         ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Scalars for the report, the full per-label details, and the confusion PNG.
+
+    Every label is counted as predicted at its served threshold (the score at which the service
+    reviews, blocks or tags it), so these figures are what the answers would show.
+    """
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy(taxonomy)
+    thresholds = {h: served_thresholds(tax, spec) for h, spec in heads.items()}
+    m = multihead_metrics(probs, targets, heads, thresholds)
     scalars: dict[str, Any] = dict(m["scalars"])
     scalars["details"] = m["heads"]
     scalars["report"] = format_label_table(m)
-    files = {"confusion.png": confusion_png(probs, targets, heads, title=title)}
+    scalars["threshold_rule"] = THRESHOLD_RULE
+    files = {"confusion.png": confusion_png(probs, targets, heads, title=title, thresholds=thresholds)}
     return scalars, files
 
 
-def make_evaluate(val_shard, heads: Mapping[str, Any], batch_size: int, device: torch.device):
+def make_evaluate(val_shard, heads: Mapping[str, Any], batch_size: int, device: torch.device,
+                  taxonomy: str | None = None):
     """The ``evaluate`` callback of :func:`livelens.train.fit` over a (full, unsplit) val dataset."""
 
     def evaluate(model: nn.Module, epoch: int) -> tuple[dict[str, Any], dict[str, bytes]]:
         probs, targets = collect_predictions(model, val_shard.iter_torch_batches(batch_size=batch_size, device=device),
                                              heads, device)
-        return evaluate_predictions(probs, targets, heads, title=f"val, epoch {epoch}")
+        return evaluate_predictions(probs, targets, heads, title=f"val, epoch {epoch}", taxonomy=taxonomy)
 
     return evaluate
 
@@ -272,16 +286,6 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
     return out
 
 
-def label_accuracy_summary(details: Mapping[str, Any], min_support: int = 1) -> dict[str, float]:
-    """Binary accuracy of every positive label with support (what the ≥95% goal is about)."""
-    out = {}
-    for m in details.values():
-        for j, (label, lm) in enumerate(m["labels"].items()):
-            if j > 0 and lm["support"] >= min_support and not math.isnan(lm["accuracy"]):
-                out[label] = lm["accuracy"]
-    return out
-
-
 def evaluate_split(model: nn.Module, manifest: str, data: ClassificationData, split: str, size: int,
                    taxonomy: str | None, batch_size: int = 64) -> tuple[dict[str, Any], dict[str, bytes]] | None:
     """Evaluate a trained model on one manifest split (e.g. the held-out ``test``), on the driver.
@@ -297,4 +301,4 @@ def evaluate_split(model: nn.Module, manifest: str, data: ClassificationData, sp
     model.eval()
     with torch.no_grad():
         probs, targets = collect_predictions(model, ds.iter_torch_batches(batch_size=batch_size), heads)
-    return evaluate_predictions(probs, targets, heads, title=f"{split} split")
+    return evaluate_predictions(probs, targets, heads, title=f"{split} split", taxonomy=tax)

@@ -15,7 +15,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, UserCallback
 from livelens.errors import ConfigError
 from livelens.train.loop import METRICS_FILE, load_checkpoint_state
 
-PROGRESS_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "images_per_s")
+PROGRESS_KEYS = ("train_loss", "val_loss", "val_macro_f1", "val_min_recall", "val_min_precision", "images_per_s")
 
 
 class ProgressCallback(UserCallback):

@@ -60,7 +60,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], out_d
     return csv_path, md_path
 
 
-def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], out: Path, metric: str = "val_accuracy",
+def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], out: Path, metric: str = "val_macro_f1",
                           label_key: str = "name") -> Path:
     """Two panels: accuracy against latency and against parameter count, one point per trial."""
     import matplotlib
