@@ -71,12 +71,15 @@ def validate_manifest(manifest: str, tax: Taxonomy, groups: Sequence[str] | None
     card = load_card(manifest)
     counts: dict[str, int] = {}
     train_counts: dict[str, int] = {}
+    val_labels: set[str] = set()
     for names, split in zip(table.column("labels").to_pylist(), table.column("split").to_pylist(), strict=True):
         for n in set(names or []):
             if n not in ignore_labels:
                 counts[n] = counts.get(n, 0) + 1
                 if split == "train":
                     train_counts[n] = train_counts.get(n, 0) + 1
+                elif split == "val":
+                    val_labels.add(n)
     covered = covered_groups(tax, counts)
     if groups:
         bad = [g for g in groups if g not in tax.groups]
@@ -96,6 +99,10 @@ def validate_manifest(manifest: str, tax: Taxonomy, groups: Sequence[str] | None
     for need in ("train", "val"):
         if not splits.get(need):
             raise ManifestError(f"manifest {manifest} has no {need!r} rows (splits: {splits})")
+    if not any(n in tax.labels and tax.labels[n].group in chosen for n in val_labels):
+        # Precision, recall and macro-F1 would all be undefined, and a sweep could rank nothing.
+        raise ManifestError(f"the 'val' split of {manifest} ({splits['val']} rows) has no positive label of groups "
+                            f"{chosen}: precision and recall are undefined there")
     return ClassificationData(groups=chosen, card=card, taxonomy_version=tax.version, label_counts=counts,
                               train_label_counts=train_counts, split_rows=splits, ignore_labels=tuple(ignore_labels))
 

@@ -247,9 +247,30 @@ def _maybe_fail(cfg: LoopConfig, epoch: int, rank: int, world: int) -> None:
     marker = Path(cfg.fail_once_marker or "")
     if marker.exists():
         return
+    _wait_until_reports_collected()
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} died at epoch {epoch}\n")
     os._exit(1)  # no cleanup, no exception: the process is simply gone
+
+
+def _wait_until_reports_collected(timeout_s: float = 60.0) -> None:
+    """Block until the controller has taken this worker's earlier reports off its queue.
+
+    The controller polls workers on an interval; an epoch shorter than that interval could die
+    with the previous checkpoint still queued, so the injected crash would test a restart from
+    scratch instead of a resume. Ray exposes no public hook for this, hence the private queue;
+    if its layout changes we only lose the wait, not the crash.
+    """
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        pending = get_train_context().get_result_queue()
+    except Exception:  # best effort: a changed internal API must not stop the crash
+        return
+    deadline = time.monotonic() + timeout_s
+    while getattr(pending, "unfinished_tasks", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the poll's reply, carrying the report, is still on its way to the controller
 
 
 def _node_ids(world: int) -> list[str]:
@@ -385,8 +406,7 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         stats = train_one_epoch(model, forward_loss, train_batches(epoch), optimizer, scaler, cfg, device, counter,
                                 schedule)
         schedule.sync()
-        # Die after this epoch's steps, before its checkpoint: the previous epoch's report has had a whole
-        # epoch to be registered by the controller (dying right after a report can race with it).
+        # Die after this epoch's steps, before its checkpoint, once the previous report has been collected.
         _maybe_fail(cfg, epoch, rank, world)
         if cfg.schedule == "cosine_epochs":
             scheduler.step()
