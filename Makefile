@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
 .PHONY: setup run test lint fmt data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
-        default-models train-regions bench cluster-up cluster-down clean
+        default-models train-regions bench cluster-up cluster-down clean coverage eval-real
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,12 @@ train-regions: setup
 
 eval-safety: setup
 	$(PY) -m train_jobs.eval_safety
+
+eval-real: setup
+	$(PY) -m train_jobs.eval_safety --real-photos
+
+coverage: setup
+	$(PY) -m livelens.coverage --out runs/coverage.md
 
 sweep: setup
 	$(PY) -m train_jobs.sweep

@@ -164,7 +164,7 @@ def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tu
 
     scikit-image's and scikit-learn's bundled photos, matplotlib's sample photos, and the photo
     sets of ``../shared/data`` (faces, ICDAR street scenes, the OCR demo photos). Left out: synthetic
-    images (scikit-image's ``checkerboard``/``binary_blobs``…), cropped text (``word_crops``,
+    images (scikit-image's ``checkerboard``/``colorwheel``…, matplotlib's logo), cropped text (``word_crops``,
     ``zh_text``: a text crop is not a scene) and images under ``min_side`` pixels.
     """
     from livelens.imageio import load_image
@@ -181,9 +181,9 @@ def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tu
 
     from skimage import data as skd
 
-    for name in ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
-                 "eagle", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left",
-                 "page", "retina", "rocket", "text"):
+    for name in ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "eagle", "grass",
+                 "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left", "page", "retina",
+                 "rocket", "text"):
         fn = getattr(skd, name, None)
         if fn is None:
             continue
@@ -204,7 +204,7 @@ def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tu
     try:
         import matplotlib.cbook as cbook
 
-        for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"):
+        for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):  # (logo2.png is a logo, not a photo)
             try:
                 with cbook.get_sample_data(name) as f:
                     add(f"matplotlib/{name}", f.read())
@@ -213,7 +213,7 @@ def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tu
     except Exception:
         pass
     root = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
-    for sub in ("faces", "icdar2015_toy", "ocr_demo"):
+    for sub in ("faces", "icdar2015_toy/imgs", "ocr_demo"):
         for p in sorted((root / sub).glob("*")):
             if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
                 add(f"shared/{sub}/{p.name}", p)

@@ -533,5 +533,21 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
         assert "safety@1" in answers[0][1] and "safety@2" in answers[-1][1]
         r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"evidence": "none"}, timeout=60)
         assert "safety@2" in r.json()["models"]
+        # The same through the admin route: a threshold changes every answer's decisions at once.
+        auth = {"Authorization": f"Bearer {key}"}
+        r = httpx.put(f"{url}/v1/admin/live/gateway", headers=auth, timeout=180,
+                      json={"thresholds": {"ads_logo": {"threshold": 0.99, "review": 0.98}}})
+        assert r.status_code == 200, r.text
+        assert r.json()["live"]["thresholds"]["ads_logo"]["threshold"] == 0.99
+        served = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["thresholds"]
+        assert served["ads_logo"]["threshold"] == 0.99  # what the gateway replicas now apply
+        r = httpx.put(f"{url}/v1/admin/live/moderate", headers=auth, json={"safety_ref": "safety@99"}, timeout=60)
+        assert _assert_envelope(r, 404)["error"]["code"] == "model_not_found"
+        r = httpx.put(f"{url}/v1/admin/live/moderate", headers=auth, content=b"[" * 3000, timeout=60)
+        assert _assert_envelope(r, 400)["error"]["type"] == "invalid_argument"
+        r = httpx.put(f"{url}/v1/admin/live/streams", headers=auth, json={}, timeout=60)
+        assert _assert_envelope(r, 400)["error"]["code"] == "invalid_config"
+        assert httpx.get(f"{url}/v1/admin/live", headers=auth, timeout=60).json()["live"]["moderate"][
+            "safety_ref"] == "safety@2"
     finally:
         serve.delete("livelens_swap")
