@@ -45,7 +45,7 @@ def test_ddp_workers_on_different_raylets(tmp_path):
     from livelens.data.frames import FrameConfig, frames_card, generate_frames
 
     cfg = FrameConfig()
-    manifest = write_manifest(generate_frames(0, 24, seed=5, cfg=cfg), tmp_path / "frames", frames_card(5, 24, cfg),
+    manifest = write_manifest(generate_frames(0, 24, seed=7, cfg=cfg), tmp_path / "frames", frames_card(7, 24, cfg),
                               contact_sheet=False)
     with LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=200, include_dashboard=False,
                       ) as c:  # default root: a short /tmp path (AF_UNIX socket paths are capped at 107 bytes)
