@@ -66,12 +66,14 @@ def _by_source(labels: Iterable[dict]) -> dict[str, list[dict]]:
 def frame_predictions(tax: Any, parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """One frame's predicted label sets: fused, each source alone, and the fusion without each source."""
     by_cap = {cap: list(res.get("labels", [])) for cap, res in parts.items()}
-    fused, _ = fusion.fuse(tax, by_cap)
+    regions = fusion.regions_ran(parts.get("ocr"))
+    fused, _ = fusion.fuse(tax, by_cap, regions)
     sources = _by_source(lab for labs in by_cap.values() for lab in labs)
     without = {}
     for src in sources:
         caps = {cap: [lab for lab in labs if fusion.source_of(lab) != src] for cap, labs in by_cap.items()}
-        without[src] = fusion.fired(tax, fusion.fuse(tax, caps)[0])
+        # Without the regions is as if the region model were not served: it overrules nothing then.
+        without[src] = fusion.fired(tax, fusion.fuse(tax, caps, regions and src != "regions")[0])
     return {"fused": fusion.fired(tax, fused), "alone": {s: fusion.fired(tax, labs) for s, labs in sources.items()},
             "without": without, "labels": fused}
 

@@ -127,19 +127,35 @@ def quality_labels(tax: Taxonomy, assessed: Mapping[str, Any], model: str = QUAL
     return labels
 
 
-def overrule_unread(labels: list[dict], ocr_labels: list[dict]) -> list[dict]:
-    """Demote to ``pass`` the classifier labels OCR reads directly that OCR did not raise.
+#: The overlay labels the text-region model decides once it has looked at every OCR text box.
+REGION_AUTHORITATIVE = frozenset(("ads_watermark", "ads_logo", "ads_text_banner"))
+
+
+def regions_ran(ocr_result: Mapping[str, Any] | None) -> bool:
+    """Whether the OCR capability's answer came with the text-region model (``ads_regions@N``)."""
+    return any(str(m).startswith("ads_regions") for m in (ocr_result or {}).get("models", []))
+
+
+def overrule_unread(labels: list[dict], ocr_labels: list[dict], regions: bool = False) -> list[dict]:
+    """Demote to ``pass`` the classifier labels that a reading source decides and did not raise.
 
     When OCR ran on the frame, its reading decides :data:`OCR_AUTHORITATIVE`: a classifier's
     "phone number" where OCR read no phone number is a false positive (the classifier alone had
-    ads_phone at recall 0 and precision 0 on held-out frames). The score stays, so a reviewer can
-    still see what the classifier thought; ``overruled`` says why.
+    ads_phone at recall 0 and precision 0 on held-out frames). When the text-region model ran as
+    well (``regions``), it decides :data:`REGION_AUTHORITATIVE` the same way: on held-out frames
+    the fused watermark, logo and banner figures were the regions' own, and the classifier's
+    extra guesses only added false positives (on real photos too: a dog photo's "watermark").
+    The score stays, so a reviewer can still see what the classifier thought; ``overruled`` says why.
     """
     read = {lab["name"] for lab in ocr_labels}
     out = []
     for lab in labels:
-        if lab["name"] in OCR_AUTHORITATIVE and lab["name"] not in read and lab.get("decision") != "pass":
-            lab = {**lab, "decision": "pass", "overruled": "OCR read the frame and found no such entity"}
+        if lab["name"] not in read and lab.get("decision") != "pass":
+            if lab["name"] in OCR_AUTHORITATIVE:
+                lab = {**lab, "decision": "pass", "overruled": "OCR read the frame and found no such entity"}
+            elif regions and lab["name"] in REGION_AUTHORITATIVE:
+                lab = {**lab, "decision": "pass",
+                       "overruled": "the text-region model saw every text box and found no such overlay"}
         out.append(lab)
     return out
 
@@ -178,15 +194,16 @@ def worst_decision(labels: Iterable[dict]) -> str:
     return max((lab["decision"] for lab in labels), key=_RANK.__getitem__, default="pass")
 
 
-def fuse(tax: Taxonomy, by_cap: Mapping[str, list[dict]]) -> tuple[list[dict], str]:
+def fuse(tax: Taxonomy, by_cap: Mapping[str, list[dict]], regions: bool = False) -> tuple[list[dict], str]:
     """The answer's labels and decision from each capability's labels (``moderate``, ``ocr``, ``quality``).
 
-    OCR overrules the classifier's unread contact labels when both ran; duplicates merge (best
-    score, pooled evidence); each label is decided under ``tax``.
+    OCR (and, with ``regions``, the text-region model) overrules the classifier's labels it
+    decides when both ran; duplicates merge (best score, pooled evidence); each label is decided
+    under ``tax``.
     """
     caps = dict(by_cap)
     if "ocr" in caps and "moderate" in caps:
-        caps["moderate"] = overrule_unread(caps["moderate"], caps["ocr"])
+        caps["moderate"] = overrule_unread(caps["moderate"], caps["ocr"], regions)
     labels = redecide(tax, merge_labels(lab for labs in caps.values() for lab in labs))
     return labels, worst_decision(labels)
 
@@ -207,7 +224,7 @@ def assemble(tax: Taxonomy, results: Mapping[str, dict[str, Any]], image_size: t
         out["models"] += res.pop("models", [])
         by_cap[cap] = res.pop("labels", [])
         out["moderation" if cap == "moderate" else cap] = res
-    out["labels"], out["decision"] = fuse(tax, by_cap)
+    out["labels"], out["decision"] = fuse(tax, by_cap, regions_ran(results.get("ocr")))
     out["models"] = sorted(set(out["models"]))
     out["image"] = {"width": int(image_size[0]), "height": int(image_size[1])}
     return out

@@ -129,3 +129,20 @@ def test_assemble_is_what_the_gateway_answers():
     assert out["models"] == sorted(["safety@1", fusion.QUALITY_MODEL]) and "heatmaps" in out["moderation"]
     assert [lab["name"] for lab in out["labels"]] == ["quality_blur", "ads_qrcode"]  # by score
     assert np.isclose(out["labels"][1]["score"], 0.95)
+
+
+def test_the_region_model_decides_overlay_labels_only_when_it_ran():
+    moderate = {"labels": [_lab("ads_watermark", 0.9, "safety@1"), _lab("ads_url", 0.9, "safety@1")],
+                "models": ["safety@1"]}
+    with_regions = {"labels": [], "models": ["ppocr@x", "ads_regions@3"]}
+    out = fusion.assemble(TAX, {"moderate": moderate, "ocr": with_regions}, (640, 360))
+    by = {lab["name"]: lab for lab in out["labels"]}
+    assert out["decision"] == "pass" and by["ads_watermark"]["overruled"] and by["ads_url"]["overruled"]
+    assert not fusion.fired(TAX, out["labels"])
+    # OCR without the region model still decides the contact labels, but not the overlays.
+    out = fusion.assemble(TAX, {"moderate": moderate, "ocr": {"labels": [], "models": ["ppocr@x"]}}, (640, 360))
+    assert fusion.fired(TAX, out["labels"]) == {"ads_watermark"}
+    # A hit of the region model itself stands, and the classifier's score joins it.
+    hit = _lab("ads_watermark", 0.7, "ads_regions@3")
+    out = fusion.assemble(TAX, {"moderate": moderate, "ocr": {**with_regions, "labels": [hit]}}, (640, 360))
+    assert fusion.fired(TAX, out["labels"]) == {"ads_watermark"}
