@@ -95,11 +95,13 @@ class LoopConfig:
     fail_once_marker: str | None = None
     fail_rank: int = 1
     count_grad_bytes: bool = False
+    # The step schedule and its budget (OCR's recipe; the classifiers keep cosine over epochs).
     schedule: str = "cosine_epochs"
     warmup_steps: int = 0
     lr_floor: float = 0.02
     max_minutes: float = 0.0
     clip_grad_norm: float = 0.0
+    # Logging and evaluation.
     log_every: int = 0
     eval_last_only: bool = False
 
