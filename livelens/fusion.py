@@ -133,7 +133,7 @@ REGION_AUTHORITATIVE = frozenset(("ads_watermark", "ads_logo", "ads_text_banner"
 
 def regions_ran(ocr_result: Mapping[str, Any] | None) -> bool:
     """Whether the OCR capability's answer came with the text-region model (``ads_regions@N``)."""
-    return any(str(m).startswith("ads_regions") for m in (ocr_result or {}).get("models", []))
+    return any(source_of({"model": m}) == "regions" for m in (ocr_result or {}).get("models", []))
 
 
 def overrule_unread(labels: list[dict], ocr_labels: list[dict], regions: bool = False) -> list[dict]:

@@ -142,7 +142,9 @@ def test_the_region_model_decides_overlay_labels_only_when_it_ran():
     # OCR without the region model still decides the contact labels, but not the overlays.
     out = fusion.assemble(TAX, {"moderate": moderate, "ocr": {"labels": [], "models": ["ppocr@x"]}}, (640, 360))
     assert fusion.fired(TAX, out["labels"]) == {"ads_watermark"}
-    # A hit of the region model itself stands, and the classifier's score joins it.
+    # A hit of the region model itself stands, and the classifier's (higher) score is merged into it.
     hit = _lab("ads_watermark", 0.7, "ads_regions@3")
     out = fusion.assemble(TAX, {"moderate": moderate, "ocr": {**with_regions, "labels": [hit]}}, (640, 360))
     assert fusion.fired(TAX, out["labels"]) == {"ads_watermark"}
+    (mark,) = [lab for lab in out["labels"] if lab["name"] == "ads_watermark"]
+    assert np.isclose(mark["score"], 0.9) and not mark.get("overruled")

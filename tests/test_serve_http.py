@@ -533,7 +533,7 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
         assert "safety@1" in answers[0][1] and "safety@2" in answers[-1][1]
         r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"evidence": "none"}, timeout=60)
         assert "safety@2" in r.json()["models"]
-        # The same through the admin route: a threshold changes every answer's decisions at once.
+        # The admin route: a threshold change reaches the gateway replicas; bad changes are typed errors.
         auth = {"Authorization": f"Bearer {key}"}
         r = httpx.put(f"{url}/v1/admin/live/gateway", headers=auth, timeout=180,
                       json={"thresholds": {"ads_logo": {"threshold": 0.99, "review": 0.98}}})
