@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
 .PHONY: setup run test lint fmt data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
-        default-models train-regions bench cluster-up cluster-down clean coverage eval-real
+        default-models train-regions train-quality-flags bench cluster-up cluster-down clean coverage eval-real
 
 setup:
 	@bash scripts/setup.sh
@@ -56,6 +56,9 @@ eval-ocr: setup
 
 train-quality: setup
 	$(PY) -m train_jobs.quality
+
+train-quality-flags: setup
+	$(PY) -m train_jobs.quality_flags
 
 eval-quality: setup
 	$(PY) -m livelens.quality.evaluate --out runs/eval-quality

@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     iqa = IqaModel(IqaNet(IqaArch()))  # timing only: weights do not change the cost
     det = FrozenDetector()
     r = a.repeats
+    try:  # the shipped learned flags (boosted trees + occluder head over mobilenet_v2 features)
+        from livelens.quality.flags import MODEL_NAME, FlagModel, OccluderMap
+        from livelens.store import SHIPPED_STORE, ModelStore
+
+        flag_model = FlagModel.from_store(ModelStore(SHIPPED_STORE), MODEL_NAME)
+    except Exception as exc:  # the rest of the bench still runs
+        print(f"no shipped quality_flags ({exc}); skipping its rows")
+        flag_model = None
     base = _ms(lambda: blur_effect(gray), max(3, r // 4))
     figures = {
         "skimage_blur_effect_720p (baseline)": base,
@@ -61,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "iqa_score": _ms(lambda: iqa.score(frame), r),
         "assess_with_iqa_720p": _ms(lambda: assess(frame, iqa=iqa), r),
     }
+    if flag_model is not None:
+        figures["occluder_map (mobilenet_v2 320x192)"] = _ms(lambda: OccluderMap.features(frame), r)
+        figures["assess_with_flags_720p"] = _ms(lambda: assess(frame, flags=flag_model), r)
+        figures["assess_with_iqa_and_flags_720p"] = _ms(lambda: assess(frame, iqa=iqa, flags=flag_model), r)
     result = {
         "frame": "1280x720 RGB (astronaut, resized)",
         "ms_per_frame": {k: round(v, 2) for k, v in figures.items()},

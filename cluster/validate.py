@@ -1,4 +1,5 @@
-"""Offline validation of the deployment files: launcher YAML, KubeRay manifests, Serve configs.
+"""Offline validation of the deployment files: launcher YAML, KubeRay manifests, Serve configs,
+Grafana dashboards.
 
 * A Ray cluster-launcher YAML goes through Ray's own ``prepare_config`` + ``validate_config``
   (its JSON schema rejects typos such as ``min_worker``).
@@ -305,6 +306,84 @@ def _closest(key: str, options: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+# -- Grafana dashboards -------------------------------------------------------------------------
+#: The part of Grafana's dashboard JSON model (schemaVersion 36+) that our dashboards use, strict:
+#: Grafana ignores unknown keys, so a typo'd key would silently do nothing. Grafana publishes no
+#: JSON Schema file for the classic model; this follows its documented "JSON model" page.
+_DASHBOARD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["uid", "title", "schemaVersion", "panels"],
+    "additionalProperties": False,
+    "properties": {
+        "uid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+        "title": {"type": "string", "minLength": 1},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "timezone": {"enum": ["browser", "utc", ""]},
+        "schemaVersion": {"type": "integer", "minimum": 36},
+        "version": {"type": "integer"},
+        "editable": {"type": "boolean"},
+        "refresh": {"type": "string"},
+        "time": {"type": "object", "required": ["from", "to"], "additionalProperties": False,
+                 "properties": {"from": {"type": "string"}, "to": {"type": "string"}}},
+        "templating": {"type": "object", "additionalProperties": False, "properties": {"list": {"type": "array"}}},
+        "annotations": {"type": "object", "additionalProperties": False, "properties": {"list": {"type": "array"}}},
+        "panels": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["id", "type", "title", "gridPos", "targets"], "additionalProperties": False,
+            "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "type": {"enum": ["timeseries", "table", "stat", "gauge", "bargauge", "heatmap", "text"]},
+                "title": {"type": "string", "minLength": 1},
+                "datasource": {"type": "object", "required": ["type", "uid"], "additionalProperties": False,
+                               "properties": {"type": {"const": "prometheus"}, "uid": {"type": "string"}}},
+                "gridPos": {"type": "object", "required": ["h", "w", "x", "y"], "additionalProperties": False,
+                            "properties": {k: {"type": "integer", "minimum": 0, "maximum": 24 if k in "wx" else 1000}
+                                           for k in ("h", "w", "x", "y")}},
+                "fieldConfig": {"type": "object"},
+                "options": {"type": "object"},
+                "targets": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["refId", "expr"], "additionalProperties": False,
+                    "properties": {"refId": {"type": "string"}, "expr": {"type": "string", "minLength": 1},
+                                   "legendFormat": {"type": "string"}}}},
+            }}},
+    },
+}
+
+
+def dashboard_metrics(doc: dict[str, Any]) -> set[str]:
+    """The metric names a dashboard's PromQL uses (``livelens_*``, histogram suffixes stripped)."""
+    import re
+
+    names = set()
+    for panel in doc.get("panels", []):
+        for target in panel.get("targets", []):
+            for name in re.findall(r"\b(livelens_[a-z_]+)", target.get("expr", "")):
+                names.add(re.sub(r"_(bucket|sum|count)$", "", name))
+    return names
+
+
+def validate_dashboard(doc: dict[str, Any], file: str = "<dashboard>") -> list[Problem]:
+    """A Grafana dashboard: its JSON model, unique panel ids, panels inside the 24-column grid,
+    and only metrics the service exports (:data:`livelens.serving.telemetry.METRIC_NAMES`)."""
+    import jsonschema
+
+    from livelens.serving.telemetry import METRIC_NAMES
+
+    validator = jsonschema.Draft7Validator(_DASHBOARD_SCHEMA)
+    problems = [Problem(file, _json_path(e.absolute_path), e.message) for e in validator.iter_errors(doc)]
+    if problems:
+        return problems
+    ids = [p["id"] for p in doc["panels"]]
+    if len(ids) != len(set(ids)):
+        problems.append(Problem(file, "$.panels", f"panel ids repeat: {sorted(ids)}"))
+    for i, p in enumerate(doc["panels"]):
+        if p["gridPos"]["x"] + p["gridPos"]["w"] > 24:
+            problems.append(Problem(file, f"$.panels[{i}].gridPos", "panel runs past the 24-column grid"))
+    exported = {n.removesuffix("_total") for n in METRIC_NAMES} | set(METRIC_NAMES)
+    for name in sorted(dashboard_metrics(doc) - exported):
+        problems.append(Problem(file, "$.panels", f"metric {name} is not exported by the service"))
+    return problems
+
+
 # -- files ------------------------------------------------------------------------------------
 def validate_file(path: str | Path, crd_dir: Path | None = None) -> list[Problem]:
     """Validate every YAML document in a file, choosing the validator by its content.
@@ -321,6 +400,16 @@ def validate_file(path: str | Path, crd_dir: Path | None = None) -> list[Problem
     """
     path = Path(path)
     name = str(path)
+    if path.suffix == ".json":
+        import json
+
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return [Problem(name, "$", f"cannot read JSON: {e}")]
+        if isinstance(doc, dict) and "panels" in doc:
+            return validate_dashboard(doc, name)
+        return [Problem(name, "$", "unrecognised JSON file: not a Grafana dashboard")]
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as e:
@@ -357,7 +446,7 @@ def check_files(paths: Iterable[str | Path], crd_dir: Path | None = None) -> Non
 def default_files() -> list[Path]:
     """The deployment files shipped in ``cluster/``."""
     here = Path(__file__).parent
-    return [here / "launcher.yaml", *sorted((here / "kuberay").glob("*.yaml"))]
+    return [here / "launcher.yaml", *sorted((here / "kuberay").glob("*.yaml")), *sorted((here / "grafana").glob("*.json"))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,13 +117,27 @@ def region_labels(tax: Taxonomy, hits: Iterable[Any], model: str) -> list[dict[s
         "kind": "box", "box": list(h.box), "source": "text_region", "score": round(float(h.score), 4)})
 
 
+#: Quality labels the learned flag model decides when it is served, by its flag name.
+LEARNED_QUALITY = {"quality_dark": "dark", "quality_bright": "bright", "quality_blur": "blur",
+                   "quality_occluded": "occlusion"}
+
+
 def quality_labels(tax: Taxonomy, assessed: Mapping[str, Any], model: str = QUALITY_MODEL) -> list[dict[str, Any]]:
-    """The ``quality`` group's labels from :func:`livelens.quality.assess` (flags score 1.0)."""
+    """The ``quality`` group's labels from :func:`livelens.quality.assess` (flags score 1.0).
+
+    A flag the learned model decided names that model (``quality_flags@N``) and carries its
+    probability as evidence; the others name the classical measures.
+    """
+    learned = assessed.get("flags_model") or {}
     labels = []
     for name in assessed.get("labels", []):
         box = (assessed.get("occlusion") or {}).get("box") if name == "quality_occluded" else None
         ev = [{"kind": "box", "box": box, "source": "quality"}] if box else []
-        labels.append(make_label(tax, name, 1.0, model, evidence=ev))
+        by = model
+        if learned and name in LEARNED_QUALITY:
+            by = learned["model"]
+            ev.append({"kind": "score", "p": learned["p"][LEARNED_QUALITY[name]], "source": "quality_flags"})
+        labels.append(make_label(tax, name, 1.0, by, evidence=ev))
     return labels
 
 

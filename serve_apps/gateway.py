@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -31,7 +31,7 @@ from livelens.errors import (
     OverloadedError,
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
-from livelens.serving import inputs
+from livelens.serving import inputs, telemetry
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
 from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, unwrap
@@ -44,6 +44,8 @@ log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
 EVIDENCE_MODES = ("none", "boxes", "heatmap", "polygons")
 CAPABILITIES = ("moderate", "ocr", "quality")
+#: This process's gateway metrics (one gateway replica per process); ``GatewayArgs.metrics`` turns them off.
+METRICS = telemetry.ServiceMetrics()
 
 
 class GatewayConfig(BaseModel):
@@ -72,6 +74,9 @@ class GatewayArgs(Args):
         max_bytes: Largest encoded image.
         max_pixels: Largest decoded image (width × height), checked before decoding.
         retry_after_s: What 503 answers suggest.
+        metrics: Count requests, stages, decisions and served models for ``/metrics`` (Prometheus).
+        access_log_level: Level of the one-JSON-line-per-request log (``livelens.access``):
+            ``INFO`` logs every request (4xx included, as info), ``ERROR`` only 5xx, ``OFF`` none.
         live: The starting :class:`GatewayConfig` (Serve's ``user_config`` replaces it live).
         colocate: Capabilities built inside the gateway replica instead of as deployments of their
             own (``moderate``, ``quality``). Each call then skips a Serve hop (about 1.3 ms of a
@@ -89,6 +94,8 @@ class GatewayArgs(Args):
     max_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
     retry_after_s: int = Field(1, ge=0)
+    metrics: bool = True
+    access_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "OFF"] = "INFO"
     colocate: list[Literal["moderate", "quality"]] = Field(default_factory=list)
     live: GatewayConfig = Field(default_factory=lambda: GatewayConfig())
     deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(max_ongoing_requests=64,
@@ -102,6 +109,41 @@ api = FastAPI(
     "picture quality and stream-level verdicts. Every answer carries a request id, model versions "
     "and per-stage timings; every error is `{error: {type, code, message}, request_id}`.",
 )
+
+
+def _route_of(request: Request) -> str:
+    """The matched route's template (``/v1/streams/{stream_id}/frames``), never the raw path:
+    metric labels stay bounded whatever a client sends."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+@api.middleware("http")
+async def _telemetry(request: Request, call_next):
+    t0 = time.perf_counter()
+    if METRICS.enabled:
+        METRICS.inflight.inc()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        seconds = time.perf_counter() - t0
+        route = _route_of(request)
+        state = request.state
+        timings = getattr(state, "timings", None)
+        timings_ms = timings.to_dict() if timings is not None else {}
+        if METRICS.enabled:
+            METRICS.inflight.dec()
+            METRICS.request_done(route, status, seconds)
+            METRICS.stage_times(timings_ms)
+        if route != "/metrics":  # scrapes every few seconds would drown the requests
+            telemetry.log_request(request_id=getattr(state, "request_id", "") or "", route=route,
+                                  method=request.method, status=status, seconds=seconds,
+                                  key_id=getattr(state, "key_id", None),
+                                  client=request.client.host if request.client else None, timings_ms=timings_ms,
+                                  models=getattr(state, "models", ()), error=getattr(state, "error_code", None))
 
 
 def _rid(request: Request) -> str:
@@ -118,6 +160,7 @@ def _error_response(request: Request, err: LivelensError, retry_after: float | N
     retry = retry_after if retry_after is not None else getattr(err, "retry_after_s", None)
     if retry is not None:
         headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+    request.state.error_code = err.code
     return JSONResponse(error_body(err, _rid(request)), status_code=err.http_status, headers=headers)
 
 
@@ -153,6 +196,22 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 # Defined before the deployment: Serve serialises the class when it is decorated, so helpers it
 # calls must already exist at that point.
+def _configure_access_log(level: str) -> None:
+    """Send ``livelens.access`` lines, bare JSON, to the replica's stderr (its Serve log file)."""
+    log_ = telemetry.access_log
+    if level == "OFF":
+        log_.setLevel(logging.CRITICAL + 1)
+        return
+    log_.setLevel(level)
+    log_.propagate = False
+    if not log_.handlers:
+        import sys
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log_.addHandler(handler)
+
+
 def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedError:
     """A downstream queue is full: our typed 503 with Retry-After.
 
@@ -180,6 +239,8 @@ class Gateway:
             url_allowlist=frozenset(h.lower() for h in self.args.url_allowlist),
         )
         self.keys = KeyStore.load(self.args.key_file)
+        METRICS.enabled = args.metrics
+        _configure_access_log(args.access_log_level)
         given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams}
         # A colocated capability is built here, in this replica, and called without a hop.
         self.handles = {cap: h.build() if isinstance(h, Colocated) else h for cap, h in given.items()}
@@ -225,7 +286,9 @@ class Gateway:
             return None
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        return self.keys.authenticate(key, scope).id
+        key_id = self.keys.authenticate(key, scope).id
+        request.state.key_id = key_id
+        return key_id
 
     def _handle(self, cap: str):
         h = self.handles.get(cap)
@@ -295,7 +358,15 @@ class Gateway:
         if "quality" in caps:
             calls["quality"] = self._handle("quality").assess.remote(image)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        if METRICS.enabled:
+            for cap in calls:
+                METRICS.downstream.labels(cap).inc()
+        try:
+            results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        finally:
+            if METRICS.enabled:
+                for cap in calls:
+                    METRICS.downstream.labels(cap).dec()
         timings.add("fanout", (time.perf_counter() - t0) * 1000)
         results_by_cap = {}
         for cap, res in zip(calls, results, strict=True):
@@ -306,13 +377,16 @@ class Gateway:
                 raise cause
             for stage, ms in res.pop("timings_ms", {}).items():
                 timings.add(f"{cap}.{stage}", ms)
+            METRICS.serving(cap, res.get("models", ()))
             results_by_cap[cap] = res
         with timings.stage("fusion"):
-            return fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
+            answer = fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
+        METRICS.answered(answer, results_by_cap)
+        return answer
 
     async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
         rid = _rid(request)
-        timings = Timings()
+        timings = request.state.timings = Timings()
         with timings.stage("auth"):
             self._auth(request, scope)
         with timings.stage("read"):
@@ -322,11 +396,12 @@ class Gateway:
         evidence = self._evidence(opts)
         with timings.stage("total_models"):
             result = await self._analyze_one(image, caps, evidence, timings)
+        request.state.models = result.get("models", ())
         return JSONResponse({"request_id": rid, **result, "timings_ms": timings.to_dict()})
 
     async def _batch(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
         rid = _rid(request)
-        timings = Timings()
+        timings = request.state.timings = Timings()
         with timings.stage("auth"):
             self._auth(request, scope)
         with timings.stage("read"):
@@ -354,6 +429,11 @@ class Gateway:
     @api.get("/", include_in_schema=False)
     async def console(self):
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics(self) -> Response:
+        """Prometheus text format: requests, latency per route and stage, queues, decisions, models."""
+        return Response(METRICS.render(), media_type=telemetry.CONTENT_TYPE)
 
     @api.get("/healthz", summary="Liveness: answers as soon as the gateway is up")
     async def healthz(self) -> dict:
@@ -445,7 +525,7 @@ class Gateway:
     @api.post("/v1/streams/{stream_id}/frames", summary="Analyze one frame of a stream; returns its verdict")
     async def stream_frame(self, stream_id: str, request: Request) -> JSONResponse:
         rid = _rid(request)
-        timings = Timings()
+        timings = request.state.timings = Timings()
         self._auth(request, "streams")
         streams = self._handle("streams")
         images, opts = await self._read_images(request, batch=False)

@@ -24,10 +24,13 @@ class QualityConfig(BaseModel):
 
     Attributes:
         iqa_ref: ``name`` or ``name@version`` of the learned quality model; None turns it off.
+        flags_ref: ``name`` or ``name@version`` of the learned flags; None falls back to the
+            classical thresholds.
     """
 
     model_config = ConfigDict(extra="forbid")
     iqa_ref: str | None = "quality_iqa"
+    flags_ref: str | None = "quality_flags"
 
 
 class QualityArgs(Args):
@@ -53,7 +56,7 @@ class Quality:
 
         self.args = args
         self.live = args.live
-        self.engine = QualityEngine(args.live.iqa_ref, args.stores)
+        self.engine = QualityEngine(args.live.iqa_ref, args.stores, flags_ref=args.live.flags_ref)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         from livelens.errors import ConfigError
@@ -64,6 +67,8 @@ class Quality:
             raise ConfigError(f"quality user_config: {exc}") from None
         if live.iqa_ref != self.live.iqa_ref:
             self.engine.use_iqa(live.iqa_ref)
+        if live.flags_ref != self.live.flags_ref:
+            self.engine.use_flags(live.flags_ref)
         self.live = live
 
     def check_health(self) -> None:

@@ -40,7 +40,8 @@ def _write(tmp_path: Path, doc: dict, name: str = "m.yaml") -> Path:
 
 
 @pytest.mark.parametrize(
-    "name", ["launcher.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"]
+    "name", ["launcher.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml",
+             "grafana/livelens.json"]
 )
 def test_shipped_files_validate(name, crds):
     assert validate_file(CLUSTER / name, crds) == []
@@ -213,3 +214,31 @@ def test_cli_exit_codes(tmp_path, crds, capsys):
     bad["spec"]["entrypointt"] = "x"
     assert v.main([str(_write(tmp_path, bad)), "--crds", str(crds)]) == 1
     assert "entrypointt" in capsys.readouterr().out
+
+
+def _dashboard() -> dict:
+    import json
+
+    return json.loads((CLUSTER / "grafana" / "livelens.json").read_text())
+
+
+def test_dashboard_mistakes_are_reported(tmp_path):
+    import json
+
+    doc = _dashboard()
+    doc["panels"][0]["gridpos"] = doc["panels"][0].pop("gridPos")  # typo'd key
+    doc["panels"][1]["targets"][0]["expr"] = "rate(livelens_request_total[1m])"  # not an exported metric
+    doc["panels"][2]["id"] = doc["panels"][3]["id"]
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(doc))
+    problems = [str(x) for x in validate_file(p)]
+    assert any("gridpos" in x for x in problems), problems
+    doc = _dashboard()
+    doc["panels"][1]["targets"][0]["expr"] = "rate(livelens_request_total[1m])"
+    doc["panels"][2]["id"] = doc["panels"][3]["id"]
+    p.write_text(json.dumps(doc))
+    problems = [str(x) for x in validate_file(p)]
+    assert any("livelens_request_total is not exported" in x for x in problems), problems
+    assert any("panel ids repeat" in x for x in problems), problems
+    assert v.dashboard_metrics(_dashboard()) >= {"livelens_requests_total", "livelens_request_seconds",
+                                                  "livelens_stage_seconds", "livelens_decisions_total"}

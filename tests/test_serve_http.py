@@ -111,6 +111,8 @@ def test_health_and_models_say_what_is_served(app):
     # The learned quality score is served from the shipped defaults, with where it came from.
     iqa_models = [m for m in models if m["ref"].startswith("quality_iqa@")]
     assert iqa_models and iqa_models[0]["card"]["metrics"]["eval_split"] == "held-out photos"
+    flag_models = [m for m in models if m["ref"].startswith("quality_flags@")]
+    assert flag_models and flag_models[0]["kind"] == "quality_flags" and "licence" in flag_models[0]["card"]
     assert all(m.get("source") for m in models)
 
 
@@ -194,6 +196,10 @@ def test_batch_reports_errors_per_item(app):
     iqa = items[0]["quality"]["iqa"]
     assert 0.0 <= iqa["score"] <= 100.0 and iqa["model"].startswith("quality_iqa@")
     assert iqa["model"] in items[0]["models"]
+    # The shipped learned flags decide dark/bright/blur/occlusion, and say so.
+    learned = items[0]["quality"]["flags_model"]
+    assert learned["model"].startswith("quality_flags@") and learned["model"] in items[0]["models"]
+    assert set(learned["p"]) == {"dark", "bright", "blur", "occlusion"}
 
 
 def test_composition_phone_banner_and_qr_become_decided_ads_labels(app):
@@ -551,3 +557,27 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
             "safety_ref"] == "safety@2"
     finally:
         serve.delete("livelens_swap")
+
+
+def test_metrics_endpoint_exports_every_metric_the_dashboard_uses(app):
+    """Prometheus scrape of the live app (the `make run` config): the dashboard's every metric is there."""
+    from skimage import data
+
+    from cluster.validate import dashboard_metrics
+
+    for _ in range(2):
+        r = httpx.post(f"{app['url']}/v1/analyze", headers=app["headers"], timeout=120,
+                       files={"file": ("f.jpg", _jpeg(data.astronaut()), "image/jpeg")})
+        assert r.status_code == 200, r.text
+    assert httpx.post(f"{app['url']}/v1/quality", headers={"Authorization": "Bearer wrong"}, timeout=30,
+                      content=b"x").status_code == 401
+    text = httpx.get(f"{app['url']}/metrics", timeout=30).text
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    dash = json.loads((REPO / "cluster" / "grafana" / "livelens.json").read_text())
+    for name in dashboard_metrics(dash):
+        assert name in families or name.removesuffix("_total") in families, (name, sorted(families))
+    assert 'livelens_requests_total{route="/v1/analyze",status="200"}' in text
+    assert 'livelens_requests_total{route="/v1/quality",status="401"}' in text
+    assert 'livelens_stage_seconds_bucket{le="0.001",stage="fusion"}' in text
+    assert 'livelens_model_info{capability="quality",model="quality_flags@' in text
+    assert "livelens_decisions_total{" in text

@@ -384,3 +384,43 @@ def test_gateway_threshold_overrides_redecide_labels():
                 {"ads_logo": {"block": 0.5}}):
         with pytest.raises(TaxonomyError):
             tax.with_thresholds(bad)
+
+
+def test_access_log_is_one_json_line_without_secrets_and_4xx_is_info(caplog):
+    import logging
+
+    from livelens.serving import telemetry
+
+    with caplog.at_level(logging.INFO, logger="livelens.access"):
+        telemetry.log_request(request_id="r1", route="/v1/quality", method="POST", status=401, seconds=0.0123,
+                              key_id=None, client="127.0.0.1", error="unauthenticated")
+        telemetry.log_request(request_id="r2", route="/v1/analyze", method="POST", status=200, seconds=0.2,
+                              key_id="k7", client="127.0.0.1", timings_ms={"fusion": 0.4},
+                              models=["safety@1", "safety@1", "ppocr@6"])
+        telemetry.log_request(request_id="r3", route="/v1/ocr", method="POST", status=500, seconds=1.0,
+                              key_id="k7", client=None)
+    recs = [r for r in caplog.records if r.name == "livelens.access"]
+    lines = [json.loads(r.getMessage()) for r in recs]
+    assert [r.levelname for r in recs] == ["INFO", "INFO", "ERROR"]
+    assert lines[0] == {**lines[0], "status": 401, "error": "unauthenticated", "ms": 12.3, "key_id": None}
+    assert lines[1]["models"] == ["ppocr@6", "safety@1"] and lines[1]["timings_ms"] == {"fusion": 0.4}
+    assert all(r.exc_info is None for r in recs)  # no tracebacks
+
+
+def test_metrics_count_routes_decisions_and_retire_swapped_models():
+    from livelens.serving.telemetry import ServiceMetrics
+
+    m = ServiceMetrics()
+    m.request_done("/v1/quality", 200, 0.01)
+    m.request_done("/v1/quality", 503, 0.001)
+    m.answered({"labels": [{"name": "ads_qrcode", "decision": "block"}]}, ["moderate"])
+    m.serving("moderate", ["safety@1"])
+    m.serving("moderate", ["safety@2"])
+    text = m.render().decode()
+    assert 'livelens_requests_total{route="/v1/quality",status="503"} 1.0' in text
+    assert 'livelens_rejections_total{route="/v1/quality",status="503"} 1.0' in text
+    assert 'livelens_decisions_total{decision="block",label="ads_qrcode"} 1.0' in text
+    assert 'model="safety@2"' in text and 'model="safety@1"' not in text
+    off = ServiceMetrics(enabled=False)
+    off.request_done("/v1/quality", 200, 0.01)
+    assert "livelens_requests_total{" not in off.render().decode()

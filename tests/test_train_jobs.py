@@ -43,7 +43,20 @@ def tiny(manifest: Path, tmp: Path, **loop) -> SafetyTrainConfig:
     return SafetyTrainConfig(
         manifest=str(manifest), pretrained=False, freeze_backbone=False, evidence_crop=False, image_size=64, num_workers=2,
         cpus_per_worker=0.5, storage_path=str(tmp / "train"), run_name="t", model_store=str(tmp / "store"),
-        loop=LoopConfig(**{"epochs": 2, "lr": 3e-3, "batch_size": 8, "precision": "bf16", **loop}))
+        loop=LoopConfig(**{"epochs": 2, "lr": 3e-3, "batch_size": 8, "precision": "bf16",
+                           "tensorboard_dir": str(tmp / "tb"), **loop}))
+
+
+def _tensorboard_scalars(root: Path) -> dict[str, dict[str, list[float]]]:
+    """Every run's scalars under ``root``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for run_dir in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(run_dir))
+        acc.Reload()
+        runs[str(run_dir.relative_to(root))] = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    return runs
 
 
 def test_bad_configs_fail_before_any_worker(frames_manifest, tmp_path):
@@ -160,6 +173,13 @@ def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tm
         assert card[key] not in (None, "", [])
     assert set(card["groups"]) >= {"ads", "game"}
     assert (tmp_path / "train" / "t" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # Rank 0 wrote each epoch to TensorBoard: loss, lr, throughput and per-label precision/recall.
+    tb = _tensorboard_scalars(tmp_path / "tb")
+    assert list(tb) == ["t"], tb.keys()
+    scalars = tb["t"]
+    assert scalars["train_loss"] == pytest.approx(losses, rel=1e-5)
+    assert len(scalars["lr"]) == 2 and len(scalars["images_per_s"]) == 2 and min(scalars["images_per_s"]) > 0
+    assert any(t.startswith("recall/") for t in scalars) and any(t.startswith("precision/") for t in scalars)
 
 
 @pytest.mark.slow
@@ -198,5 +218,7 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     assert card["pooling"] in {"avg", "gated", "compact_bilinear"}
     assert card["pool_kw"] == ({"sketch_dim": 256} if card["pooling"] == "compact_bilinear" else {})
     assert card["metrics"]["macro_f1"] == pytest.approx(summary["best_val_macro_f1"])
+    tb = _tensorboard_scalars(tmp_path / "tb")  # one run per trial, side by side
+    assert len(tb) == 3 and all(len(s["train_loss"]) == 2 for s in tb.values()), tb.keys()
     assert card["threshold_rule"].startswith("served") and card["train_label_counts"]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ref"] == summary["ref"]

@@ -14,6 +14,10 @@ The quality model (``quality_iqa``, NSS features + an ensemble of five MLPs, 44 
 ``livelens.quality.training.run`` exactly as ``make train-quality`` does, then copied here with
 its card; serving adds its 0–100 score to every ``/v1/quality`` answer.
 
+The quality flags (``quality_flags``: boosted trees per flag and an occluder head over mobilenet_v2
+ImageNet features) are fitted by ``livelens.quality.flag_training.run`` exactly as
+``make train-quality-flags`` does; serving uses them for the dark, bright, blur and occlusion flags.
+
 The text-region classifier (``ads_regions``, a 330 k-parameter head over a frozen ImageNet
 mobilenet_v2, head-only) is trained by ``livelens.train.regions.run`` exactly as
 ``make train-regions`` does; the OCR deployment runs it on every detected text box.
@@ -113,6 +117,28 @@ def build_regions_default(root: Path = DEFAULT_ROOT, manifest: str = "runs/data/
             "val": summary["val"], "wall_time_s": summary["wall_time_s"]}
 
 
+def build_quality_flags_default(root: Path = DEFAULT_ROOT) -> dict:
+    """Fit ``quality_flags`` (:mod:`livelens.quality.flag_training`) into a scratch store, then publish it.
+
+    The published model is the ship seed's, whose card names the photos it never saw.
+
+    Raises:
+        ConfigError: Bad data, or a shipped file over 2 MB.
+    """
+    from livelens.quality.flag_training import FlagTrainConfig
+    from livelens.quality.flag_training import run as run_flags
+    from livelens.store import ModelStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        result = run_flags(FlagTrainConfig(model_store=scratch))
+        stored = ModelStore(scratch).load(result["ref"])
+    ref = ModelStore(root).save(stored.ref.split("@")[0], stored.state_dict, _shipped_card(stored.card))
+    seed = str(FlagTrainConfig().ship_seed)
+    return {"ref": ref, "bytes": _checked_size(root, ref), "root": str(root),
+            "exact": {k: (v["exact_before"], v["exact_after"]) for k, v in result["seeds"].items()},
+            "held_out_photos": result["seeds"][seed]["test_photos"], "wall_time_s": result["wall_time_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (``make default-models``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,13 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--root", default=str(DEFAULT_ROOT))
     p.add_argument("--quality-manifest", default="runs/data/quality")
-    p.add_argument("--only", default="safety,quality,regions", help="comma-separated: safety, quality, regions")
+    p.add_argument("--only", default="safety,quality,regions,quality_flags",
+                   help="comma-separated: safety, quality, regions, quality_flags")
     p.add_argument("--regions-train-limit", type=lambda v: None if v == "all" else int(v), default=None,
                    help="train frames the text detector reads (default: all)")
     a = p.parse_args(argv)
     only = {x.strip() for x in a.only.split(",") if x.strip()}
-    if not only or only - {"safety", "quality", "regions"}:
-        print(f"error: --only takes safety, quality and/or regions, got {a.only!r}", file=sys.stderr)
+    if not only or only - {"safety", "quality", "regions", "quality_flags"}:
+        print(f"error: --only takes safety, quality, regions and/or quality_flags, got {a.only!r}", file=sys.stderr)
         return 2
     base = SafetyTrainConfig()
     cfg = replace(base, manifest=a.manifest, image_size=a.image_size, run_name="default-safety",
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             out["quality"] = build_quality_default(Path(a.root), a.quality_manifest)
         if "regions" in only:
             out["regions"] = build_regions_default(Path(a.root), a.manifest, a.regions_train_limit)
+        if "quality_flags" in only:
+            out["quality_flags"] = build_quality_flags_default(Path(a.root))
     except LivelensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import numpy as np
 from livelens.quality import measures as m
 
 if TYPE_CHECKING:
+    from livelens.quality.flags import FlagModel
     from livelens.quality.iqa import IqaModel
 
 #: Taxonomy label per flagged measure (``livelens/resources/taxonomy.yaml``, group ``quality``).
@@ -32,31 +33,12 @@ def _grid_crop(gray: np.ndarray, side: int = 256) -> np.ndarray:
     return gray[y0 : y0 + side, x0 : x0 + side]
 
 
-def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel | None = None) -> dict[str, Any]:
-    """Measure a frame's picture quality.
-
-    Args:
-        image: RGB array (any dtype/channels :func:`livelens.imageio.array_to_rgb` accepts),
-            encoded bytes, a path or a PIL image.
-        thresholds: Flag thresholds; :data:`~livelens.quality.measures.DEFAULT_THRESHOLDS` when None.
-        iqa: A loaded learned quality model; when given, the result has an ``iqa`` entry.
-
-    Returns:
-        A JSON-friendly dict: ``brightness``, ``blur``, ``occlusion``, ``black``, ``noise``,
-        ``compression`` (each with ``score`` and ``flag``), optionally ``iqa``, the taxonomy
-        ``labels`` that fired, and the frame ``size`` ``[width, height]``.
-
-    Raises:
-        InvalidImageError: The input is not an image.
-    """
-    th = thresholds or m.DEFAULT_THRESHOLDS
-    rgb = m.to_rgb(image)
-    h, w = rgb.shape[:2]
+def _classical(rgb: np.ndarray, th: m.Thresholds) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The classical measures of an RGB frame, with the thumbnail they were computed on."""
     gray_full = m.luminance(rgb)
     work = m._resize_long(gray_full, m.BLUR_SIDE)
     thumb_rgb = m._resize_long(rgb, m.THUMB_SIDE)
     thumb = m.luminance(thumb_rgb)
-
     out: dict[str, Any] = {
         "brightness": m.brightness(thumb, th),
         "blur": m.blur(work, th),
@@ -65,6 +47,66 @@ def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel 
         "noise": m.noise(work, th),
         "compression": m.blockiness(_grid_crop(gray_full), th),
     }
+    return out, thumb_rgb, thumb
+
+
+def flag_inputs(image: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The learned flag model's inputs of a frame, exactly as :func:`assess` computes them.
+
+    Returns:
+        The feature vector, the occluder feature map and the classical result (default thresholds).
+    """
+    from livelens.quality import flags as fl
+    from livelens.quality import iqa as iq
+
+    rgb = m.to_rgb(image)
+    out, thumb_rgb, thumb = _classical(rgb, m.DEFAULT_THRESHOLDS)
+    return fl.features(iq.features(rgb), out, thumb_rgb, thumb), fl.OccluderMap.features(rgb), out
+
+
+def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel | None = None,
+           flags: FlagModel | None = None) -> dict[str, Any]:
+    """Measure a frame's picture quality.
+
+    Args:
+        image: RGB array (any dtype/channels :func:`livelens.imageio.array_to_rgb` accepts),
+            encoded bytes, a path or a PIL image.
+        thresholds: Flag thresholds; :data:`~livelens.quality.measures.DEFAULT_THRESHOLDS` when None.
+        iqa: A loaded learned quality model; when given, the result has an ``iqa`` entry.
+        flags: A loaded learned flag model (:mod:`livelens.quality.flags`); when given, it decides
+            the dark, bright, blur and occlusion flags (the classical scores stay in the answer) and
+            the result has a ``flags_model`` entry with each flag's probability.
+
+    Returns:
+        A JSON-friendly dict: ``brightness``, ``blur``, ``occlusion``, ``black``, ``noise``,
+        ``compression`` (each with ``score`` and ``flag``), optionally ``iqa`` and ``flags_model``,
+        the taxonomy ``labels`` that fired, and the frame ``size`` ``[width, height]``.
+
+    Raises:
+        InvalidImageError: The input is not an image.
+    """
+    th = thresholds or m.DEFAULT_THRESHOLDS
+    rgb = m.to_rgb(image)
+    h, w = rgb.shape[:2]
+    out, thumb_rgb, thumb = _classical(rgb, th)
+    feats = None
+    if iqa is not None or flags is not None:
+        from livelens.quality import iqa as iq
+
+        feats = iq.features(rgb)  # computed once for both learned models
+        iqa_feats = feats if iqa is None or iqa.net.arch.side == iq.IQA_SIDE else iq.features(rgb, iqa.net.arch.side)
+    if flags is not None:
+        from livelens.quality import flags as fl
+
+        # The learned decisions need the default-threshold classical scores it was trained on.
+        base = out if thresholds is None else _classical(rgb, m.DEFAULT_THRESHOLDS)[0]
+        decided = flags.decide(fl.features(feats, base, thumb_rgb, thumb), fl.OccluderMap.features(rgb))
+        b = out["brightness"]
+        b["dark"], b["bright"] = decided["dark"]["flag"], decided["bright"]["flag"]
+        b["flag"] = b["dark"] or b["bright"]
+        out["blur"]["flag"] = decided["blur"]["flag"]
+        out["occlusion"]["flag"] = decided["occlusion"]["flag"]
+        out["flags_model"] = {"model": flags.ref, "p": {k: v["p"] for k, v in decided.items()}}
     occ = out["occlusion"]
     if occ["box"] is not None:
         # Normalised thumbnail coordinates → pixels of the caller's frame.
@@ -77,7 +119,7 @@ def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel 
         out["brightness"]["flag"] = out["brightness"]["bright"] = False
         out["brightness"]["dark"] = False
     if iqa is not None:
-        score = float(iqa.score(rgb))
+        score = float(iqa.score_features(iqa_feats[None])[0])
         out["iqa"] = {"score": round(score, 2), "flag": bool(score < th.iqa), "model": iqa.ref}
     labels = [LABELS[k] for k in ("black", "blur", "occlusion", "noise", "compression") if out[k]["flag"]]
     if out["brightness"]["dark"]:

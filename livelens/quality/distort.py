@@ -62,13 +62,14 @@ def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
 def plant_occluder(
     rgb: np.ndarray, frac: float, kind: str = "block", seed: int = 0
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Cover about ``frac`` of the frame with a uniform block, a sticker (disc) or a hand-like blob.
+    """Cover about ``frac`` of the frame with a block, a sticker or a hand.
 
     Args:
         rgb: The photo.
         frac: Target covered fraction of the frame area.
-        kind: ``"block"`` (flat rectangle), ``"sticker"`` (flat disc with a dark outline) or
-            ``"hand"`` (smooth skin-toned blob entering from the bottom edge).
+        kind: ``"block"`` (flat rectangle), ``"sticker"`` (flat disc with a dark outline),
+            ``"emoji"`` (a cartoon face sticker), ``"hand"`` (smooth skin-toned blob entering from
+            the bottom edge) or ``"palm"`` (a shaded, defocused hand with fingers from any edge).
         seed: Position and colour.
 
     Returns:
@@ -103,6 +104,42 @@ def plant_occluder(
         layer = np.clip(skin[None, None, :] * shade, 0, 255)
         m = mask[:, :, None]
         out = (out.astype(np.float32) * (1 - m) + layer * m).astype(np.uint8)
+    elif kind == "emoji":
+        # A cartoon sticker: filled disc, outline and a face, so it is not texture-free inside.
+        r = min(bw, bh) // 2
+        centre = (x0 + bw // 2, y0 + bh // 2)
+        fill = tuple(int(c) for c in rng.choice([[250, 205, 40], [240, 120, 160], [90, 200, 250], [255, 255, 255]]))
+        cv2.circle(out, centre, r, fill, -1, cv2.LINE_AA)
+        cv2.circle(out, centre, r, (30, 30, 30), max(2, r // 18), cv2.LINE_AA)
+        for dx in (-1, 1):
+            cv2.circle(out, (centre[0] + dx * r // 3, centre[1] - r // 4), max(2, r // 8), (30, 30, 30), -1)
+        cv2.ellipse(out, (centre[0], centre[1] + r // 6), (r // 2, r // 3), 0, 10, 170, (30, 30, 30),
+                    max(2, r // 14), cv2.LINE_AA)
+        box = (centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r)
+    elif kind == "palm":
+        # A hand near the lens: palm and four fingers from a random edge, skin-toned, shaded and
+        # defocused (the camera focuses on the scene behind it).
+        rot = int(rng.integers(4))  # which edge the hand enters from: bottom, right, top, left
+        ch, cw = (h, w) if rot % 2 == 0 else (w, h)  # draw entering from the bottom, then rotate
+        ph = int(min(ch - 2, np.sqrt(frac * h * w / aspect) * 1.15))
+        pw = int(min(cw - 2, ph * aspect))
+        px = int(rng.integers(0, max(1, cw - pw)))
+        mask = np.zeros((ch, cw), np.uint8)
+        cv2.ellipse(mask, (px + pw // 2, ch), (pw // 2, int(ph * 0.6)), 0, 180, 360, 255, -1)
+        fw = max(2, pw // 5)
+        for j in range(4):
+            fx = px + int(pw * (0.1 + 0.22 * j))
+            top = ch - int(ph * rng.uniform(0.85, 1.0))
+            cv2.rectangle(mask, (fx, top + fw // 2), (fx + fw, ch), 255, -1)
+            cv2.circle(mask, (fx + fw // 2, top + fw // 2), fw // 2, 255, -1)
+        mask = np.ascontiguousarray(np.rot90(mask, rot))
+        ys, xs = np.nonzero(mask)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else box
+        skin = np.array(rng.choice([[224, 172, 140], [198, 134, 104], [141, 85, 60], [235, 195, 170]]), np.float32)
+        shade = cv2.GaussianBlur(rng.uniform(0.75, 1.05, (8, 8)).astype(np.float32), (0, 0), 1.5)
+        layer = np.clip(skin[None, None, :] * cv2.resize(shade, (w, h))[:, :, None], 0, 255)
+        m = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(1.0, min(h, w) / 200))[:, :, None]
+        out = (out.astype(np.float32) * (1 - m) + layer * m).astype(np.uint8)
     else:
-        raise InvalidArgumentError(f"unknown occluder kind {kind!r}: use block, sticker or hand")
+        raise InvalidArgumentError(f"unknown occluder kind {kind!r}: use block, sticker, emoji, hand or palm")
     return out, box

@@ -78,6 +78,10 @@ class LoopConfig:
         clip_grad_norm: Clip the gradient norm to this (0: no clipping).
         log_every: Print the running loss every so many steps (0: per epoch only).
         eval_last_only: Evaluate only after the last epoch (evaluation that costs minutes).
+        tensorboard_dir: Where rank 0 writes TensorBoard event files, one folder per run (the Ray
+            Train run name): every scalar of every epoch's report (loss, lr, images/s, per-label
+            precision/recall…). Empty: none. On a multi-node cluster give a path every node
+            shares, as for checkpoints.
     """
 
     epochs: int = 2
@@ -104,6 +108,7 @@ class LoopConfig:
     # Logging and evaluation.
     log_every: int = 0
     eval_last_only: bool = False
+    tensorboard_dir: str = field(default_factory=lambda: _default_tensorboard_dir())
 
     def validate(self) -> None:
         """Check values before any worker starts.
@@ -153,6 +158,48 @@ class FitState:
     loop_s: float = 0.0
     train_time_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _default_tensorboard_dir() -> str:
+    from livelens.store import project_root
+
+    return str(project_root() / "runs" / "tensorboard")
+
+
+class EpochLog:
+    """Rank 0's TensorBoard writer: each epoch's numeric metrics as scalars at step = epoch.
+
+    Args:
+        root: The folder of every run's event files; empty turns it off.
+        run: This run's sub-folder.
+    """
+
+    def __init__(self, root: str, run: str):
+        self.writer = None
+        if root:
+            from torch.utils.tensorboard import SummaryWriter
+
+            from livelens.store import project_root
+
+            # A relative path is the project's (a Tune trial's working directory is its own folder).
+            base = Path(root) if Path(root).is_absolute() or "://" in root else project_root() / root
+            self.writer = SummaryWriter(log_dir=str(base / run))
+
+    def write(self, metrics: Mapping[str, Any], epoch: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            if key in ("epoch", "rank", "world_size", "start_epoch", "resumed_from_epoch"):
+                continue
+            # "recall/ads_qrcode"-style names group the per-label curves in TensorBoard's UI.
+            self.writer.add_scalar(key, float(value), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def lr_at(progress: float, step: int, peak: float, warmup_steps: int, floor: float = 0.02) -> float:
@@ -401,6 +448,7 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         resumed_from = state.epoch
     nodes = _node_ids(world)
     start_epoch = state.epoch
+    tb = EpochLog(cfg.tensorboard_dir if rank == 0 else "", ctx.get_experiment_name())
     schedule = StepSchedule(cfg, steps_per_epoch * cfg.epochs if steps_per_epoch else None, state)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -431,6 +479,7 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         state.train_time_s += time.perf_counter() - t0
         metrics["train_time_s"] = state.train_time_s
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        tb.write(metrics, epoch)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, state, metrics, files)
@@ -439,4 +488,5 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
             ray.train.report(metrics)
         if last:
             break
+    tb.close()
     return state

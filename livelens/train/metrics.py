@@ -95,7 +95,8 @@ def multihead_metrics(probs: Mapping[str, np.ndarray], targets: Mapping[str, np.
     Returns:
         ``{"heads": {head: head_metrics}, "scalars": {"val_accuracy": mean head accuracy,
         "val_macro_f1": mean F1 over positive labels with support, "val_min_recall",
-        "val_min_precision": the worst positive label with support, "acc/<label>": …}}``.
+        "val_min_precision": the worst positive label with support, "acc/<head>", "label_acc/<label>",
+        and "precision/<label>", "recall/<label>" for each positive label with support}}``.
     """
     thresholds = thresholds or {}
     per_head = {h: head_metrics(probs[h], targets[h], heads[h], h, thresholds.get(h)) for h in heads}
@@ -106,6 +107,8 @@ def multihead_metrics(probs: Mapping[str, np.ndarray], targets: Mapping[str, np.
         for j, (label, lm) in enumerate(m["labels"].items()):
             scalars[f"label_acc/{label}"] = lm["accuracy"]
             if j > 0 and lm["support"] > 0:
+                scalars[f"precision/{label}"] = lm["precision"]
+                scalars[f"recall/{label}"] = lm["recall"]
                 f1s.append(lm["f1"])
                 recalls.append(lm["recall"])
                 precisions.append(lm["precision"])
