@@ -183,7 +183,8 @@ def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tu
 
     from skimage import data as skd
 
-    for name in ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "eagle", "grass",
+    # (no "cat": scikit-image's cat() is the chelsea photo again)
+    for name in ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "eagle", "grass",
                  "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left", "page", "retina",
                  "rocket", "text"):
         fn = getattr(skd, name, None)

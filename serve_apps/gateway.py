@@ -118,37 +118,40 @@ def _route_of(request: Request) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-@api.middleware("http")
-async def _telemetry(request: Request, call_next):
-    t0 = time.perf_counter()
+def _observe(request: Request, status: int) -> None:
+    """Count and log one answered request, once, where its answer is made.
+
+    Not an HTTP middleware: one on this FastAPI app saw no request under Serve's ingress here
+    (its counters stayed empty while the routes answered), so the routes report themselves.
+    """
+    seconds = time.perf_counter() - getattr(request.state, "t0", time.perf_counter())
+    route = _route_of(request)
+    state = request.state
+    timings = getattr(state, "timings", None)
+    timings_ms = timings.to_dict() if timings is not None else {}
+    if getattr(state, "inflight", False):
+        METRICS.inflight.dec()
     if METRICS.enabled:
-        METRICS.inflight.inc()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        seconds = time.perf_counter() - t0
-        route = _route_of(request)
-        state = request.state
-        timings = getattr(state, "timings", None)
-        timings_ms = timings.to_dict() if timings is not None else {}
-        if METRICS.enabled:
-            METRICS.inflight.dec()
-            METRICS.request_done(route, status, seconds)
-            METRICS.stage_times(timings_ms)
-        if route != "/metrics":  # scrapes every few seconds would drown the requests
-            telemetry.log_request(request_id=getattr(state, "request_id", "") or "", route=route,
-                                  method=request.method, status=status, seconds=seconds,
-                                  key_id=getattr(state, "key_id", None),
-                                  client=request.client.host if request.client else None, timings_ms=timings_ms,
-                                  models=getattr(state, "models", ()), error=getattr(state, "error_code", None))
+        METRICS.request_done(route, status, seconds)
+        METRICS.stage_times(timings_ms)
+    telemetry.log_request(request_id=_rid(request), route=route, method=request.method, status=status,
+                          seconds=seconds, key_id=getattr(state, "key_id", None),
+                          client=request.client.host if request.client else None, timings_ms=timings_ms,
+                          models=getattr(state, "models", ()), error=getattr(state, "error_code", None))
+
+
+def _ok(request: Request, body: dict) -> JSONResponse:
+    _observe(request, 200)
+    return JSONResponse(body)
 
 
 def _rid(request: Request) -> str:
     rid = getattr(request.state, "request_id", None)
     if rid is None:
+        request.state.t0 = time.perf_counter()
+        if METRICS.enabled:
+            METRICS.inflight.inc()
+            request.state.inflight = True
         rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         request.state.request_id = rid
     return rid[:100]
@@ -161,7 +164,9 @@ def _error_response(request: Request, err: LivelensError, retry_after: float | N
     if retry is not None:
         headers["Retry-After"] = str(max(1, int(retry + 0.999)))
     request.state.error_code = err.code
-    return JSONResponse(error_body(err, _rid(request)), status_code=err.http_status, headers=headers)
+    body = error_body(err, _rid(request))
+    _observe(request, err.http_status)
+    return JSONResponse(body, status_code=err.http_status, headers=headers)
 
 
 @api.exception_handler(LivelensError)
@@ -397,7 +402,7 @@ class Gateway:
         with timings.stage("total_models"):
             result = await self._analyze_one(image, caps, evidence, timings)
         request.state.models = result.get("models", ())
-        return JSONResponse({"request_id": rid, **result, "timings_ms": timings.to_dict()})
+        return _ok(request, {"request_id": rid, **result, "timings_ms": timings.to_dict()})
 
     async def _batch(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
         rid = _rid(request)
@@ -422,7 +427,7 @@ class Gateway:
 
         with timings.stage("items"):
             items = await asyncio.gather(*(one(d) for d in images))
-        return JSONResponse({"request_id": rid, "results": items, "timings_ms": timings.to_dict()})
+        return _ok(request, {"request_id": rid, "results": items, "timings_ms": timings.to_dict()})
 
     # ---- routes ----------------------------------------------------------------------------
 
@@ -536,13 +541,13 @@ class Gateway:
                 state = await streams.ingest.remote(stream_id, image, result, opts.get("ts"))
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise overloaded(exc, self.args.retry_after_s) from None
-        return JSONResponse({"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()})
+        return _ok(request, {"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()})
 
     @api.get("/v1/streams/{stream_id}", summary="A stream's state: window, escalation, evidence bundle")
     async def stream_state(self, stream_id: str, request: Request) -> JSONResponse:
         self._auth(request, "streams")
         state = await self._handle("streams").state.remote(stream_id)
-        return JSONResponse({"request_id": _rid(request), "stream": state})
+        return _ok(request, {"request_id": _rid(request), "stream": state})
 
 
 class AppArgs(BaseModel):

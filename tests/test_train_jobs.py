@@ -219,6 +219,7 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     assert card["pool_kw"] == ({"sketch_dim": 256} if card["pooling"] == "compact_bilinear" else {})
     assert card["metrics"]["macro_f1"] == pytest.approx(summary["best_val_macro_f1"])
     tb = _tensorboard_scalars(tmp_path / "tb")  # one run per trial, side by side
-    assert len(tb) == 3 and all(len(s["train_loss"]) == 2 for s in tb.values()), tb.keys()
+    # ASHA may stop a trial after its first epoch; every trial still wrote what it ran.
+    assert len(tb) == 3 and all(1 <= len(s["train_loss"]) <= 2 for s in tb.values()), tb.keys()
     assert card["threshold_rule"].startswith("served") and card["train_label_counts"]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ref"] == summary["ref"]
