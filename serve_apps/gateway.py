@@ -44,8 +44,6 @@ log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
 EVIDENCE_MODES = ("none", "boxes", "heatmap", "polygons")
 CAPABILITIES = ("moderate", "ocr", "quality")
-#: This process's gateway metrics (one gateway replica per process); ``GatewayArgs.metrics`` turns them off.
-METRICS = telemetry.ServiceMetrics()
 
 
 class GatewayConfig(BaseModel):
@@ -121,8 +119,8 @@ def _route_of(request: Request) -> str:
 def _observe(request: Request, status: int) -> None:
     """Count and log one answered request, once, where its answer is made.
 
-    Not an HTTP middleware: one on this FastAPI app saw no request under Serve's ingress here
-    (its counters stayed empty while the routes answered), so the routes report themselves.
+    Called from the answer and error paths rather than a middleware, so the status and the
+    stage timings counted are exactly those of the answer sent.
     """
     seconds = time.perf_counter() - getattr(request.state, "t0", time.perf_counter())
     route = _route_of(request)
@@ -130,10 +128,10 @@ def _observe(request: Request, status: int) -> None:
     timings = getattr(state, "timings", None)
     timings_ms = timings.to_dict() if timings is not None else {}
     if getattr(state, "inflight", False):
-        METRICS.inflight.dec()
-    if METRICS.enabled:
-        METRICS.request_done(route, status, seconds)
-        METRICS.stage_times(timings_ms)
+        telemetry.METRICS.inflight.dec()
+    if telemetry.METRICS.enabled:
+        telemetry.METRICS.request_done(route, status, seconds)
+        telemetry.METRICS.stage_times(timings_ms)
     telemetry.log_request(request_id=_rid(request), route=route, method=request.method, status=status,
                           seconds=seconds, key_id=getattr(state, "key_id", None),
                           client=request.client.host if request.client else None, timings_ms=timings_ms,
@@ -149,8 +147,8 @@ def _rid(request: Request) -> str:
     rid = getattr(request.state, "request_id", None)
     if rid is None:
         request.state.t0 = time.perf_counter()
-        if METRICS.enabled:
-            METRICS.inflight.inc()
+        if telemetry.METRICS.enabled:
+            telemetry.METRICS.inflight.inc()
             request.state.inflight = True
         rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         request.state.request_id = rid
@@ -244,7 +242,7 @@ class Gateway:
             url_allowlist=frozenset(h.lower() for h in self.args.url_allowlist),
         )
         self.keys = KeyStore.load(self.args.key_file)
-        METRICS.enabled = args.metrics
+        telemetry.METRICS.enabled = args.metrics
         _configure_access_log(args.access_log_level)
         given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams}
         # A colocated capability is built here, in this replica, and called without a hop.
@@ -363,15 +361,15 @@ class Gateway:
         if "quality" in caps:
             calls["quality"] = self._handle("quality").assess.remote(image)
         t0 = time.perf_counter()
-        if METRICS.enabled:
+        if telemetry.METRICS.enabled:
             for cap in calls:
-                METRICS.downstream.labels(cap).inc()
+                telemetry.METRICS.downstream.labels(cap).inc()
         try:
             results = await asyncio.gather(*calls.values(), return_exceptions=True)
         finally:
-            if METRICS.enabled:
+            if telemetry.METRICS.enabled:
                 for cap in calls:
-                    METRICS.downstream.labels(cap).dec()
+                    telemetry.METRICS.downstream.labels(cap).dec()
         timings.add("fanout", (time.perf_counter() - t0) * 1000)
         results_by_cap = {}
         for cap, res in zip(calls, results, strict=True):
@@ -382,11 +380,11 @@ class Gateway:
                 raise cause
             for stage, ms in res.pop("timings_ms", {}).items():
                 timings.add(f"{cap}.{stage}", ms)
-            METRICS.serving(cap, res.get("models", ()))
+            telemetry.METRICS.serving(cap, res.get("models", ()))
             results_by_cap[cap] = res
         with timings.stage("fusion"):
             answer = fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
-        METRICS.answered(answer, results_by_cap)
+        telemetry.METRICS.answered(answer, results_by_cap)
         return answer
 
     async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
@@ -438,7 +436,7 @@ class Gateway:
     @api.get("/metrics", include_in_schema=False)
     async def metrics(self) -> Response:
         """Prometheus text format: requests, latency per route and stage, queues, decisions, models."""
-        return Response(METRICS.render(), media_type=telemetry.CONTENT_TYPE)
+        return Response(telemetry.METRICS.render(), media_type=telemetry.CONTENT_TYPE)
 
     @api.get("/healthz", summary="Liveness: answers as soon as the gateway is up")
     async def healthz(self) -> dict:

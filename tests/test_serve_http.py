@@ -576,9 +576,12 @@ def test_metrics_endpoint_exports_every_metric_the_dashboard_uses(app):
     dash = json.loads((REPO / "cluster" / "grafana" / "livelens.json").read_text())
     for name in dashboard_metrics(dash):
         assert name in families or name.removesuffix("_total") in families, (name, sorted(families))
-    # Known gap (docs/observability.md): under Serve the per-request series (requests_total,
-    # request_seconds, stage_seconds, rejections) get no samples yet, though the same calls do in
-    # tests/test_serve_units.py; the per-image series below do.
+    # Per-request series (counted where answers are made) and per-image series (counted in the
+    # Gateway's methods) must land in the one registry /metrics renders.
+    assert 'livelens_requests_total{route="/v1/analyze",status="200"}' in text, text[:2000]
+    assert 'livelens_requests_total{route="/v1/quality",status="401"}' in text
+    assert "livelens_request_seconds_bucket{" in text
+    assert "livelens_stage_seconds_bucket{" in text
     for family in ("livelens_decisions_total{", "livelens_images_total{", "livelens_downstream_inflight{"):
         assert family in text, family
     assert 'livelens_model_info{capability="quality",model="quality_flags@' in text

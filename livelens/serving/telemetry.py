@@ -108,6 +108,11 @@ class ServiceMetrics:
         self._served[capability] = now
 
 
+#: The process's service metrics (one gateway replica per process). Importers must use it as
+#: ``telemetry.METRICS``: a name bound in another module is copied when Serve pickles a class by value.
+METRICS = ServiceMetrics()
+
+
 def log_request(*, request_id: str, route: str, method: str, status: int, seconds: float, key_id: str | None,
                 client: str | None, timings_ms: Mapping[str, float] | None = None,
                 models: Iterable[str] = (), error: str | None = None) -> None:
