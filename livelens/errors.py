@@ -76,6 +76,12 @@ class ManifestError(ConfigError):
     code = "invalid_manifest"
 
 
+class EmbeddingError(InvalidArgumentError):
+    """Embeddings that cannot be used together: mismatched widths or models, empty, or unreadable."""
+
+    code = "invalid_embeddings"
+
+
 class ModelNotFoundError(LivelensError):
     """A ``name@version`` is not in the model store."""
 

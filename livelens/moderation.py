@@ -209,14 +209,11 @@ class ModerationEngine:
         return as_rgb(frame), (time.perf_counter() - t0) * 1000
 
     def to_tensor(self, frames: Sequence[np.ndarray], safety: SafetyModel):
-        import cv2
-        import torch
+        from livelens.models.transforms import preprocess
 
-        h, w = safety.input_hw
-        # A plain resize (no centre crop): 16:9 frames keep their edges, where overlays and ads sit.
-        arr = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]).astype(np.float32)
-        arr = (arr / 255.0 - safety.mean) / safety.std
-        return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+        # The one eval preprocessing (a plain resize, no centre crop), shared with training
+        # evaluation and the embedding job.
+        return preprocess(frames, safety.input_hw, safety.mean, safety.std)
 
     def classify(self, frames: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Per frame: the classifier's probabilities per head, open_nsfw's score, and the version that ran.

@@ -31,6 +31,7 @@ from livelens.errors import (
     OverloadedError,
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
+from livelens.loop.capture import CaptureConfig, SampleStore
 from livelens.serving import inputs, telemetry
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
@@ -54,12 +55,15 @@ class GatewayConfig(BaseModel):
             taxonomy's; every answer's decisions follow them at once (``livelens.fusion.redecide``).
         moderation: The live config of colocated moderation (:class:`serve_apps.moderation.ModerationConfig`).
         quality: The live config of colocated quality (:class:`serve_apps.quality.QualityConfig`).
+        capture: Traffic capture into the sample store (:class:`livelens.loop.capture.CaptureConfig`):
+            off unless enabled, per key, with a privacy switch; a change applies at once.
     """
 
     model_config = ConfigDict(extra="forbid")
     thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
     moderation: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
+    capture: CaptureConfig = Field(default_factory=lambda: CaptureConfig())
 
 
 class GatewayArgs(Args):
@@ -247,6 +251,7 @@ class Gateway:
         given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams}
         # A colocated capability is built here, in this replica, and called without a hop.
         self.handles = {cap: h.build() if isinstance(h, Colocated) else h for cap, h in given.items()}
+        self.capture = self._open_capture(args.live.capture)
         self.started = time.time()
         if self.args.require_auth and not len(self.keys):
             log.warning("no API keys configured (%s / LIVELENS_API_KEYS): every /v1 request will get 401",
@@ -265,16 +270,39 @@ class Gateway:
         except ValueError as exc:
             raise ConfigError(f"gateway user_config: {exc}") from None
         tax = self.base_tax.with_thresholds(live.thresholds)
-        for cap, key in (("moderate", "moderation"), ("quality", "quality")):
-            h, given = self.handles.get(cap), getattr(live, key)
-            if given is not None and not isinstance(h, LocalHandle):
-                raise ConfigError(f"gateway user_config has {key!r}, but {cap} is not colocated in the gateway; "
-                                  "set it on its own deployment")
-            if isinstance(h, LocalHandle) and given is not None and given != getattr(self.live, key):
-                result = h.instance.reconfigure(given)
-                if inspect.isawaitable(result):
-                    await result
+        # Opened before anything changes: a capture uri that cannot be used fails the whole update.
+        capture_changed = live.capture != self.live.capture
+        new_capture = self._open_capture(live.capture) if capture_changed else None
+        try:
+            for cap, key in (("moderate", "moderation"), ("quality", "quality")):
+                h, given = self.handles.get(cap), getattr(live, key)
+                if given is not None and not isinstance(h, LocalHandle):
+                    raise ConfigError(f"gateway user_config has {key!r}, but {cap} is not colocated in the "
+                                      "gateway; set it on its own deployment")
+                if isinstance(h, LocalHandle) and given is not None and given != getattr(self.live, key):
+                    result = h.instance.reconfigure(given)
+                    if inspect.isawaitable(result):
+                        await result
+        except BaseException:
+            if new_capture is not None:
+                new_capture.close()
+            raise
+        if capture_changed:
+            old, self.capture = self.capture, new_capture
+            if old is not None:
+                await asyncio.to_thread(old.close)
         self.live, self.tax = live, tax
+
+    @staticmethod
+    def _open_capture(cfg: CaptureConfig) -> SampleStore | None:
+        return SampleStore(cfg) if cfg.active else None
+
+    def _capture(self, request: Request, image: EncodedImage, answer: dict) -> None:
+        """Offer a served frame to the sample store (a no-op when capture is off; never raises)."""
+        store = self.capture
+        if store is not None:
+            store.offer(image=image.data, answer=answer, key_id=getattr(request.state, "key_id", None),
+                        request_id=getattr(request.state, "request_id", None), route=_route_of(request))
 
     def check_health(self) -> None:
         """Serve calls this periodically; colocated capabilities are checked here, deployments by Serve."""
@@ -400,6 +428,9 @@ class Gateway:
         with timings.stage("total_models"):
             result = await self._analyze_one(image, caps, evidence, timings)
         request.state.models = result.get("models", ())
+        if self.capture is not None:
+            with timings.stage("capture"):
+                self._capture(request, image, result)
         return _ok(request, {"request_id": rid, **result, "timings_ms": timings.to_dict()})
 
     async def _batch(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
@@ -416,6 +447,7 @@ class Gateway:
                 image = self._probe(data)
                 t = Timings()
                 res = await self._analyze_one(image, caps, evidence, t)
+                self._capture(request, image, res)
                 return {"status": 200, **res, "timings_ms": t.to_dict()}
             except Exception as exc:
                 cause = unwrap(exc)
@@ -442,7 +474,8 @@ class Gateway:
     async def healthz(self) -> dict:
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 1),
                 "capabilities": [c for c, h in self.handles.items() if h is not None],
-                "auth": self.args.require_auth}
+                "auth": self.args.require_auth,
+                "capture": dict(self.capture.stats, uri=self.capture.cfg.uri) if self.capture else None}
 
     @api.get("/v1/models", summary="Which models are served and where each came from")
     async def models(self, request: Request) -> JSONResponse:

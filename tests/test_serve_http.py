@@ -586,3 +586,62 @@ def test_metrics_endpoint_exports_every_metric_the_dashboard_uses(app):
         assert family in text, family
     assert 'livelens_model_info{capability="quality",model="quality_flags@' in text
     assert "livelens_decisions_total{" in text
+
+
+def test_capture_over_http_is_bounded_per_key_and_leaves_answers_unchanged(app, tmp_path):
+    """Traffic capture on a live app: only the opted-in key is sampled, the store rotates within its
+    bounds, answers are the same with and without capture, and the privacy switch stops it live."""
+    from ray import serve
+
+    from livelens.loop.capture import read_samples
+    from serve_apps.admin import apply_app, set_live
+
+    keys = {name: generate_key() for name in ("cap", "nocap")}
+    for name, key in keys.items():
+        add_key_to_file(tmp_path / "keys.json", key, name, rate_per_s=1000, burst=1000)
+    uri = str(tmp_path / "capture")
+    live_capture = {"enabled": True, "uri": uri, "keys": ["cap"], "max_rows": 12, "shard_rows": 4,
+                    "flush_s": 0.2, "random_share": 1.0}
+    apply_app({"name": "livelens_capture", "route_prefix": "/cap", "import_path": "serve_apps.gateway:build_app",
+               "args": {"gateway": {"key_file": str(tmp_path / "keys.json"), "deploy": {"num_cpus": 0.1},
+                                    "live": {"capture": live_capture}},
+                        "moderation": {"use_open_nsfw": False, "live": {"cam_labels": 0},
+                                       "deploy": {"num_cpus": 0.1}},
+                        "ocr": None, "quality": None, "streams": None}})
+    url = app["url"][: -len(PREFIX)] + "/cap"
+    try:
+        jpgs = [_jpeg(np.random.default_rng(i).integers(0, 255, (120, 160, 3), dtype=np.uint8)) for i in range(3)]
+
+        def post(key: str, jpg: bytes) -> dict:
+            r = httpx.post(f"{url}/v1/moderate", content=jpg, params={"evidence": "none"}, timeout=60,
+                           headers={"Authorization": f"Bearer {key}", "content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            return {k: body[k] for k in ("labels", "decision", "models")}
+
+        plain = [post(keys["nocap"], j) for j in jpgs]
+        assert read_samples(uri).num_rows == 0  # the key that did not opt in is never sampled
+        for _ in range(7):
+            assert [post(keys["cap"], j) for j in jpgs] == plain  # capture changes no answer
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            health = httpx.get(f"{url}/healthz", timeout=30).json()["capture"]
+            if health["committed"] >= 20:
+                break
+            time.sleep(0.3)
+        assert health["sampled"] == 21 and health["rotated_shards"] >= 2, health
+        table = read_samples(uri)
+        assert 4 <= table.num_rows <= 12
+        assert set(table.column("key_id").to_pylist()) == {"cap"}
+        assert set(table.column("image_bytes").to_pylist()) <= set(jpgs)
+        assert all("safety@" in m for ms in table.column("models").to_pylist() for m in ms)
+        # The privacy switch turns capture off on the running replicas.
+        set_live("gateway", {"capture": {**live_capture, "privacy_mode": True}}, "livelens_capture")
+        before = read_samples(uri).num_rows
+        for j in jpgs:
+            post(keys["cap"], j)
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["capture"] is None
+        time.sleep(1)
+        assert read_samples(uri).num_rows == before
+    finally:
+        serve.delete("livelens_capture")

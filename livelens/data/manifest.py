@@ -209,6 +209,7 @@ def write_manifest(
     *,
     contact_sheet: bool = True,
     taxonomy: Any | None = None,
+    row_group_size: int = 256,
 ) -> Path:
     """Validate and write a manifest directory atomically.
 
@@ -225,6 +226,8 @@ def write_manifest(
             Counts per label and split are added here.
         contact_sheet: Also render ``contact_sheet.png`` from the first rows.
         taxonomy: Taxonomy to check label names against (default: the packaged one).
+        row_group_size: Rows per Parquet row group: the unit :func:`read_manifest_rows` and the
+            embedding job's blocks read.
 
     Returns:
         The manifest directory.
@@ -249,7 +252,7 @@ def write_manifest(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        pq.write_table(table, tmp / MANIFEST_FILE, compression="zstd", row_group_size=256)
+        pq.write_table(table, tmp / MANIFEST_FILE, compression="zstd", row_group_size=row_group_size)
         (tmp / CARD_FILE).write_text(json.dumps(full_card, indent=2, ensure_ascii=False, default=_json_default))
         if contact_sheet:
             from livelens.data.contact import contact_sheet_png
