@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
 .PHONY: setup run test lint fmt data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
-        default-models train-regions train-quality-flags bench cluster-up cluster-down clean coverage eval-real
+        default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench cluster-up cluster-down clean coverage eval-real
 
 setup:
 	@bash scripts/setup.sh
@@ -65,6 +65,17 @@ eval-quality: setup
 
 default-models: setup
 	$(PY) -m train_jobs.defaults
+
+active-loop: setup
+	$(PY) -m train_jobs.active_loop
+
+eval-dedupe: setup
+	$(PY) -m train_jobs.eval_dedupe --out runs/eval-dedupe
+
+# Embed the generated frames (Ray Data job, resumable) and cluster them, with contact sheets.
+clusters: setup
+	$(PY) -m livelens.loop embed --manifest runs/data/frames --out runs/loop/emb-frames
+	$(PY) -m livelens.loop cluster --embeddings runs/loop/emb-frames --manifest runs/data/frames --out runs/loop/clusters --k 16
 
 bench: setup
 	$(PY) -m benchmarks

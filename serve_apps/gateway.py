@@ -295,7 +295,7 @@ class Gateway:
 
     @staticmethod
     def _open_capture(cfg: CaptureConfig) -> SampleStore | None:
-        return SampleStore(cfg) if cfg.active else None
+        return SampleStore(cfg, on_event=telemetry.METRICS.capture_event) if cfg.active else None
 
     def _capture(self, request: Request, image: EncodedImage, answer: dict) -> None:
         """Offer a served frame to the sample store (a no-op when capture is off; never raises)."""

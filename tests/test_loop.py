@@ -186,9 +186,9 @@ def _embedded(manifest, tmp_path):
 
 
 def test_near_duplicates_found_and_distinct_photos_kept_apart(embedder):
-    from livelens.evaluation import real_photos
-
     import cv2
+
+    from livelens.evaluation import real_photos
 
     bases = []
     for _, rgb in real_photos()[:16]:
@@ -216,7 +216,7 @@ def test_near_duplicates_found_and_distinct_photos_kept_apart(embedder):
 
 def test_deduplicated_manifest_drops_repeats(tmp_path, embedder):
     rows = generate_frames(0, 6, seed=4)[:6]
-    rows = rows + [{**rows[0], "id": "dup-" + rows[0]["id"][:8]}]  # the same frame again
+    rows = [*rows, {**rows[0], "id": "dup-" + rows[0]["id"][:8]}]  # the same frame again
     write_manifest(rows, tmp_path / "m", {"name": "d"}, contact_sheet=False)
     table = read_manifest(tmp_path / "m")
     rgb = [decode_image(b) for b in table.column("image_bytes").to_pylist()]
@@ -404,3 +404,42 @@ def test_a_killed_writer_loses_no_committed_sample(tmp_path):
     table = capture.read_samples(uri)
     ids = sorted(int(b[:8]) for b in table.column("image_bytes").to_pylist())
     assert len(ids) == len(set(ids)) == table.num_rows
+
+
+def test_queue_round_scores_through_the_serving_code_and_skips_labelled(ray_session, small_manifest, tmp_path):
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.loop.queue import QueueJob, answer_disagreement, build_queue
+
+    emb = _embedded(small_manifest, tmp_path)
+    ids = read_manifest(small_manifest, columns=["id"]).column("id").to_pylist()
+    done = read_manifest(small_manifest).take(pa.array([0, 1, 2, 3], pa.int64()))
+    write_manifest(done, tmp_path / "labelled", {"name": "labelled"}, contact_sheet=False)
+    analyzer = LocalAnalyzer(caps=("moderate",), use_open_nsfw=False, evidence="none", threads=1)
+    job = QueueJob(str(small_manifest), str(emb), str(tmp_path / "queue"), budget=8, random_share=0.25,
+                   labelled=str(tmp_path / "labelled"))
+    result = build_queue(job, analyzer)
+    q = read_manifest(result["queue"])
+    assert q.num_rows == 8 and not set(q.column("id").to_pylist()) & set(ids[:4])
+    assert result["reasons"].get("random") == 2 and result["scored"] == 48
+    meta = [json.loads(a)["queue"] for a in q.column("attributes").to_pylist()]
+    assert [m["rank"] for m in meta] == list(range(8))
+    assert all(m["model"] and "safety@" in m["model"] for m in meta)
+    assert answer_disagreement({"labels": [{"name": "ads_phone", "score": 0.9, "overruled": "OCR"}]}) == 1.0
+    assert answer_disagreement({"labels": [{"name": "porn", "score": 0.9}, {"name": "porn", "score": 0.2}]}) == \
+        pytest.approx(0.7)
+
+
+def test_captured_samples_become_an_unlabelled_manifest(tmp_path, frames):
+    cfg = capture.CaptureConfig(enabled=True, uri=str(tmp_path / "cap"), keys=["*"], random_share=1.0)
+    store = capture.SampleStore(cfg, start=False)
+    for r in frames[:5] + frames[:2]:  # two frames served twice
+        ans = {"labels": [], "decision": "pass", "models": ["safety@1"],
+               "image": {"width": r["width"], "height": r["height"]}}
+        store.offer(image=r["image_bytes"], answer=ans, key_id="k", route="/v1/moderate")
+    store.close()
+    out = capture.samples_to_manifest(cfg.uri, str(tmp_path / "set"))
+    table = read_manifest(out)
+    assert table.num_rows == 5 and set(table.column("split").to_pylist()) == {"train"}
+    assert json.loads(table.column("attributes")[0].as_py())["capture"]["reason"] == "random"
+    with pytest.raises(ConfigError):
+        capture.samples_to_manifest(str(tmp_path / "nothing"), str(tmp_path / "set2"))

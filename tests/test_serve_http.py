@@ -635,6 +635,8 @@ def test_capture_over_http_is_bounded_per_key_and_leaves_answers_unchanged(app, 
         assert set(table.column("key_id").to_pylist()) == {"cap"}
         assert set(table.column("image_bytes").to_pylist()) <= set(jpgs)
         assert all("safety@" in m for ms in table.column("models").to_pylist() for m in ms)
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        assert 'livelens_capture_samples_total{reason="random"} 21.0' in metrics, metrics[-3000:]
         # The privacy switch turns capture off on the running replicas.
         set_live("gateway", {"capture": {**live_capture, "privacy_mode": True}}, "livelens_capture")
         before = read_samples(uri).num_rows

@@ -59,6 +59,22 @@ def _tensorboard_scalars(root: Path) -> dict[str, dict[str, list[float]]]:
     return runs
 
 
+def _mlflow_runs(root: Path) -> dict[str, tuple[str, dict[str, str], dict[str, list[float]]]]:
+    """Every MLflow run under ``root`` by name: its id, params and metric histories."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=root.resolve().as_uri())
+    exp = client.get_experiment_by_name("livelens")
+    out = {}
+    for r in client.search_runs([exp.experiment_id]):
+        hist = {k: [m.value for m in client.get_metric_history(r.info.run_id, k)] for k in r.data.metrics}
+        out[r.info.run_name] = (r.info.run_id, dict(r.data.params), hist)
+    return out
+
+
 def test_bad_configs_fail_before_any_worker(frames_manifest, tmp_path):
     base = tiny(frames_manifest, tmp_path)
     with pytest.raises(ConfigError, match="unknown pooling 'sumpool'"):
@@ -156,7 +172,8 @@ def _losses(summary: dict) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tmp_path, monkeypatch):
-    summary = run(tiny(frames_manifest, tmp_path, comm_hook="powersgd", powersgd_rank=2))
+    summary = run(tiny(frames_manifest, tmp_path, comm_hook="powersgd", powersgd_rank=2,
+                       mlflow_dir=str(tmp_path / "mlruns")))
     # Serving (the moderation engine, default chain) loads exactly this model once its store is the user store.
     from livelens.moderation import ModerationEngine
 
@@ -180,6 +197,13 @@ def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tm
     assert scalars["train_loss"] == pytest.approx(losses, rel=1e-5)
     assert len(scalars["lr"]) == 2 and len(scalars["images_per_s"]) == 2 and min(scalars["images_per_s"]) > 0
     assert any(t.startswith("recall/") for t in scalars) and any(t.startswith("precision/") for t in scalars)
+    # The same curves in the MLflow file store, read back with MLflow's own client.
+    runs = _mlflow_runs(tmp_path / "mlruns")
+    assert list(runs) == ["t"]
+    _, params, metrics = runs["t"]
+    assert params["comm_hook"] == "powersgd" and params["epochs"] == "2"
+    assert metrics["train_loss"] == pytest.approx(losses, rel=1e-5)
+    assert any(t.startswith("recall/") for t in metrics) and len(metrics["images_per_s"]) == 2
 
 
 @pytest.mark.slow
@@ -202,8 +226,8 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     from train_jobs.sweep import SweepConfig
     from train_jobs.sweep import run as sweep
 
-    base = replace(tiny(frames_manifest, tmp_path, epochs=2, precision="fp32"), num_workers=1, register=False,
-                   max_failures=0)
+    base = replace(tiny(frames_manifest, tmp_path, epochs=2, precision="fp32", mlflow_dir=str(tmp_path / "mlruns")),
+                   num_workers=1, register=False, max_failures=0)
     sc = SweepConfig(base=base, backbones=["mobilenet_v2"], pools=["avg", "gated", "compact_bilinear"],
                      pool_kw={"compact_bilinear": {"sketch_dim": 256}}, lrs=[3e-3], num_samples=1, max_concurrent=3,
                      out=str(tmp_path / "sweep"))
@@ -221,5 +245,7 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     tb = _tensorboard_scalars(tmp_path / "tb")  # one run per trial, side by side
     # ASHA may stop a trial after its first epoch; every trial still wrote what it ran.
     assert len(tb) == 3 and all(1 <= len(s["train_loss"]) <= 2 for s in tb.values()), tb.keys()
+    trials = _mlflow_runs(tmp_path / "mlruns")  # and one MLflow run per trial
+    assert len(trials) == 3 and all(1 <= len(m["train_loss"]) <= 2 for _, _, m in trials.values())
     assert card["threshold_rule"].startswith("served") and card["train_label_counts"]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ref"] == summary["ref"]

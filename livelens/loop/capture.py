@@ -25,7 +25,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -134,12 +134,16 @@ class SampleStore:
     Args:
         cfg: The capture settings.
         start: Start the writer thread now (tests may drive :meth:`flush` by hand).
+        on_event: Called with ``("sampled", reason)`` and ``("dropped", "queue_full" | "write_error")``
+            (the gateway counts them in its metrics); it must not raise.
     """
 
-    def __init__(self, cfg: CaptureConfig, start: bool = True):
+    def __init__(self, cfg: CaptureConfig, start: bool = True,
+                 on_event: Callable[[str, str], None] | None = None):
         import pyarrow.fs as pafs
 
         self.cfg = cfg
+        self.on_event = on_event or (lambda kind, value: None)
         try:
             self.fs, self.root = pafs.FileSystem.from_uri(cfg.uri) if "://" in cfg.uri else (
                 pafs.LocalFileSystem(), os.path.abspath(cfg.uri))
@@ -181,9 +185,11 @@ class SampleStore:
                       "image_bytes": image if image is not None and len(image) <= cfg.max_image_bytes else None}
             self.q.put_nowait(sample)
             self.stats["sampled"] += 1
+            self.on_event("sampled", reason)
             return reason
         except queue.Full:
             self.stats["dropped_full"] += 1
+            self.on_event("dropped", "queue_full")
             return None
         except Exception:  # capture must never fail a request
             log.exception("capture offer failed")
@@ -237,6 +243,8 @@ class SampleStore:
                     written += len(batch)
                 except Exception:  # a broken disk loses these samples, not the service
                     self.stats["write_errors"] += 1
+                    for _ in batch:
+                        self.on_event("dropped", "write_error")
                     log.exception("capture shard write failed; %d samples lost", len(batch))
             self._last_flush = time.monotonic()
             if written:
@@ -248,7 +256,9 @@ class SampleStore:
         name = f"{SHARD_PREFIX}{time.time_ns():020d}-{self.writer}-{self.seq:06d}-r{table.num_rows}.parquet"
         final, tmp = f"{self.root}/{name}", f"{self.root}/.{name}.tmp"
         with self.fs.open_output_stream(tmp) as out:
-            pq.write_table(table, out, compression="zstd")
+            # The images are JPEG/PNG already: compressing them again costs CPU and saves nothing.
+            pq.write_table(table, out, compression={n: "none" if n == "image_bytes" else "zstd"
+                                                    for n in table.column_names})
         if self.local:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -50,18 +50,29 @@ def _classical(rgb: np.ndarray, th: m.Thresholds) -> tuple[dict[str, Any], np.nd
     return out, thumb_rgb, thumb
 
 
+def _flag_inputs(rgb: np.ndarray, feats: np.ndarray, out: dict[str, Any], thumb_rgb: np.ndarray,
+                 thumb: np.ndarray, default_thresholds: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The learned flag model's feature vector and occluder map (shared by :func:`assess` and
+    :func:`flag_inputs`, so training features are the served ones)."""
+    from livelens.quality import flags as fl
+
+    # The learned decisions need the default-threshold classical scores they were trained on.
+    base = out if default_thresholds else _classical(rgb, m.DEFAULT_THRESHOLDS)[0]
+    return fl.features(feats, base, thumb_rgb, thumb), fl.OccluderMap.features(rgb)
+
+
 def flag_inputs(image: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The learned flag model's inputs of a frame, exactly as :func:`assess` computes them.
 
     Returns:
         The feature vector, the occluder feature map and the classical result (default thresholds).
     """
-    from livelens.quality import flags as fl
     from livelens.quality import iqa as iq
 
     rgb = m.to_rgb(image)
     out, thumb_rgb, thumb = _classical(rgb, m.DEFAULT_THRESHOLDS)
-    return fl.features(iq.features(rgb), out, thumb_rgb, thumb), fl.OccluderMap.features(rgb), out
+    x, omap = _flag_inputs(rgb, iq.features(rgb), out, thumb_rgb, thumb, True)
+    return x, omap, out
 
 
 def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel | None = None,
@@ -96,11 +107,7 @@ def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel 
         feats = iq.features(rgb)  # computed once for both learned models
         iqa_feats = feats if iqa is None or iqa.net.arch.side == iq.IQA_SIDE else iq.features(rgb, iqa.net.arch.side)
     if flags is not None:
-        from livelens.quality import flags as fl
-
-        # The learned decisions need the default-threshold classical scores it was trained on.
-        base = out if thresholds is None else _classical(rgb, m.DEFAULT_THRESHOLDS)[0]
-        decided = flags.decide(fl.features(feats, base, thumb_rgb, thumb), fl.OccluderMap.features(rgb))
+        decided = flags.decide(*_flag_inputs(rgb, feats, out, thumb_rgb, thumb, thresholds is None))
         b = out["brightness"]
         b["dark"], b["bright"] = decided["dark"]["flag"], decided["bright"]["flag"]
         b["flag"] = b["dark"] or b["bright"]

@@ -40,7 +40,6 @@ LEVELS: dict[str, tuple[float, ...]] = {
 #: The flag each distortion must raise.
 FLAG_OF = {"dark": "dark", "bright": "bright", "gaussian_blur": "blur", "motion_blur": "blur",
            "occlusion": "occlusion"}
-FLAGS = ("dark", "bright", "blur", "occlusion")
 #: Changes a viewer does not call a defect: they must not raise any flag.
 BENIGN = ("jpeg_q75", "gain_0.85", "gain_1.15", "noise_3")
 OCCLUDERS = ("block", "sticker", "emoji", "hand", "palm")

@@ -30,7 +30,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 #: Every metric the service exports (the dashboard test checks the dashboard uses no other).
 METRIC_NAMES = ("livelens_requests_total", "livelens_request_seconds", "livelens_stage_seconds",
                 "livelens_inflight_requests", "livelens_downstream_inflight", "livelens_rejections_total",
-                "livelens_decisions_total", "livelens_model_info", "livelens_images_total")
+                "livelens_decisions_total", "livelens_model_info", "livelens_images_total",
+                "livelens_capture_samples_total", "livelens_capture_dropped_total")
 
 access_log = logging.getLogger("livelens.access")
 
@@ -62,6 +63,10 @@ class ServiceMetrics:
         self.models = Gauge("livelens_model_info", "The model version each capability serves (1 = serving)",
                             ["capability", "model"], registry=r)
         self.images = Counter("livelens_images", "Images answered, by capability", ["capability"], registry=r)
+        self.captured = Counter("livelens_capture_samples", "Served frames kept by traffic capture, by why "
+                                "(near_threshold, disagreeing, random)", ["reason"], registry=r)
+        self.capture_dropped = Counter("livelens_capture_dropped", "Sampled frames capture lost (queue full, "
+                                       "write error)", ["why"], registry=r)
         self._served: dict[str, frozenset[str]] = {}
 
     def render(self) -> bytes:
@@ -91,6 +96,12 @@ class ServiceMetrics:
         for lab in result.get("labels", ()):
             if "name" in lab and "decision" in lab:
                 self.decisions.labels(lab["name"], lab["decision"]).inc()
+
+    def capture_event(self, kind: str, value: str) -> None:
+        """A capture store event: ``("sampled", reason)`` or ``("dropped", why)``."""
+        if not self.enabled:
+            return
+        (self.captured if kind == "sampled" else self.capture_dropped).labels(value).inc()
 
     def serving(self, capability: str, refs: Iterable[str]) -> None:
         """Record the refs a capability answered with; a swap retires the old series."""

@@ -82,6 +82,9 @@ class LoopConfig:
             Train run name): every scalar of every epoch's report (loss, lr, images/s, per-label
             precision/recall…). Empty: none. On a multi-node cluster give a path every node
             shares, as for checkpoints.
+        mlflow_dir: Also log each epoch to an MLflow tracking directory (a local file store, no
+            server; experiment ``livelens``, one MLflow run per training run, the loop settings as
+            params). Empty (the default): no MLflow. Browse with ``mlflow ui --backend-store-uri``.
     """
 
     epochs: int = 2
@@ -109,6 +112,7 @@ class LoopConfig:
     log_every: int = 0
     eval_last_only: bool = False
     tensorboard_dir: str = field(default_factory=lambda: _default_tensorboard_dir())
+    mlflow_dir: str = ""
 
     def validate(self) -> None:
         """Check values before any worker starts.
@@ -166,40 +170,77 @@ def _default_tensorboard_dir() -> str:
     return str(project_root() / "runs" / "tensorboard")
 
 
+#: Loop metrics that are bookkeeping, not curves.
+_NOT_SCALARS = ("epoch", "rank", "world_size", "start_epoch", "resumed_from_epoch")
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and k not in _NOT_SCALARS}
+
+
+def _project_path(root: str) -> Path:
+    from livelens.store import project_root
+
+    # A relative path is the project's (a Tune trial's working directory is its own folder).
+    return Path(root) if Path(root).is_absolute() or "://" in root else project_root() / root
+
+
 class EpochLog:
-    """Rank 0's TensorBoard writer: each epoch's numeric metrics as scalars at step = epoch.
+    """Rank 0's training log: each epoch's numeric metrics as TensorBoard scalars at step = epoch,
+    and, when asked, as MLflow metrics of one MLflow run.
 
     Args:
-        root: The folder of every run's event files; empty turns it off.
-        run: This run's sub-folder.
+        root: The folder of every run's event files; empty turns TensorBoard off.
+        run: This run's name (its TensorBoard sub-folder and its MLflow run name).
+        mlflow_dir: An MLflow tracking directory; empty turns MLflow off.
+        params: Logged once as the MLflow run's params (the loop settings).
     """
 
-    def __init__(self, root: str, run: str):
+    EXPERIMENT = "livelens"
+
+    def __init__(self, root: str, run: str, mlflow_dir: str = "", params: Mapping[str, Any] | None = None):
         self.writer = None
+        self.mlflow = None
         if root:
             from torch.utils.tensorboard import SummaryWriter
 
-            from livelens.store import project_root
+            self.writer = SummaryWriter(log_dir=str(_project_path(root) / run))
+        if mlflow_dir:
+            self._start_mlflow(mlflow_dir, run, params or {})
 
-            # A relative path is the project's (a Tune trial's working directory is its own folder).
-            base = Path(root) if Path(root).is_absolute() or "://" in root else project_root() / root
-            self.writer = SummaryWriter(log_dir=str(base / run))
+    def _start_mlflow(self, mlflow_dir: str, run: str, params: Mapping[str, Any]) -> None:
+        # MLflow 3 keeps its file store behind this switch; a directory needs no server or database.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = _project_path(mlflow_dir).resolve().as_uri() if "://" not in mlflow_dir else mlflow_dir
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(self.EXPERIMENT)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(self.EXPERIMENT)
+        self.run_id = client.create_run(exp_id, run_name=run).info.run_id
+        client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        self.mlflow = client
 
     def write(self, metrics: Mapping[str, Any], epoch: int) -> None:
-        if self.writer is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                continue
-            if key in ("epoch", "rank", "world_size", "start_epoch", "resumed_from_epoch"):
-                continue
-            # "recall/ads_qrcode"-style names group the per-label curves in TensorBoard's UI.
-            self.writer.add_scalar(key, float(value), epoch)
-        self.writer.flush()
+        values = _scalars(metrics)
+        if self.writer is not None:
+            for key, value in values.items():
+                # "recall/ads_qrcode"-style names group the per-label curves in TensorBoard's UI.
+                self.writer.add_scalar(key, value, epoch)
+            self.writer.flush()
+        if self.mlflow is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.mlflow is not None:
+            self.mlflow.set_terminated(self.run_id)
 
 
 def lr_at(progress: float, step: int, peak: float, warmup_steps: int, floor: float = 0.02) -> float:
@@ -448,7 +489,8 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         resumed_from = state.epoch
     nodes = _node_ids(world)
     start_epoch = state.epoch
-    tb = EpochLog(cfg.tensorboard_dir if rank == 0 else "", ctx.get_experiment_name())
+    tb = EpochLog(cfg.tensorboard_dir if rank == 0 else "", ctx.get_experiment_name(),
+                  cfg.mlflow_dir if rank == 0 else "", asdict(cfg))
     schedule = StepSchedule(cfg, steps_per_epoch * cfg.epochs if steps_per_epoch else None, state)
 
     for epoch in range(start_epoch, cfg.epochs):

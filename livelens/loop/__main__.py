@@ -1,0 +1,159 @@
+"""The labelling loop from the command line: embed, cluster, dedupe, queue, and captured traffic.
+
+    python -m livelens.loop embed   --manifest runs/data/frames --out runs/loop/emb [--model safety@2]
+    python -m livelens.loop cluster --embeddings runs/loop/emb --manifest runs/data/frames --out runs/loop/clusters [--k 16]
+    python -m livelens.loop dedupe  --embeddings runs/loop/emb --manifest runs/data/frames --out runs/loop/dedup
+    python -m livelens.loop queue   --embeddings runs/loop/emb --manifest runs/capture-set --out runs/loop/queue --budget 200
+    python -m livelens.loop captured --uri runs/capture --out runs/capture-set
+
+Each command's flags come from its config dataclass (``--help`` lists them). Commands that run on
+Ray join the cluster in ``RAY_ADDRESS`` or start a local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from livelens.cli_config import config_from_args, config_parser
+from livelens.errors import LivelensError
+
+
+@dataclass
+class ClusterJob:
+    """Cluster embeddings and write the summary.
+
+    Attributes:
+        embeddings: The embedding job's output.
+        out: Summary directory (``summary.json``, ``clusters.parquet``, ``sheets/``).
+        manifest: The manifest they came from (for contact sheets; optional).
+        k: Clusters; 0 chooses by silhouette.
+        method: ``kmeans`` or ``hdbscan``.
+        min_cluster_size: HDBSCAN's smallest cluster.
+        seed: k-means seed.
+    """
+
+    embeddings: str
+    out: str
+    manifest: str | None = None
+    k: int = 0
+    method: str = "kmeans"
+    min_cluster_size: int = 10
+    seed: int = 0
+
+
+@dataclass
+class DedupeJob:
+    """Find near-duplicates and write the de-duplicated manifest.
+
+    Attributes:
+        embeddings: The embedding job's output.
+        manifest: The manifest they came from.
+        out: The de-duplicated manifest (with ``duplicates.json``).
+    """
+
+    embeddings: str
+    manifest: str
+    out: str
+
+
+@dataclass
+class CapturedJob:
+    """Turn the capture store into an unlabelled manifest.
+
+    Attributes:
+        uri: The store (``CaptureConfig.uri``).
+        out: The manifest directory.
+    """
+
+    uri: str
+    out: str
+
+
+def _ray() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+
+
+def run_cluster(job: ClusterJob) -> dict[str, Any]:
+    from livelens.loop import cluster
+    from livelens.loop.embed import read_embeddings
+
+    e = read_embeddings(job.embeddings)
+    if job.method == "hdbscan":
+        cl = cluster.hdbscan(e.vectors, job.min_cluster_size)
+    elif job.method == "kmeans":
+        cl = cluster.kmeans(e.vectors, job.k or None, seed=job.seed)
+    else:
+        from livelens.errors import ConfigError
+
+        raise ConfigError(f"method must be kmeans or hdbscan, got {job.method!r}")
+    labelled = any(e.labels)
+    summary = cluster.summarize(e.vectors, cl, e.ids, e.labels if labelled else None)
+    cluster.write_summary(job.out, summary, cl, e.ids, job.manifest)
+    return {k: summary[k] for k in ("method", "k", "rows", "noise", "purity", "nmi") if k in summary}
+
+
+def run_dedupe(job: DedupeJob) -> dict[str, Any]:
+    from livelens.data.manifest import read_manifest
+    from livelens.imageio import decode_image
+    from livelens.loop import dedupe
+    from livelens.loop.embed import read_embeddings
+
+    e = read_embeddings(job.embeddings)
+    table = read_manifest(job.manifest, columns=["id", "image_bytes"])
+    pos = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
+    data = table.column("image_bytes")
+    h = dedupe.hashes([decode_image(data[pos[i]].as_py()) for i in e.ids])
+    found = dedupe.find_duplicates(h, e.vectors)
+    return dedupe.write_deduplicated(job.manifest, e.ids, found, job.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from livelens.loop.capture import samples_to_manifest
+    from livelens.loop.embed import EmbedConfig, embed_manifest
+    from livelens.loop.queue import QueueJob, build_queue
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"embed": EmbedConfig, "cluster": ClusterJob, "dedupe": DedupeJob, "queue": QueueJob,
+                "captured": CapturedJob}
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    cls = commands[name]
+    parser = config_parser(cls, description=(cls.__doc__ or "").splitlines()[0])
+    ns = parser.parse_args(rest)
+    given = vars(ns)
+    need = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [n for n in need if f"cfg:{n}" not in given]
+    if absent:
+        parser.error("missing " + ", ".join("--" + n.replace("_", "-") for n in absent))
+    try:
+        job = config_from_args(cls(**{n: given[f"cfg:{n}"] for n in need}), ns)
+        if name == "embed":
+            _ray()
+            result: Any = embed_manifest(job)
+        elif name == "cluster":
+            result = run_cluster(job)
+        elif name == "dedupe":
+            result = run_dedupe(job)
+        elif name == "queue":
+            result = build_queue(job)
+        else:
+            result = {"manifest": samples_to_manifest(job.uri, job.out)}
+    except LivelensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
