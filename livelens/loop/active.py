@@ -27,8 +27,6 @@ import numpy as np
 from livelens.errors import ConfigError, EmbeddingError
 from livelens.loop.embed import check_compatible
 
-Strategy = Literal["entropy", "margin", "least_confidence"]
-
 
 def _probs(p: np.ndarray) -> np.ndarray:
     p = np.asarray(p, np.float64)
@@ -57,9 +55,6 @@ def least_confidence(p: np.ndarray) -> np.ndarray:
     p = _probs(p)
     c = p.shape[1]
     return (1.0 - p.max(1)) * c / (c - 1)
-
-
-UNCERTAINTY = {"entropy": entropy, "margin": margin, "least_confidence": least_confidence}
 
 
 def binary_uncertainty(scores: np.ndarray, thresholds: np.ndarray | float = 0.5,
@@ -212,7 +207,7 @@ def select_batch(cfg: SelectionConfig, *, uncertainty: np.ndarray | None = None,
 
     Args:
         cfg: Budget and weights.
-        uncertainty: (N,) uncertainty of each frame (see :data:`UNCERTAINTY`).
+        uncertainty: (N,) uncertainty of each frame (:func:`entropy`, :func:`margin`, :func:`least_confidence` or :func:`binary_uncertainty`).
         label_scores: (N, labels) sigmoid scores: candidates then come round-robin per label
             (:func:`labelwise_uncertain`), interleaved with the best by ``uncertainty`` and
             ``disagreement_score`` when those are given too.

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -101,19 +102,21 @@ class CaptureConfig(BaseModel):
 
 
 def uncertainty_of(answer: Mapping[str, Any]) -> float:
-    """1 at a label's acting threshold, falling to 0 at 0 and 1: the answer's most doubtful label."""
-    best = 0.0
-    for lab in answer.get("labels", ()):
-        s, t = float(lab.get("score", 0.0)), float(lab.get("threshold", 0.5))
-        if not 0 < t < 1:
-            continue
-        best = max(best, (1 - s) / (1 - t) if s >= t else s / t)
-    return best
+    """The answer's most doubtful label, as :func:`livelens.loop.active.binary_uncertainty` scores it
+    against each label's acting threshold (0 when no label has a threshold inside (0, 1))."""
+    from livelens.loop.active import binary_uncertainty
+
+    pairs = [(float(lab.get("score", 0.0)), float(lab.get("threshold", 0.5))) for lab in answer.get("labels", ())]
+    pairs = [(s, t) for s, t in pairs if 0 < t < 1]
+    if not pairs:
+        return 0.0
+    s, t = zip(*pairs, strict=True)
+    return float(binary_uncertainty(np.asarray([s]), np.asarray(t))[0])
 
 
 def sampling_reason(answer: Mapping[str, Any], cfg: CaptureConfig, rng: random.Random) -> tuple[str | None, float]:
-    """Why to keep this answer's frame (``uncertain``, ``near_threshold``, ``disagreeing``,
-    ``random``), or None; and its uncertainty."""
+    """Why to keep this answer's frame (``disagreeing``, ``near_threshold`` or ``random``), or None;
+    and its uncertainty."""
     u = uncertainty_of(answer)
     labels = answer.get("labels", ())
     if any(lab.get("overruled") for lab in labels):

@@ -23,8 +23,6 @@ import numpy as np
 from livelens.errors import ConfigError
 from livelens.loop.embed import check_compatible
 
-Method = Literal["kmeans", "hdbscan"]
-
 
 def normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32; an all-zero row stays zero)."""

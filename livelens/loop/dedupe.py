@@ -282,13 +282,14 @@ def write_deduplicated(manifest: str | Path, ids: Sequence[str], dups: Duplicate
     """
     import json
 
+    import pyarrow as pa
+
     from livelens.data.manifest import load_card, read_manifest, write_manifest
 
     table = read_manifest(manifest)
-    drop = {ids[i] for i in range(len(ids)) if i not in set(dups.keep.tolist())}
+    keep = set(dups.keep.tolist())
+    drop = {ids[i] for i in range(len(ids)) if i not in keep}
     mask = [rid not in drop for rid in table.column("id").to_pylist()]
-    import pyarrow as pa
-
     kept = table.filter(pa.array(mask))
     card = load_card(manifest)
     card = {**{k: v for k, v in card.items() if k not in ("counts",)}, "name": f"{card.get('name', 'set')}-dedup",

@@ -30,7 +30,6 @@ from livelens.errors import ConfigError, EmbeddingError, ManifestError, ModelNot
 PART_GLOB = "part-*.parquet"
 INFO_FILE = "embeddings.json"
 META_MODEL = b"livelens.embedding.model"
-META_DIM = b"livelens.embedding.dim"
 #: Manifest columns copied next to each embedding (what cluster summaries and queues need).
 CARRIED = ("id", "split", "labels", "source")
 
@@ -168,7 +167,7 @@ def embedding_table(rows: pa.Table, vectors: np.ndarray, ref: str) -> pa.Table:
     emb = pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)
     cols = {name: rows.column(name) for name in CARRIED if name in rows.column_names}
     table = pa.table({**cols, "embedding": emb})
-    return table.replace_schema_metadata({META_MODEL: ref.encode(), META_DIM: str(vectors.shape[1]).encode()})
+    return table.replace_schema_metadata({META_MODEL: ref.encode()})
 
 
 class BlockEmbedder:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from livelens.errors import ConfigError
 from livelens.loop.active import SelectionConfig, binary_uncertainty, labelwise_uncertain, select_batch
-
-Arm = Literal["active", "random", "uncertainty", "coreset"]
 
 
 @dataclass
