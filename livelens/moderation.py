@@ -12,6 +12,7 @@ import base64
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,8 @@ class ModerationEngine:
         self.safety: SafetyModel | None = None
         self.missing = ""
         self._lock = threading.Lock()
+        # Versions requests pinned (``model=safety@N``) besides the served one, most recent last.
+        self._pinned: OrderedDict[str, SafetyModel] = OrderedDict()
         if safety_ref:
             try:
                 self.safety = load_safety(safety_ref, self.stores)
@@ -186,6 +189,33 @@ class ModerationEngine:
             self.safety, self.missing = loaded, ""
         return loaded.ref
 
+    def pinned(self, ref: str, keep: int = 2) -> SafetyModel:
+        """The safety model a request pinned: the served one when ``ref`` names it, else a loaded copy.
+
+        Pinned versions other than the served one are kept loaded, ``keep`` at most (least recently
+        used first out), so a client that pins an older version for a while pays one load.
+
+        Raises:
+            ModelNotFoundError: ``ref`` is in no store.
+        """
+        from livelens.store import open_in_stores
+
+        _, full = open_in_stores(ref, self.stores)
+        served = self.safety
+        if served is not None and served.ref == full:
+            return served
+        with self._lock:
+            hit = self._pinned.get(full)
+            if hit is not None:
+                self._pinned.move_to_end(full)
+                return hit
+        loaded = load_safety(full, self.stores)
+        with self._lock:
+            self._pinned[full] = loaded
+            while len(self._pinned) > keep:
+                self._pinned.popitem(last=False)
+        return loaded
+
     def models_info(self) -> list[dict[str, Any]]:
         """What ``/v1/models`` lists for moderation."""
         from livelens.coverage import nsfw_covers
@@ -215,18 +245,22 @@ class ModerationEngine:
         # evaluation and the embedding job.
         return preprocess(frames, safety.input_hw, safety.mean, safety.std)
 
-    def classify(self, frames: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    def classify(self, frames: Sequence[np.ndarray], safety: SafetyModel | None = None) -> list[dict[str, Any]]:
         """Per frame: the classifier's probabilities per head, open_nsfw's score, and the version that ran.
 
         One forward pass for all frames; every frame's scores carry the ``SafetyModel`` they came
         from, so a reconfiguration between classification and labelling cannot mix versions.
+
+        Args:
+            frames: RGB frames.
+            safety: The version to run (a pinned one, see :meth:`pinned`); default the served one.
         """
         import torch
 
         from livelens.models import predict
 
         t0 = time.perf_counter()
-        safety = self.safety
+        safety = safety if safety is not None else self.safety
         out: list[dict[str, Any]] = [{"probs": {}, "nsfw": None, "safety": safety} for _ in frames]
         if safety is not None:
             with torch.inference_mode():
@@ -320,10 +354,14 @@ class ModerationEngine:
                 "models": self.model_refs(scores["safety"]), "batch": scores["batch"], "_timings": timings}
 
     def moderate(self, frame: np.ndarray | EncodedImage, evidence: str = "boxes", *, min_score: float = 0.05,
-                 cam_labels: int = 2, second_pass: bool = True) -> dict[str, Any]:
-        """Moderate one frame in this thread: what the deployment answers for it (evaluations call this)."""
+                 cam_labels: int = 2, second_pass: bool = True, model: str | None = None) -> dict[str, Any]:
+        """Moderate one frame in this thread: what the deployment answers for it (evaluations call this).
+
+        Args:
+            model: A pinned safety version (``safety@N``); default the served one.
+        """
         rgb, decode_ms = self.decode(frame)
-        scores = self.classify([rgb])[0]
+        scores = self.classify([rgb], self.pinned(model) if model else None)[0]
         out = self.finish(rgb, scores, evidence, min_score=min_score, cam_labels=cam_labels, second_pass=second_pass)
         out["_timings"].update(decode=decode_ms, compute=scores["compute_ms"])
         return out

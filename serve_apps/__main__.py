@@ -102,6 +102,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "default) or 'default' (stock Serve); see docs/serving.md")
     p.add_argument("--no-build", action="store_true",
                    help="do not build default models when the store is empty (serve what exists)")
+    p.add_argument("--rotate-dev-key", action="store_true",
+                   help="replace the development key (by default it is kept across restarts)")
     p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)  # for smoke checks
     return p.parse_args(argv)
 
@@ -124,13 +126,33 @@ def ensure_default_models(allow_build: bool) -> None:
     subprocess.run([sys.executable, "-m", "train_jobs.defaults", "--only", "safety,quality"], cwd=REPO, check=False)
 
 
-def dev_key(key_file: str) -> str:
-    """A fresh development key, stored hashed (the plain key is only printed)."""
-    from livelens.serving.auth import add_key_to_file, generate_key
+def dev_key(key_file: str, rotate: bool = False) -> tuple[str, bool]:
+    """The development key: the one from the last start while it is still in the key file, else a new one.
 
+    Only its hash goes into the key file; the plain key is kept beside it (``dev_key``, mode 0600)
+    so that a restart does not invalidate what the console, notebooks and scripts hold. A key
+    revoked from the key file, or ``rotate``, gives a new one.
+
+    Returns:
+        The key, and whether it is new.
+    """
+    from livelens.serving.auth import KeyStore, add_key_to_file, generate_key, hash_key
+
+    kept = Path(key_file).with_name("dev_key")
+    if not rotate and kept.is_file():
+        key = kept.read_text(encoding="utf-8").strip()
+        store = KeyStore.load(key_file, env={})
+        if key and store.find(hash_key(key)) is not None:
+            return key, False
     key = generate_key()
     add_key_to_file(key_file, key, key_id="dev", scopes=["*"], rate_per_s=50, burst=100)
-    return key
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    tmp.replace(kept)
+    return key, True
 
 
 def _init_ray(ray, opts: argparse.Namespace, attempts: int = 3) -> None:
@@ -197,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     AppArgs.model_validate(args)  # typos fail here, with pydantic's message, before Ray starts
     ensure_default_models(not opts.no_build)
-    key = dev_key(opts.key_file)
+    key, new_key = dev_key(opts.key_file, rotate=opts.rotate_dev_key)
 
     import ray
     from ray import serve
@@ -237,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[livelens] layout {opts.layout} (in the gateway replica: {colocated})", flush=True)
         print(f"[livelens] capabilities: {', '.join(health['capabilities'])}; /healthz answered "
               f"{time.time() - t_start:.1f} s after start", flush=True)
-        print(f"[livelens] development API key (stored hashed in {opts.key_file}):\n    {key}", flush=True)
+        kept = Path(opts.key_file).with_name("dev_key")
+        print(f"[livelens] development API key ({'new' if new_key else 'kept from the last start'}; hashed in "
+              f"{opts.key_file}, plain in {kept}; --rotate-dev-key replaces it):\n    {key}", flush=True)
+        print(f"[livelens] export LIVELENS_URL={url} LIVELENS_API_KEY={key}   # for the livelens CLI and client",
+              flush=True)
         print(f"[livelens] try: curl -H 'Authorization: Bearer {key}' -F file=@frame.jpg {url}/v1/analyze",
               flush=True)
         print("[livelens] Ctrl-C to stop", flush=True)

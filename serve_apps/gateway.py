@@ -32,9 +32,11 @@ from livelens.errors import (
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
 from livelens.loop.capture import CaptureConfig, SampleStore
-from livelens.serving import inputs, telemetry
+from livelens.serving import inputs, openapi, telemetry
+from livelens.serving import options as answer_options
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
+from livelens.serving.streams import check_stream_id
 from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, unwrap
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
 from serve_apps.ocr import OcrArgs, bind_ocr
@@ -43,7 +45,7 @@ from serve_apps.streams import StreamsArgs, bind_streams
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
-EVIDENCE_MODES = ("none", "boxes", "heatmap", "polygons")
+EVIDENCE_MODES = answer_options.EVIDENCE_MODES
 CAPABILITIES = ("moderate", "ocr", "quality")
 
 
@@ -104,12 +106,25 @@ class GatewayArgs(Args):
                                                                         max_queued_requests=512))
 
 
-api = FastAPI(
+class _Api(FastAPI):
+    """FastAPI whose OpenAPI document describes what the routes read themselves (:mod:`livelens.serving.openapi`)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = openapi.describe(super().openapi())
+        return self.openapi_schema
+
+
+api = _Api(
     title="livelens",
     version="0.1.0",
     description="Image recognition for live streams: content safety with evidence, OCR with entities, "
     "picture quality and stream-level verdicts. Every answer carries a request id, model versions "
     "and per-stage timings; every error is `{error: {type, code, message}, request_id}`.",
+    # /docs is served below from the swagger-ui-bundle package: FastAPI's own page loads Swagger UI
+    # from a CDN, which is blank on an offline cluster.
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -372,18 +387,23 @@ class Gateway:
             raise data
         return probe_image(data, self.policy.limits)
 
-    @staticmethod
-    def _evidence(opts: dict) -> str:
-        mode = str(opts.get("evidence", "boxes")).lower()
-        if mode not in EVIDENCE_MODES:
-            raise InvalidArgumentError(f"evidence must be one of {list(EVIDENCE_MODES)}, got {mode!r}")
-        return mode
+    def _options(self, opts: dict, caps: tuple[str, ...]) -> answer_options.AnswerOptions:
+        """The request's answer options, validated once (a bad one is a 400 before any model runs)."""
+        parsed = answer_options.parse_options(opts, self.tax)
+        if parsed.model is not None and "moderate" not in caps:
+            raise InvalidArgumentError(f"model={parsed.model!r} pins the safety classifier, which this route "
+                                       "does not run; use /v1/moderate or /v1/analyze")
+        return parsed
 
-    async def _analyze_one(self, image: EncodedImage, caps: tuple[str, ...], evidence: str, timings: Timings) -> dict:
+    async def _analyze_one(self, image: EncodedImage, caps: tuple[str, ...], opts: answer_options.AnswerOptions,
+                           timings: Timings) -> dict:
         """Fan out to the capabilities in parallel and merge: OCR entities raise ads labels."""
         calls = {}
         if "moderate" in caps:
-            calls["moderate"] = self._handle("moderate").moderate.remote(image, evidence)
+            h = self._handle("moderate")
+            # The pin travels only when asked for, so the common call keeps its two arguments.
+            calls["moderate"] = h.moderate.remote(image, opts.evidence, opts.model) if opts.model \
+                else h.moderate.remote(image, opts.evidence)
         if "ocr" in caps:
             calls["ocr"] = self._handle("ocr").read.remote(image)
         if "quality" in caps:
@@ -413,7 +433,7 @@ class Gateway:
         with timings.stage("fusion"):
             answer = fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
         telemetry.METRICS.answered(answer, results_by_cap)
-        return answer
+        return answer_options.apply(answer, opts, self.tax)
 
     async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
         rid = _rid(request)
@@ -424,9 +444,9 @@ class Gateway:
             images, opts = await self._read_images(request, batch=False)
         with timings.stage("probe"):
             image = self._probe(images[0])
-        evidence = self._evidence(opts)
+        answer_opts = self._options(opts, caps)
         with timings.stage("total_models"):
-            result = await self._analyze_one(image, caps, evidence, timings)
+            result = await self._analyze_one(image, caps, answer_opts, timings)
         request.state.models = result.get("models", ())
         if self.capture is not None:
             with timings.stage("capture"):
@@ -440,13 +460,13 @@ class Gateway:
             self._auth(request, scope)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=True)
-        evidence = self._evidence(opts)
+        answer_opts = self._options(opts, caps)
 
         async def one(data):
             try:
                 image = self._probe(data)
                 t = Timings()
-                res = await self._analyze_one(image, caps, evidence, t)
+                res = await self._analyze_one(image, caps, answer_opts, t)
                 self._capture(request, image, res)
                 return {"status": 200, **res, "timings_ms": t.to_dict()}
             except Exception as exc:
@@ -563,10 +583,11 @@ class Gateway:
         rid = _rid(request)
         timings = request.state.timings = Timings()
         self._auth(request, "streams")
+        check_stream_id(stream_id)  # before any model runs
         streams = self._handle("streams")
         images, opts = await self._read_images(request, batch=False)
         image = self._probe(images[0])
-        result = await self._analyze_one(image, self._caps(), self._evidence(opts), timings)
+        result = await self._analyze_one(image, self._caps(), self._options(opts, self._caps()), timings)
         with timings.stage("streams"):
             try:
                 state = await streams.ingest.remote(stream_id, image, result, opts.get("ts"))
@@ -579,6 +600,48 @@ class Gateway:
         self._auth(request, "streams")
         state = await self._handle("streams").state.remote(stream_id)
         return _ok(request, {"request_id": _rid(request), "stream": state})
+
+    @api.get("/v1/taxonomy", summary="The label taxonomy: categories, their labels as a tree, thresholds")
+    async def taxonomy(self, request: Request) -> JSONResponse:
+        """What ``categories=`` accepts and every label an answer can carry, with the live thresholds."""
+        self._auth(request, "models")
+        return _ok(request, {"request_id": _rid(request), **answer_options.taxonomy_document(self.tax)})
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return openapi.swagger_page(root, title="livelens API")
+
+    @api.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(self, name: str) -> Response:
+        return openapi.swagger_asset(name)
+
+    # ---- Python callers on the cluster (Serve handles) ---------------------------------------
+
+    async def analyze_image(self, data: bytes, capabilities: list[str] | None = None,
+                            **options: Any) -> dict[str, Any]:
+        """What ``POST /v1/analyze`` answers, for a caller holding a Serve handle (a notebook, a job).
+
+        ``serve.get_app_handle("livelens").analyze_image.remote(jpeg_bytes, evidence="heatmap")``.
+        Callers inside the cluster are already authenticated by its Ray token, so no API key is
+        asked for; input checks, options and limits are the HTTP routes' own.
+
+        Args:
+            data: The encoded image.
+            capabilities: A subset of ``moderate``, ``ocr``, ``quality`` (default: every one deployed).
+            **options: ``evidence``, ``min_confidence``, ``categories``, ``model``, as on the HTTP routes.
+
+        Raises:
+            LivelensError: The typed error the HTTP route would answer with.
+        """
+        caps = tuple(capabilities) if capabilities else self._caps()
+        unknown = sorted(set(caps) - set(CAPABILITIES))
+        if unknown:
+            raise InvalidArgumentError(f"unknown capabilities {unknown}; choose from {list(CAPABILITIES)}")
+        image = self._probe(inputs.check_raw("application/octet-stream", bytes(data), self.policy))
+        timings = Timings()
+        result = await self._analyze_one(image, caps, self._options(options, caps), timings)
+        return {**result, "timings_ms": timings.to_dict()}
 
 
 class AppArgs(BaseModel):

@@ -127,10 +127,25 @@ class Moderation:
         finally:
             self._computing -= 1
 
-    async def moderate(self, frame: np.ndarray | EncodedImage, evidence: str = "boxes") -> dict[str, Any]:
-        """Labels with decisions for one frame (array or checked bytes), plus evidence unless ``evidence == 'none'``."""
+    async def moderate(self, frame: np.ndarray | EncodedImage, evidence: str = "boxes",
+                       model: str | None = None) -> dict[str, Any]:
+        """Labels with decisions for one frame (array or checked bytes), plus evidence unless ``evidence == 'none'``.
+
+        Args:
+            frame: The frame.
+            evidence: ``none``, ``boxes``, ``heatmap`` or ``polygons``.
+            model: Pin the answer to this safety version (``safety@N``). The served version rides
+                the batches; another one runs alone, loaded once and kept (``ModerationEngine.pinned``).
+
+        Raises:
+            ModelNotFoundError: The pinned version is in no store.
+        """
         t0 = time.perf_counter()
         live = self.live
+        if model:
+            pinned = await asyncio.to_thread(self.engine.pinned, model)
+            if pinned is not self.engine.safety:
+                return await asyncio.to_thread(self._moderate_pinned, frame, evidence, model, live, t0)
         # Batching pays only when requests overlap. A lone request skips the batch queue, where it
         # would wait ``batch_wait_timeout_s`` for company that is not coming (10 ms at c=1 here),
         # and decodes in the same worker-thread trip as its forward pass.
@@ -158,6 +173,15 @@ class Moderation:
         else:
             out = self.engine.finish(frame, scores, "none", **kw)
         timings.update(out.pop("_timings"))
+        return {**out, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+
+    def _moderate_pinned(self, frame: np.ndarray | EncodedImage, evidence: str, model: str,
+                         live: ModerationConfig, t0: float) -> dict[str, Any]:
+        out = self.engine.moderate(frame, evidence, min_score=live.min_score, cam_labels=live.cam_labels,
+                                   second_pass=live.second_pass, model=model)
+        timings = out.pop("_timings")
+        timings["classify"] = (time.perf_counter() - t0) * 1000 - timings.get("decode", 0.0)
         return {**out, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
 

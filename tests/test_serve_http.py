@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import struct
 import time
 import zlib
@@ -321,11 +322,134 @@ def test_cli_batch_over_a_folder_reports_each_image(app, tmp_path, capsys):
     (folder / "a.png").write_bytes(encode_png(np.full((40, 60, 3), 200, np.uint8)))
     (folder / "b.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "out.jsonl"
-    code = main(["--url", app["url"], "--key", app["key"], "quality", str(folder), "--out", str(out)])
+    (folder / "sub").mkdir()
+    for i in range(3):
+        (folder / "sub" / f"c{i}.png").write_bytes(encode_png(np.full((40, 60, 3), 60 * i, np.uint8)))
+    out = tmp_path / "out.jsonl"
+    # Options after the subcommand (as a new user types them), batches of 2 over 2 connections.
+    code = main(["quality", str(folder), "--out", str(out), "--url", app["url"], "--key", app["key"],
+                 "--batch-size", "2", "--concurrency", "2"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert code == 1 and [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg"]
-    assert "quality" in rows[0] and rows[1]["status"] == 422
-    assert "1/2 images analysed" in capsys.readouterr().err
+    assert code == 1 and [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg", "c0.png", "c1.png", "c2.png"]
+    assert "quality" in rows[0] and rows[1]["status"] == 422 and rows[1]["error"]["type"] == "invalid_media"
+    assert all(r["status"] == 200 for i, r in enumerate(rows) if i != 1)
+    err = capsys.readouterr().err
+    cells = [re.split(r"\s{2,}", line.strip()) for line in err.splitlines()]
+    summary = {c[0]: c[-1] for c in cells if len(c) == 2}
+    assert summary["images"] == "5" and summary["answered"] == "4" and summary["failed"] == "1", err
+    assert summary["error 422 " + rows[1]["error"]["code"]] == "1", err
+    # Options before the subcommand still work; a single file prints one JSON answer.
+    assert main(["--url", app["url"], "--key", app["key"], "quality", str(folder / "a.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["quality"]
+
+
+def test_cli_without_a_server_prints_one_line(tmp_path, capsys):
+    import socket
+
+    from livelens.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the socket is closed
+    img = tmp_path / "a.png"
+    img.write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    assert main(["analyze", str(img), "--url", f"http://127.0.0.1:{port}"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("livelens: cannot reach") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["analyze", str(tmp_path / "missing.png")]) == 2
+
+
+def test_answer_options_filter_labels_and_the_taxonomy_route_lists_categories(app):
+    r = httpx.get(f"{app['url']}/v1/taxonomy", headers=app["headers"], timeout=30)
+    assert r.status_code == 200, r.text
+    tax = r.json()
+    cats = {c["name"]: c for c in tax["categories"]}
+    assert {"porn", "ads", "quality"} <= set(cats) and tax["leaves"] > 100
+    assert any(lab["name"] == "ads_contact" for lab in cats["ads"]["labels"]) or cats["ads"]["labels"]
+
+    jpg = _jpeg(_banner_frame())
+    full = httpx.post(f"{app['url']}/v1/analyze", content=jpg, timeout=120, params={"evidence": "none"},
+                      headers={**app["headers"], "content-type": "image/jpeg"}).json()
+    ads = httpx.post(f"{app['url']}/v1/analyze", content=jpg, timeout=120,
+                     params={"evidence": "none", "categories": "ads", "min_confidence": 0.5},
+                     headers={**app["headers"], "content-type": "image/jpeg"}).json()
+    from livelens.serving.options import category_of
+    from livelens.taxonomy import load_taxonomy
+
+    t = load_taxonomy()
+    want = [lab["name"] for lab in full["labels"] if category_of(t, lab["name"]) == "ads" and lab["score"] >= 0.5]
+    assert want and [lab["name"] for lab in ads["labels"]] == want
+    assert ads["filters"]["labels_dropped"] == len(full["labels"]) - len(want)
+    assert ads["filters"]["decision_unfiltered"] == full["decision"]
+    # Bad options are 400s in the envelope, before any model runs.
+    for params in ({"min_confidence": "2"}, {"min_confidence": "nan"}, {"categories": "nope"},
+                   {"evidence": "all"}, {"model": "../../etc@1"}):
+        r = httpx.post(f"{app['url']}/v1/analyze", content=jpg, params=params, timeout=60,
+                       headers={**app["headers"], "content-type": "image/jpeg"})
+        assert _assert_envelope(r, 400)["error"]["type"] == "invalid_argument", params
+
+
+def test_openapi_describes_bodies_errors_and_security_and_a_client_built_from_it_works(app):
+    from openapi_spec_validator import validate
+
+    doc = httpx.get(f"{app['url']}/openapi.json", timeout=30).json()
+    validate(doc)
+    assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
+    posts = {p: ops["post"] for p, ops in doc["paths"].items() if "post" in ops and p.startswith("/v1/")}
+    assert {"/v1/analyze", "/v1/moderate", "/v1/ocr", "/v1/quality", "/v1/analyze/batch"} <= set(posts)
+    png = encode_png(np.full((48, 64, 3), 120, np.uint8))
+    for path, op in posts.items():
+        if "{" in path:
+            continue
+        body = op["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(body), path
+        assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorEnvelope")
+        names = {p["name"] for p in op["parameters"]}
+        assert {"evidence", "min_confidence", "categories", "model"} <= names, path
+        # A request made only from what the document says: the multipart field it names, an
+        # enum value of a parameter it lists, and the security scheme's header.
+        form = body["multipart/form-data"]["schema"]
+        field = next(iter(form["required"]))
+        is_array = form["properties"][field]["type"] == "array"
+        files = [(field, ("a.png", png, "image/png"))] * (2 if is_array else 1)
+        evidence = next(p for p in op["parameters"] if p["name"] == "evidence")["schema"]["enum"][0]
+        scheme = doc["components"]["securitySchemes"]["apiKeyHeader"]
+        r = httpx.post(f"{app['url']}{path}", files=files, params={"evidence": evidence}, timeout=120,
+                       headers={scheme["name"]: app["key"]})
+        assert r.status_code == 200, (path, r.text[:300])
+        ok_schema = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert set(doc["components"]["schemas"][ok_schema]["required"]) <= set(r.json()), path
+    stream = doc["paths"]["/v1/streams/{stream_id}/frames"]["post"]
+    assert {"stream_id", "ts", "evidence"} <= {p["name"] for p in stream["parameters"]}
+
+
+def test_docs_page_loads_swagger_from_the_gateway_not_a_cdn(app):
+    page = httpx.get(f"{app['url']}/docs", timeout=30)
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower() and "http://" not in page.text and "https://" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"{PREFIX}/docs-assets/{asset}" in page.text
+        r = httpx.get(f"{app['url']}/docs-assets/{asset}", timeout=30)
+        assert r.status_code == 200 and len(r.content) > 10_000
+    assert httpx.get(f"{app['url']}/docs-assets/..%2F..%2Fetc%2Fpasswd", timeout=30).status_code == 404
+
+
+def test_client_gives_every_route_the_same_options_and_refuses_bad_stream_ids(app):
+    from livelens.client import Client
+    from livelens.errors import InvalidArgumentError
+
+    png = encode_png(np.full((48, 64, 3), 90, np.uint8))
+    with Client(app["url"], api_key=app["key"]) as c:
+        for call in (c.analyze, c.moderate, c.ocr, c.quality):
+            res = call(png, evidence="none", min_confidence=0.99)
+            assert all(lab["score"] >= 0.99 for lab in res["labels"]) and res["filters"]["min_confidence"] == 0.99
+        items = c.batch("quality", [png, b"not an image"], evidence="none")
+        assert [i["status"] for i in items] == [200, 422]
+        for bad in ("demo/../x", "..", "a/b", "x?y", ""):
+            with pytest.raises(InvalidArgumentError):
+                c.stream_frame(bad, png)
+        assert c.stream_frame("cli demo:1", png, ts=5.0, evidence="none")["stream"]["frame_count"] == 1
+        assert c.stream("cli demo:1")["stream"]["frame_count"] == 1
 
 
 def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
@@ -343,8 +467,7 @@ def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
             page.fill("#key", app["key"])
             page.set_input_files("#file", str(frame))
             page.click("#go")
-            page.wait_for_function("document.getElementById('status').textContent !== 'analyzing…'"
-                                   " && document.getElementById('status').textContent !== ''", timeout=120_000)
+            _wait_done(page)
             assert page.text_content("#status") == "done", page.text_content("#error")
             assert "13812345678" in page.text_content("#ocr")
             assert page.locator("#quality tbody tr").count() >= 4
@@ -352,8 +475,39 @@ def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
             assert "open_nsfw@1.1" in page.text_content("#meta")
             overlay = page.locator("#overlay")
             assert overlay.evaluate("c => c.width") > 0
+            # The key lives in this tab's sessionStorage only, never in localStorage.
+            assert page.evaluate("sessionStorage.getItem('livelens_key')") == app["key"]
+            assert page.evaluate("localStorage.getItem('livelens_key')") is None
+            # Each capability on its own: OCR alone reads the banner and has no quality rows.
+            page.select_option("#cap", "ocr")
+            page.click("#go")
+            _wait_done(page)
+            assert "13812345678" in page.text_content("#ocr") and page.locator("#quality tbody tr").count() == 0
+            page.select_option("#cap", "quality")
+            page.click("#go")
+            _wait_done(page)
+            assert page.locator("#quality tbody tr").count() >= 4 and page.locator("#ocr tbody tr").count() == 0
+            page.select_option("#cap", "stream")
+            page.fill("#stream", "console-test")
+            page.click("#go")
+            _wait_done(page)
+            assert '"frame_count": 1' in page.text_content("#stream-state")
+            page.click("#models-btn")
+            page.wait_for_selector("#models tbody tr")
+            assert "open_nsfw@1.1" in page.text_content("#models")
+            # A bad key shows the envelope's error, not a blank page.
+            page.fill("#key", "ll_wrong")
+            page.click("#go")
+            _wait_done(page)
+            assert page.text_content("#status") == "error 401" and "invalid_api_key" in page.text_content("#error")
         finally:
             browser.close()
+
+
+def _wait_done(page) -> None:
+    page.wait_for_function("document.getElementById('status').textContent !== 'sending…'"
+                           " && document.getElementById('status').textContent !== ''", timeout=120_000)
+    page.wait_for_timeout(50)
 
 
 def test_moderation_lone_requests_skip_the_batch_wait_and_concurrent_ones_share_passes(serve_session):
@@ -511,6 +665,7 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
     headers = {"Authorization": f"Bearer {key}", "content-type": "image/jpeg"}
     jpg = _jpeg(np.random.default_rng(7).integers(0, 255, (240, 320, 3), dtype=np.uint8))
     answers: list[tuple[int, list[str]]] = []
+    answers_by_model: dict[str, list[dict]] = {}
 
     async def load(stop: asyncio.Event) -> None:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -519,6 +674,8 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
                     r = await client.post(f"{url}/v1/moderate", content=jpg, headers=headers,
                                           params={"evidence": "none"})
                     answers.append((r.status_code, r.json().get("models", []) if r.status_code == 200 else []))
+                    if r.status_code == 200 and "safety@1" in r.json()["models"]:
+                        answers_by_model.setdefault("safety@1", r.json()["labels"])
             await asyncio.gather(*(worker() for _ in range(3)))
 
     async def main() -> dict:
@@ -539,6 +696,17 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
         assert "safety@1" in answers[0][1] and "safety@2" in answers[-1][1]
         r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"evidence": "none"}, timeout=60)
         assert "safety@2" in r.json()["models"]
+        # A request pinned to the old version is answered by it (loaded beside the served one), with
+        # the scores that version gave before the swap; an unknown version is a typed 404.
+        before = next(httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, timeout=60,
+                                 params={"evidence": "none", "model": m}).json() for m in ("safety@1",))
+        assert "safety@1" in before["models"] and "safety@2" not in before["models"]
+        first = {lab["name"]: lab["score"] for lab in answers_by_model["safety@1"]}
+        assert {lab["name"]: lab["score"] for lab in before["labels"]} == pytest.approx(first, abs=1e-4)
+        r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"model": "safety@9"}, timeout=60)
+        assert _assert_envelope(r, 404)["error"]["type"] == "not_found"
+        r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"model": "ocr@1"}, timeout=60)
+        assert _assert_envelope(r, 400)["error"]["type"] == "invalid_argument"
         # The admin route: a threshold change reaches the gateway replicas; bad changes are typed errors.
         auth = {"Authorization": f"Bearer {key}"}
         r = httpx.put(f"{url}/v1/admin/live/gateway", headers=auth, timeout=180,

@@ -106,6 +106,10 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def find(self, digest: str) -> ApiKey | None:
+        """The key stored under a sha256 digest, if any."""
+        return self._keys.get(digest)
+
     @classmethod
     def load(cls, path: str | Path | None = DEFAULT_KEY_FILE, env: dict[str, str] | None = None) -> KeyStore:
         """Load keys from ``path`` (if it exists) and the ``LIVELENS_API_KEYS`` environment variable."""

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from livelens.errors import ConfigError, InvalidArgumentError
 
 MAX_STREAM_ID = 128
+STREAM_ID_FORBIDDEN = ("/", "\\", "?", "#", "%")
 DEFAULT_DB = "runs/streams.sqlite"
 
 
@@ -134,9 +135,16 @@ class SqliteStreamStore:
 
 
 def check_stream_id(stream_id: str) -> str:
-    """Stream ids are opaque but bounded and printable (they end up in logs and file names)."""
+    """Stream ids are opaque but bounded and printable (they end up in logs and file names).
+
+    Characters with a meaning in a URL path (``/ \\ ? # %``) and the ids ``.`` and ``..`` are
+    refused: a client building ``/v1/streams/{id}`` from ``demo/../x`` would otherwise post to ``x``.
+    """
     if not stream_id or len(stream_id) > MAX_STREAM_ID or not stream_id.isprintable():
         raise InvalidArgumentError(f"stream id must be 1–{MAX_STREAM_ID} printable characters")
+    if stream_id in (".", "..") or any(c in stream_id for c in STREAM_ID_FORBIDDEN) or stream_id != stream_id.strip():
+        raise InvalidArgumentError(f"stream id {stream_id[:40]!r} may not be '.' or '..', contain any of "
+                                   f"{' '.join(STREAM_ID_FORBIDDEN)}, or start or end with a space")
     return stream_id
 
 
