@@ -79,10 +79,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `livelens jobs submit safety --wait -- --epochs 3`: what follows `--` belongs to the job, so it
+    # is split off before argparse, which would otherwise read the job's flags as ours.
+    job_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, job_args = argv[:cut], argv[cut + 1:]
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse's usage errors exit 2 already; keep --help's 0
         return int(exc.code or 0)
+    args.job_args = job_args
+    if job_args and args.cmd != "jobs":
+        print("livelens: '--' and flags after it are only for `livelens jobs submit`", file=sys.stderr)
+        return EXIT_USAGE
     if args.cmd == "jobs":
         from livelens.jobs import run_cli
 

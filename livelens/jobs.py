@@ -206,8 +206,9 @@ def list_jobs(address: str | None = None) -> list[dict[str, Any]]:
     """Every job the cluster knows, oldest first."""
     client = _client(address)
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
-    return [{"submission_id": j.submission_id, "status": str(getattr(j.status, "value", j.status)),
-             "job": (j.metadata or {}).get("livelens_job", ""), "entrypoint": j.entrypoint} for j in jobs]
+    # Drivers that attached with ray.init() (a notebook, `make run`) are listed too, without a submission id.
+    return [{"submission_id": j.submission_id or f"driver:{j.job_id}", "status": str(getattr(j.status, "value", j.status)),
+             "job": (j.metadata or {}).get("livelens_job", ""), "entrypoint": j.entrypoint or ""} for j in jobs]
 
 
 def stop(submission_id: str, address: str | None = None) -> bool:
@@ -227,7 +228,8 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--address", default=None, help="the cluster's dashboard URL (env RAY_ADDRESS)")
         return p
 
-    s = common(jsub.add_parser("submit", help="submit train_jobs.<job>; its flags go after --"))
+    s = common(jsub.add_parser("submit", help="submit train_jobs.<job>; its flags go after --",
+                               usage="livelens jobs submit JOB [options] [-- JOB FLAGS ...]"))
     s.add_argument("job", choices=sorted(JOBS.names()))
     s.add_argument("--python", default=None, help="the interpreter on the cluster")
     s.add_argument("--store", default=None, help="where the job publishes models (path or URI)")
@@ -235,7 +237,6 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--wait", action="store_true", help="wait for the job, then print its status")
     mode.add_argument("--follow", action="store_true", help="print its log as it runs, then its status")
-    s.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the job's own flags")
     for name, text in (("status", "a job's status"), ("stop", "stop a job")):
         common(jsub.add_parser(name, help=text)).add_argument("submission_id")
     lg = common(jsub.add_parser("logs", help="a job's log"))
@@ -250,8 +251,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         if args.jobs_cmd == "submit":
-            job_args = [a for a in args.job_args if a != "--"] if args.job_args[:1] == ["--"] else args.job_args
-            sid = submit(args.job, job_args, address=args.address, python=args.python, store=args.store,
+            sid = submit(args.job, list(getattr(args, "job_args", [])), address=args.address, python=args.python, store=args.store,
                          submission_id=args.id)
             print(sid, flush=True)
             if args.follow or args.wait:

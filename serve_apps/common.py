@@ -96,6 +96,10 @@ SERVE_MODES: dict[str, dict[str, str]] = {
         # every Ctrl-C of `make run` and every app deletion in the tests wait; with a load balancer,
         # raise it to that balancer's health-check interval.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        # gRPC between replicas refuses messages over 4 MiB by default, so a 4.1 MB image the gateway
+        # had accepted (its limit is 20 MB) failed with RESOURCE_EXHAUSTED as a 500 on the way to OCR.
+        # The gateway's byte limit is the real bound; this only has to stay above it.
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(128 * 1024 * 1024),
     },
 }
 

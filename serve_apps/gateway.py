@@ -36,7 +36,7 @@ from livelens.serving import inputs, openapi, telemetry
 from livelens.serving import options as answer_options
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
-from livelens.serving.streams import check_stream_id
+from livelens.serving.streams import check_stream_id, check_ts
 from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, unwrap
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
 from serve_apps.ocr import OcrArgs, bind_ocr
@@ -587,6 +587,7 @@ class Gateway:
         streams = self._handle("streams")
         images, opts = await self._read_images(request, batch=False)
         image = self._probe(images[0])
+        check_ts(opts.get("ts"))  # a bad ts is a 400 before any model runs, and never reaches the state
         result = await self._analyze_one(image, self._caps(), self._options(opts, self._caps()), timings)
         with timings.stage("streams"):
             try:

@@ -116,12 +116,9 @@ class Streams:
 
     async def ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None = None) -> dict[str, Any]:
         """Add one analysed frame; returns the stream's verdict after it."""
-        from livelens.errors import InvalidArgumentError
+        from livelens.serving.streams import check_ts
 
-        try:
-            ts = None if ts is None else float(ts)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"ts must be seconds since the epoch, got {ts!r}") from None
+        ts = check_ts(ts)
         lock = self._locks.setdefault(stream_id, asyncio.Lock())
         async with lock:
             return await asyncio.to_thread(self._ingest, stream_id, image, result, ts)

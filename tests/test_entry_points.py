@@ -143,3 +143,40 @@ def test_committed_notebooks_carry_no_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} carries outputs"
+
+
+def test_jobs_submit_splits_its_own_flags_from_the_jobs(monkeypatch):
+    from livelens import cli, jobs
+
+    seen = {}
+
+    def fake_submit(job, args, **kw):
+        seen.update(job=job, args=args, **kw)
+        return "raysubmit_test"
+
+    monkeypatch.setattr(jobs, "submit", fake_submit)
+    monkeypatch.setattr(jobs, "wait", lambda sid, address=None: "SUCCEEDED")
+    code = cli.main(["jobs", "submit", "safety", "--address", "http://127.0.0.1:9", "--wait", "--store", "/s",
+                     "--", "--epochs", "3", "--wait"])
+    assert code == 0 and seen["job"] == "safety" and seen["args"] == ["--epochs", "3", "--wait"]
+    assert seen["address"] == "http://127.0.0.1:9" and seen["store"] == "/s"
+    assert cli.main(["health", "--", "--x"]) == 2
+
+
+def test_frame_timestamps_must_be_finite_and_not_far_ahead():
+    from livelens.serving.streams import MAX_TS_AHEAD_S, check_ts
+
+    now = 1_800_000_000.0
+    assert check_ts(None, now) is None and check_ts("", now) is None
+    assert check_ts("1000", now) == 1000.0 and check_ts(now + MAX_TS_AHEAD_S - 1, now) == now + MAX_TS_AHEAD_S - 1
+    for bad in ("inf", "-inf", "nan", "abc", -1, now + MAX_TS_AHEAD_S + 1, [1]):
+        with pytest.raises(InvalidArgumentError, match="ts must be"):
+            check_ts(bad, now)
+
+
+def test_deeply_nested_json_is_an_invalid_argument():
+    from livelens.serving.inputs import InputPolicy, images_from_json
+
+    for batch in (False, True):
+        with pytest.raises(InvalidArgumentError, match="nested too deeply"):
+            images_from_json(b"[" * 100_000, InputPolicy(), batch)

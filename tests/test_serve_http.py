@@ -314,6 +314,24 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
     assert after["evidence"] and after["evidence"][0]["thumbnail_jpeg_b64"]
 
 
+def test_bad_timestamps_and_deep_json_are_400s_and_poison_nothing(app):
+    frame = _jpeg(np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    url = f"{app['url']}/v1/streams/ts-check/frames"
+    for ts in ("inf", "-inf", "nan", "abc", "-5", str(time.time() + 10 * 86400)):
+        r = httpx.post(url, headers=app["headers"], params={"ts": ts, "evidence": "none"}, timeout=120,
+                       files={"file": ("f.jpg", frame, "image/jpeg")})
+        assert _assert_envelope(r, 400)["error"]["type"] == "invalid_argument", ts
+    # The stream was never touched: a good frame and the state answer normally.
+    r = httpx.post(url, headers=app["headers"], params={"ts": time.time(), "evidence": "none"}, timeout=120,
+                   files={"file": ("f.jpg", frame, "image/jpeg")})
+    assert r.status_code == 200 and r.json()["stream"]["frame_count"] == 1, r.text
+    assert httpx.get(f"{app['url']}/v1/streams/ts-check", headers=app["headers"], timeout=30).status_code == 200
+    for route in ("/v1/analyze", "/v1/analyze/batch"):
+        r = httpx.post(f"{app['url']}{route}", content=b"[" * 3000, timeout=30,
+                       headers={**app["headers"], "content-type": "application/json"})
+        assert _assert_envelope(r, 400)["error"]["type"] == "invalid_argument", route
+
+
 def test_cli_batch_over_a_folder_reports_each_image(app, tmp_path, capsys):
     from livelens.cli import main
 
@@ -707,6 +725,13 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
         assert _assert_envelope(r, 404)["error"]["type"] == "not_found"
         r = httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"model": "ocr@1"}, timeout=60)
         assert _assert_envelope(r, 400)["error"]["type"] == "invalid_argument"
+        # An image over gRPC's default 4 MiB message limit, under the gateway's 20 MB one, reaches the
+        # moderation deployment (it used to be a 500: RESOURCE_EXHAUSTED between the replicas).
+        big = encode_png(np.random.default_rng(1).integers(0, 255, (1200, 1400, 3), dtype=np.uint8))
+        assert len(big) > 4 * 1024 * 1024
+        r = httpx.post(f"{url}/v1/moderate", content=big, params={"evidence": "none"}, timeout=120,
+                       headers={**headers, "content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["image"]["width"] == 1400, r.text[:300]
         # The admin route: a threshold change reaches the gateway replicas; bad changes are typed errors.
         auth = {"Authorization": f"Bearer {key}"}
         r = httpx.put(f"{url}/v1/admin/live/gateway", headers=auth, timeout=180,

@@ -144,7 +144,10 @@ def images_from_json(body: bytes, policy: InputPolicy, batch: bool,
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"body is not valid JSON: {exc}") from exc
+        raise InvalidArgumentError(f"body is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        # A few KB of '[' nest deeper than the parser's recursion limit: a client error, not a 500.
+        raise InvalidArgumentError("body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidArgumentError("JSON body must be an object with 'image' (base64) or 'url'")
 

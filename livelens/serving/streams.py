@@ -9,6 +9,7 @@ a replica restart. :class:`SqliteStreamStore` is the local-disk default.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -132,6 +133,32 @@ class SqliteStreamStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+#: How far in the future a frame's ``ts`` may lie (clock skew between a platform and the service).
+MAX_TS_AHEAD_S = 24 * 3600.0
+
+
+def check_ts(ts: object, now: float | None = None) -> float | None:
+    """A frame's capture time: None, or finite seconds since the epoch, not more than a day ahead.
+
+    ``inf`` once poisoned a stream for good (every later frame and GET answered 500) and ``nan``
+    broke the SQLite write; both are refused here, before anything is stored.
+
+    Raises:
+        InvalidArgumentError: Not a number, not finite, negative, or too far ahead.
+    """
+    if ts is None or ts == "":
+        return None
+    try:
+        value = float(ts)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"ts must be seconds since the epoch, got {str(ts)[:40]!r}") from None
+    now = time.time() if now is None else now
+    if not math.isfinite(value) or value < 0 or value > now + MAX_TS_AHEAD_S:
+        raise InvalidArgumentError(f"ts must be finite seconds since the epoch, at most {MAX_TS_AHEAD_S:g} s "
+                                   f"ahead of the service's clock, got {str(ts)[:40]!r}")
+    return value
 
 
 def check_stream_id(stream_id: str) -> str:
