@@ -332,9 +332,9 @@ class Gateway:
             return None
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        key_id = self.keys.authenticate(key, scope).id
-        request.state.key_id = key_id
-        return key_id
+        entry = self.keys.authenticate(key, scope, request.client.host if request.client else None)
+        request.state.key_id, request.state.key_entry = entry.id, entry
+        return entry.id
 
     def _handle(self, cap: str):
         h = self.handles.get(cap)
@@ -460,6 +460,9 @@ class Gateway:
             self._auth(request, scope)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=True)
+        entry = getattr(request.state, "key_entry", None)
+        if entry is not None:
+            self.keys.charge(entry, len(images) - 1)  # auth took one token; a batch pays per image
         answer_opts = self._options(opts, caps)
 
         async def one(data):

@@ -180,3 +180,28 @@ def test_deeply_nested_json_is_an_invalid_argument():
     for batch in (False, True):
         with pytest.raises(InvalidArgumentError, match="nested too deeply"):
             images_from_json(b"[" * 100_000, InputPolicy(), batch)
+
+
+def test_batches_pay_per_image_and_failed_key_checks_are_limited_per_address():
+    from livelens.errors import AuthError, RateLimitedError
+    from livelens.serving.auth import ApiKey, KeyStore, hash_key
+
+    store = KeyStore([ApiKey(id="k", sha256=hash_key("good"), rate_per_s=1, burst=10)])
+    entry = store.authenticate("good", "ocr", "10.0.0.1")
+    store.charge(entry, 8)  # 1 + 8 of 10 tokens
+    with pytest.raises(RateLimitedError, match="images/s") as exc:
+        store.charge(entry, 5)
+    assert exc.value.retry_after_s > 0
+    with pytest.raises(RateLimitedError, match="at once"):
+        store.charge(entry, 11)  # more than the burst can never succeed: a clear message, not a wait
+    codes = []
+    for _ in range(int(KeyStore.FAILED_AUTH_BURST) + 5):
+        try:
+            store.authenticate("guess", "ocr", "10.0.0.9")
+        except AuthError:
+            codes.append(401)
+        except RateLimitedError:
+            codes.append(429)
+    assert codes.count(401) == KeyStore.FAILED_AUTH_BURST and codes[-1] == 429
+    with pytest.raises(AuthError):  # another address is not held back
+        store.authenticate("guess", "ocr", "10.0.0.10")

@@ -144,6 +144,21 @@ def test_requests_without_a_valid_key_are_refused(app):
     r = httpx.post(f"{app['url']}/v1/quality", content=png, timeout=10,
                    headers={"content-type": "image/png", "x-api-key": generate_key()})
     assert _assert_envelope(r, 401)["error"]["code"] == "invalid_api_key"
+    # Guessing keys is rate limited per client address: past the burst, fast 429s with Retry-After.
+    codes = []
+    for _ in range(40):
+        r = httpx.post(f"{app['url']}/v1/quality", content=png, timeout=10,
+                       headers={"content-type": "image/png", "x-api-key": generate_key()})
+        codes.append(r.status_code)
+    assert set(codes) <= {401, 429} and codes.count(429) >= 10, codes
+    limited = httpx.post(f"{app['url']}/v1/quality", content=png, timeout=10,
+                         headers={"content-type": "image/png", "x-api-key": generate_key()})
+    assert _assert_envelope(limited, 429)["error"]["type"] == "usage_limit" and int(limited.headers["retry-after"]) >= 1
+    # A valid key is not held back by the guesses from the same address.
+    ok = httpx.post(f"{app['url']}/v1/quality", content=png, timeout=60,
+                    headers={"content-type": "image/png", **app["headers"]})
+    assert ok.status_code == 200, ok.text
+    time.sleep(10)  # let the address's bucket refill for the tests after this one that expect a 401
 
 
 def _half_jpeg() -> bytes:

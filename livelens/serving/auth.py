@@ -19,6 +19,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,9 +100,18 @@ class KeyStore:
         keys: The known keys.
     """
 
+    #: Failed key checks each client address may make (per second, and saved up): guessing keys
+    #: used to cost nothing, since only known keys had a bucket.
+    FAILED_AUTH_RATE = 2.0
+    FAILED_AUTH_BURST = 20.0
+    #: Addresses whose failure buckets are remembered (oldest forgotten first).
+    MAX_TRACKED_CLIENTS = 10_000
+
     def __init__(self, keys: list[ApiKey]):
         self._keys = {k.sha256: k for k in keys}
         self._buckets = {k.sha256: TokenBucket(k.rate_per_s, k.burst) for k in keys}
+        self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._failures_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -131,30 +141,72 @@ class KeyStore:
             keys += [ApiKey(id=f"env{i}", sha256=hash_key(k.strip())) for i, k in enumerate(raw.split(",")) if k.strip()]
         return cls(keys)
 
-    def authenticate(self, key: str | None, scope: str) -> ApiKey:
+    def authenticate(self, key: str | None, scope: str, client: str | None = None) -> ApiKey:
         """Check a presented key for ``scope`` and take one rate-limit token.
+
+        Args:
+            key: The presented key.
+            scope: The route's scope.
+            client: The caller's address: failed checks are rate limited per address.
 
         Raises:
             AuthError: No key, or an unknown key (401).
             ForbiddenError: The key lacks ``scope`` (403).
-            RateLimitedError: The key is over its rate limit (429); ``retry_after_s`` is set.
+            RateLimitedError: The key is over its rate limit, or ``client`` over its failed-check
+                limit (429); ``retry_after_s`` is set.
         """
         if not key:
+            self._failed(client)
             raise AuthError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                             code="missing_api_key")
         digest = hash_key(key)
         # Constant-time compare against the matching entry so lookups leak no timing about prefixes.
         entry = self._keys.get(digest)
         if entry is None or not hmac.compare_digest(entry.sha256, digest):
+            self._failed(client)
             raise AuthError("unknown API key", code="invalid_api_key")
         if not entry.allows(scope):
             raise ForbiddenError(f"key {entry.id!r} may not use {scope!r} (scopes: {entry.scopes})")
-        wait = self._buckets[digest].take()
+        self.charge(entry, 1)
+        return entry
+
+    def charge(self, entry: ApiKey, n: float) -> None:
+        """Take ``n`` more tokens from a key's bucket: a batch costs one token per image.
+
+        Raises:
+            RateLimitedError: Not enough tokens (429); ``retry_after_s`` is set.
+        """
+        if n <= 0:
+            return
+        bucket = self._buckets[entry.sha256]
+        if n > bucket.burst:
+            err = RateLimitedError(f"a request of {n:g} images is more than key {entry.id!r} may send at once "
+                                   f"(burst {bucket.burst:g}); send smaller batches")
+            err.retry_after_s = n / bucket.rate  # type: ignore[attr-defined]
+            raise err
+        wait = bucket.take(n)
         if wait > 0:
-            err = RateLimitedError(f"key {entry.id!r} is over its limit of {entry.rate_per_s:g} requests/s")
+            err = RateLimitedError(f"key {entry.id!r} is over its limit of {entry.rate_per_s:g} images/s")
             err.retry_after_s = wait  # type: ignore[attr-defined]
             raise err
-        return entry
+
+    def _failed(self, client: str | None) -> None:
+        """Count a failed key check against ``client``; past its limit the answer is 429, not 401."""
+        if client is None:
+            return
+        with self._failures_lock:
+            bucket = self._failures.get(client)
+            if bucket is None:
+                bucket = self._failures[client] = TokenBucket(self.FAILED_AUTH_RATE, self.FAILED_AUTH_BURST)
+                while len(self._failures) > self.MAX_TRACKED_CLIENTS:
+                    self._failures.popitem(last=False)
+            else:
+                self._failures.move_to_end(client)
+        wait = bucket.take()
+        if wait > 0:
+            err = RateLimitedError(f"too many requests with a missing or unknown key from {client}")
+            err.retry_after_s = wait  # type: ignore[attr-defined]
+            raise err
 
 
 def add_key_to_file(path: str | Path, key: str, key_id: str, scopes: list[str] | None = None,
