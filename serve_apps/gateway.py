@@ -126,6 +126,9 @@ api = _Api(
     docs_url=None,
     redoc_url=None,
 )
+# The Swagger UI that swagger-ui-bundle ships (4.x) renders OpenAPI 3.0 only: a 3.1 document
+# showed "Unable to render this definition". The document uses nothing 3.1 adds.
+api.openapi_version = "3.0.3"
 
 
 def _route_of(request: Request) -> str:
