@@ -470,9 +470,7 @@ def test_docs_page_loads_swagger_from_the_gateway_not_a_cdn(app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _chromium(pw)
         try:
             page = browser.new_page()
             page.goto(app["url"] + "/docs")
@@ -509,9 +507,7 @@ def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
     frame = tmp_path / "frame.jpg"
     frame.write_bytes(_jpeg(_banner_frame()))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _chromium(pw)
         try:
             page = browser.new_page()
             page.goto(app["url"] + "/")
@@ -553,6 +549,13 @@ def test_web_console_shows_labels_ocr_and_quality(app, tmp_path):
             assert page.text_content("#status") == "error 401" and "invalid_api_key" in page.text_content("#error")
         finally:
             browser.close()
+
+
+def _chromium(pw):
+    """Debian's Chromium, headless, with nothing that reaches outside the machine."""
+    return pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
 
 
 def _wait_done(page) -> None:
