@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from livelens.client import DEFAULT_URL, ROUTES, ApiError, Client, ServiceUnreachableError, iter_images
 from livelens.errors import LivelensError
+from livelens.moderation import EVIDENCE_MODES
 
 EPILOG = """environment:
   LIVELENS_URL       the service URL (default http://127.0.0.1:8000; `make run` prints it)
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(task, help=f"{task} an image or every image of a folder", epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("path", type=Path, help="an image file, or a folder (searched recursively)")
-        s.add_argument("--evidence", default="boxes", choices=["none", "boxes", "heatmap", "polygons"])
+        s.add_argument("--evidence", default="boxes", choices=EVIDENCE_MODES)
         s.add_argument("--min-confidence", type=float, default=None, help="leave out labels scoring below this")
         s.add_argument("--categories", default=None, help="comma-separated categories (see `livelens taxonomy`)")
         s.add_argument("--model", default=None, help="pin the safety model version, e.g. safety@1")

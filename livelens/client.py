@@ -25,6 +25,10 @@ import httpx
 
 from livelens.errors import InvalidArgumentError, LivelensError
 
+# The server's own check: ids it would refuse, or that a URL would rewrite (``demo/../x`` → ``x``),
+# are refused before anything is sent.
+from livelens.serving.streams import check_stream_id
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 DEFAULT_URL = "http://127.0.0.1:8000"
 ROUTES = {"analyze": "/v1/analyze", "moderate": "/v1/moderate", "ocr": "/v1/ocr", "quality": "/v1/quality"}
@@ -53,13 +57,6 @@ class ServiceUnreachableError(LivelensError):
         super().__init__(f"cannot reach {url} ({type(exc).__name__}: {reason[:200]}); is the service running "
                          "(`make run`), and are --url / LIVELENS_URL right?", code="unreachable")
         self.url = url
-
-
-def check_stream_id(stream_id: str) -> str:
-    """Refuse ids the server would refuse or a URL would rewrite (``demo/../x`` would post to ``x``)."""
-    from livelens.serving.streams import check_stream_id as server_check
-
-    return server_check(stream_id)
 
 
 def _content_type(name: str) -> str:

@@ -48,19 +48,29 @@ DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
 class JobError(LivelensError):
-    """A job could not be submitted or followed (cluster unreachable, refused, unknown id)."""
+    """A job could not be submitted or followed (refused, unknown id, failed to start)."""
 
     type = "job_error"
     code = "job_error"
 
 
+class JobServerUnreachableError(JobError):
+    """No job server answered at the address (wrong URL, cluster down, or no dashboard)."""
+
+    code = "unreachable"
+
+
 def dashboard_address(address: str | None = None) -> str:
-    """The job server's URL: ``address``, ``RAY_DASHBOARD_ADDRESS``, an http ``RAY_ADDRESS``, or the local default."""
-    for candidate in (address, os.environ.get("RAY_DASHBOARD_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+    """The job server's URL: ``address``, ``RAY_DASHBOARD_ADDRESS``, an http ``RAY_ADDRESS``, or the local default.
+
+    A given ``address`` without a scheme is taken as ``http://``; a ``RAY_ADDRESS`` without one is
+    a GCS address (``host:6379``), which no job server answers on, so it is skipped.
+    """
+    if address:
+        return (address if address.startswith(("http://", "https://")) else f"http://{address}").rstrip("/")
+    for candidate in (os.environ.get("RAY_DASHBOARD_ADDRESS"), os.environ.get("RAY_ADDRESS")):
         if candidate and candidate.startswith(("http://", "https://")):
             return candidate.rstrip("/")
-        if candidate and candidate is address:
-            return f"http://{candidate}".rstrip("/")
     return DEFAULT_DASHBOARD
 
 
@@ -117,7 +127,7 @@ def _client(address: str | None):
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # Ray raises ConnectionError / RuntimeError with its own text
-        raise JobError(f"cannot reach the Ray job server at {url}: {str(exc)[:300]} (set --address or "
+        raise JobServerUnreachableError(f"cannot reach the Ray job server at {url}: {str(exc)[:300]} (set --address or "
                        "RAY_ADDRESS to the dashboard URL, and RAY_AUTH_TOKEN if the cluster uses token auth)") from None
 
 
@@ -150,9 +160,9 @@ def submit(job: str, args: list[str] | None = None, *, address: str | None = Non
         raise JobError(f"job submission to {url} failed: {str(exc)[:500]}") from None
 
 
-def status(submission_id: str, address: str | None = None) -> dict[str, Any]:
-    """The job's status, message, entrypoint and times."""
-    client = _client(address)
+def status(submission_id: str, address: str | None = None, client: Any = None) -> dict[str, Any]:
+    """The job's status, message, entrypoint and times (``client``: reuse an open job client)."""
+    client = client or _client(address)
     try:
         info = client.get_job_info(submission_id)
     except Exception as exc:
@@ -183,18 +193,20 @@ def follow(submission_id: str, address: str | None = None, out=None) -> str:
             out.flush()
 
     asyncio.run(tail())
-    return wait(submission_id, address, timeout_s=60)
+    return wait(submission_id, address, timeout_s=60, client=client)
 
 
-def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600, poll_s: float = 1.0) -> str:
+def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600, poll_s: float = 1.0,
+         client: Any = None) -> str:
     """Wait until the job ends; returns SUCCEEDED, FAILED or STOPPED.
 
     Raises:
         JobError: Still running after ``timeout_s``.
     """
+    client = client or _client(address)  # one client for every poll (each new one checks the server)
     deadline = time.monotonic() + timeout_s
     while True:
-        state = status(submission_id, address)["status"]
+        state = status(submission_id, client=client)["status"]
         if state in TERMINAL:
             return state
         if time.monotonic() > deadline:
@@ -280,5 +292,5 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     except JobError as exc:
         print(f"livelens jobs: {exc}", file=sys.stderr)
-        return 3 if "cannot reach" in str(exc) else 1
+        return 3 if isinstance(exc, JobServerUnreachableError) else 1
     raise AssertionError(args.jobs_cmd)

@@ -200,7 +200,22 @@ class ModerationEngine:
         """
         from livelens.store import open_in_stores
 
+        # A ref with a version names one immutable model: when it is loaded, no store look-up.
+        hit = self._loaded(ref)
+        if hit is not None:
+            return hit
         _, full = open_in_stores(ref, self.stores)
+        hit = self._loaded(full)
+        if hit is not None:
+            return hit
+        loaded = load_safety(full, self.stores)
+        with self._lock:
+            self._pinned[full] = loaded
+            while len(self._pinned) > keep:
+                self._pinned.popitem(last=False)
+        return loaded
+
+    def _loaded(self, full: str) -> SafetyModel | None:
         served = self.safety
         if served is not None and served.ref == full:
             return served
@@ -208,13 +223,7 @@ class ModerationEngine:
             hit = self._pinned.get(full)
             if hit is not None:
                 self._pinned.move_to_end(full)
-                return hit
-        loaded = load_safety(full, self.stores)
-        with self._lock:
-            self._pinned[full] = loaded
-            while len(self._pinned) > keep:
-                self._pinned.popitem(last=False)
-        return loaded
+            return hit
 
     def models_info(self) -> list[dict[str, Any]]:
         """What ``/v1/models`` lists for moderation."""
@@ -354,14 +363,14 @@ class ModerationEngine:
                 "models": self.model_refs(scores["safety"]), "batch": scores["batch"], "_timings": timings}
 
     def moderate(self, frame: np.ndarray | EncodedImage, evidence: str = "boxes", *, min_score: float = 0.05,
-                 cam_labels: int = 2, second_pass: bool = True, model: str | None = None) -> dict[str, Any]:
+                 cam_labels: int = 2, second_pass: bool = True, safety: SafetyModel | None = None) -> dict[str, Any]:
         """Moderate one frame in this thread: what the deployment answers for it (evaluations call this).
 
         Args:
-            model: A pinned safety version (``safety@N``); default the served one.
+            safety: The version to run (a pinned one, from :meth:`pinned`); default the served one.
         """
         rgb, decode_ms = self.decode(frame)
-        scores = self.classify([rgb], self.pinned(model) if model else None)[0]
+        scores = self.classify([rgb], safety)[0]
         out = self.finish(rgb, scores, evidence, min_score=min_score, cam_labels=cam_labels, second_pass=second_pass)
         out["_timings"].update(decode=decode_ms, compute=scores["compute_ms"])
         return out

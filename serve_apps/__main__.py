@@ -136,7 +136,7 @@ def dev_key(key_file: str, rotate: bool = False) -> tuple[str, bool]:
     Returns:
         The key, and whether it is new.
     """
-    from livelens.serving.auth import KeyStore, add_key_to_file, generate_key, hash_key
+    from livelens.serving.auth import KeyStore, add_key_to_file, generate_key, hash_key, write_private
 
     kept = Path(key_file).with_name("dev_key")
     if not rotate and kept.is_file():
@@ -146,12 +146,7 @@ def dev_key(key_file: str, rotate: bool = False) -> tuple[str, bool]:
             return key, False
     key = generate_key()
     add_key_to_file(key_file, key, key_id="dev", scopes=["*"], rate_per_s=50, burst=100)
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    tmp = kept.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(key + "\n")
-    tmp.replace(kept)
+    write_private(kept, key + "\n")
     return key, True
 
 

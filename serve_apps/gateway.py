@@ -45,7 +45,6 @@ from serve_apps.streams import StreamsArgs, bind_streams
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
-EVIDENCE_MODES = answer_options.EVIDENCE_MODES
 CAPABILITIES = ("moderate", "ocr", "quality")
 
 
@@ -593,11 +592,11 @@ class Gateway:
         streams = self._handle("streams")
         images, opts = await self._read_images(request, batch=False)
         image = self._probe(images[0])
-        check_ts(opts.get("ts"))  # a bad ts is a 400 before any model runs, and never reaches the state
+        ts = check_ts(opts.get("ts"))  # a bad ts is a 400 before any model runs, and never reaches the state
         result = await self._analyze_one(image, self._caps(), self._options(opts, self._caps()), timings)
         with timings.stage("streams"):
             try:
-                state = await streams.ingest.remote(stream_id, image, result, opts.get("ts"))
+                state = await streams.ingest.remote(stream_id, image, result, ts)
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise overloaded(exc, self.args.retry_after_s) from None
         return _ok(request, {"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()})

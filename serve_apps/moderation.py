@@ -145,7 +145,7 @@ class Moderation:
         if model:
             pinned = await asyncio.to_thread(self.engine.pinned, model)
             if pinned is not self.engine.safety:
-                return await asyncio.to_thread(self._moderate_pinned, frame, evidence, model, live, t0)
+                return await asyncio.to_thread(self._moderate_pinned, frame, evidence, pinned, live, t0)
         # Batching pays only when requests overlap. A lone request skips the batch queue, where it
         # would wait ``batch_wait_timeout_s`` for company that is not coming (10 ms at c=1 here),
         # and decodes in the same worker-thread trip as its forward pass.
@@ -175,11 +175,11 @@ class Moderation:
         timings.update(out.pop("_timings"))
         return {**out, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
-
-    def _moderate_pinned(self, frame: np.ndarray | EncodedImage, evidence: str, model: str,
+    def _moderate_pinned(self, frame: np.ndarray | EncodedImage, evidence: str, safety: Any,
                          live: ModerationConfig, t0: float) -> dict[str, Any]:
+        """A frame for a version other than the served one: alone, outside the batches of the served one."""
         out = self.engine.moderate(frame, evidence, min_score=live.min_score, cam_labels=live.cam_labels,
-                                   second_pass=live.second_pass, model=model)
+                                   second_pass=live.second_pass, safety=safety)
         timings = out.pop("_timings")
         timings["classify"] = (time.perf_counter() - t0) * 1000 - timings.get("decode", 0.0)
         return {**out, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}

@@ -216,9 +216,16 @@ def add_key_to_file(path: str | Path, key: str, key_id: str, scopes: list[str] |
     doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"keys": []}
     entry = ApiKey(id=key_id, sha256=hash_key(key), scopes=scopes or ["*"], rate_per_s=rate_per_s, burst=burst)
     doc["keys"] = [k for k in doc.get("keys", []) if k.get("id") != key_id] + [asdict(entry)]
+    write_private(path, json.dumps(doc, indent=2))
+    return entry
+
+
+def write_private(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by its owner only (created 0600, then renamed)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    os.chmod(tmp, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     tmp.replace(path)
-    return entry

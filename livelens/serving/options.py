@@ -12,16 +12,20 @@ over the returned labels, and ``filters.decision_unfiltered`` keeps the decision
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from livelens.errors import InvalidArgumentError
+from livelens.moderation import EVIDENCE_MODES
 from livelens.taxonomy import Taxonomy
 
-EVIDENCE_MODES = ("none", "boxes", "heatmap", "polygons")
+__all__ = ["EVIDENCE_MODES", "PINNABLE", "AnswerOptions", "apply", "category_of", "parse_options",
+           "taxonomy_document"]
 #: The model family a request may pin (the other models have one served version each).
 PINNABLE = ("safety",)
+_PIN = re.compile(rf"(?:{'|'.join(PINNABLE)})(?:@[A-Za-z0-9._-]+)?")
 MAX_CATEGORIES = 64
 
 
@@ -85,12 +89,9 @@ def parse_options(opts: Mapping[str, Any], tax: Taxonomy) -> AnswerOptions:
                                        "(GET /v1/taxonomy)")
         cats = frozenset(given)
     model = _one(opts, "model")
-    if model is not None:
-        name = model.split("@", 1)[0]
-        if name not in PINNABLE or len(model) > 100 or not model.replace("@", "").replace("_", "").replace(
-                ".", "").replace("-", "").isalnum():
-            raise InvalidArgumentError(f"model must be one of {list(PINNABLE)} with an optional @version "
-                                       f"(e.g. safety@1), got {model[:60]!r}")
+    if model is not None and (len(model) > 100 or not _PIN.fullmatch(model)):
+        raise InvalidArgumentError(f"model must be one of {list(PINNABLE)} with an optional @version "
+                                   f"(e.g. safety@1), got {model[:60]!r}")
     return AnswerOptions(evidence=evidence, min_confidence=min_conf, categories=cats, model=model)
 
 
