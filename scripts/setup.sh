@@ -10,9 +10,16 @@ VENV=.venv
 STAMP=$VENV/.livelens-installed
 KEY=$(cat pyproject.toml scripts/setup.sh scripts/build_mmcv.sh | sha256sum | cut -c1-16)
 
-# Debian packages: a CJK font for rendering generated text, Chromium for the console test.
+# Debian packages: CJK fonts for rendering generated text (microhei for the generators, all of
+# them for the OCR evaluation's user-style set), Chromium for the console test.
 need_debs=()
 [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_debs+=(fonts-wqy-microhei)
+[ -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need_debs+=(fonts-wqy-zenhei)
+[ -f /usr/share/fonts/truetype/arphic/ukai.ttc ] || need_debs+=(fonts-arphic-ukai)
+[ -f /usr/share/fonts/truetype/arphic/uming.ttc ] || need_debs+=(fonts-arphic-uming)
+[ -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ] || need_debs+=(fonts-noto-cjk)
+[ -f /usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf ] || need_debs+=(fonts-droid-fallback)
+[ -f /usr/share/fonts/truetype/lxgw-wenkai/LXGWWenKai-Regular.ttf ] || need_debs+=(fonts-lxgw-wenkai)
 command -v chromium >/dev/null || need_debs+=(chromium)
 if [ ${#need_debs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

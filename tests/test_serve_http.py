@@ -276,6 +276,27 @@ def test_text_regions_raise_a_watermark_with_its_box(app):
     assert any(m["ref"] == lab["model"] and "thresholds" in m for m in models)
 
 
+def test_ocr_reads_a_tight_crop_and_a_hesitant_traditional_form(app):
+    """The served /v1/ocr has livelens's reading (issue 22): PP-OCR alone finds no text in either crop."""
+    from livelens.ocr.userset import cjk_faces
+
+    faces = {f.name: f for f in cjk_faces()}
+
+    def crop(text: str, face: str, size: int, margin: int) -> bytes:
+        f = faces[face].at(size)
+        x0, y0, x1, y1 = f.getbbox(text)
+        im = Image.new("RGB", (x1 - x0 + 2 * margin, y1 - y0 + 2 * margin), (255, 255, 255))
+        ImageDraw.Draw(im).text((margin - x0, margin - y0), text, font=f, fill=(0, 0, 0))
+        return encode_png(np.asarray(im))
+
+    for body, want in ((crop("关注主播", "WenQuanYi Micro Hei Regular", 28, 1), "关注主播"),
+                       (crop("决赛圈", "LXGW WenKai Bold", 40, 3), "决赛圈")):
+        r = httpx.post(f"{app['url']}/v1/ocr", headers={**app["headers"], "content-type": "image/png"},
+                       content=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [ln["text"] for ln in r.json()["ocr"]["lines"]] == [want], r.json()["ocr"]
+
+
 def test_backpressure_answers_503_and_loses_nothing(app):
     jpg = _jpeg(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
 

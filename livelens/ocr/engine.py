@@ -20,6 +20,8 @@ import numpy as np
 
 from livelens.errors import ConfigError, InvalidArgumentError, LivelensError
 from livelens.imageio import DEFAULT_LIMITS, ImageLimits, load_image
+from livelens.ocr import decode, layout
+from livelens.ocr.layout import is_line_shaped
 from livelens.ocr.types import OcrEngine, TextBox, TextLine
 from livelens.registry import Registry
 
@@ -114,12 +116,6 @@ def crop_lines(image: np.ndarray, boxes: Sequence[TextBox]) -> list[np.ndarray]:
     return [crop_line(image, b.polygon) for b in boxes]
 
 
-def is_line_shaped(rgb: np.ndarray) -> bool:
-    """Whether an image looks like a single cropped text line (short and wide, not a frame)."""
-    h, w = rgb.shape[:2]
-    return h <= 160 and w >= 1.5 * h and float(rgb.std()) > 8.0
-
-
 class PpOcrEngine:
     """PP-OCRv6 detection + recognition (and the PP-OCR angle classifier) on onnxruntime.
 
@@ -135,8 +131,17 @@ class PpOcrEngine:
         model_dir: Directory with the three ONNX files; default the rapidocr wheel's.
         limits: Image limits applied when decoding inputs.
         line_fallback: When detection finds nothing in a small line-shaped image (a crop
-            such as ``text_rec.jpg``, which PP-OCR's detector misses), recognise the whole
-            image as one line. rapidocr itself returns nothing there.
+            such as ``text_rec.jpg``, which PP-OCR's detector misses), the whole image is one
+            line box. rapidocr itself returns nothing there.
+        max_upscale: Pad small images so detection scales them up at most this much
+            (:func:`~livelens.ocr.layout.pad_for_detection`); ``None``: rapidocr's scaling.
+        check_flips: Also read a line the angle classifier turned over as it came, and keep the
+            read with the higher score.
+        undouble, simplify: The recogniser's decoding fixes (:class:`~livelens.ocr.decode.LineDecoder`);
+            ``None`` turns one off.
+
+    The defaults are livelens's reading; every fix off is PP-OCR as rapidocr runs it
+    (:meth:`plain`). The fixes were chosen on the ``val`` split of :mod:`livelens.ocr.userset`.
     """
 
     name = "ppocr"
@@ -152,6 +157,10 @@ class PpOcrEngine:
         model_dir: str | Path | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         line_fallback: bool = True,
+        max_upscale: float | None = layout.MAX_UPSCALE,
+        check_flips: bool = True,
+        undouble: float | None = decode.UNDOUBLE,
+        simplify: float | None = decode.SIMPLIFY,
     ):
         if rec_batch_num < 1:
             raise InvalidArgumentError(f"rec_batch_num must be >= 1, got {rec_batch_num}")
@@ -166,6 +175,8 @@ class PpOcrEngine:
         self.text_score = text_score
         self.limits = limits
         self.line_fallback = line_fallback
+        self.max_upscale = max_upscale
+        self.check_flips = check_flips
         base = {
             "Global.log_level": "error",
             "Det.model_path": str(paths["det"]),
@@ -183,23 +194,36 @@ class PpOcrEngine:
             # Separate instances for crop-only stages, as rapidocr's own det/rec split suggests.
             self._cls = RapidOCR(params={**base, "Global.use_det": False, "Global.use_rec": False})._load_cls_model()
             self._rec = RapidOCR(params={**base, "Global.use_det": False, "Global.use_cls": False})._load_rec_model()
+        if undouble is not None or simplify is not None:
+            self._rec.postprocess_op = decode.LineDecoder(self._rec.postprocess_op.character,
+                                                          undouble=undouble, simplify=simplify)
         for stage, key in ((self._det_ocr.text_det, "det"), (self._cls, "cls"), (self._rec, "rec")):
             _stop_spinning(stage.session, paths[key], threads)
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
+
+    @classmethod
+    def plain(cls, **kwargs: Any) -> PpOcrEngine:
+        """PP-OCR as rapidocr runs it: none of livelens's reading fixes (the evaluation's anchor)."""
+        return cls(line_fallback=False, max_upscale=None, check_flips=False, undouble=None, simplify=None, **kwargs)
 
     # -- detection -------------------------------------------------------------------
     def _detect_rgb(self, rgb: np.ndarray | None) -> list[TextBox]:
         if rgb is None:
             return []
+        canvas, offset = (layout.pad_for_detection(rgb, self.max_upscale) if self.max_upscale else (rgb, (0, 0)))
         try:
-            res = self._det_ocr(np.ascontiguousarray(rgb[:, :, ::-1]))
+            res = self._det_ocr(np.ascontiguousarray(canvas[:, :, ::-1]))
         except Exception as exc:  # rapidocr raises plain errors on odd shapes; keep ours typed
             raise LivelensError(f"PP-OCR detection failed: {exc}") from exc
         boxes = getattr(res, "boxes", None)
-        if boxes is None or len(boxes) == 0:
-            return []
-        scores = res.scores if res.scores is not None else [1.0] * len(boxes)
-        return [TextBox.from_polygon(b, s) for b, s in zip(boxes, scores, strict=True)]
+        found: list[TextBox] = []
+        if boxes is not None and len(boxes) > 0:
+            scores = res.scores if res.scores is not None else [1.0] * len(boxes)
+            found = layout.unpad([TextBox.from_polygon(b, s) for b, s in zip(boxes, scores, strict=True)],
+                                 offset, rgb.shape)
+        if not found and self.line_fallback and is_line_shaped(rgb):
+            found = [layout.whole_line(rgb)]
+        return found
 
     def detect(self, images: Sequence[Any]) -> list[list[TextBox]]:
         """Text boxes per image (polygons in original pixel coordinates)."""
@@ -220,11 +244,23 @@ class PpOcrEngine:
         if not valid:
             return out
         bgr = [np.ascontiguousarray(crops[i][:, :, ::-1]) for i in valid]
+        flipped: list[int] = []
+        upright = bgr
         if self.use_cls if use_cls is None else use_cls:
-            bgr = self._cls(bgr).img_list
-        res = self._rec(TextRecInput(img=bgr))
-        for i, text, score in zip(valid, res.txts, res.scores, strict=True):
-            out[i] = (str(text), float(score))
+            cls = self._cls(bgr)
+            upright = cls.img_list
+            if self.check_flips:  # rapidocr's own rule for turning a line over
+                flipped = [k for k, (label, score) in enumerate(cls.cls_res)
+                           if "180" in label and score > self._cls.cls_thresh]
+        # A line the classifier turned over is also read as it came, and the likelier read wins:
+        # the classifier turns short symmetric lines (666 → 999, 'Hello' → '1eH') that were upright.
+        res = self._rec(TextRecInput(img=list(upright) + [bgr[k] for k in flipped]))
+        reads = [(str(t), float(s)) for t, s in zip(res.txts, res.scores, strict=True)]
+        for j, k in enumerate(flipped):
+            if reads[len(upright) + j][1] > reads[k][1]:
+                reads[k] = reads[len(upright) + j]
+        for i, read in zip(valid, reads, strict=False):
+            out[i] = read
         return out
 
     # -- both ------------------------------------------------------------------------
@@ -235,10 +271,6 @@ class PpOcrEngine:
         crops: list[np.ndarray] = []
         owners: list[tuple[int, TextBox]] = []
         for i, (rgb, boxes) in enumerate(zip(rgbs, dets, strict=True)):
-            if not boxes and rgb is not None and self.line_fallback and is_line_shaped(rgb):
-                h, w = rgb.shape[:2]
-                crops.append(rgb)
-                owners.append((i, TextBox.from_polygon([[0, 0], [w, 0], [w, h], [0, h]], 0.0)))
             for b in boxes:
                 crops.append(crop_line(rgb, b.polygon))
                 owners.append((i, b))

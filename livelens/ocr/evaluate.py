@@ -1,7 +1,11 @@
 """``make eval-ocr``: both OCR backends side by side on the same images, with mmocr's metrics.
 
 Sets: ICDAR 2015 toy (detection HmeanIOU), real word crops (word/char accuracy), the Chinese
-``zh_text`` images with known strings, and a held-out generated Chinese line set. Writes
+``zh_text`` images with known strings, a held-out generated Chinese line set, and the user-style
+text set of :mod:`livelens.ocr.userset` (exact-line accuracy, its ``test`` split by default).
+Engines: ``ppocr-alone`` (PP-OCR as rapidocr runs it, none of livelens's fixes), ``ppocr``
+(livelens's reading, what ``/v1/ocr`` serves) and ``mmocr``. The user set goes through
+:class:`~livelens.ocr.pipeline.OcrPipeline`, the code the Serve deployment runs. Writes
 ``results.json``, ``report.md`` (the table) and one visualisation per image and engine.
 
     python -m livelens.ocr.evaluate --out runs/eval-ocr
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +42,15 @@ class EvalArgs:
 
     out: str = "runs/eval-ocr"
     shared: str = str(DEFAULT_SHARED)
-    engines: tuple[str, ...] = ("ppocr", "mmocr")
+    engines: tuple[str, ...] = ("ppocr-alone", "ppocr", "mmocr")
     det_ref: str | None = None
     rec_ref: str | None = None
     store: str = field(default_factory=user_store)
     # 100 lines swung the mmocr character recall to 0.654 against 0.812-0.818 on 400 (two seeds).
     heldout: int = 400
     vis: bool = True
+    user: int = 400
+    user_split: str = "test"
 
 
 def eval_icdar(engine: OcrEngine, root: Path, vis_dir: Path | None) -> dict[str, float]:
@@ -84,6 +91,16 @@ def eval_zh_text(engine: OcrEngine, root: Path, vis_dir: Path | None) -> dict[st
     return {"accuracy": sum(v["ok"] for v in per.values()) / len(per), "images": per}
 
 
+def eval_user_set(engine: OcrEngine, samples: Sequence[Any]) -> dict[str, Any]:
+    """Exact-line accuracy on user-style text through the serving pipeline (:func:`~livelens.ocr.userset.line_accuracy`)."""
+    from livelens.ocr.pipeline import OcrPipeline
+    from livelens.ocr.userset import line_accuracy
+
+    pipe, detect, recognize = OcrPipeline.local(engine, decode_qr=False)
+    reads = [[ln["text"] for ln in pipe.read_sync(s.image, detect, recognize)["lines"]] for s in samples]
+    return line_accuracy(samples, reads)
+
+
 def heldout_lines(n: int, seed: int = 12345) -> list[tuple[np.ndarray, str]]:
     """Generated Chinese/mixed line crops from slots no training run uses."""
     from livelens.data.text import generate_text_lines
@@ -95,8 +112,12 @@ def heldout_lines(n: int, seed: int = 12345) -> list[tuple[np.ndarray, str]]:
 
 def build_engine(name: str, args: EvalArgs) -> tuple[OcrEngine, str]:
     """The engine and a note on its weights."""
+    if name == "ppocr-alone":
+        from livelens.ocr.engine import PpOcrEngine
+
+        return PpOcrEngine.plain(), "PP-OCRv6 small (rapidocr 3.10 wheel), rapidocr's pipeline"
     if name != "mmocr":
-        return create_engine(name), "PP-OCRv6 small (rapidocr 3.10 wheel)"
+        return create_engine(name), "PP-OCRv6 small (rapidocr 3.10 wheel), livelens's reading"
     from livelens.store import ModelStore
 
     store = ModelStore(args.store)
@@ -117,6 +138,9 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.shared)
     held = heldout_lines(args.heldout) if args.heldout else []
+    from livelens.ocr.userset import user_text_set
+
+    user = user_text_set(args.user, args.user_split) if args.user else []
     results: dict[str, Any] = {}
     for name in args.engines:
         t0 = time.time()
@@ -131,17 +155,29 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
         if held:
             preds = engine.recognize([c for c, _ in held])
             res["heldout_zh"] = rec_metrics([(p, t) for (p, _), (_, t) in zip(preds, held, strict=True)])
+        if user:
+            res["user_text"] = eval_user_set(engine, user)
         res["seconds"] = round(time.time() - t0, 1)
         results[name] = res
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2, default=float))
-    (out / "report.md").write_text(markdown(results, len(held)), encoding="utf-8")
+    (out / "report.md").write_text(markdown(results, len(held), args.user_split), encoding="utf-8")
     return results
 
 
-def markdown(results: dict[str, Any], n_held: int) -> str:
+def markdown(results: dict[str, Any], n_held: int, user_split: str = "test") -> str:
     """The side-by-side table."""
     names = list(results)
+    n_user = next((r["user_text"]["n_lines"] for r in results.values() if "user_text" in r), 0)
+
+    def user(key: str) -> Any:
+        return lambda r: r.get("user_text", {}).get(key)
+
     rows = [
+        (f"user text ({user_split} split, {n_user} lines) exact-line acc", user("line_acc")),
+        ("user text: tight crops", user("tight_acc")),
+        ("user text: padded crops", user("padded_acc")),
+        ("user text: single-line images", user("single_acc")),
+        ("user text: multi-line banners", user("multi_acc")),
         ("ICDAR15 toy det hmean (HmeanIOU)", lambda r: r["icdar2015_toy"].get("hmean")),
         ("ICDAR15 toy det precision", lambda r: r["icdar2015_toy"].get("precision")),
         ("ICDAR15 toy det recall", lambda r: r["icdar2015_toy"].get("recall")),
@@ -179,9 +215,11 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
     p.add_argument("--store", default=base.store)
     p.add_argument("--heldout", type=int, default=base.heldout)
     p.add_argument("--no-vis", action="store_true")
+    p.add_argument("--user", type=int, default=base.user, help="user-style text images (0: skip the set)")
+    p.add_argument("--user-split", default=base.user_split, choices=("val", "test"))
     a = p.parse_args(argv)
     return EvalArgs(a.out, a.shared, tuple(e for e in a.engines.split(",") if e), a.det_ref, a.rec_ref, a.store,
-                    a.heldout, not a.no_vis)
+                    a.heldout, not a.no_vis, a.user, a.user_split)
 
 
 def main(argv: list[str] | None = None) -> int:
