@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +34,7 @@ from livelens.imageio import EncodedImage, ImageLimits, probe_image
 from livelens.loop.capture import CaptureConfig, SampleStore
 from livelens.serving import inputs, openapi, telemetry
 from livelens.serving import options as answer_options
+from livelens.serving.admission import Admission
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
 from livelens.serving.streams import check_stream_id, check_ts
@@ -48,6 +49,10 @@ STATIC = Path(__file__).with_name("static")
 CAPABILITIES = ("moderate", "ocr", "quality")
 
 
+#: Default deadlines (s): generous for a CPU box; a deployment sets its own from its SLO.
+DEFAULT_DEADLINES_S = {"analyze": 10.0, "ocr": 10.0, "streams": 10.0, "moderate": 5.0, "quality": 5.0}
+
+
 class GatewayConfig(BaseModel):
     """Gateway knobs that change without a restart (the Gateway deployment's ``user_config``).
 
@@ -58,10 +63,16 @@ class GatewayConfig(BaseModel):
         quality: The live config of colocated quality (:class:`serve_apps.quality.QualityConfig`).
         capture: Traffic capture into the sample store (:class:`livelens.loop.capture.CaptureConfig`):
             off unless enabled, per key, with a privacy switch; a change applies at once.
+        deadlines_s: Per route class (``analyze``, ``ocr``, ``moderate``, ``quality``, ``streams``), the
+            seconds within which an admitted request should be answered. A request whose expected
+            time passes it gets a fast 503 with ``Retry-After`` (:mod:`livelens.serving.admission`);
+            a batch counts each image. A class left out is always admitted.
     """
 
     model_config = ConfigDict(extra="forbid")
     thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
+    deadlines_s: dict[Literal["analyze", "ocr", "moderate", "quality", "streams"], PositiveFloat] = Field(
+        default_factory=lambda: dict(DEFAULT_DEADLINES_S))
     moderation: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
     capture: CaptureConfig = Field(default_factory=lambda: CaptureConfig())
@@ -77,6 +88,9 @@ class GatewayArgs(Args):
         max_bytes: Largest encoded image.
         max_pixels: Largest decoded image (width × height), checked before decoding.
         retry_after_s: What 503 answers suggest.
+        audit_dir: Where the audit log goes (:class:`livelens.serving.telemetry.AuditLog`: one JSON
+            line per /v1 request, a file per UTC day, no images or keys); ``None`` turns it off.
+        audit_retain_days: Days of audit files kept.
         metrics: Count requests, stages, decisions and served models for ``/metrics`` (Prometheus).
         access_log_level: Level of the one-JSON-line-per-request log (``livelens.access``):
             ``INFO`` logs every request (4xx included, as info), ``ERROR`` only 5xx, ``OFF`` none.
@@ -97,6 +111,8 @@ class GatewayArgs(Args):
     max_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
     retry_after_s: int = Field(1, ge=0)
+    audit_dir: str | None = "runs/audit"
+    audit_retain_days: int = Field(90, ge=1)
     metrics: bool = True
     access_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "OFF"] = "INFO"
     colocate: list[Literal["moderate", "quality"]] = Field(default_factory=list)
@@ -156,7 +172,8 @@ def _observe(request: Request, status: int) -> None:
     telemetry.log_request(request_id=_rid(request), route=route, method=request.method, status=status,
                           seconds=seconds, key_id=getattr(state, "key_id", None),
                           client=request.client.host if request.client else None, timings_ms=timings_ms,
-                          models=getattr(state, "models", ()), error=getattr(state, "error_code", None))
+                          models=getattr(state, "models", ()), error=getattr(state, "error_code", None),
+                          images=getattr(state, "images", None))
 
 
 def _ok(request: Request, body: dict) -> JSONResponse:
@@ -264,11 +281,14 @@ class Gateway:
         )
         self.keys = KeyStore.load(self.args.key_file)
         telemetry.METRICS.enabled = args.metrics
+        if args.audit_dir and telemetry.AUDIT is None:
+            telemetry.AUDIT = telemetry.AuditLog(args.audit_dir, args.audit_retain_days)
         _configure_access_log(args.access_log_level)
         given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams}
         # A colocated capability is built here, in this replica, and called without a hop.
         self.handles = {cap: h.build() if isinstance(h, Colocated) else h for cap, h in given.items()}
         self.capture = self._open_capture(args.live.capture)
+        self.admission = Admission(dict(args.live.deadlines_s))
         self.started = time.time()
         if self.args.require_auth and not len(self.keys):
             log.warning("no API keys configured (%s / LIVELENS_API_KEYS): every /v1 request will get 401",
@@ -308,6 +328,7 @@ class Gateway:
             old, self.capture = self.capture, new_capture
             if old is not None:
                 await asyncio.to_thread(old.close)
+        self.admission.deadlines_s = dict(live.deadlines_s)
         self.live, self.tax = live, tax
 
     @staticmethod
@@ -334,7 +355,11 @@ class Gateway:
             return None
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        entry = self.keys.authenticate(key, scope, request.client.host if request.client else None)
+        try:
+            entry = self.keys.authenticate(key, scope, request.client.host if request.client else None)
+        except LivelensError as exc:
+            request.state.key_id = getattr(exc, "key_id", None)  # a known key refused (403/429) is named
+            raise
         request.state.key_id, request.state.key_entry = entry.id, entry
         return entry.id
 
@@ -444,10 +469,11 @@ class Gateway:
             self._auth(request, scope)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=False)
+        request.state.images = 1
         with timings.stage("probe"):
             image = self._probe(images[0])
         answer_opts = self._options(opts, caps)
-        with timings.stage("total_models"):
+        with self.admission.admit(scope), timings.stage("total_models"):
             result = await self._analyze_one(image, caps, answer_opts, timings)
         request.state.models = result.get("models", ())
         if self.capture is not None:
@@ -462,6 +488,7 @@ class Gateway:
             self._auth(request, scope)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=True)
+        request.state.images = len(images)
         entry = getattr(request.state, "key_entry", None)
         if entry is not None:
             self.keys.charge(entry, len(images) - 1)  # auth took one token; a batch pays per image
@@ -480,7 +507,7 @@ class Gateway:
                     cause = overloaded(cause, self.args.retry_after_s)
                 return error_item(cause)
 
-        with timings.stage("items"):
+        with self.admission.admit(scope, len(images)), timings.stage("items"):
             items = await asyncio.gather(*(one(d) for d in images))
         return _ok(request, {"request_id": rid, "results": items, "timings_ms": timings.to_dict()})
 
@@ -500,7 +527,8 @@ class Gateway:
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 1),
                 "capabilities": [c for c, h in self.handles.items() if h is not None],
                 "auth": self.args.require_auth,
-                "capture": dict(self.capture.stats, uri=self.capture.cfg.uri) if self.capture else None}
+                "capture": dict(self.capture.stats, uri=self.capture.cfg.uri) if self.capture else None,
+                "admission": self.admission.snapshot()}
 
     @api.get("/v1/models", summary="Which models are served and where each came from")
     async def models(self, request: Request) -> JSONResponse:
@@ -593,12 +621,14 @@ class Gateway:
         images, opts = await self._read_images(request, batch=False)
         image = self._probe(images[0])
         ts = check_ts(opts.get("ts"))  # a bad ts is a 400 before any model runs, and never reaches the state
-        result = await self._analyze_one(image, self._caps(), self._options(opts, self._caps()), timings)
-        with timings.stage("streams"):
-            try:
-                state = await streams.ingest.remote(stream_id, image, result, ts)
-            except (BackPressureError, DeploymentUnavailableError) as exc:
-                raise overloaded(exc, self.args.retry_after_s) from None
+        answer_opts = self._options(opts, self._caps())
+        with self.admission.admit("streams"):
+            result = await self._analyze_one(image, self._caps(), answer_opts, timings)
+            with timings.stage("streams"):
+                try:
+                    state = await streams.ingest.remote(stream_id, image, result, ts)
+                except (BackPressureError, DeploymentUnavailableError) as exc:
+                    raise overloaded(exc, self.args.retry_after_s) from None
         return _ok(request, {"request_id": rid, **result, "stream": state, "timings_ms": timings.to_dict()})
 
     @api.get("/v1/streams/{stream_id}", summary="A stream's state: window, escalation, evidence bundle")
@@ -646,7 +676,9 @@ class Gateway:
             raise InvalidArgumentError(f"unknown capabilities {unknown}; choose from {list(CAPABILITIES)}")
         image = self._probe(inputs.check_raw("application/octet-stream", bytes(data), self.policy))
         timings = Timings()
-        result = await self._analyze_one(image, caps, self._options(options, caps), timings)
+        answer_opts = self._options(options, caps)
+        with self.admission.admit("analyze"):
+            result = await self._analyze_one(image, caps, answer_opts, timings)
         return {**result, "timings_ms": timings.to_dict()}
 
 

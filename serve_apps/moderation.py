@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from livelens.imageio import EncodedImage
+from livelens.serving.envelope import quiet_expected_errors
 from serve_apps.common import Args, DeployOptions
 
 log = logging.getLogger("ray.serve")
@@ -73,6 +74,7 @@ class Moderation:
     """The safety classifier (batched) and open_nsfw; evidence on request."""
 
     def __init__(self, args: ModerationArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
         from livelens.moderation import ModerationEngine
 
         self.args = args

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from livelens.imageio import EncodedImage, as_rgb
+from livelens.serving.envelope import quiet_expected_errors
 from serve_apps.common import Args, DeployOptions
 
 
@@ -94,6 +95,7 @@ class TextDetector:
     """Text detection: one frame in, line polygons out."""
 
     def __init__(self, args: OcrArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
         self.args = args
         self.engine = _engine(args)
 
@@ -117,6 +119,7 @@ class TextRecognizer:
     """Text recognition, batched over crops from every concurrent frame."""
 
     def __init__(self, args: OcrArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
         self.args = args
         self.engine = _engine(args)
         self.reconfigure(args.live.model_dump())
@@ -141,6 +144,7 @@ class Ocr:
     """Detect → crop → recognise → entities, QR and text regions → ads labels."""
 
     def __init__(self, args: OcrArgs, detector, recognizer):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
         self.args = args
         self.detector, self.recognizer = detector, recognizer
         self.live = args.live

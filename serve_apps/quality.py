@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from livelens.serving.envelope import quiet_expected_errors
 from serve_apps.common import Args, DeployOptions
 
 log = logging.getLogger("ray.serve")
@@ -52,6 +53,7 @@ class Quality:
     """``assess`` per frame, with its flags turned into taxonomy labels (group ``quality``, tag only)."""
 
     def __init__(self, args: QualityArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
         from livelens.quality.engine import QualityEngine
 
         self.args = args

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 from ray import serve
 
+from livelens.serving.envelope import quiet_expected_errors
 from serve_apps.common import Args, DeployOptions
 
 
@@ -48,6 +49,7 @@ class Streams:
     """Folds frame verdicts into persisted stream state."""
 
     def __init__(self, args: StreamsArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
         from livelens.serving.streams import SqliteStreamStore, StreamPolicy
 
         self.args = args

@@ -43,7 +43,7 @@ def app(serve_session, tmp_path_factory):
     spec = doc["applications"][0]
     spec.update(name=APP, route_prefix=PREFIX)
     args = spec["args"]
-    args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES)
+    args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES, audit_dir=str(tmp / "audit"))
     args["streams"] = {"db_path": str(tmp / "streams.sqlite"), "window": 4, "k": 2}
     # A tiny moderation queue so the backpressure test can fill it.
     args["moderation"]["deploy"].update(max_ongoing_requests=2, max_queued_requests=2, max_replicas=1)
@@ -58,7 +58,8 @@ def app(serve_session, tmp_path_factory):
         assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status
         assert time.time() < deadline, f"app did not start: {status}"
         time.sleep(2)
-    yield {"url": base, "key": key, "headers": {"Authorization": f"Bearer {key}"}}
+    yield {"url": base, "key": key, "headers": {"Authorization": f"Bearer {key}"}, "key_file": tmp / "keys.json",
+           "audit": tmp / "audit"}
     serve.delete(APP)
 
 
@@ -295,6 +296,63 @@ def test_ocr_reads_a_tight_crop_and_a_hesitant_traditional_form(app):
                        content=body, timeout=120)
         assert r.status_code == 200, r.text
         assert [ln["text"] for ln in r.json()["ocr"]["lines"]] == [want], r.json()["ocr"]
+
+
+def test_keys_change_without_a_restart_and_the_audit_log_names_the_caller(app):
+    """A key added to the file works within seconds, with its scopes; revoked, it is refused; the audit log has both."""
+    from livelens.serving import keys as keycli
+
+    late = generate_key()
+    add_key_to_file(app["key_file"], late, "late", scopes=["moderate"])
+    jpg = _jpeg(np.full((64, 64, 3), 90, np.uint8))
+    hdr = {"Authorization": f"Bearer {late}", "content-type": "image/jpeg"}
+
+    def status(path: str) -> int:
+        return httpx.post(f"{app['url']}{path}", content=jpg, headers=hdr, params={"evidence": "none"},
+                          timeout=60).status_code
+
+    deadline = time.time() + 30
+    while status("/v1/moderate") != 200:  # every gateway replica re-reads the file within a second
+        assert time.time() < deadline, "the added key was never accepted"
+        time.sleep(0.5)
+    assert status("/v1/ocr") == 403
+    keycli.revoke(app["key_file"], "late")
+    deadline = time.time() + 30
+    while status("/v1/moderate") != 401:
+        assert time.time() < deadline, "the revoked key still works"
+        time.sleep(0.5)
+    lines = [json.loads(x) for f in sorted(app["audit"].glob("audit-*.jsonl")) for x in f.read_text().splitlines()]
+    mine = [x for x in lines if x["key_id"] == "late"]
+    assert {(x["route"], x["status"]) for x in mine} >= {("/v1/moderate", 200), ("/v1/ocr", 403)}
+    assert any(x["status"] == 401 and x["route"] == "/v1/moderate" and x["key_id"] is None for x in lines)
+    assert all(set(x) == {"ts", "request_id", "key_id", "client", "method", "route", "status", "error", "images",
+                          "ms"} for x in lines)
+    assert late not in "".join(f.read_text() for f in app["audit"].glob("*.jsonl"))
+
+
+def test_a_thousand_frame_1080p_gif_is_answered_from_its_first_frame(app):
+    """Issue 19's probe: a 1,000-frame 1080p GIF was a 500 on /v1/analyze. Only its first frame is decoded.
+
+    This app's byte limit is 2 MB, so the GIF is kept under it; the swap test sends a >4 MiB image
+    (the gRPC limit that made the probe's 15 MB GIF fail) to an app with the default 20 MB limit.
+    """
+    import io
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(1000):
+        a = np.zeros((1080, 1920), np.uint8)
+        y, x = rng.integers(0, 1000), rng.integers(0, 1800)
+        a[y:y + 16, x:x + 16] = rng.integers(0, 255, (16, 16))
+        frames.append(Image.fromarray(a, "L").convert("P"))
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=40)
+    assert 1_000_000 < len(buf.getvalue()) < MAX_BYTES
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 1000
+    r = httpx.post(f"{app['url']}/v1/analyze", content=buf.getvalue(), params={"evidence": "none"}, timeout=180,
+                   headers={**app["headers"], "content-type": "image/gif"})
+    assert r.status_code == 200, r.text[:300]
+    assert (r.json()["image"]["width"], r.json()["image"]["height"]) == (1920, 1080)
 
 
 def test_backpressure_answers_503_and_loses_nothing(app):
@@ -806,6 +864,22 @@ def test_a_live_model_swap_under_load_drops_no_request(app, tmp_path):
         assert _assert_envelope(r, 400)["error"]["code"] == "invalid_config"
         assert httpx.get(f"{url}/v1/admin/live", headers=auth, timeout=60).json()["live"]["moderate"][
             "safety_ref"] == "safety@2"
+        # Deadline-aware admission: with a 1 ms deadline, once the gateway has an estimate (it has
+        # one already from the requests above) every request expects more than that and is refused
+        # at once with a 503 and Retry-After.
+        r = httpx.put(f"{url}/v1/admin/live/gateway", headers=auth, timeout=180, json={"deadlines_s": {"moderate": 0.001}})
+        assert r.status_code == 200 and r.json()["live"]["deadlines_s"]["moderate"] == 0.001, r.text
+        answers = [httpx.post(f"{url}/v1/moderate", content=jpg, headers=headers, params={"evidence": "none"},
+                              timeout=60) for _ in range(16)]
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and codes[-4:] == [503] * 4, codes
+        for a in answers[-4:]:
+            assert _assert_envelope(a, 503)["error"]["code"] == "overloaded"
+            assert int(a.headers["retry-after"]) >= 1 and "deadline" in a.json()["error"]["message"]
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        assert health["admission"]["moderate"]["deadline_s"] == 0.001
+        r = httpx.put(f"{url}/v1/admin/live/gateway", headers=auth, timeout=60, json={"deadlines_s": {"moderate": -1}})
+        assert _assert_envelope(r, 400)["error"]["code"] == "invalid_config"
     finally:
         serve.delete("livelens_swap")
 

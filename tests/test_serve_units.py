@@ -424,3 +424,26 @@ def test_metrics_count_routes_decisions_and_retire_swapped_models():
     off = ServiceMetrics(enabled=False)
     off.request_done("/v1/quality", 200, 0.01)
     assert "livelens_requests_total{" not in off.render().decode()
+
+
+def test_expected_client_errors_log_one_info_line_not_a_traceback() -> None:
+    """Serve's replica logs every raised exception as ERROR with a traceback; a client's 4xx becomes one INFO line."""
+    import logging
+    import sys
+
+    from livelens.errors import InvalidImageError
+    from livelens.serving.envelope import ExpectedErrorFilter
+
+    def record_for(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            return logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None, sys.exc_info())
+
+    quiet = record_for(InvalidImageError("cannot decode the image: truncated"))
+    assert ExpectedErrorFilter().filter(quiet)
+    assert quiet.levelno == logging.INFO and quiet.exc_info is None
+    assert quiet.getMessage() == "Request failed: invalid_image (422): cannot decode the image: truncated"
+    assert "Traceback" not in logging.Formatter().format(quiet)
+    loud = record_for(RuntimeError("a bug"))
+    assert ExpectedErrorFilter().filter(loud) and loud.levelno == logging.ERROR and loud.exc_info is not None

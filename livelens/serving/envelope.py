@@ -6,6 +6,7 @@ errors, argument errors and usage limits apart without parsing messages.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -54,3 +55,31 @@ class Timings:
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.ms)
+
+
+class ExpectedErrorFilter(logging.Filter):
+    """Turn Serve's ERROR-with-traceback for a client's mistake into one INFO line.
+
+    A replica method that raises logs ``Request failed.`` with the whole traceback at ERROR
+    (Ray Serve's replica wrapper does it), so every corrupt upload showed as a server error in
+    the replica logs. A :class:`~livelens.errors.LivelensError` with a 4xx status is expected:
+    it is logged as ``Request failed: <code> (<status>): <message>`` at INFO, without the
+    traceback. 5xx errors and every other exception keep Serve's record as it was.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, LivelensError) and 400 <= int(getattr(exc, "http_status", 500)) < 500:
+            record.msg, record.args = "Request failed: %s (%s): %s", (exc.code, exc.http_status, str(exc)[:300])
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_errors() -> None:
+    """Install :class:`ExpectedErrorFilter` on Ray Serve's logger in this process (once; a replica calls it)."""
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+    logger = logging.getLogger(SERVE_LOGGER_NAME)
+    if not any(isinstance(f, ExpectedErrorFilter) for f in logger.filters):
+        logger.addFilter(ExpectedErrorFilter())

@@ -17,8 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -124,13 +127,77 @@ class ServiceMetrics:
 METRICS = ServiceMetrics()
 
 
+class AuditLog:
+    """Who called what: one JSON line per answered ``/v1`` request, in a file per UTC day.
+
+    Unlike the access log (the replica's stderr, at a configurable level), it is always written,
+    to ``<dir>/audit-YYYY-MM-DD.jsonl``, and holds no image, no key and no query values: time,
+    request id, key id, client address, method, route template, status, error code, image count
+    and milliseconds. Every gateway replica on a node appends to the same file; each line is one
+    ``O_APPEND`` write, so lines from different processes never interleave. Files older than
+    ``retain_days`` are deleted when a new day's file is opened.
+
+    Args:
+        directory: Where the files go (created if needed).
+        retain_days: Days of files kept.
+    """
+
+    def __init__(self, directory: str | os.PathLike, retain_days: int = 90):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.retain_days = retain_days
+        self._day, self._fd = "", -1
+        self._lock = threading.Lock()
+
+    def path(self, day: str) -> Path:
+        return self.dir / f"audit-{day}.jsonl"
+
+    def write(self, entry: Mapping[str, object], now: float | None = None) -> None:
+        """Append one entry; never raises (an audit write failure is logged, the request goes on)."""
+        now = time.time() if now is None else now
+        line = (json.dumps({"ts": round(now, 3), **entry}, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        try:
+            with self._lock:
+                if day != self._day:
+                    self._open(day, now)
+                os.write(self._fd, line)
+        except OSError as exc:
+            logging.getLogger("livelens.audit").error("audit log write failed: %s", exc)
+
+    def _open(self, day: str, now: float) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path(day), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._day = day
+        cutoff = time.strftime("%Y-%m-%d", time.gmtime(now - self.retain_days * 86400))
+        for old in self.dir.glob("audit-*.jsonl"):
+            if old.stem.removeprefix("audit-") < cutoff:
+                old.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._day = -1, ""
+
+
+#: The process's audit log (set by the gateway; None: off). Used as ``telemetry.AUDIT`` for the
+#: same reason as :data:`METRICS`.
+AUDIT: AuditLog | None = None
+
+
 def log_request(*, request_id: str, route: str, method: str, status: int, seconds: float, key_id: str | None,
                 client: str | None, timings_ms: Mapping[str, float] | None = None,
-                models: Iterable[str] = (), error: str | None = None) -> None:
+                models: Iterable[str] = (), error: str | None = None, images: int | None = None) -> None:
     """One JSON line per request on ``livelens.access``: who called what, how it went, never the image or key.
 
-    4xx answers log at INFO (a client's mistake is not the service's error), 5xx at ERROR.
+    4xx answers log at INFO (a client's mistake is not the service's error), 5xx at ERROR. A
+    ``/v1`` request also goes to the audit log (:data:`AUDIT`) when one is set.
     """
+    if AUDIT is not None and route.startswith("/v1"):
+        AUDIT.write({"request_id": request_id, "key_id": key_id, "client": client, "method": method, "route": route,
+                     "status": status, "error": error, "images": images, "ms": round(seconds * 1000, 2)})
     level = logging.ERROR if status >= 500 else logging.INFO
     if not access_log.isEnabledFor(level):
         return
