@@ -9,6 +9,11 @@ Grafana dashboards.
   ``openapi2jsonschema.py`` does, every object schema with ``properties`` and no
   ``additionalProperties``/``x-kubernetes-preserve-unknown-fields`` gets
   ``additionalProperties: false``.
+* Every KubeRay resource must turn Ray's token auth on (``authOptions.mode: token``), and no
+  Kubernetes Service it makes may publish the GCS (6379), dashboard (8265) or Ray client (10001)
+  port outside the cluster: a head or serve service of type ``NodePort`` or ``LoadBalancer`` may
+  carry the Serve HTTP port only (:func:`validate_exposure`). Inside the cluster they stay on a
+  ``ClusterIP`` service, which RayJob submission and the in-cluster clients use.
 * A RayService's ``serveConfigV2`` (a YAML string) goes through
   ``ServeDeploySchema.model_validate``, plus a check that every application and deployment key
   is a field of Serve's schema (Serve accepts unknown deployment keys without a word).
@@ -182,10 +187,61 @@ def validate_kuberay(
         Problem(file, _json_path(e.absolute_path), e.message)
         for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     ]
+    problems += validate_exposure(doc, file)
     if kind == "RayService" and isinstance(doc.get("spec"), dict) and "serveConfigV2" in doc["spec"]:
         problems += validate_serve_config(
             doc["spec"]["serveConfigV2"], file=file, base_path="$.spec.serveConfigV2"
         )
+    return problems
+
+
+#: Ports of Ray's control plane, never to be published outside the Kubernetes cluster.
+PRIVATE_PORTS = {6379: "GCS", 8265: "dashboard (job submission)", 10001: "Ray client"}
+#: Service types that publish their ports outside the cluster.
+PUBLIC_SERVICE_TYPES = ("NodePort", "LoadBalancer")
+
+
+def _cluster_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The RayCluster spec(s) inside a KubeRay resource, with their JSON paths."""
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    kind = doc.get("kind")
+    if kind == "RayCluster":
+        return [("$.spec", spec)]
+    key = {"RayService": "rayClusterConfig", "RayJob": "rayClusterSpec"}.get(str(kind))
+    inner = spec.get(key) if key else None
+    return [(f"$.spec.{key}", inner)] if isinstance(inner, dict) else []
+
+
+def validate_exposure(doc: dict[str, Any], file: str = "<manifest>") -> list[Problem]:
+    """Token auth on, and Ray's control-plane ports kept off every Service published outside the cluster.
+
+    Returns:
+        The problems found (empty when the resource is safe to apply).
+    """
+    problems: list[Problem] = []
+    for path, spec in _cluster_specs(doc):
+        if (spec.get("authOptions") or {}).get("mode") != "token":
+            problems.append(Problem(file, f"{path}.authOptions.mode",
+                                    "Ray token auth must be on (authOptions: {mode: token})"))
+        head = spec.get("headGroupSpec") or {}
+        service = (head.get("headService") or {}).get("spec") or {}
+        kind = service.get("type") or head.get("serviceType") or "ClusterIP"
+        if kind in PUBLIC_SERVICE_TYPES:
+            if service.get("ports"):
+                ports = [p.get("port") or p.get("targetPort") for p in service["ports"]]
+            else:  # KubeRay publishes the head container's ports
+                containers = ((head.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+                ports = [p.get("containerPort") for p in containers[0].get("ports") or []] or list(PRIVATE_PORTS)
+            for port in ports:
+                if port in PRIVATE_PORTS:
+                    problems.append(Problem(file, f"{path}.headGroupSpec", f"the head service is a {kind}: it "
+                                            f"would publish the {PRIVATE_PORTS[port]} port {port} outside the cluster"))
+    serve_svc = ((doc.get("spec") or {}).get("serveService") or {}).get("spec") or {}
+    if doc.get("kind") == "RayService" and serve_svc.get("type") in PUBLIC_SERVICE_TYPES:
+        for port in (p.get("port") for p in serve_svc.get("ports") or []):
+            if port in PRIVATE_PORTS:
+                problems.append(Problem(file, "$.spec.serveService", f"the serve service publishes the "
+                                        f"{PRIVATE_PORTS[port]} port {port}"))
     return problems
 
 

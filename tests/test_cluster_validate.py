@@ -242,3 +242,25 @@ def test_dashboard_mistakes_are_reported(tmp_path):
     assert any("panel ids repeat" in x for x in problems), problems
     assert v.dashboard_metrics(_dashboard()) >= {"livelens_requests_total", "livelens_request_seconds",
                                                   "livelens_stage_seconds", "livelens_decisions_total"}
+
+
+def test_control_plane_ports_are_never_published_and_token_auth_is_required(tmp_path, crds):
+    """Issue 19: a NodePort/LoadBalancer head would publish GCS, dashboard and client; the validator says so."""
+    cluster = _load("kuberay/raycluster.yaml")
+    public = copy.deepcopy(cluster)
+    public["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    msgs = [p.message for p in validate_file(_write(tmp_path, public), crds)]
+    assert sum("outside the cluster" in m for m in msgs) == 3, msgs  # 6379, 8265, 10001 (8000 may be public)
+    assert any("GCS port 6379" in m for m in msgs) and any("dashboard" in m for m in msgs)
+    # A public head service whose own port list holds only Serve's HTTP port is fine.
+    serve_only = copy.deepcopy(public)
+    serve_only["spec"]["headGroupSpec"]["headService"] = {"spec": {"type": "LoadBalancer",
+                                                                   "ports": [{"name": "serve", "port": 8000}]}}
+    assert validate_file(_write(tmp_path, serve_only), crds) == []
+    no_auth = copy.deepcopy(_load("kuberay/rayjob.yaml"))
+    del no_auth["spec"]["rayClusterSpec"]["authOptions"]
+    (problem,) = validate_file(_write(tmp_path, no_auth), crds)
+    assert problem.path == "$.spec.rayClusterSpec.authOptions.mode" and "token" in problem.message
+    service = copy.deepcopy(_load("kuberay/rayservice.yaml"))
+    service["spec"]["serveService"] = {"spec": {"type": "NodePort", "ports": [{"name": "dash", "port": 8265}]}}
+    assert [p.path for p in validate_file(_write(tmp_path, service), crds)] == ["$.spec.serveService"]
