@@ -1,8 +1,8 @@
 """Overload with a deadline: /v1/analyze flooded past capacity, admission off and on, in one run.
 
 One app (moderation, OCR and quality behind the gateway) on a local Ray. Phase ``off`` has no
-deadlines: every request queues. Phase ``on`` sets the analyze deadline live (as
-``PUT /v1/admin/live/gateway`` does) and floods again. For each phase: answers by status, the
+deadlines: every request queues. Phase ``on`` sets the analyze deadline in the
+gateway's live config (reconfigured in place) and floods again. For each phase: answers by status, the
 latency of the 200s (p50/p99, which should stay within the deadline) and of the 503s (which should
 be fast), and answers per second.
 
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from livelens.data.frames import FrameConfig, generate_slot
     from livelens.serving.auth import add_key_to_file, generate_key
-    from serve_apps import admin
     from serve_apps.gateway import build_app
 
     cfg = FrameConfig(p_negative=0.3, p_ads=0.5, p_game=0.2, p_black=0, p_frozen=0)
@@ -78,12 +77,17 @@ def main(argv: list[str] | None = None) -> int:
                               "cpu_count": os.cpu_count()}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({"gateway": {"key_file": key_file, "live": {"deadlines_s": {}}}, "streams": None})
-        serve.run(app, name="livelens", route_prefix="/")
+
+        def deploy(deadlines: dict[str, float]) -> None:
+            # Only the gateway's user_config differs between the two: Serve reconfigures it in place.
+            serve.run(build_app({"gateway": {"key_file": key_file, "live": {"deadlines_s": deadlines}},
+                                 "streams": None}), name="livelens", route_prefix="/")
+
+        deploy({})
         url = f"http://127.0.0.1:{port}"
         asyncio.run(flood(url, key, bodies, 8, 2))  # warm-up: lazy models, allocators
         result["off"] = asyncio.run(flood(url, key, bodies, a.requests, a.concurrency))
-        admin.set_live("gateway", {"deadlines_s": {"analyze": a.deadline}}, "livelens")
+        deploy({"analyze": a.deadline})
         asyncio.run(flood(url, key, bodies, 8, 2))  # the new replica's first completions (its estimate)
         result["on"] = asyncio.run(flood(url, key, bodies, a.requests, a.concurrency))
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,26 @@ class Colocated:
 
     def build(self) -> LocalHandle:
         return LocalHandle(self.cls(self.args))
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Whether a downstream call failed because its replica died (killed, OOM, node lost), not because of the request."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(unwrap(exc), ActorDiedError | ActorUnavailableError | RayActorError)
+
+
+async def once_more(call: Any) -> Any:
+    """Await ``call()``; if its replica died mid-request, call it once more.
+
+    Every downstream call is idempotent (an answer is a function of the image), and Serve sends
+    the new call to a live replica, or holds it until the controller has replaced the dead one.
+    """
+    try:
+        return await call()
+    except Exception as exc:
+        if not replica_died(exc):
+            raise
+        logging.getLogger("livelens.serve").warning("a downstream replica died mid-request (%s); retrying once",
+                                                    type(unwrap(exc)).__name__)
+        return await call()

@@ -38,7 +38,7 @@ from livelens.serving.admission import Admission
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
 from livelens.serving.streams import check_stream_id, check_ts
-from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, unwrap
+from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_more, unwrap
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
 from serve_apps.ocr import OcrArgs, bind_ocr
 from serve_apps.quality import Quality, QualityArgs, bind_quality
@@ -429,12 +429,14 @@ class Gateway:
         if "moderate" in caps:
             h = self._handle("moderate")
             # The pin travels only when asked for, so the common call keeps its two arguments.
-            calls["moderate"] = h.moderate.remote(image, opts.evidence, opts.model) if opts.model \
-                else h.moderate.remote(image, opts.evidence)
+            calls["moderate"] = once_more(lambda: h.moderate.remote(image, opts.evidence, opts.model)) if opts.model \
+                else once_more(lambda: h.moderate.remote(image, opts.evidence))
         if "ocr" in caps:
-            calls["ocr"] = self._handle("ocr").read.remote(image)
+            ocr = self._handle("ocr")
+            calls["ocr"] = once_more(lambda: ocr.read.remote(image))
         if "quality" in caps:
-            calls["quality"] = self._handle("quality").assess.remote(image)
+            quality = self._handle("quality")
+            calls["quality"] = once_more(lambda: quality.assess.remote(image))
         t0 = time.perf_counter()
         if telemetry.METRICS.enabled:
             for cap in calls:

@@ -23,7 +23,7 @@ from ray import serve
 
 from livelens.imageio import EncodedImage, as_rgb
 from livelens.serving.envelope import quiet_expected_errors
-from serve_apps.common import Args, DeployOptions
+from serve_apps.common import Args, DeployOptions, once_more
 
 
 class OcrConfig(BaseModel):
@@ -208,10 +208,15 @@ class Ocr:
         """Lines (polygon, box, text, score), entities, QR payloads, regions and the ads labels they raise."""
         pipe = await self.pipeline()
 
+        # Both calls are retried once when their replica dies mid-request (serve_apps.common.once_more).
         async def recognize(crops: list[np.ndarray]) -> list[tuple[str, float]]:
-            return list(await asyncio.gather(*(self.recognizer.recognize.remote(c) for c in crops)))
+            return list(await asyncio.gather(*(once_more(lambda c=c: self.recognizer.recognize.remote(c))
+                                               for c in crops)))
 
-        return await pipe.read(image, self.detector.detect.remote, recognize)
+        async def detect(img: np.ndarray | EncodedImage) -> list[dict[str, Any]]:
+            return await once_more(lambda: self.detector.detect.remote(img))
+
+        return await pipe.read(image, detect, recognize)
 
 
 def bind_ocr(args: OcrArgs | dict | None = None):

@@ -408,6 +408,39 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
     assert after["evidence"] and after["evidence"][0]["thumbnail_jpeg_b64"]
 
 
+def test_a_replica_killed_under_load_loses_no_request(app):
+    """Issue 19: the gateway retries a downstream call once when its replica dies mid-request."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"{APP}#Quality#" in a["name"]]
+    assert names, "no quality replica"
+    jpg = _jpeg(np.random.default_rng(3).integers(0, 255, (360, 640, 3), dtype=np.uint8))
+
+    async def run() -> list[int]:
+        sem = asyncio.Semaphore(4)
+        async with httpx.AsyncClient(timeout=180) as client:
+            async def one() -> int:
+                async with sem:
+                    r = await client.post(f"{app['url']}/v1/quality", content=jpg,
+                                          headers={**app["headers"], "content-type": "image/jpeg"})
+                    return r.status_code if r.status_code == 200 else (r.status_code, r.text[:300])
+
+            tasks = [asyncio.ensure_future(one()) for _ in range(24)]
+            await asyncio.sleep(0.5)  # requests are in flight on the replica
+            for name in names:
+                await asyncio.to_thread(ray.kill, ray.get_actor(name, namespace="serve"), no_restart=True)
+            return list(await asyncio.gather(*tasks))
+
+    answers = asyncio.run(run())
+    # None is lost and none fails: the calls on the killed replica are retried on its replacement.
+    # While it restarts, the queue's expected time can pass the deadline, and a request that
+    # would wait too long is refused at once (a 503 to retry, before any work) rather than lost.
+    refused = [a for a in answers if a != 200]
+    assert all(a[0] == 503 and '"overloaded"' in a[1] and "deadline" in a[1] for a in refused), refused
+    assert answers.count(200) >= 12, answers
+
+
 def test_bad_timestamps_and_deep_json_are_400s_and_poison_nothing(app):
     frame = _jpeg(np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8))
     url = f"{app['url']}/v1/streams/ts-check/frames"

@@ -447,3 +447,30 @@ def test_expected_client_errors_log_one_info_line_not_a_traceback() -> None:
     assert "Traceback" not in logging.Formatter().format(quiet)
     loud = record_for(RuntimeError("a bug"))
     assert ExpectedErrorFilter().filter(loud) and loud.levelno == logging.ERROR and loud.exc_info is not None
+
+
+def test_a_downstream_call_is_retried_once_only_when_its_replica_died() -> None:
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from serve_apps.common import once_more
+
+    calls = []
+
+    def flaky(*errors: BaseException):
+        async def call():
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "answer"
+        return call
+
+    assert asyncio.run(once_more(flaky(ActorDiedError()))) == "answer" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(ActorDiedError):  # only once: a second death is the caller's to see
+        asyncio.run(once_more(flaky(ActorDiedError(), ActorDiedError())))
+    calls.clear()
+    with pytest.raises(ValueError):  # a failure of the request itself is never retried
+        asyncio.run(once_more(flaky(ValueError("bad image"))))
+    assert len(calls) == 1
