@@ -15,14 +15,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.loadgen import run_load
+from benchmarks.loadgen import run_load, start_local_ray
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -61,18 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from livelens.data.frames import FrameConfig, generate_slot
-    from livelens.serving.auth import add_key_to_file, generate_key
     from serve_apps.gateway import build_app
 
     cfg = FrameConfig(p_negative=0.3, p_ads=0.5, p_game=0.2, p_black=0, p_frozen=0)
     bodies = [generate_slot(5, s, cfg)[0]["image_bytes"] for s in range(24)]
-    key, key_file = generate_key(), "runs/bench_keys.json"
-    add_key_to_file(key_file, key, "bench", rate_per_s=1e6, burst=1e6)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False)
+    key, key_file, port = start_local_ray()
     result: dict[str, Any] = {"requests": a.requests, "concurrency": a.concurrency, "deadline_s": a.deadline,
                               "cpu_count": os.cpu_count()}
     try:

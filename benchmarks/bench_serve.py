@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.loadgen import Multipart, Response, run_load
+from benchmarks.loadgen import Multipart, Response, run_load, start_local_ray
 from livelens.imageio import decode_image, encode_jpeg
 from serve_apps.common import SERVE_MODES, direct_ingress_url
 
@@ -160,16 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from livelens.serving.auth import add_key_to_file, generate_key
     from serve_apps.gateway import build_app
 
-    key, key_file = generate_key(), "runs/bench_keys.json"
-    add_key_to_file(key_file, key, "bench", rate_per_s=1e6, burst=1e6)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False)
+    key, key_file, port = start_local_ray()
     raw_runs: list[float] = []
     paths: dict[str, dict[str, Any]] = {}
     try:

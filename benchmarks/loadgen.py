@@ -130,3 +130,25 @@ class Multipart:
     @property
     def content_type(self) -> str:
         return f"multipart/form-data; boundary={self.boundary}"
+
+
+def start_local_ray(num_cpus: int = 4) -> tuple[str, str, int]:
+    """A bench API key (stored in ``runs/bench_keys.json``, no rate limit), a free loopback port, and a local Ray.
+
+    Returns:
+        ``(key, key_file, port)``.
+    """
+    import socket
+
+    import ray
+
+    from livelens.serving.auth import add_key_to_file, generate_key
+
+    key, key_file = generate_key(), "runs/bench_keys.json"
+    add_key_to_file(key_file, key, "bench", rate_per_s=1e6, burst=1e6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    return key, key_file, port

@@ -36,9 +36,9 @@ UNDOUBLE = 0.5
 SIMPLIFY = 0.01
 
 
-@functools.lru_cache(maxsize=1)
-def traditional_to_simplified() -> dict[str, str]:
-    """Single-character traditional → simplified map (OpenCC ``TSCharacters``).
+@functools.lru_cache(maxsize=2)
+def _opencc_characters(name: str) -> dict[str, str]:
+    """One of OpenCC's single-character tables, first choice of each entry, identities left out.
 
     Raises:
         ConfigError: The OpenCC dictionary is missing (``opencc-python-reimplemented`` not installed).
@@ -47,33 +47,27 @@ def traditional_to_simplified() -> dict[str, str]:
         import opencc
     except ImportError as exc:
         raise ConfigError("opencc-python-reimplemented is not installed (a livelens dependency)") from exc
-    path = Path(opencc.__file__).resolve().parent / "dictionary" / "TSCharacters.txt"
+    path = Path(opencc.__file__).resolve().parent / "dictionary" / name
     if not path.is_file():
         raise ConfigError(f"OpenCC dictionary missing: {path}")
     table: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split("\t")
         if len(parts) == 2 and len(parts[0]) == 1:
-            simp = parts[1].split(" ")[0]
-            if len(simp) == 1 and simp != parts[0]:
-                table[parts[0]] = simp
+            first = parts[1].split(" ")[0]
+            if len(first) == 1 and first != parts[0]:
+                table[parts[0]] = first
     return table
 
 
-@functools.lru_cache(maxsize=1)
+def traditional_to_simplified() -> dict[str, str]:
+    """Single-character traditional → simplified map (OpenCC ``TSCharacters``)."""
+    return _opencc_characters("TSCharacters.txt")
+
+
 def simplified_to_traditional() -> dict[str, str]:
     """Single-character simplified → traditional map (OpenCC ``STCharacters``), for rendering traditional test text."""
-    import opencc
-
-    path = Path(opencc.__file__).resolve().parent / "dictionary" / "STCharacters.txt"
-    table: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) == 2 and len(parts[0]) == 1:
-            trad = parts[1].split(" ")[0]
-            if len(trad) == 1 and trad != parts[0]:
-                table[parts[0]] = trad
-    return table
+    return _opencc_characters("STCharacters.txt")
 
 
 @dataclass
