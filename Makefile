@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -79,6 +79,10 @@ clusters: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+chaos: setup
+	$(PY) -m benchmarks.chaos --requests 10000
+	$(PY) -m benchmarks.bench_overload
 
 cluster-up: setup
 	$(PY) -m cluster.local up --workers 2

@@ -355,6 +355,17 @@ def test_a_thousand_frame_1080p_gif_is_answered_from_its_first_frame(app):
     assert (r.json()["image"]["width"], r.json()["image"]["height"]) == (1920, 1080)
 
 
+def test_the_hostile_table_gets_no_5xx_and_every_answer_in_the_envelope(app):
+    """Issue 19's short chaos: the whole hostile table (benchmarks/chaos.py), 500 requests, no 5xx, service up."""
+    from benchmarks.chaos import cases, run_hostile, table_rows
+
+    rows = table_rows(asyncio.run(run_hostile(app["url"], app["key"], 500, concurrency=8)))
+    assert len(rows) == len(cases()) >= 30
+    bad = [r for r in rows if r["5xx"] or r["outside_envelope"] or r["wrong_2xx"]]
+    assert not bad, json.dumps(bad)
+    assert httpx.get(f"{app['url']}/healthz", timeout=30).status_code == 200
+
+
 def test_backpressure_answers_503_and_loses_nothing(app):
     jpg = _jpeg(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
 
