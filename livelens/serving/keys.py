@@ -21,7 +21,6 @@ from livelens.errors import ConfigError
 from livelens.serving.auth import (
     ALL_SCOPES,
     DEFAULT_KEY_FILE,
-    ApiKey,
     DailyQuota,
     _parse_entries,
     _stored,
@@ -121,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-__all__ = ["ApiKey", "listing", "main", "revoke", "rotate"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
