@@ -249,3 +249,26 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     assert len(trials) == 3 and all(1 <= len(m["train_loss"]) <= 2 for _, _, m in trials.values())
     assert card["threshold_rule"].startswith("served") and card["train_label_counts"]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ref"] == summary["ref"]
+
+
+@pytest.mark.ray
+def test_parameter_server_strategy_trains_the_same_job(ray_session, frames_manifest, tmp_path):
+    import ray
+
+    from livelens.train.ps import NAMESPACE, shard_names
+
+    cfg = tiny(frames_manifest, tmp_path, strategy="ps", ps_mode="async", ps_staleness=1, ps_shards=2,
+               ps_checkpoint_dir=str(tmp_path / "ps"), precision="fp32")
+    summary = run(replace(cfg, register=False, run_name="ps"))
+    losses = _losses(summary)
+    assert summary["val"]["world_size"] == 2
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    # Both shards checkpointed; every push and pull moved the model's trainable tensors.
+    assert sorted(p.name for p in (tmp_path / "ps").iterdir()) == ["shard-0.pt", "shard-1.pt"]
+    assert summary["val"]["ps_bytes_per_step"] > 0 and summary["val"]["ps_version"] > 0
+    # The run ended its shards.
+    for name in shard_names("ps", 2):
+        with pytest.raises(ValueError):
+            ray.get_actor(name, namespace=NAMESPACE)
+    with pytest.raises(ConfigError):
+        run(replace(cfg, loop=replace(cfg.loop, comm_hook="fp16")))

@@ -21,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from livelens.errors import ConfigError
 
 COMM_HOOKS = ("none", "fp16", "powersgd")
+#: ``flat``: DDP's one ring over every rank; ``two_level``: livelens.train.hierarchical.
+ALLREDUCE = ("flat", "two_level")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -39,12 +41,14 @@ def check_precision(precision: str, use_gpu: bool) -> None:
         raise ConfigError("precision 'fp16' needs use_gpu=True (GradScaler is CUDA-only); use 'bf16' on CPU")
 
 
-def check_comm_hook(name: str, powersgd_rank: int = 1) -> None:
+def check_comm_hook(name: str, powersgd_rank: int = 1, allreduce: str = "flat") -> None:
     """Validate a comm-hook choice.
 
     Raises:
-        ConfigError: Unknown hook or a non-positive PowerSGD rank.
+        ConfigError: Unknown hook or allreduce scheme, or a non-positive PowerSGD rank.
     """
+    if allreduce not in ALLREDUCE:
+        raise ConfigError(f"unknown allreduce scheme {allreduce!r}; choose one of {ALLREDUCE}")
     if name not in COMM_HOOKS:
         raise ConfigError(f"unknown comm hook {name!r}; choose one of {COMM_HOOKS}")
     if name == "powersgd" and powersgd_rank < 1:
@@ -104,7 +108,7 @@ def _counting(hook: Callable, state: Any, counter: ByteCounter, elem_bytes: int)
 
 
 def register_comm_hook(model: nn.Module, name: str, *, powersgd_rank: int = 1, start_powersgd_iter: int = 2,
-                       counter: ByteCounter | None = None) -> Any:
+                       counter: ByteCounter | None = None, allreduce: str = "flat") -> Any:
     """Install a gradient comm hook on a DDP model; a no-op for a plain module (one worker).
 
     Ray's ``prepare_model`` wraps in DDP only when world_size > 1, hence the check.
@@ -114,14 +118,22 @@ def register_comm_hook(model: nn.Module, name: str, *, powersgd_rank: int = 1, s
         name: ``none`` (DDP's allreduce), ``fp16`` or ``powersgd``.
         powersgd_rank: Matrix approximation rank for PowerSGD.
         start_powersgd_iter: Plain allreduce steps before compressing (PowerSGD warm-up).
-        counter: When given, counts the gradient bytes each step sends.
+        counter: When given, counts the gradient bytes each step sends (for ``two_level``: the
+            bytes this rank sends to other nodes).
+        allreduce: ``flat`` or ``two_level`` (within nodes, then across node leaders; ``name``
+            then compresses the leaders' stage).
 
     Returns:
-        The hook state (PowerSGDState for powersgd), or None.
+        The hook state (PowerSGDState for powersgd, TwoLevelState for two_level), or None.
     """
-    check_comm_hook(name, powersgd_rank)
+    check_comm_hook(name, powersgd_rank, allreduce)
     if not isinstance(model, DistributedDataParallel):
         return None
+    if allreduce == "two_level":
+        from livelens.train.hierarchical import register_two_level_hook
+
+        return register_two_level_hook(model, name, powersgd_rank=powersgd_rank,
+                                       start_powersgd_iter=start_powersgd_iter, counter=counter)
     state: Any = None
     if name == "none":
         if counter is None:

@@ -42,6 +42,7 @@ from livelens.train.ddp import (
 
 STATE_FILE = "state.pt"
 SCHEDULES = ("cosine_epochs", "warmup_cosine")
+STRATEGIES = ("ddp", "ps")
 METRICS_FILE = "metrics.json"
 
 Batch = Mapping[str, Any]
@@ -59,7 +60,19 @@ class LoopConfig:
         batch_size: Per-worker batch size.
         precision: ``fp32``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU, with GradScaler).
         use_gpu: One GPU per worker.
+        strategy: ``ddp`` (allreduce of gradients) or ``ps`` (a parameter server on Ray actors:
+            livelens.train.ps; the ``ps_*`` settings apply, and the optimiser runs on its shards).
+        ps_mode: ``sync`` (one averaged step per round, like DDP) or ``async``.
+        ps_staleness: ``async``: how many pushes a worker may run ahead of the slowest one.
+        ps_shards: Parameter-server shard actors.
+        ps_optimizer: ``sgd`` or ``adamw`` (on the shards; ``weight_decay`` applies).
+        ps_momentum: SGD momentum on the shards.
+        ps_checkpoint_dir: Where shards checkpoint (a restarted shard reloads it); empty:
+            ``runs/ps/<run name>``. Multi-node: a path every node shares.
         comm_hook: ``none``, ``fp16`` or ``powersgd``.
+        allreduce: ``flat`` (DDP's ring over all ranks) or ``two_level`` (reduce within each
+            node, allreduce across node leaders with ``comm_hook``'s compression, broadcast within
+            each node: livelens.train.hierarchical).
         powersgd_rank: PowerSGD matrix approximation rank.
         powersgd_start_iter: Plain allreduce steps before PowerSGD starts compressing.
         max_steps_per_epoch: Cap on steps per epoch (None: the whole shard).
@@ -93,7 +106,15 @@ class LoopConfig:
     batch_size: int = 32
     precision: str = "fp32"
     use_gpu: bool = False
+    strategy: str = "ddp"
+    ps_mode: str = "sync"
+    ps_staleness: int = 0
+    ps_shards: int = 2
+    ps_optimizer: str = "adamw"
+    ps_momentum: float = 0.0
+    ps_checkpoint_dir: str = ""
     comm_hook: str = "none"
+    allreduce: str = "flat"
     powersgd_rank: int = 2
     powersgd_start_iter: int = 2
     max_steps_per_epoch: int | None = None
@@ -121,7 +142,13 @@ class LoopConfig:
             ConfigError: An impossible value or combination.
         """
         check_precision(self.precision, self.use_gpu)
-        check_comm_hook(self.comm_hook, self.powersgd_rank)
+        check_comm_hook(self.comm_hook, self.powersgd_rank, self.allreduce)
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if self.strategy == "ps":
+            self.ps_config("check").validate()
+            if self.comm_hook != "none" or self.allreduce != "flat":
+                raise ConfigError("comm_hook and allreduce apply to strategy 'ddp'; a parameter server sends tensors")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -134,6 +161,15 @@ class LoopConfig:
             raise ConfigError("warmup_steps, max_minutes, clip_grad_norm and log_every must be >= 0")
         if not 0 <= self.lr_floor <= 1:
             raise ConfigError(f"lr_floor must be in [0, 1], got {self.lr_floor}")
+
+    def ps_config(self, run: str) -> Any:
+        """The :class:`livelens.train.ps.PsConfig` of strategy ``ps`` for the run named ``run``."""
+        from livelens.train.ps import PsConfig
+
+        folder = self.ps_checkpoint_dir or str(_project_path("runs/ps") / run)
+        return PsConfig(mode=self.ps_mode, staleness=self.ps_staleness, num_shards=self.ps_shards,
+                        optimizer=self.ps_optimizer, momentum=self.ps_momentum, weight_decay=self.weight_decay,
+                        checkpoint_dir=folder)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LoopConfig:
@@ -463,15 +499,25 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     model = build_model()
-    model = ray.train.torch.prepare_model(model)
     counter = ByteCounter() if cfg.count_grad_bytes else None
-    register_comm_hook(model, cfg.comm_hook, powersgd_rank=cfg.powersgd_rank,
-                       start_powersgd_iter=cfg.powersgd_start_iter, counter=counter)
+    ps = None
+    if cfg.strategy == "ps":
+        model = ray.train.torch.prepare_model(model, parallel_strategy=None)
+        ps = _ps_client(model, cfg, ctx.get_experiment_name(), rank, world)
+    else:
+        model = ray.train.torch.prepare_model(model)
+        register_comm_hook(model, cfg.comm_hook, powersgd_rank=cfg.powersgd_rank,
+                           start_powersgd_iter=cfg.powersgd_start_iter, counter=counter, allreduce=cfg.allreduce)
     params = list(trainable_parameters(model))
     if not params:
         raise ConfigError("the model has no trainable parameters")
-    optimizer = (make_optimizer(params, cfg) if make_optimizer
-                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    if ps is not None:
+        from livelens.train.ps import PsOptimizer
+
+        optimizer: torch.optim.Optimizer = PsOptimizer(params, ps, cfg.lr)
+    else:
+        optimizer = (make_optimizer(params, cfg) if make_optimizer
+                     else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = grad_scaler(cfg.precision, device)
     state = FitState()
@@ -482,6 +528,8 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         with ckpt.as_directory() as d:
             saved = load_checkpoint_state(d)
         unwrap(model).load_state_dict(saved["model"])
+        if ps is not None:
+            ps.pull()  # the shards outlive a restarted worker group and hold newer tensors
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -510,6 +558,9 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
                                    "images_per_s": stats["samples"] * world / max(stats["epoch_s"], 1e-9)}
         if counter is not None:
             metrics["grad_bytes_per_step"] = counter.per_step(skip=cfg.powersgd_start_iter)
+        if ps is not None:
+            metrics["ps_bytes_per_step"] = (ps.bytes_pushed + ps.bytes_pulled) / max(ps.pushes, 1)
+            metrics["ps_version"] = ps.versions[0]
         files: dict[str, bytes] = {}
         if evaluate is not None and rank == 0 and (last or not cfg.eval_last_only):
             inner = unwrap(model)
@@ -531,4 +582,36 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         if last:
             break
     tb.close()
+    if ps is not None:
+        _stop_ps(cfg, ctx.get_experiment_name(), rank)
     return state
+
+
+def _ps_client(model: nn.Module, cfg: LoopConfig, run: str, rank: int, world: int) -> Any:
+    """Start (rank 0) or find the run's parameter-server shards and connect this worker."""
+    import ray
+
+    from livelens.train.ps import PsClient, shard_names, start_shards
+
+    ps_cfg = cfg.ps_config(run)
+    dist = torch.distributed
+    if rank == 0:
+        shards = start_shards(run, world, ps_cfg)
+    if dist.is_initialized():
+        dist.barrier()  # named actors exist before the other ranks look them up
+    if rank != 0:
+        from livelens.train.ps import NAMESPACE
+
+        shards = [ray.get_actor(n, namespace=NAMESPACE) for n in shard_names(run, ps_cfg.num_shards)]
+    named = {k: p for k, p in unwrap(model).named_parameters() if p.requires_grad}
+    return PsClient(shards, named, rank)
+
+
+def _stop_ps(cfg: LoopConfig, run: str, rank: int) -> None:
+    """End the shards once every worker is done with them (their checkpoints stay)."""
+    from livelens.train.ps import stop_shards
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        stop_shards(run, cfg.ps_shards)
