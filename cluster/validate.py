@@ -105,7 +105,7 @@ def validate_launcher(config: dict[str, Any], file: str = "<launcher>") -> list[
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         # Ray's cross-field checks (head_node_type, max_workers...) raise plain errors.
         return [Problem(file, "$", f"{type(e).__name__}: {e}")]
-    return []
+    return validate_network_launcher(config, file)
 
 
 # -- KubeRay ----------------------------------------------------------------------------------
@@ -188,6 +188,7 @@ def validate_kuberay(
         for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     ]
     problems += validate_exposure(doc, file)
+    problems += validate_network_kuberay(doc, file)
     if kind == "RayService" and isinstance(doc.get("spec"), dict) and "serveConfigV2" in doc["spec"]:
         problems += validate_serve_config(
             doc["spec"]["serveConfigV2"], file=file, base_path="$.spec.serveConfigV2"
@@ -242,6 +243,133 @@ def validate_exposure(doc: dict[str, Any], file: str = "<manifest>") -> list[Pro
             if port in PRIVATE_PORTS:
                 problems.append(Problem(file, "$.spec.serveService", f"the serve service publishes the "
                                         f"{PRIVATE_PORTS[port]} port {port}"))
+    return problems
+
+
+# -- NCCL / RDMA network settings ---------------------------------------------------------------
+#: NCCL_NET_GDR_LEVEL's documented values: how far apart a NIC and a GPU may be for GPUDirect RDMA.
+GDR_LEVELS = ("LOC", "PIX", "PXB", "PHB", "SYS", "0", "1", "2", "3", "4", "5")
+#: Resource names of RDMA device plugins: Mellanox's shared-device and SR-IOV plugins, AWS EFA.
+RDMA_RESOURCE_PREFIXES = ("rdma/", "nvidia.com/hostdev", "vpc.amazonaws.com/efa")
+#: Below this /dev/shm, NCCL's intra-node shared-memory transport and DataLoader workers fail.
+MIN_SHM_BYTES = 1 << 30
+
+
+def _bytes(size: str | int | None) -> int:
+    """``16g`` (docker), ``8Gi`` or ``8G`` (Kubernetes), ``1073741824`` → bytes (0 when unset or unreadable).
+
+    Docker's lower-case units and Kubernetes' ``Ki``/``Mi``/``Gi`` are binary; Kubernetes'
+    ``K``/``M``/``G`` are decimal.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(size or ""))
+    if not m:
+        return 0
+    unit, binary = m.group(2), bool(m.group(3)) or m.group(2).islower()
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.lower()]
+    return int(float(m.group(1)) * (1024 if binary else 1000) ** power)
+
+
+def check_nccl(env: dict[str, str], *, gpus: int, rdma: bool, ipc_lock: bool, shm_bytes: int, file: str,
+               path: str) -> list[Problem]:
+    """The NCCL and RDMA settings of one node type or pod template.
+
+    Rules (docs/cluster.md, "Network settings for multi-node GPU training", says why):
+
+    - ``NCCL_NET_GDR_LEVEL`` is one of :data:`GDR_LEVELS`.
+    - ``NCCL_SOCKET_IFNAME`` (NCCL's bootstrap and socket-transport interface) must not be
+      ``lo``, which would keep every rank on its own host; it is required wherever RDMA is.
+    - RDMA (a device-plugin resource, or ``/dev/infiniband`` passed in) needs ``IPC_LOCK``
+      (verbs pin memory), and ``NCCL_IB_DISABLE=1`` would waste it. InfiniBand/RoCE (not EFA,
+      which NCCL reaches through the aws-ofi-nccl plugin) needs ``NCCL_IB_HCA``.
+    - ``NCCL_IB_HCA`` without any RDMA device names HCAs the container cannot see.
+    - A node with several GPUs or RDMA needs ``/dev/shm`` of at least 1 GiB: Docker's 64 MB
+      default breaks NCCL's shared-memory transport between the GPUs of one node.
+
+    Returns:
+        The problems found.
+    """
+    problems: list[Problem] = []
+    gdr = env.get("NCCL_NET_GDR_LEVEL")
+    if gdr is not None and str(gdr).upper() not in GDR_LEVELS:
+        problems.append(Problem(file, path, f"NCCL_NET_GDR_LEVEL={gdr!r} is not one of {GDR_LEVELS}"))
+    ifname = env.get("NCCL_SOCKET_IFNAME")
+    if ifname is not None and ifname.strip().lstrip("=^") in ("", "lo"):
+        problems.append(Problem(file, path, f"NCCL_SOCKET_IFNAME={ifname!r}: loopback cannot reach other nodes"))
+    efa = env.get("FI_PROVIDER", "").lower() == "efa"
+    if rdma:
+        if ifname is None:
+            problems.append(Problem(file, path, "RDMA is requested but NCCL_SOCKET_IFNAME is not set: NCCL may "
+                                    "bootstrap over a docker or CNI bridge"))
+        if not ipc_lock:
+            problems.append(Problem(file, path, "RDMA needs the IPC_LOCK capability (verbs pin memory)"))
+        if env.get("NCCL_IB_DISABLE") == "1":
+            problems.append(Problem(file, path, "NCCL_IB_DISABLE=1 turns off the RDMA devices this node requests"))
+        if not efa and not env.get("NCCL_IB_HCA"):
+            problems.append(Problem(file, path, "InfiniBand/RoCE without NCCL_IB_HCA: NCCL may pick a port that "
+                                    "is down or on another fabric"))
+    elif env.get("NCCL_IB_HCA"):
+        problems.append(Problem(file, path, "NCCL_IB_HCA is set but no RDMA device is requested or passed in"))
+    if (gpus > 1 or rdma) and shm_bytes < MIN_SHM_BYTES:
+        problems.append(Problem(file, path, f"/dev/shm is {shm_bytes >> 20} MiB on a node with {gpus} GPUs"
+                                f"{' and RDMA' if rdma else ''}: give it at least 1 GiB"))
+    return problems
+
+
+def validate_network_launcher(config: dict[str, Any], file: str = "<launcher>") -> list[Problem]:
+    """:func:`check_nccl` for each node type of a launcher config, from its docker run options."""
+    import shlex
+
+    problems: list[Problem] = []
+    docker = config.get("docker") or {}
+    for name, nt in (config.get("available_node_types") or {}).items():
+        opts = [*docker.get("run_options", []), *((nt.get("docker") or {}).get("worker_run_options") or [])]
+        words = [w for o in opts for w in shlex.split(str(o))]
+        env: dict[str, str] = {}
+        caps, shm, rdma = set(), 0, False
+        for i, w in enumerate(words):
+            nxt = words[i + 1] if i + 1 < len(words) else ""
+            key, _, val = w.partition("=")
+            if w in ("-e", "--env") and "=" in nxt:
+                k, _, v = nxt.partition("=")
+                env[k] = v
+            elif key == "--shm-size":
+                shm = _bytes(val or nxt)
+            elif key == "--cap-add":
+                caps.add((val or nxt).upper())
+            elif key == "--device" and "/dev/infiniband" in (val or nxt):
+                rdma = True
+        gpus = sum(int(v) for k, v in (nt.get("resources") or {}).items()
+                   if k == "GPU" or k.startswith("accelerator_"))
+        problems += check_nccl(env, gpus=gpus, rdma=rdma, ipc_lock="IPC_LOCK" in caps, shm_bytes=shm, file=file,
+                               path=f"$.available_node_types.{name}")
+    return problems
+
+
+def validate_network_kuberay(doc: dict[str, Any], file: str = "<manifest>") -> list[Problem]:
+    """:func:`check_nccl` for every container of every group of a KubeRay resource."""
+    problems: list[Problem] = []
+    for path, spec in _cluster_specs(doc):
+        groups = [("headGroupSpec", spec.get("headGroupSpec") or {})]
+        groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs") or [])]
+        for where, group in groups:
+            pod = (group.get("template") or {}).get("spec") or {}
+            shm_volumes = {v.get("name"): _bytes((v.get("emptyDir") or {}).get("sizeLimit")) or MIN_SHM_BYTES
+                           for v in pod.get("volumes") or []
+                           if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+            for c_i, c in enumerate(pod.get("containers") or []):
+                env = {e.get("name"): str(e.get("value", "")) for e in c.get("env") or [] if "value" in e}
+                res = {**((c.get("resources") or {}).get("requests") or {}),
+                       **((c.get("resources") or {}).get("limits") or {})}
+                gpus = int(res.get("nvidia.com/gpu", 0) or 0)
+                rdma = any(str(k).startswith(RDMA_RESOURCE_PREFIXES) for k in res)
+                caps = {str(x).upper() for x in (((c.get("securityContext") or {}).get("capabilities") or {})
+                                                 .get("add") or [])}
+                shm = max((shm_volumes.get(m.get("name"), 0) for m in c.get("volumeMounts") or []
+                           if m.get("mountPath") == "/dev/shm"), default=64 << 20)
+                problems += check_nccl(env, gpus=gpus, rdma=rdma, ipc_lock="IPC_LOCK" in caps, shm_bytes=shm,
+                                       file=file, path=f"{path}.{where}.template.spec.containers[{c_i}]")
     return problems
 
 

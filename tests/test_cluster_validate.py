@@ -264,3 +264,46 @@ def test_control_plane_ports_are_never_published_and_token_auth_is_required(tmp_
     service = copy.deepcopy(_load("kuberay/rayservice.yaml"))
     service["spec"]["serveService"] = {"spec": {"type": "NodePort", "ports": [{"name": "dash", "port": 8265}]}}
     assert [p.path for p in validate_file(_write(tmp_path, service), crds)] == ["$.spec.serveService"]
+
+
+def _ib_container(doc: dict) -> dict:
+    group = next(g for g in doc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-a100-ib")
+    return group["template"]["spec"]["containers"][0]
+
+
+def _env(c: dict) -> dict:
+    return {e["name"]: e for e in c["env"]}
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda c: _env(c)["NCCL_NET_GDR_LEVEL"].update(value="NVLINK"), "NCCL_NET_GDR_LEVEL"),
+    (lambda c: _env(c)["NCCL_SOCKET_IFNAME"].update(value="lo"), "loopback"),
+    (lambda c: c["env"].remove(_env(c)["NCCL_SOCKET_IFNAME"]), "NCCL_SOCKET_IFNAME is not set"),
+    (lambda c: c["env"].remove(_env(c)["NCCL_IB_HCA"]), "NCCL_IB_HCA"),
+    (lambda c: c["env"].append({"name": "NCCL_IB_DISABLE", "value": "1"}), "NCCL_IB_DISABLE=1"),
+    (lambda c: c.pop("securityContext"), "IPC_LOCK"),
+    (lambda c: c.pop("volumeMounts"), "/dev/shm is 64 MiB"),
+    # HCAs named for a pod that asks for no RDMA device.
+    (lambda c: [c["resources"][k].pop("rdma/rdma_shared_device_a") for k in ("requests", "limits")], "no RDMA device"),
+])
+def test_kuberay_nccl_and_rdma_mistakes_are_caught(tmp_path, crds, mutate, expect):
+    doc = _load("kuberay/raycluster.yaml")
+    mutate(_ib_container(doc))
+    problems = validate_file(_write(tmp_path, doc), crds)
+    assert any(expect in p.message and "workerGroupSpecs[1]" in p.path for p in problems), problems
+
+
+def test_launcher_nccl_settings_are_read_from_docker_options(tmp_path):
+    doc = _load("launcher.yaml")
+    opts = doc["available_node_types"]["gpu_a100x8"]["docker"]["worker_run_options"]
+    assert validate_file(_write(tmp_path, doc, "launcher.yaml")) == []
+    for drop, expect in [("--cap-add=IPC_LOCK", "IPC_LOCK"), ("--shm-size=64g", None),
+                         ("-e NCCL_SOCKET_IFNAME=ens", "NCCL_SOCKET_IFNAME is not set")]:
+        bad = copy.deepcopy(doc)
+        bad["available_node_types"]["gpu_a100x8"]["docker"]["worker_run_options"] = [o for o in opts if
+                                                                                     not o.startswith(drop)]
+        if drop.startswith("--shm"):
+            bad["docker"]["run_options"] = [o for o in bad["docker"]["run_options"] if "shm" not in o]
+            expect = "/dev/shm is 0 MiB"
+        problems = validate_file(_write(tmp_path, bad, "launcher.yaml"))
+        assert any(expect in p.message and p.path == "$.available_node_types.gpu_a100x8" for p in problems), problems
