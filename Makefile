@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
 .PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
-        default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench cluster-up cluster-down clean coverage eval-real
+        default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
 	@bash scripts/setup.sh
@@ -79,6 +79,11 @@ clusters: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The GPU figures (ResNet-50 bf16 training, serving from JPEG, the mmocr GPU preset's first
+# epoch) in about 5 minutes on one H100/H200; exits 2 without CUDA.
+bench-gpu: setup
+	$(PY) -m benchmarks.bench_gpu --out runs/bench-gpu.json
 
 chaos: setup
 	$(PY) -m benchmarks.chaos --requests 10000

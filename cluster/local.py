@@ -120,6 +120,44 @@ def _pid_alive(pid: int) -> bool:
     return state != "Z"  # a zombie is dead, only not yet reaped by its parent
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _node_name_of(pid: int) -> str | None:
+    """The ``--node-name``/``--node_name`` a Ray process was started with, if any."""
+    for arg in _cmdline(pid):
+        for flag in ("--node-name=", "--node_name="):
+            if arg.startswith(flag):
+                return arg[len(flag):]
+    return None
+
+
+def _is_raylet_of(pid: int, name: str) -> bool:
+    args = _cmdline(pid)
+    return bool(args) and Path(args[0]).name == "raylet" and _node_name_of(pid) == name
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process whose parent chain reaches ``pid``."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {c for c, p in parent.items() if p in frontier} - out
+        out |= frontier
+    return out
+
+
 def kill_cluster(root: str | Path, grace_s: float = 5.0) -> list[int]:
     """Stop every process of the cluster at ``root``: SIGTERM, then SIGKILL after ``grace_s``.
 
@@ -411,6 +449,37 @@ class LocalCluster:
     def pids(self) -> list[int]:
         """Process ids of this cluster's live processes (GCS, raylets, agents, workers)."""
         return [] if self.root is None else [p for p in find_cluster_pids(self.root) if _pid_alive(p)]
+
+    # -- faults ------------------------------------------------------------------------------
+    def kill_node(self, name: str) -> list[int]:
+        """SIGKILL worker node ``name``'s raylet and every process under it, as a lost machine.
+
+        Args:
+            name: A worker node name (``w0``, ``w1``…).
+
+        Returns:
+            The process ids killed.
+
+        Raises:
+            ConfigError: No live raylet of that name.
+        """
+        raylets = [p for p in self.pids() if _is_raylet_of(p, name)]
+        if not raylets:
+            raise ConfigError(f"no live raylet named {name!r} in this cluster")
+        victims = set(raylets)
+        for pid in raylets:
+            victims |= _descendants(pid)
+            # `ray start` runs the raylet beside its node's agents, which are the raylet's siblings.
+            victims |= {p for p in self.pids() if _node_name_of(p) == name}
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return sorted(victims)
+
+    def start_node(self, name: str) -> None:
+        """Start worker node ``name`` again (after :meth:`kill_node`), with its usual resources."""
+        self._ray_start([f"--address={self.address}",
+                         *self._node_args(name, self.cpus_per_worker, {f"node_{name}": 1, "livelens_worker": 1})])
 
     # -- internals ---------------------------------------------------------------------------
     def _node_args(self, name: str, cpus: int, resources: dict[str, float]) -> list[str]:

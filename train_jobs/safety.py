@@ -49,7 +49,10 @@ class SafetyTrainConfig:
         freeze_backbone: Train only the pooling and heads (a frozen ImageNet backbone).
         image_size: Input side in pixels.
         evidence_crop: Random resized crops that keep the labelled boxes.
-        num_workers: Ray Train workers.
+        num_workers: Ray Train workers (with ``min_workers``: the most).
+        min_workers: Elastic training (Train V2): run with as few as this many workers when
+            nodes are lost, and grow back to ``num_workers`` when they return. 0: a fixed size.
+        resize_check_s: Elastic: how often the controller looks for room to grow.
         cpus_per_worker: Logical CPUs each worker reserves.
         placement_strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node).
         storage_path: Ray Train storage (a path or URI); checkpoints and results go here.
@@ -72,6 +75,8 @@ class SafetyTrainConfig:
     image_size: int = 128
     evidence_crop: bool = True
     num_workers: int = 2
+    min_workers: int = 0
+    resize_check_s: float = 60.0
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     storage_path: str = "runs/train"
@@ -112,6 +117,8 @@ class SafetyTrainConfig:
             raise ConfigError(f"image_size must be in [16, 1024], got {self.image_size}")
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ConfigError("num_workers must be >= 1 and cpus_per_worker > 0")
+        if not 0 <= self.min_workers <= self.num_workers or self.resize_check_s < 0:
+            raise ConfigError(f"min_workers must be in [0, num_workers={self.num_workers}] and resize_check_s >= 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"unknown placement_strategy {self.placement_strategy!r}")
         if self.evidence_crop:
@@ -161,8 +168,10 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers
+                                     else cfg.num_workers,
+                                     elastic_resize_monitor_interval_s=cfg.resize_check_s,
+                                     use_gpu=cfg.loop.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
         # Only train is sharded: rank 0 evaluates on the whole val split, so metrics are global.
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
