@@ -272,3 +272,5 @@ def test_parameter_server_strategy_trains_the_same_job(ray_session, frames_manif
             ray.get_actor(name, namespace=NAMESPACE)
     with pytest.raises(ConfigError):
         run(replace(cfg, loop=replace(cfg.loop, comm_hook="fp16")))
+    with pytest.raises(ConfigError, match="fixed worker count"):
+        run(replace(cfg, min_workers=1))

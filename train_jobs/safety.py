@@ -119,6 +119,9 @@ class SafetyTrainConfig:
             raise ConfigError("num_workers must be >= 1 and cpus_per_worker > 0")
         if not 0 <= self.min_workers <= self.num_workers or self.resize_check_s < 0:
             raise ConfigError(f"min_workers must be in [0, num_workers={self.num_workers}] and resize_check_s >= 0")
+        if self.min_workers and self.loop.strategy == "ps":
+            # A shard waits for one gradient per worker it was started for; a group that shrank would never finish a round.
+            raise ConfigError("strategy 'ps' needs a fixed worker count: leave min_workers at 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"unknown placement_strategy {self.placement_strategy!r}")
         if self.evidence_crop:

@@ -12,13 +12,17 @@ beside its allreduce training. livelens offers it as a strategy of the same trai
 - ``sync``: a shard averages one gradient from every worker, then applies them as one step. A
   pull waits while this worker's gradient is still waiting for the round to complete. This is
   synchronous data-parallel SGD, as DDP computes it.
-- ``async`` with bounded staleness ``s``: a shard applies each worker's gradient (scaled by 1/W)
-  as soon as it arrives; a pull waits until the slowest worker is at most ``s`` pushes behind
-  this one (stale synchronous parallel). With SGD and ``s = 0`` this is synchronous SGD again.
+- ``async`` with bounded staleness ``s``: a shard applies each worker's gradient on its own
+  (scaled by 1/W). A pull waits until the slowest worker is at most ``s`` pushes behind this one,
+  and a push runs at most ``s`` steps ahead of the slowest reader: push ``n`` is held until
+  every worker has pulled ``n - s`` times (stale synchronous parallel, bounded both ways). With
+  SGD and ``s = 0`` this is exactly synchronous SGD.
 - Every ``checkpoint_every`` updates a shard writes its tensors, optimiser state, version and
   clocks (atomic rename). A killed shard is restarted by Ray (``max_restarts``) and reloads
-  that file; calls that were in flight are retried on the new actor. In ``sync`` mode gradients
-  of the round in progress are lost with the actor, and workers simply push a fresh one.
+  that file; calls that were in flight are retried on the new actor. Gradients the dead actor
+  held but had not applied (the round in progress, or queued async pushes) are asked for again:
+  a pull answers ``None`` and the worker pushes its last gradient once more, so nothing is lost
+  when every update is checkpointed (the default).
 
 BatchNorm statistics and frozen tensors are not served: each worker keeps its own, and rank 0's
 go into the checkpoint, as with DDP.
@@ -29,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -391,14 +394,3 @@ class PsOptimizer(torch.optim.Optimizer):
                 closure()
         self.client.step(self.param_groups[0]["lr"])
 
-
-def wait_for_version(shards: list[Any], version: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
-    """Poll the shards' stats until each reached ``version`` (tests and benchmarks)."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = ray.get([s.stats.remote() for s in shards])
-        if all(st["version"] >= version for st in stats) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
