@@ -194,9 +194,7 @@ def ps_worker(config: dict[str, Any]) -> None:
         steps = config["steps"]
         res = {"ps_bytes_per_step": sum(r["bytes"] for r in rows) / steps,
                "ps_images_per_s": steps * config["batch_size"] * world / max(r["s"] for r in rows)}
-        import tempfile as tf
-
-        with tf.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d:
             Path(d, "res.json").write_text(json.dumps(res))
             ray.train.report({"ok": 1}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:

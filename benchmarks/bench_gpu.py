@@ -6,10 +6,12 @@ Three measurements, each with a ratio against a baseline from the same run:
 
 1. **ResNet-50 training, bf16 vs fp32** (batch 128, 224 px, channels-last, SGD): images/s of
    each and their ratio.
-2. **Serving images/s from JPEG bytes**: the shipped safety model on the GPU, fed by a thread
-   pool that decodes and resizes JPEGs on the CPU (as the Serve replica does). Baselines: the
-   same decode alone (the CPU ceiling) and the model alone on tensors already on the GPU; the
-   pipeline is reported as a share of the lower of the two.
+2. **Serving images/s from JPEG bytes**: the moderation engine's own header check, decode and
+   preprocessing (``ModerationEngine.decode``/``to_tensor``) in a thread pool, and the served
+   safety model moved to the GPU. The engine keeps its model on the CPU, so this is its code with
+   the model on the GPU, not a Serve request. Baselines: the decode and preprocessing alone (the
+   CPU ceiling) and the model alone on a batch already on the GPU; the pipeline is reported as a
+   share of the lower of the two.
 3. **The mmocr GPU preset's first epoch** (``train_jobs.ocr --preset gpu``, detection then
    recognition, through Ray Train on one GPU) on a reduced sample count: wall time, images/s,
    and the full preset projected from it, as a share of the seed's one-day iteration.
@@ -66,29 +68,34 @@ def resnet50_bf16(device: str, steps: int, batch: int, side: int) -> dict[str, A
 
 
 def serving_from_jpeg(device: str, seconds: float, batch: int, threads: int) -> dict[str, Any]:
-    """The shipped safety model from JPEG bytes: decode pool → GPU, against decode alone and model alone."""
-    import cv2
+    """The moderation engine's own steps from JPEG bytes, with its model on ``device``.
 
+    Each frame goes through what the moderation deployment runs: ``probe_image`` (the gateway's
+    header check), ``ModerationEngine.decode`` and ``ModerationEngine.to_tensor`` (the one eval
+    preprocessing), then the served safety model's forward pass. The engine itself keeps its model
+    on the CPU, so the model is moved to ``device`` here; everything before it is the engine's code,
+    run in a thread pool (OpenCV's decode releases the GIL). Baselines from the same run: the
+    decode and preprocessing alone, and the model alone on a batch already on ``device``.
+    """
     from benchmarks.bench_serve import _frames
-    from livelens.imageio import decode_image
+    from livelens.imageio import probe_image
     from livelens.models import predict
-    from livelens.models.io import load_from_store
-    from livelens.store import ModelStore, find_in_stores
+    from livelens.moderation import ModerationEngine
 
-    found = find_in_stores("safety")
-    if found is None:
-        raise RuntimeError("no safety model in the stores (the shipped default is missing)")
-    model = load_from_store(ModelStore(found[0]), found[1]).eval().to(device)
-    side = int(getattr(model, "input_size", 0) or 224)
+    engine = ModerationEngine(use_open_nsfw=False, threads=threads)
+    safety = engine.safety
+    if safety is None:
+        raise RuntimeError(f"no safety model in the stores: {engine.missing}")
+    model = safety.model.to(device)
     jpegs = _frames(64)
+    pool = ThreadPoolExecutor(threads)
 
-    def prep(j: bytes) -> np.ndarray:
-        return cv2.resize(decode_image(j), (side, side), interpolation=cv2.INTER_AREA)
+    def frame(j: bytes) -> np.ndarray:
+        return engine.decode(probe_image(j))[0]
 
-    pool = ThreadPoolExecutor(threads)  # OpenCV's decode releases the GIL
-
-    def decoded(i: int) -> np.ndarray:
-        return np.stack(list(pool.map(prep, [jpegs[(i + k) % len(jpegs)] for k in range(batch)])))
+    def prepared(i: int) -> torch.Tensor:
+        frames = list(pool.map(frame, [jpegs[(i + k) % len(jpegs)] for k in range(batch)]))
+        return engine.to_tensor(frames, safety)
 
     def timed(fn: Any) -> float:
         fn(0)  # warm-up: allocator, cuDNN autotune
@@ -104,17 +111,16 @@ def serving_from_jpeg(device: str, seconds: float, batch: int, threads: int) -> 
 
     def infer(x: torch.Tensor) -> None:
         with torch.inference_mode(), torch.autocast(device, dtype=dtype):
-            predict(model, x)
+            predict(model, x.to(device, non_blocking=True))
         if device == "cuda":
             torch.cuda.synchronize()
 
-    fixed = torch.from_numpy(decoded(0)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    res: dict[str, Any] = {"model": f"{found[1]}", "batch": batch, "decode_threads": threads, "side": side}
-    res["decode_only_images_per_s"] = timed(decoded)
+    fixed = prepared(0).to(device)
+    res: dict[str, Any] = {"model": safety.ref, "batch": batch, "decode_threads": threads,
+                           "input_hw": list(safety.input_hw)}
+    res["decode_only_images_per_s"] = timed(prepared)
     res["model_only_images_per_s"] = timed(lambda i: infer(fixed))
-    res["pipeline_images_per_s"] = timed(
-        lambda i: infer(torch.from_numpy(decoded(i)).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-                        .div_(255)))
+    res["pipeline_images_per_s"] = timed(lambda i: infer(prepared(i)))
     res["pipeline_vs_bound"] = res["pipeline_images_per_s"] / min(res["decode_only_images_per_s"],
                                                                  res["model_only_images_per_s"])
     pool.shutdown()

@@ -1,4 +1,4 @@
-"""``make chaos``: hostile requests from a table of cases, then a replica killed under load.
+"""``make chaos``: hostile requests from a table of cases (``make chaos`` then runs the overload bench).
 
 Every case is a request a hostile or broken client sends: truncated, random and
 header-then-garbage bodies, a decompression bomb, an animated GIF, wrong and lying content types,
