@@ -69,10 +69,26 @@ print("@@NODES@@" + json.dumps([
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Substrings of `ray start` failures that a fresh attempt (new ports, less load) can cure.
+_RETRYABLE_START_ERRORS = ("timed out during startup", "used by other components", "Address already in use")
+
+
+def _free_port(taken: set[int] | None = None) -> int:
+    """Return a port that is free now and not in ``taken`` (which it then joins).
+
+    The OS may hand the same ephemeral port to two successive binds once the first socket is
+    closed, and ``ray start`` refuses two components on one port, so a cluster keeps the set of
+    ports it has already given out.
+    """
+    taken = set() if taken is None else taken
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise ConfigError("no free loopback port found")
 
 
 def _ray_bin() -> str:
@@ -242,7 +258,8 @@ class LocalCluster:
             start_timeout_s: How long to wait for all nodes to register.
             stop_at_exit: Stop the cluster when this Python process exits, so a crashed test
                 leaves no raylets behind (the CLI turns it off: its cluster outlives `up`).
-            start_attempts: Tries when Ray reports a node "timed out during startup" (overload).
+            start_attempts: Tries when a `ray start` fails in a way a retry can cure (a node
+                "timed out during startup" under load, or a port taken meanwhile).
 
         Raises:
             ConfigError: On an impossible configuration.
@@ -265,6 +282,7 @@ class LocalCluster:
         self.address: str | None = None
         self.dashboard_url: str | None = None
         self._started = False
+        self._ports: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -294,9 +312,12 @@ class LocalCluster:
                 return self
             except ConfigError as e:
                 # Ray gives a raylet a fixed 30 s to register; on an overloaded machine that can
-                # pass, so clean up and try once more rather than failing the caller.
+                # pass. A port picked free can also be taken by another process before `ray
+                # start` binds it. Either way, clean up and try again with fresh ports.
                 kill_cluster(self.root)
-                if attempt == self.start_attempts or "timed out during startup" not in str(e):
+                self._ports.clear()
+                retryable = any(m in str(e) for m in _RETRYABLE_START_ERRORS)
+                if attempt == self.start_attempts or not retryable:
                     self._fail_start()
                     raise
             except BaseException:
@@ -309,11 +330,11 @@ class LocalCluster:
         self.stop(keep_logs=True)
 
     def _start_nodes(self) -> None:
-        gcs_port = _free_port()
+        gcs_port = _free_port(self._ports)
         self.address = f"127.0.0.1:{gcs_port}"
-        head = ["--head", f"--port={gcs_port}", f"--ray-client-server-port={_free_port()}"]
+        head = ["--head", f"--port={gcs_port}", f"--ray-client-server-port={_free_port(self._ports)}"]
         if self.include_dashboard:
-            dash_port = _free_port()
+            dash_port = _free_port(self._ports)
             head += [
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
@@ -494,8 +515,8 @@ class LocalCluster:
             f"--temp-dir={self.root}",
             # Fixed default ports would collide between raylets on one host (and with other
             # people's clusters); pick free ones, or let the OS choose (0).
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port(self._ports)}",
+            f"--metrics-export-port={_free_port(self._ports)}",
             "--min-worker-port=0",
             "--max-worker-port=0",
             "--disable-usage-stats",

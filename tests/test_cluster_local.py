@@ -146,3 +146,31 @@ def test_bad_configuration_is_a_config_error():
         LocalCluster(object_store_mb=10)
     with pytest.raises(ConfigError, match="no local cluster"):
         LocalCluster.attach("/nonexistent/livelens-cluster")
+
+
+def test_ports_given_out_are_never_repeated(monkeypatch):
+    # The OS may hand the same ephemeral port to two successive binds; `ray start` then refuses
+    # the head (one CI run failed so). Force a repeat and check the picker skips it.
+    import socket
+
+    from cluster import local
+
+    answers = iter([40001, 40001, 40002])
+
+    class _Sock:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", next(answers))
+
+    monkeypatch.setattr(socket, "socket", lambda *a, **k: _Sock())
+    taken: set[int] = set()
+    assert [local._free_port(taken), local._free_port(taken)] == [40001, 40002]
+    assert taken == {40001, 40002}
