@@ -87,6 +87,7 @@ bench-gpu: setup
 
 chaos: setup
 	$(PY) -m benchmarks.chaos --requests 10000
+	$(PY) -m benchmarks.chaos --cluster
 	$(PY) -m benchmarks.bench_overload
 
 cluster-up: setup

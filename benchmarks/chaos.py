@@ -1,16 +1,25 @@
-"""``make chaos``: hostile requests from a table of cases (``make chaos`` then runs the overload bench).
+"""``make chaos``: hostile requests, killed replicas and a soak, against a fresh local app.
 
-Every case is a request a hostile or broken client sends: truncated, random and
+Every hostile case is a request a hostile or broken client sends: truncated, random and
 header-then-garbage bodies, a decompression bomb, an animated GIF, wrong and lying content types,
 bad JSON, bad base64, SSRF URLs, JSON nested 3,000 deep, bad options and timestamps, path tricks,
-missing and wrong keys, an oversized header and an oversized batch. The service must answer every
-one in the error envelope, with a 4xx (or 429/503 for limits), never a 5xx, and stay up.
+missing and wrong keys, an oversized header, an oversized batch, and broken HTTP on a raw socket
+(a garbage request line, a header without a colon, a bad chunk, HTTP/9.9, a TLS hello). The
+service must answer every one in the error envelope, with a 4xx (or 429/503 for limits), never a
+5xx, and stay up.
 
-It prints one table: case → status codes, 5xx count, answers outside the envelope, and the
-gateway's ``/healthz`` before and after. The test suite runs a short version against its app
-(``tests/test_serve_http.py``); this runs the long one against a fresh local app:
+Then each listed deployment's replicas are killed while requests are in flight (a non-gateway
+kill must lose none; a gateway kill may fail its in-flight requests only with a 503 to retry),
+and good traffic runs at saturation for ``--soak-s`` seconds while the RSS, open files and
+threads of every Serve process are compared after warm-up and at the end.
 
-    python -m benchmarks.chaos [--requests 10000] [--concurrency 16] [--out runs/bench/chaos.json]
+It prints one table: case → status codes, 5xx count, answers outside the envelope; the kills
+(codes, lost requests, seconds until ``/healthz`` answers again); the soak's growth per role;
+and RSS/USS per deployment. The test suite runs a short version against its own app
+(``tests/test_serve_http.py``).
+
+    python -m benchmarks.chaos [--requests 10000] [--kill Quality,Gateway] [--soak-s 600] [--out F]
+    python -m benchmarks.chaos --cluster    # a worker raylet of a local multi-node cluster killed
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ class Case:
     name: str
     build: Callable[[str], tuple[str, str, dict[str, str], bytes]]
     answerable: bool = False
+    #: Bytes written verbatim to a socket instead of a request (not HTTP at all, or broken HTTP);
+    #: ``build`` is then unused.
+    raw: bytes | None = None
 
 
 def _jpeg(side: int = 64, seed: int = 0) -> bytes:
@@ -126,6 +138,14 @@ def cases() -> list[Case]:
         Case("admin_with_wrong_body", lambda key: ("PUT", "/v1/admin/live/gateway", auth(key, "application/json"),
                                                     b'{"deadlines_s": {"analyze": "soon"}}')),
         Case("get_on_post_route", lambda key: ("GET", "/v1/analyze", auth(key), b"")),
+        # Broken HTTP, answered by the HTTP server before any route (livelens.serving.proxy_hooks).
+        *[Case(f"malformed_http_{i}", lambda key: ("", "", {}, b""), raw=raw) for i, raw in enumerate([
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+            b"POST /v1/moderate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32),  # a TLS hello on the plain port
+        ])],
     ]
     return table
 
@@ -157,15 +177,17 @@ async def run_hostile(url: str, key: str, n: int, concurrency: int = 8) -> dict[
     import httpx
 
     table = cases()
-    built = [(c.name, c.build(key)) for c in table]
+    built = [(c.name, c.build(key), c.raw) for c in table]
     tallies: dict[str, Tally] = {c.name: Tally() for c in table}
     todo = iter(range(n))
 
     async def worker(client: httpx.AsyncClient) -> None:
         for i in todo:
-            name, (method, path, headers, body) = built[i % len(built)]
+            name, (method, path, headers, body), verbatim = built[i % len(built)]
             try:
-                if _lying_length(headers):
+                if verbatim is not None:
+                    status, data = await _raw(url, "", "", {}, b"", verbatim)
+                elif _lying_length(headers):
                     # httpx would correct the length; a raw socket sends the lie (and then stops early).
                     status, data = await _raw(url, method, path, headers, body)
                 else:
@@ -180,15 +202,19 @@ async def run_hostile(url: str, key: str, n: int, concurrency: int = 8) -> dict[
     return tallies
 
 
-async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes,
+               verbatim: bytes | None = None) -> tuple[int, bytes]:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
     try:
-        head = f"{method} {u.path.rstrip('/')}{path} HTTP/1.1\r\nhost: {u.hostname}\r\nconnection: close\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        writer.write(head.encode() + body)
+        if verbatim is not None:
+            writer.write(verbatim)
+        else:
+            head = f"{method} {u.path.rstrip('/')}{path} HTTP/1.1\r\nhost: {u.hostname}\r\nconnection: close\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+            writer.write(head.encode() + body)
         await writer.drain()
         # The body is shorter than declared and the connection stays open: the service should answer
         # from the header (413) instead of waiting for bytes that never come.
@@ -197,6 +223,272 @@ async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: 
         writer.close()
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 599
     return status, data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+
+
+def _valid_requests(n: int = 12) -> list[tuple[str, bytes]]:
+    """Varied good requests (sizes from thumbnails to 1080p) over the image routes."""
+    rng = np.random.default_rng(7)
+    routes = ("/v1/moderate", "/v1/quality", "/v1/analyze", "/v1/ocr")
+    out = []
+    for i in range(n):
+        h, w = [(120, 160), (360, 640), (720, 1280), (1080, 1920)][i % 4]
+        img = np.clip(rng.normal(128, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=85)
+        out.append((routes[i % len(routes)], buf.getvalue()))
+    return out
+
+
+async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup_s: float | None = None,
+               app: str | None = None) -> dict[str, Any]:
+    """Good requests at saturation for ``seconds``; codes, and Serve's processes after warm-up and at the end.
+
+    Args:
+        url: The app's base URL.
+        key: An API key with every image scope.
+        seconds: Length of the measured part.
+        concurrency: Requests in flight (enough to keep every replica busy and the queues full).
+        warmup_s: Load before the first snapshot (default: a fifth of ``seconds``, at least 10 s),
+            so one-time growth (first large image, lazy pools) is not counted as a leak.
+        app: The Serve application whose replicas are measured (None: every one on this host).
+
+    Returns:
+        ``codes`` (status → count), ``unexpected`` (answers other than 200/429/503, or none at all),
+        ``before``/``after`` rows per Serve role, and ``growth`` per role (RSS per process, as a
+        ratio − 1; the change in fds, threads and processes).
+    """
+    import httpx
+
+    from benchmarks.procstats import as_rows, serve_process_stats
+
+    good = _valid_requests()
+    codes: dict[int, int] = {}
+    by_route: dict[str, dict[str, int]] = {}
+    warmup_s = max(10.0, seconds / 5) if warmup_s is None else warmup_s
+    loop = asyncio.get_running_loop()
+    stop_at = [loop.time() + warmup_s]
+    counter = iter(range(10**12))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while loop.time() < stop_at[0]:
+            path, body = good[next(counter) % len(good)]
+            try:
+                r = await client.post(url.rstrip("/") + path, content=body, params={"evidence": "none"},
+                                      headers={"authorization": f"Bearer {key}", "content-type": "image/jpeg"})
+                status, what = r.status_code, str(r.status_code)
+            except (httpx.HTTPError, OSError) as exc:
+                status, what = 599, type(exc).__name__
+            codes[status] = codes.get(status, 0) + 1
+            route = by_route.setdefault(path, {})
+            route[what] = route.get(what, 0) + 1
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        warm_codes = dict(codes)
+        codes.clear()
+        by_route.clear()
+        before = await asyncio.to_thread(serve_process_stats, app)
+        stop_at[0] = loop.time() + seconds
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    after = await asyncio.to_thread(serve_process_stats, app)
+    # Per process: autoscaling may add a replica during the soak, which is not a leak.
+    growth = {role: {"rss": round((after[role].rss_mb / after[role].processes) / (b.rss_mb / b.processes) - 1, 4),
+                     "fds": after[role].fds - b.fds, "threads": after[role].threads - b.threads,
+                     "processes": after[role].processes - b.processes}
+              for role, b in before.items() if role in after}
+    return {"seconds": seconds, "warmup_s": warmup_s, "warmup_codes": dict(sorted(warm_codes.items())),
+            "codes": dict(sorted(codes.items())), "by_route": by_route,
+            "unexpected": sum(v for c, v in codes.items() if c not in (200, 429, 503)),
+            "before": as_rows(before), "after": as_rows(after), "growth": growth}
+
+
+def replica_names(app: str, deployment: str) -> list[str]:
+    """Serve's actor names of ``deployment``'s replicas (via the GCS; needs no dashboard)."""
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and f"{app}#{deployment}#" in a["name"]]
+
+
+async def kill_under_load(url: str, key: str, app: str, deployment: str, route: str = "/v1/quality",
+                          n: int = 24, concurrency: int = 4, delay_s: float = 0.5) -> dict[str, Any]:
+    """Kill every replica of ``deployment`` while ``n`` requests to ``route`` are in flight.
+
+    Args:
+        url: The app's base URL (through the proxy).
+        key: An API key.
+        app: The Serve application.
+        deployment: The deployment whose replicas are killed (``Gateway`` for the ingress).
+        route: The route the load goes to.
+        n: Requests sent in all.
+        concurrency: Requests in flight.
+        delay_s: Load time before the kill, so requests are inside the replicas.
+
+    Returns:
+        ``killed`` replicas, ``answers`` (status, or (status, body) for non-200s), and
+        ``recovered_s``: seconds from the kill to the first good ``/healthz`` through the proxy.
+    """
+    import time
+
+    import httpx
+    import ray
+
+    names = replica_names(app, deployment)
+    jpg = _valid_requests(2)[1][1]  # 360×640
+
+    async def one(client: httpx.AsyncClient, sem: asyncio.Semaphore) -> Any:
+        async with sem:
+            try:
+                r = await client.post(url.rstrip("/") + route, content=jpg, params={"evidence": "none"},
+                                      headers={"authorization": f"Bearer {key}", "content-type": "image/jpeg"})
+            except (httpx.HTTPError, OSError) as exc:
+                return 599, type(exc).__name__
+            return r.status_code if r.status_code == 200 else (r.status_code, r.text[:300])
+
+    async with httpx.AsyncClient(timeout=180) as client:
+        sem = asyncio.Semaphore(concurrency)
+        tasks = [asyncio.ensure_future(one(client, sem)) for _ in range(n)]
+        await asyncio.sleep(delay_s)
+        t_kill = time.perf_counter()
+        for name in names:
+            await asyncio.to_thread(ray.kill, ray.get_actor(name, namespace="serve"), no_restart=True)
+        answers = list(await asyncio.gather(*tasks))
+        recovered = None
+        while time.perf_counter() - t_kill < 300:
+            try:
+                if (await client.get(url.rstrip("/") + "/healthz", timeout=60)).status_code == 200:
+                    recovered = time.perf_counter() - t_kill
+                    break
+            except (httpx.HTTPError, OSError):
+                pass
+            await asyncio.sleep(0.5)
+    return {"deployment": deployment, "killed": len(names), "answers": answers,
+            "recovered_s": None if recovered is None else round(recovered, 1)}
+
+
+def kill_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Counts of a :func:`kill_under_load` run: 200s, fast 503s to retry, and lost requests."""
+    codes: dict[int, int] = {}
+    for a in result["answers"]:
+        code = a if isinstance(a, int) else a[0]
+        codes[code] = codes.get(code, 0) + 1
+    return {"deployment": result["deployment"], "killed": result["killed"], "codes": dict(sorted(codes.items())),
+            "lost": sum(v for c, v in codes.items() if c not in (200, 503)), "recovered_s": result["recovered_s"]}
+
+
+def cluster_kill(load_s: float = 60.0, kill_after_s: float = 10.0, concurrency: int = 4,
+                 out_dir: str = "runs/chaos_cluster") -> dict[str, Any]:
+    """Serve spread over a two-raylet :class:`cluster.local.LocalCluster`; a worker raylet is SIGKILLed under load.
+
+    The gateway, moderation and quality run two replicas each (Serve spreads them over the two
+    worker raylets; the head holds the controller and the HTTP proxy). Good requests run at
+    ``concurrency`` for ``load_s`` seconds, and ``w1`` is killed ``kill_after_s`` into it, with
+    every replica it held. A stream's state is written before the kill and read after it. OCR is
+    off to fit two raylets' models on a small machine.
+
+    Returns:
+        ``codes`` before and after the kill, ``lost`` (answers other than 200/503, or none),
+        ``stream_state_kept``, and the replicas per node before the kill.
+    """
+    import socket
+    import time
+
+    import httpx
+
+    from cluster.local import LocalCluster
+    from livelens.serving.auth import add_key_to_file, generate_key
+    from serve_apps.common import SERVE_MODES
+
+    # Serve's flags (and the envelope hook) reach its processes through the raylets' environment.
+    os.environ.update(SERVE_MODES["throughput"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key, key_file = generate_key(), str(out / "keys.json")
+    add_key_to_file(key_file, key, "chaos", rate_per_s=1e6, burst=1e6)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    two = {"min_replicas": 2, "max_replicas": 2}
+    args = {"gateway": {"key_file": key_file, "deploy": two}, "moderation": {"deploy": two},
+            "quality": {"deploy": two}, "ocr": None,
+            "streams": {"db_path": str((out / "streams.sqlite").resolve()), "window": 4, "k": 2}}
+    with LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=300, include_dashboard=False) as c:
+        os.environ.update(c.client_env())
+        import ray
+        from ray import serve
+
+        from serve_apps.gateway import build_app
+
+        ray.init()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
+            serve.run(build_app(args), name="livelens", route_prefix="/", blocking=False)
+            deadline = time.time() + 900
+            while (st := serve.status().applications.get("livelens")) is None or st.status != "RUNNING":
+                if time.time() > deadline or (st is not None and st.status == "DEPLOY_FAILED"):
+                    raise RuntimeError(f"app did not start on the cluster: {st}")
+                time.sleep(3)
+            url = f"http://127.0.0.1:{port}"
+            node_names = {n["node_id"]: n["name"] for n in c.nodes()}
+            placement = _replicas_by_node(node_names)
+            h = {"authorization": f"Bearer {key}"}
+            frame = _valid_requests(2)[1][1]
+            sid = f"cluster-{int(time.time())}"
+            for i in range(2):
+                r = httpx.post(f"{url}/v1/streams/{sid}/frames", params={"ts": 1000 + i, "evidence": "none"},
+                               headers=h, files={"file": ("f.jpg", frame, "image/jpeg")}, timeout=120)
+                r.raise_for_status()
+            state_before = r.json()["stream"]
+
+            async def load() -> tuple[dict[int, int], dict[int, int]]:
+                good = [g for g in _valid_requests() if g[0] in ("/v1/moderate", "/v1/quality", "/v1/analyze")]
+                before: dict[int, int] = {}
+                after: dict[int, int] = {}
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                killed = asyncio.ensure_future(asyncio.sleep(kill_after_s))
+                killed.add_done_callback(lambda _f: loop.run_in_executor(None, c.kill_node, "w1"))
+                n = iter(range(10**9))
+
+                async def worker(client: httpx.AsyncClient) -> None:
+                    while loop.time() - t0 < load_s:
+                        path, body = good[next(n) % len(good)]
+                        bucket = after if killed.done() else before
+                        try:
+                            rr = await client.post(url + path, content=body, params={"evidence": "none"},
+                                                   headers={**h, "content-type": "image/jpeg"})
+                            code = rr.status_code
+                        except (httpx.HTTPError, OSError):
+                            code = 599
+                        bucket[code] = bucket.get(code, 0) + 1
+
+                async with httpx.AsyncClient(timeout=120) as client:
+                    await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+                return before, after
+
+            before, after = asyncio.run(load())
+            state_after = httpx.get(f"{url}/v1/streams/{sid}", headers=h, timeout=120).json()["stream"]
+            kept = all(state_after[k] == state_before[k] for k in ("frame_count", "escalated", "window"))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    lost = sum(v for code, v in after.items() if code not in (200, 503))
+    return {"replicas_by_node": placement, "codes_before_kill": dict(sorted(before.items())),
+            "codes_after_kill": dict(sorted(after.items())), "lost": lost, "stream_state_kept": kept}
+
+
+def _replicas_by_node(node_names: dict[str, str]) -> dict[str, list[str]]:
+    """Which node holds each Serve replica (node names of the LocalCluster)."""
+    import ray
+
+    placement: dict[str, list[str]] = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] != "serve" or not a["name"].startswith("SERVE_REPLICA::"):
+            continue
+        handle = ray.get_actor(a["name"], namespace="serve")
+        node = ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+        placement.setdefault(node_names.get(node, node[:8]), []).append(a["name"].split("::", 1)[1])
+    return placement
 
 
 def table_rows(tallies: dict[str, Tally]) -> list[dict[str, Any]]:
@@ -214,9 +506,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--kill", default="Quality,Moderation,Ocr,Gateway",
+                   help="deployments whose replicas are killed under load, one after another ('' for none)")
+    p.add_argument("--soak-s", type=float, default=600.0, help="seconds of saturating good traffic (0: no soak)")
+    p.add_argument("--soak-concurrency", type=int, default=16)
+    p.add_argument("--cluster", action="store_true",
+                   help="instead: Serve spread over a two-raylet local cluster, one worker raylet killed under load")
     p.add_argument("--out", default="runs/bench/chaos.json")
     a = p.parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "token"
+    if a.cluster:
+        res = cluster_kill()
+        print(json.dumps(res, indent=2))
+        out = Path(a.out).with_name(Path(a.out).stem + "_cluster.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        return 0 if res["lost"] == 0 and res["stream_state_kept"] else 1
     from serve_apps.common import SERVE_MODES
 
     os.environ.update(SERVE_MODES["throughput"])
@@ -225,30 +530,52 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from benchmarks.loadgen import start_local_ray
+    from benchmarks.procstats import as_rows, format_table, serve_process_stats
     from serve_apps.gateway import build_app
 
     key, key_file, port = start_local_ray()
+    result: dict[str, Any] = {"requests": a.requests}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"gateway": {"key_file": key_file}, "streams": {"db_path": "runs/chaos_streams.sqlite"}}),
                   name="livelens", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         before = httpx.get(f"{url}/healthz", timeout=30).json()
+        result["rss_start"] = as_rows(serve_process_stats("livelens"))
         rows = table_rows(asyncio.run(run_hostile(url, key, a.requests, a.concurrency)))
-        after = httpx.get(f"{url}/healthz", timeout=30)
+        result["kills"] = [kill_summary(asyncio.run(kill_under_load(url, key, "livelens", d, n=48)))
+                           for d in filter(None, a.kill.split(","))]
+        if a.soak_s > 0:
+            result["soak"] = asyncio.run(soak(url, key, a.soak_s, a.soak_concurrency, app="livelens"))
+        after = httpx.get(f"{url}/healthz", timeout=60)
+        final = serve_process_stats("livelens", uss=True)
     finally:
         serve.shutdown()
         ray.shutdown()
-    result = {"requests": a.requests, "cases": rows, "total_5xx": sum(r["5xx"] for r in rows),
-              "outside_envelope": sum(r["outside_envelope"] for r in rows), "healthz_after": after.status_code,
-              "uptime_before_s": before["uptime_s"]}
+    result.update(cases=rows, total_5xx=sum(r["5xx"] for r in rows),
+                  outside_envelope=sum(r["outside_envelope"] for r in rows), healthz_after=after.status_code,
+                  uptime_before_s=before["uptime_s"], rss_end=as_rows(final))
     for r in rows:
         print(f"{r['case']:28s} {json.dumps(r['codes']):40s} 5xx={r['5xx']} outside_envelope={r['outside_envelope']}")
-    print(json.dumps({k: v for k, v in result.items() if k != "cases"}))
+    for k in result["kills"]:
+        print(f"kill {k['deployment']:12s} replicas={k['killed']} codes={json.dumps(k['codes'])} lost={k['lost']} "
+              f"back_in={k['recovered_s']} s")
+    if "soak" in result:
+        sk = result["soak"]
+        print(f"soak {sk['seconds']:.0f} s: codes={json.dumps(sk['codes'])} unexpected={sk['unexpected']}")
+        for role, g in sk["growth"].items():
+            print(f"  {role:32s} rss {g['rss']:+.1%} fds {g['fds']:+d} threads {g['threads']:+d} "
+                  f"processes {g['processes']:+d}")
+    print(format_table(final))
+    print(json.dumps({k: v for k, v in result.items() if k in ("requests", "total_5xx", "outside_envelope",
+                                                                "healthz_after")}))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
-    return 0 if result["total_5xx"] == 0 and result["outside_envelope"] == 0 and not any(
-        r["wrong_2xx"] for r in rows) else 1
+    lost = sum(k["lost"] for k in result["kills"] if k["deployment"] != "Gateway")
+    soak_ok = "soak" not in result or (result["soak"]["unexpected"] == 0 and all(
+        g["rss"] < 0.05 for g in result["soak"]["growth"].values()))
+    return 0 if (result["total_5xx"] == 0 and result["outside_envelope"] == 0 and lost == 0 and soak_ok
+                 and not any(r["wrong_2xx"] for r in rows)) else 1
 
 
 if __name__ == "__main__":

@@ -82,9 +82,13 @@ class DeployOptions(BaseModel):
 #: ingress replica also listens on its own port, 30000+, besides the proxy). The preset also moves
 #: handle routers onto the caller's loop, which breaks ``handle.remote().result()`` from a driver or
 #: notebook ("No event loop running"), so the router keeps its own loop here.
+#: Every mode also has uvicorn's own protocol-error answers (a malformed request line gets a
+#: plain-text 400 from the HTTP server itself) written in the error envelope instead.
+_ENVELOPE_HOOK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "livelens.serving.proxy_hooks.install"}
 SERVE_MODES: dict[str, dict[str, str]] = {
-    "default": {},
+    "default": {**_ENVELOPE_HOOK},
     "throughput": {
+        **_ENVELOPE_HOOK,
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",

@@ -148,4 +148,18 @@ def test_notebook_runs_top_to_bottom_against_the_cluster(deployed, name, monkeyp
         assert ModelStore(str(deployed["store"])).versions("nb_safety")
     else:
         assert "queue manifest:" in text and (workdir / "queue").is_dir()
-    print(f"{name}: {time.time() - t0:.0f} s")
+    print(f"{name}: {time.time() - t0:.0f} s; per code cell: {_cell_seconds(nb)}")
+
+
+def _cell_seconds(nb) -> list[float]:
+    """Seconds each code cell ran (nbclient records the kernel's timestamps in the metadata)."""
+    from datetime import datetime
+
+    out = []
+    for c in nb.cells:
+        ex = c.get("metadata", {}).get("execution", {})
+        if c.cell_type == "code" and "iopub.execute_input" in ex and "shell.execute_reply" in ex:
+            t = [datetime.fromisoformat(ex[k].replace("Z", "+00:00")) for k in ("iopub.execute_input",
+                                                                                 "shell.execute_reply")]
+            out.append(round((t[1] - t[0]).total_seconds(), 1))
+    return out
