@@ -226,16 +226,23 @@ async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: 
 
 
 def _valid_requests(n: int = 12) -> list[tuple[str, bytes]]:
-    """Varied good requests (sizes from thumbnails to 1080p) over the image routes."""
-    rng = np.random.default_rng(7)
+    """Good requests over the image routes: generated stream frames (text banners, QR codes, game
+    HUDs, photos) at their own size, and some scaled to 720p and 1080p as a large source sends."""
+    from livelens.data.frames import generate_frames
+
     routes = ("/v1/moderate", "/v1/quality", "/v1/analyze", "/v1/ocr")
+    rows = generate_frames(0, n, seed=11)
     out = []
-    for i in range(n):
-        h, w = [(120, 160), (360, 640), (720, 1280), (1080, 1920)][i % 4]
-        img = np.clip(rng.normal(128, 60, (h, w, 3)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=85)
-        out.append((routes[i % len(routes)], buf.getvalue()))
+    for i, row in enumerate(rows[:n]):
+        body = row["image_bytes"]
+        size = (i // len(routes)) % 3  # each route gets every size: native, 720p, 1080p
+        if size:
+            img = Image.open(io.BytesIO(body)).convert("RGB")
+            w, h = (1280, 720) if size == 1 else (1920, 1080)
+            buf = io.BytesIO()
+            img.resize((w, h) if img.width >= img.height else (h, w), Image.BILINEAR).save(buf, "JPEG", quality=85)
+            body = buf.getvalue()
+        out.append((routes[i % len(routes)], body))
     return out
 
 

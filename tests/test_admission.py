@@ -82,3 +82,17 @@ def test_estimate_decays_back_to_cold_after_idle() -> None:
         adm.admit("analyze")  # 1 s expected, 0.5 s deadline
     clock.t += 200.0  # 20 half-lives idle: the old completions no longer count
     adm.admit("analyze").done()
+
+
+def test_a_slow_route_under_load_is_judged_by_its_history() -> None:
+    """OCR of large frames: one completion every 20 s, fewer than the minimum per half-life. The
+    decayed count alone never trusted it, so it admitted every request, and they waited minutes."""
+    clock = Clock()
+    adm = Admission({"ocr": 10.0}, clock=clock, half_life_s=10.0)
+    serve_sequential(adm, clock, "ocr", 5, seconds=20.0)
+    assert adm.expected_s("ocr") is None  # idle: cold again, a lone request is admitted
+    first = adm.admit("ocr")  # one in flight: 2 × 20 s expected for the next, past 10 s
+    with pytest.raises(OverloadedError) as exc:
+        adm.admit("ocr")
+    assert exc.value.retry_after_s == 30
+    first.done()

@@ -10,7 +10,9 @@ where *busy throughput* is the rate at which the route completed images while it
 with completions and busy time both decayed over a half-life (Little's law on the recent past).
 Busy time, not wall time, is the denominator, so a quiet route (one request every few seconds) is
 not mistaken for a slow one. If ``expected`` passes the deadline, the request is refused with a
-503 and a ``Retry-After`` of the excess; until a route has a few completions it admits everything.
+503 and a ``Retry-After`` of the excess. Until a route has a few recent completions it admits
+everything, unless it has work in flight and a few completions in its history: a slow route under
+load (fewer completions per half-life than the minimum) is judged too.
 
 The estimate is per gateway replica: each replica sees its own share of the traffic.
 """
@@ -38,6 +40,7 @@ class _Route:
     busy_s: float = 0.0
     updated: float = 0.0
     busy_since: float | None = None
+    seen: float = 0.0  # completions ever, undecayed: whether the estimate is trusted yet
 
 
 @dataclass
@@ -73,7 +76,12 @@ class Admission:
         with self._lock:
             r = self._routes.setdefault(route, _Route())
             self._decay(r, self.clock())
-            if r.completions < self.min_completions or r.busy_s <= 0:
+            # A slow route under load (OCR of large frames) can complete fewer than the minimum
+            # per half-life, so its decayed count never earned trust and it admitted everything:
+            # requests waited minutes. While work is in flight, its history counts instead. An
+            # idle route still goes cold, so an old estimate cannot refuse it for good.
+            trusted = r.completions >= self.min_completions or (r.seen >= self.min_completions and r.in_flight > 0)
+            if not trusted or r.busy_s <= 0 or r.completions <= 0:
                 return None
             return (r.in_flight + n) / (r.completions / r.busy_s)
 
@@ -107,6 +115,7 @@ class Admission:
             r.in_flight = max(0.0, r.in_flight - n)
             if completed:
                 r.completions += n
+                r.seen += n
             if r.in_flight <= 0:
                 r.busy_since = None
 
@@ -117,7 +126,7 @@ class Admission:
             now = self.clock()
             for name, r in self._routes.items():
                 self._decay(r, now)
-                rate = r.completions / r.busy_s if r.busy_s > 0 and r.completions >= self.min_completions else None
+                rate = r.completions / r.busy_s if r.busy_s > 0 and r.seen >= self.min_completions else None
                 out[name] = {"in_flight": r.in_flight, "images_per_s": None if rate is None else round(rate, 3),
                              "deadline_s": self.deadlines_s.get(name)}
         return out
