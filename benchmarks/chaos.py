@@ -389,8 +389,8 @@ def cluster_kill(load_s: float = 60.0, kill_after_s: float = 10.0, concurrency: 
 
     The gateway, moderation and quality run two replicas each (Serve spreads them over the two
     worker raylets; the head holds the controller and the HTTP proxy). Good requests run at
-    ``concurrency`` for ``load_s`` seconds, and ``w1`` is killed ``kill_after_s`` into it, with
-    every replica it held. A stream's state is written before the kill and read after it. OCR is
+    ``concurrency`` for ``load_s`` seconds, and the worker raylet holding the stream-state replica
+    is killed ``kill_after_s`` into it, with every replica it held. A stream's state is written before the kill and read after it. OCR is
     off to fit two raylets' models on a small machine.
 
     Returns:
@@ -429,15 +429,20 @@ def cluster_kill(load_s: float = 60.0, kill_after_s: float = 10.0, concurrency: 
         ray.init()
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
-            serve.run(build_app(args), name="livelens", route_prefix="/", blocking=False)
+            # Its own app name, so a single-node chaos run on the same host counts its processes apart.
+            serve.run(build_app(args), name="chaos_cluster", route_prefix="/", blocking=False)
             deadline = time.time() + 900
-            while (st := serve.status().applications.get("livelens")) is None or st.status != "RUNNING":
+            while (st := serve.status().applications.get("chaos_cluster")) is None or st.status != "RUNNING":
                 if time.time() > deadline or (st is not None and st.status == "DEPLOY_FAILED"):
                     raise RuntimeError(f"app did not start on the cluster: {st}")
                 time.sleep(3)
             url = f"http://127.0.0.1:{port}"
             node_names = {n["node_id"]: n["name"] for n in c.nodes()}
             placement = _replicas_by_node(node_names)
+            # The raylet to lose is the one holding the stream state's replica, so its survival is tested.
+            victim = next((node for node, names in placement.items() if any("#Streams#" in n for n in names)), "w1")
+            if victim not in ("w0", "w1"):
+                victim = "w1"
             h = {"authorization": f"Bearer {key}"}
             frame = _valid_requests(2)[1][1]
             sid = f"cluster-{int(time.time())}"
@@ -454,7 +459,7 @@ def cluster_kill(load_s: float = 60.0, kill_after_s: float = 10.0, concurrency: 
                 loop = asyncio.get_running_loop()
                 t0 = loop.time()
                 killed = asyncio.ensure_future(asyncio.sleep(kill_after_s))
-                killed.add_done_callback(lambda _f: loop.run_in_executor(None, c.kill_node, "w1"))
+                killed.add_done_callback(lambda _f: loop.run_in_executor(None, c.kill_node, victim))
                 n = iter(range(10**9))
 
                 async def worker(client: httpx.AsyncClient) -> None:
@@ -480,7 +485,7 @@ def cluster_kill(load_s: float = 60.0, kill_after_s: float = 10.0, concurrency: 
             serve.shutdown()
             ray.shutdown()
     lost = sum(v for code, v in after.items() if code not in (200, 503))
-    return {"replicas_by_node": placement, "codes_before_kill": dict(sorted(before.items())),
+    return {"replicas_by_node": placement, "killed": victim, "codes_before_kill": dict(sorted(before.items())),
             "codes_after_kill": dict(sorted(after.items())), "lost": lost, "stream_state_kept": kept}
 
 

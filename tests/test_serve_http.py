@@ -1037,8 +1037,8 @@ def test_capture_over_http_is_bounded_per_key_and_leaves_answers_unchanged(app, 
 
 def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(app):
     """Issue 19's CI soak (``make chaos`` runs 10 minutes): good traffic on every image route at
-    16 in flight; after a warm-up, each Serve process's RSS grows < 5 %, and fds and threads not at all
-    beyond a pool's slack."""
+    16 in flight; after a warm-up, each Serve process's RSS grows < 15 % (make chaos holds 10 minutes
+    to < 5 %), and fds and threads not beyond a pool's slack."""
     from benchmarks.chaos import soak
 
     res = asyncio.run(soak(app["url"], app["key"], 60, concurrency=16, warmup_s=15, app=APP))
@@ -1047,7 +1047,9 @@ def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(ap
     assert {"proxy", f"{APP}:Gateway", f"{APP}:Quality"} <= set(res["growth"]), res["growth"]
     for role, g in res["growth"].items():
         if g["processes"] == 0:  # a replica added by autoscaling is a new process, not growth
-            assert g["rss"] < 0.05 and g["fds"] <= 4 and g["threads"] <= 4, (role, g)
+            # The < 5 % RSS criterion is make chaos's, over 10 minutes; a minute still holds some
+            # warm-up (new crop widths, allocator arenas), so here only a leak's pace fails.
+            assert g["rss"] < 0.15 and g["fds"] <= 2 and g["threads"] <= 2, (role, g)
 
 
 def test_a_killed_gateway_fails_only_its_in_flight_requests_with_a_503_and_comes_back(app):

@@ -226,7 +226,9 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     from train_jobs.sweep import SweepConfig
     from train_jobs.sweep import run as sweep
 
-    base = replace(tiny(frames_manifest, tmp_path, epochs=2, precision="fp32", mlflow_dir=str(tmp_path / "mlruns")),
+    # One epoch per trial: what is checked is the sweep's plumbing (grid, options, logs, registry),
+    # and every extra epoch costs three trials' worth of suite time.
+    base = replace(tiny(frames_manifest, tmp_path, epochs=1, precision="fp32", mlflow_dir=str(tmp_path / "mlruns")),
                    num_workers=1, register=False, max_failures=0)
     sc = SweepConfig(base=base, backbones=["mobilenet_v2"], pools=["avg", "gated", "compact_bilinear"],
                      pool_kw={"compact_bilinear": {"sketch_dim": 256}}, lrs=[3e-3], num_samples=1, max_concurrent=3,
@@ -243,10 +245,9 @@ def test_sweep_three_trials_registers_best(ray_session, frames_manifest, tmp_pat
     assert card["pool_kw"] == ({"sketch_dim": 256} if card["pooling"] == "compact_bilinear" else {})
     assert card["metrics"]["macro_f1"] == pytest.approx(summary["best_val_macro_f1"])
     tb = _tensorboard_scalars(tmp_path / "tb")  # one run per trial, side by side
-    # ASHA may stop a trial after its first epoch; every trial still wrote what it ran.
-    assert len(tb) == 3 and all(1 <= len(s["train_loss"]) <= 2 for s in tb.values()), tb.keys()
+    assert len(tb) == 3 and all(len(s["train_loss"]) == 1 for s in tb.values()), tb.keys()
     trials = _mlflow_runs(tmp_path / "mlruns")  # and one MLflow run per trial
-    assert len(trials) == 3 and all(1 <= len(m["train_loss"]) <= 2 for _, _, m in trials.values())
+    assert len(trials) == 3 and all(len(m["train_loss"]) == 1 for _, _, m in trials.values())
     assert card["threshold_rule"].startswith("served") and card["train_label_counts"]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ref"] == summary["ref"]
 
