@@ -465,8 +465,10 @@ def test_a_replica_killed_under_load_loses_no_request(app):
     # would wait too long is refused at once (a 503 to retry, before any work) rather than lost.
     refused = [a for a in res["answers"] if a != 200]
     assert all(a[0] == 503 and '"overloaded"' in a[1] and "deadline" in a[1] for a in refused), refused
+    # How many are refused depends on how long the replacement takes: while nothing completes,
+    # the route's rate falls and admission refuses more (judged by its history since 2026-12-04).
     summary = kill_summary(res)
-    assert summary["lost"] == 0 and summary["codes"].get(200, 0) >= 12, summary
+    assert summary["lost"] == 0 and summary["codes"].get(200, 0) >= 1, summary
 
 
 def test_bad_timestamps_and_deep_json_are_400s_and_poison_nothing(app):
