@@ -202,25 +202,32 @@ async def run_hostile(url: str, key: str, n: int, concurrency: int = 8) -> dict[
     return tallies
 
 
-async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes,
-               verbatim: bytes | None = None) -> tuple[int, bytes]:
+async def exchange(url: str, payload: bytes, timeout_s: float = 20.0) -> bytes:
+    """Write ``payload`` verbatim to the service's socket and read everything it answers."""
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
     try:
-        if verbatim is not None:
-            writer.write(verbatim)
-        else:
-            head = f"{method} {u.path.rstrip('/')}{path} HTTP/1.1\r\nhost: {u.hostname}\r\nconnection: close\r\n"
-            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-            writer.write(head.encode() + body)
+        writer.write(payload)
         await writer.drain()
         # The body is shorter than declared and the connection stays open: the service should answer
         # from the header (413) instead of waiting for bytes that never come.
-        data = await asyncio.wait_for(reader.read(), 20)
+        return await asyncio.wait_for(reader.read(), timeout_s)
     finally:
         writer.close()
+
+
+async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes,
+               verbatim: bytes | None = None) -> tuple[int, bytes]:
+    from urllib.parse import urlsplit
+
+    if verbatim is None:
+        u = urlsplit(url)
+        head = f"{method} {u.path.rstrip('/')}{path} HTTP/1.1\r\nhost: {u.hostname}\r\nconnection: close\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        verbatim = head.encode() + body
+    data = await exchange(url, verbatim)
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 599
     return status, data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
 

@@ -37,6 +37,7 @@ from livelens.serving import options as answer_options
 from livelens.serving.admission import Admission
 from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
+from livelens.serving.heap import start_heap_trimmer
 from livelens.serving.streams import check_stream_id, check_ts
 from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_more, unwrap
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
@@ -273,6 +274,7 @@ class Gateway:
         from livelens.taxonomy import load_taxonomy
 
         self.args = args
+        start_heap_trimmer()  # decoding large images leaves the heap at its peak otherwise
         self.base_tax = load_taxonomy()
         self.live, self.tax = args.live, self.base_tax.with_thresholds(args.live.thresholds)
         self.policy = inputs.InputPolicy(

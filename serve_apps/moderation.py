@@ -20,6 +20,7 @@ from ray import serve
 
 from livelens.imageio import EncodedImage
 from livelens.serving.envelope import quiet_expected_errors
+from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions
 
 log = logging.getLogger("ray.serve")
@@ -75,6 +76,7 @@ class Moderation:
 
     def __init__(self, args: ModerationArgs):
         quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()  # large images leave the heap at its peak otherwise
         from livelens.moderation import ModerationEngine
 
         self.args = args

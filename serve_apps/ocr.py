@@ -24,6 +24,7 @@ from ray import serve
 
 from livelens.imageio import EncodedImage, as_rgb
 from livelens.serving.envelope import quiet_expected_errors
+from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions, once_more
 
 
@@ -97,6 +98,7 @@ class TextDetector:
 
     def __init__(self, args: OcrArgs):
         quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()  # large images leave the heap at its peak otherwise
         self.args = args
         self.engine = _engine(args)
 
@@ -121,6 +123,7 @@ class TextRecognizer:
 
     def __init__(self, args: OcrArgs):
         quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()  # large images leave the heap at its peak otherwise
         self.args = args
         self.engine = _engine(args)
         # One thread for every recognition (batches run one at a time anyway): glibc gives each
@@ -150,6 +153,7 @@ class Ocr:
 
     def __init__(self, args: OcrArgs, detector, recognizer):
         quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()  # large images leave the heap at its peak otherwise
         self.args = args
         self.detector, self.recognizer = detector, recognizer
         self.live = args.live

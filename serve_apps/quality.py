@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from livelens.serving.envelope import quiet_expected_errors
+from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions
 
 log = logging.getLogger("ray.serve")
@@ -54,6 +55,7 @@ class Quality:
 
     def __init__(self, args: QualityArgs):
         quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()  # large images leave the heap at its peak otherwise
         from livelens.quality.engine import QualityEngine
 
         self.args = args

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field
 from ray import serve
 
 from livelens.serving.envelope import quiet_expected_errors
+from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions
 
 
@@ -50,6 +51,7 @@ class Streams:
 
     def __init__(self, args: StreamsArgs):
         quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()  # large images leave the heap at its peak otherwise
         from livelens.serving.streams import SqliteStreamStore, StreamPolicy
 
         self.args = args

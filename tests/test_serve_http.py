@@ -366,19 +366,6 @@ def test_the_hostile_table_gets_no_5xx_and_every_answer_in_the_envelope(app):
     assert httpx.get(f"{app['url']}/healthz", timeout=30).status_code == 200
 
 
-def _raw_exchange(url: str, payload: bytes) -> bytes:
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
-        sock.sendall(payload)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def test_malformed_http_is_answered_in_the_envelope_by_the_server_itself(app):
     """Requests uvicorn rejects before any app sees them get the envelope, not a plain-text 400."""
     import os
@@ -388,11 +375,13 @@ def test_malformed_http_is_answered_in_the_envelope_by_the_server_itself(app):
     urls = [app["url"]]
     if os.environ.get("LIVELENS_SERVE_MODE") != "default":
         urls.append(direct_ingress_url(APP, "127.0.0.1"))
-    bad = [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
-           b"POST /ll/v1/moderate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]
+    from benchmarks.chaos import cases, exchange
+
+    broken = [c.raw for c in cases() if c.raw is not None]  # the chaos table's broken-HTTP cases
+    assert len(broken) >= 5
     for url in urls:
-        for payload in bad:
-            raw = _raw_exchange(url, payload)
+        for payload in broken:
+            raw = asyncio.run(exchange(url, payload, timeout_s=30))
             head, _, body = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 400"), (url, payload, raw[:200])
             assert b"content-type: application/json" in head.lower(), raw[:300]
