@@ -254,7 +254,7 @@ def _valid_requests(n: int = 12) -> list[tuple[str, bytes]]:
 
 
 async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup_s: float | None = None,
-               app: str | None = None) -> dict[str, Any]:
+               app: str | None = None, sample_s: float = 5.0) -> dict[str, Any]:
     """Good requests at saturation for ``seconds``; codes, and Serve's processes after warm-up and at the end.
 
     Args:
@@ -265,11 +265,16 @@ async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup
         warmup_s: Load before the first snapshot (default: a fifth of ``seconds``, at least 10 s),
             so one-time growth (first large image, lazy pools) is not counted as a leak.
         app: The Serve application whose replicas are measured (None: every one on this host).
+        sample_s: Seconds between snapshots of every Serve process.
 
     Returns:
         ``codes`` (status → count), ``unexpected`` (answers other than 200/429/503, or none at all),
-        ``before``/``after`` rows per Serve role, and ``growth`` per role (RSS per process, as a
-        ratio − 1; the change in fds, threads and processes).
+        ``before``/``after`` rows per Serve role (first and last snapshot), and ``growth`` per role:
+        RSS and anonymous memory per process as a trend (a least-squares line through every snapshot:
+        fitted end / fitted start − 1; ``make chaos`` holds it under 5 %) and as windows (the mean
+        over the last fifth of the soak against the mean over the first fifth); the change in
+        shared-memory pages mapped (MB); and the change in fds, threads and processes. ``series``
+        keeps every snapshot (seconds, RSS MB, anonymous MB) per role.
     """
     import httpx
 
@@ -296,23 +301,60 @@ async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup
             route = by_route.setdefault(path, {})
             route[what] = route.get(what, 0) + 1
 
+    samples: list[tuple[float, dict]] = []
+
+    async def sampler() -> None:
+        # RSS saw-tooths (the heap trimmer gives memory back every few seconds), so one snapshot at
+        # each end can catch a peak at one and a trough at the other: compare means over windows.
+        while loop.time() < stop_at[0]:
+            samples.append((loop.time(), await asyncio.to_thread(serve_process_stats, app)))
+            await asyncio.sleep(sample_s)
+
     async with httpx.AsyncClient(timeout=120) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         warm_codes = dict(codes)
         codes.clear()
         by_route.clear()
-        before = await asyncio.to_thread(serve_process_stats, app)
-        stop_at[0] = loop.time() + seconds
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    after = await asyncio.to_thread(serve_process_stats, app)
+        t0 = loop.time()
+        stop_at[0] = t0 + seconds
+        await asyncio.gather(sampler(), *(worker(client) for _ in range(concurrency)))
+    samples.append((loop.time(), await asyncio.to_thread(serve_process_stats, app)))
+    window = max(sample_s, seconds / 5)
+    first = [st for t, st in samples if t <= t0 + window]
+    last = [st for t, st in samples if t >= stop_at[0] - window]
+    before, after = samples[0][1], samples[-1][1]
+
+    def mean(stats: list[dict], role: str, attr: str) -> float:
+        """Mean per process of ``attr`` over the snapshots that have ``role``."""
+        vals = [getattr(st[role], attr) / st[role].processes for st in stats if role in st]
+        return sum(vals) / max(1, len(vals))
+
+    def trend(role: str, attr: str) -> float:
+        """Growth over the soak by a least-squares line through every snapshot: fitted end / fitted start − 1.
+
+        Under saturation RSS moves with the work in flight and with each heap trim; a leak is the
+        slope under that noise, and a line through ~120 snapshots finds it where two windows can't."""
+        pts = [(t - t0, getattr(st[role], attr) / st[role].processes) for t, st in samples if role in st]
+        if len(pts) < 3:
+            return 0.0
+        xs, ys = np.array(pts).T
+        slope, icept = np.polyfit(xs, ys, 1)
+        return float((icept + slope * xs[-1]) / icept - 1) if icept > 0 else 0.0
+
     # Per process: autoscaling may add a replica during the soak, which is not a leak.
-    growth = {role: {"rss": round((after[role].rss_mb / after[role].processes) / (b.rss_mb / b.processes) - 1, 4),
+    growth = {role: {"rss_trend": round(trend(role, "rss_mb"), 4), "anon_trend": round(trend(role, "anon_mb"), 4),
+                     "rss": round(mean(last, role, "rss_mb") / mean(first, role, "rss_mb") - 1, 4),
+                     "anon": round(mean(last, role, "anon_mb") / max(1e-9, mean(first, role, "anon_mb")) - 1, 4),
+                     "shmem_mb": round(mean(last, role, "shmem_mb") - mean(first, role, "shmem_mb"), 1),
                      "fds": after[role].fds - b.fds, "threads": after[role].threads - b.threads,
                      "processes": after[role].processes - b.processes}
               for role, b in before.items() if role in after}
     return {"seconds": seconds, "warmup_s": warmup_s, "warmup_codes": dict(sorted(warm_codes.items())),
             "codes": dict(sorted(codes.items())), "by_route": by_route,
             "unexpected": sum(v for c, v in codes.items() if c not in (200, 429, 503)),
+            "samples": len(samples), "window_s": window,
+            "series": {role: [[round(t - t0, 1), round(st[role].rss_mb, 1), round(st[role].anon_mb, 1)]
+                              for t, st in samples if role in st] for role in before},
             "before": as_rows(before), "after": as_rows(after), "growth": growth}
 
 
@@ -583,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         sk = result["soak"]
         print(f"soak {sk['seconds']:.0f} s: codes={json.dumps(sk['codes'])} unexpected={sk['unexpected']}")
         for role, g in sk["growth"].items():
-            print(f"  {role:32s} rss {g['rss']:+.1%} fds {g['fds']:+d} threads {g['threads']:+d} "
-                  f"processes {g['processes']:+d}")
+            print(f"  {role:32s} rss trend {g['rss_trend']:+.1%} windows {g['rss']:+.1%} anon trend "
+                  f"{g['anon_trend']:+.1%} windows {g['anon']:+.1%} shm {g['shmem_mb']:+.0f} MB "
+                  f"fds {g['fds']:+d} threads {g['threads']:+d} processes {g['processes']:+d}")
     print(format_table(final))
     print(json.dumps({k: v for k, v in result.items() if k in ("requests", "total_5xx", "outside_envelope",
                                                                 "healthz_after")}))
@@ -592,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).write_text(json.dumps(result, indent=2))
     lost = sum(k["lost"] for k in result["kills"] if k["deployment"] != "Gateway")
     soak_ok = "soak" not in result or (result["soak"]["unexpected"] == 0 and all(
-        g["rss"] < 0.05 for g in result["soak"]["growth"].values()))
+        g["rss_trend"] < 0.05 for g in result["soak"]["growth"].values()))
     return 0 if (result["total_5xx"] == 0 and result["outside_envelope"] == 0 and lost == 0 and soak_ok
                  and not any(r["wrong_2xx"] for r in rows)) else 1
 

@@ -23,6 +23,11 @@ class RoleStats:
     uss_mb: float = 0.0
     fds: int = 0
     threads: int = 0
+    #: RSS split by kind (``/proc/<pid>/status``): anonymous memory is the process's own heap and
+    #: stacks; shared memory is mostly pages of Ray's object store (``/dev/shm``) the process has
+    #: read arguments from, which RSS counts but the object store owns and bounds.
+    anon_mb: float = 0.0
+    shmem_mb: float = 0.0
 
 
 def role_of(cmdline: str, app: str | None = None) -> str | None:
@@ -40,6 +45,19 @@ def role_of(cmdline: str, app: str | None = None) -> str | None:
     if cmdline.startswith("ray::ServeController"):
         return "controller"
     return None
+
+
+def rss_kinds(pid: int) -> dict[str, float]:
+    """``RssAnon``, ``RssFile`` and ``RssShmem`` of a process in MB (empty where ``/proc`` has none)."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Rss"):
+                name, value = line.split(":", 1)
+                out[name] = int(value.split()[0]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
 
 
 def serve_process_stats(app: str | None = None, uss: bool = False) -> dict[str, RoleStats]:
@@ -65,6 +83,9 @@ def serve_process_stats(app: str | None = None, uss: bool = False) -> dict[str, 
                 s = stats.setdefault(role, RoleStats())
                 s.processes += 1
                 s.rss_mb += proc.memory_info().rss / 2**20
+                kinds = rss_kinds(proc.pid)
+                s.anon_mb += kinds.get("RssAnon", 0.0)
+                s.shmem_mb += kinds.get("RssShmem", 0.0)
                 if uss:
                     s.uss_mb += proc.memory_full_info().uss / 2**20
                 s.fds += proc.num_fds()
@@ -82,14 +103,17 @@ def as_rows(stats: dict[str, RoleStats]) -> list[dict]:
 
 def format_table(stats: dict[str, RoleStats]) -> str:
     """A small text table, one role per line, with a total."""
-    lines = [f"{'role':34s} {'procs':>5s} {'RSS MB':>8s} {'USS MB':>8s} {'fds':>5s} {'threads':>7s}"]
+    lines = [f"{'role':34s} {'procs':>5s} {'RSS MB':>8s} {'anon MB':>8s} {'shm MB':>7s} {'USS MB':>8s} "
+             f"{'fds':>5s} {'threads':>7s}"]
     for role, s in stats.items():
-        lines.append(f"{role:34s} {s.processes:5d} {s.rss_mb:8.0f} {s.uss_mb:8.0f} {s.fds:5d} {s.threads:7d}")
+        lines.append(f"{role:34s} {s.processes:5d} {s.rss_mb:8.0f} {s.anon_mb:8.0f} {s.shmem_mb:7.0f} {s.uss_mb:8.0f} "
+                     f"{s.fds:5d} {s.threads:7d}")
     total = RoleStats(sum(s.processes for s in stats.values()), sum(s.rss_mb for s in stats.values()),
                       sum(s.uss_mb for s in stats.values()), sum(s.fds for s in stats.values()),
-                      sum(s.threads for s in stats.values()))
-    lines.append(f"{'total':34s} {total.processes:5d} {total.rss_mb:8.0f} {total.uss_mb:8.0f} {total.fds:5d} "
-                 f"{total.threads:7d}")
+                      sum(s.threads for s in stats.values()), sum(s.anon_mb for s in stats.values()),
+                      sum(s.shmem_mb for s in stats.values()))
+    lines.append(f"{'total':34s} {total.processes:5d} {total.rss_mb:8.0f} {total.anon_mb:8.0f} {total.shmem_mb:7.0f} "
+                 f"{total.uss_mb:8.0f} {total.fds:5d} {total.threads:7d}")
     return "\n".join(lines)
 
 

@@ -90,6 +90,14 @@ class ModelNotFoundError(LivelensError):
     http_status = 404
 
 
+class NotFoundError(LivelensError):
+    """A named thing (a frame id, a label version, a store) does not exist."""
+
+    type = "not_found"
+    code = "not_found"
+    http_status = 404
+
+
 class AuthError(LivelensError):
     """Missing or unknown API key."""
 

@@ -11,14 +11,15 @@ import asyncio
 import importlib.util
 import inspect
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, StringConstraints
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,6 +41,7 @@ from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, er
 from livelens.serving.heap import start_heap_trimmer
 from livelens.serving.streams import check_stream_id, check_ts
 from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_more, unwrap
+from serve_apps.labelling import LabellingArgs, bind_labelling
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
 from serve_apps.ocr import OcrArgs, bind_ocr
 from serve_apps.quality import Quality, QualityArgs, bind_quality
@@ -48,6 +50,30 @@ from serve_apps.streams import StreamsArgs, bind_streams
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
 CAPABILITIES = ("moderate", "ocr", "quality")
+
+
+#: A label commit may name up to 10,000 frame ids (a whole cluster): its body gets more than settings do.
+MAX_LABEL_BODY = 1024 * 1024
+_FRAME_ID = re.compile(r"^[\w.-]{1,128}$")
+
+
+class LabelCommitBody(BaseModel):
+    """``POST /v1/label/commit``: labels to add to and remove from frames (see ``LabelStore.commit``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[str, StringConstraints(pattern=r"^[\w.-]{1,128}$")]] = Field(min_length=1, max_length=10_000)
+    add: list[Annotated[str, StringConstraints(max_length=128)]] = Field(default_factory=list, max_length=200)
+    remove: list[Annotated[str, StringConstraints(max_length=128)]] = Field(default_factory=list, max_length=200)
+    note: str = Field("", max_length=200)
+
+
+def _first_error(exc: ValueError) -> str:
+    """Pydantic's first finding as ``field: message`` (the whole list is long and repeats the input)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():
+        e = errors()[0]
+        return f"{'.'.join(map(str, e.get('loc', ()))) or 'body'}: {e.get('msg')}"
+    return str(exc)[:200]
 
 
 #: Default deadlines (s): generous for a CPU box; a deployment sets its own from its SLO.
@@ -270,7 +296,7 @@ def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedErro
 class Gateway:
     """The FastAPI ingress; capability deployments arrive as handles (None = not deployed)."""
 
-    def __init__(self, args: GatewayArgs, moderation=None, ocr=None, quality=None, streams=None):
+    def __init__(self, args: GatewayArgs, moderation=None, ocr=None, quality=None, streams=None, labelling=None):
         from livelens.taxonomy import load_taxonomy
 
         self.args = args
@@ -286,7 +312,7 @@ class Gateway:
         if args.audit_dir and telemetry.AUDIT is None:
             telemetry.AUDIT = telemetry.AuditLog(args.audit_dir, args.audit_retain_days)
         _configure_access_log(args.access_log_level)
-        given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams}
+        given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams, "label": labelling}
         # A colocated capability is built here, in this replica, and called without a hop.
         self.handles = {cap: h.build() if isinstance(h, Colocated) else h for cap, h in given.items()}
         self.capture = self._open_capture(args.live.capture)
@@ -521,6 +547,11 @@ class Gateway:
     async def console(self):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @api.get("/label", include_in_schema=False)
+    async def label_page(self):
+        """The labelling page: it holds no data and asks for a key; every call it makes is a /v1/label route."""
+        return FileResponse(STATIC / "label.html", media_type="text/html")
+
     @api.get("/metrics", include_in_schema=False)
     async def metrics(self) -> Response:
         """Prometheus text format: requests, latency per route and stage, queues, decisions, models."""
@@ -539,7 +570,7 @@ class Gateway:
         self._auth(request, "models")
         infos = {}
         for cap, h in self.handles.items():
-            if h is not None and cap != "streams":
+            if h is not None and cap not in ("streams", "label"):
                 infos[cap] = h.info.remote()
         done = await asyncio.gather(*infos.values(), return_exceptions=True)
         models: list[dict] = []
@@ -641,6 +672,50 @@ class Gateway:
         state = await self._handle("streams").state.remote(stream_id)
         return _ok(request, {"request_id": _rid(request), "stream": state})
 
+    # ---- labelling (scope "label"): the loop's human step, over the label store -------------
+
+    @api.get("/v1/label/store", summary="The label store: frames, newest version, counts per label, labellers")
+    async def label_store(self, request: Request) -> JSONResponse:
+        self._auth(request, "label")
+        return _ok(request, {"request_id": _rid(request), **await self._handle("label").info.remote()})
+
+    @api.get("/v1/label/frames", summary="A page of frames to label, with their labels (who, when) and queue reason")
+    async def label_frames(self, request: Request, offset: int = 0, limit: int = 50,
+                           unlabelled: bool = False) -> JSONResponse:
+        self._auth(request, "label")
+        page = await self._handle("label").frames.remote(offset, limit, unlabelled)
+        return _ok(request, {"request_id": _rid(request), **page})
+
+    @api.get("/v1/label/frames/{frame_id}/image", summary="One frame to label, as a JPEG thumbnail")
+    async def label_image(self, frame_id: str, request: Request) -> Response:
+        self._auth(request, "label")
+        if not _FRAME_ID.match(frame_id):
+            raise InvalidArgumentError("a frame id is 1-128 letters, digits, '_' or '-'", code="bad_frame_id")
+        data = await self._handle("label").thumbnail.remote(frame_id)
+        _observe(request, 200)
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
+
+    @api.post("/v1/label/commit", summary="Add or remove labels on frames, as one new version; the key is the labeller")
+    async def label_commit(self, request: Request) -> JSONResponse:
+        """The body is ``{"ids": [...], "add": [...], "remove": [...], "note": "..."}``.
+
+        Who labelled is the API key's id, never a field a client could set.
+        """
+        who = self._auth(request, "label") or "anonymous"
+        doc = await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy, MAX_LABEL_BODY)
+        try:
+            body = LabelCommitBody.model_validate(doc)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"label commit: {_first_error(exc)}", code="bad_label_commit") from None
+        commit = await self._handle("label").commit.remote(body.ids, body.add, body.remove, who, body.note)
+        return _ok(request, {"request_id": _rid(request), **commit})
+
+    @api.get("/v1/label/events", summary="Label commits after a version: who changed what, and when")
+    async def label_events(self, request: Request, since: int = 0) -> JSONResponse:
+        self._auth(request, "label")
+        events = await self._handle("label").events.remote(since)
+        return _ok(request, {"request_id": _rid(request), "events": events})
+
     @api.get("/v1/taxonomy", summary="The label taxonomy: categories, their labels as a tree, thresholds")
     async def taxonomy(self, request: Request) -> JSONResponse:
         """What ``categories=`` accepts and every label an answer can carry, with the live thresholds."""
@@ -695,6 +770,9 @@ class AppArgs(BaseModel):
     ocr: OcrArgs | None = Field(default_factory=OcrArgs)
     quality: QualityArgs | None = Field(default_factory=QualityArgs)
     streams: StreamsArgs | None = Field(default_factory=StreamsArgs)
+    # Off unless configured (the shipped config and the RayService turn it on): an app built for one
+    # capability should not carry a labelling replica.
+    labelling: LabellingArgs | None = None
 
 
 def colocated_args(args: AppArgs) -> AppArgs:
@@ -758,6 +836,8 @@ def build_app(args: AppArgs | dict | None = None):
         handles["quality"] = capability("quality", args.quality, Quality, bind_quality)
     if args.streams is not None:
         handles["streams"] = bind_streams(args.streams)
+    if args.labelling is not None:
+        handles["labelling"] = bind_labelling(args.labelling)
     options = args.gateway.deploy.to_options()
     options["ray_actor_options"]["num_cpus"] += extra_cpus  # the colocated models run in this replica
     return Gateway.options(**options, user_config=args.gateway.live.model_dump()).bind(args.gateway, **handles)

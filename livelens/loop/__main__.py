@@ -5,6 +5,7 @@
     python -m livelens.loop dedupe  --embeddings runs/loop/emb --manifest runs/data/frames --out runs/loop/dedup
     python -m livelens.loop queue   --embeddings runs/loop/emb --manifest runs/capture-set --out runs/loop/queue --budget 200
     python -m livelens.loop captured --uri runs/capture --out runs/capture-set
+    python -m livelens.loop labels  --manifest runs/loop/queue --store runs/loop/labels [--out runs/loop/labelled]
 
 Each command's flags come from its config dataclass (``--help`` lists them). Commands that run on
 Ray join the cluster in ``RAY_ADDRESS`` or start a local one.
@@ -73,6 +74,34 @@ class CapturedJob:
     out: str
 
 
+@dataclass
+class LabelsJob:
+    """Create the label store over a labelling queue, or write its labelled frames as a manifest.
+
+    Attributes:
+        store: The label store directory (the service's ``labelling.store``).
+        manifest: The frames to label (a queue manifest); needed to create the store.
+        out: Write the frames labelled so far, with their labels, as a manifest here.
+        version: The label version to write (default: the newest).
+    """
+
+    store: str
+    manifest: str | None = None
+    out: str | None = None
+    version: int | None = None
+
+
+def run_labels(job: LabelsJob) -> dict[str, Any]:
+    from livelens.loop.labels import LabelStore
+
+    store = LabelStore.create(job.store, job.manifest) if job.manifest else LabelStore(job.store)
+    result: dict[str, Any] = {"store": str(store.root), "manifest": str(store.manifest),
+                              "frames": len(store.frame_ids()), "version": store.latest(), "counts": store.counts()}
+    if job.out:
+        result["written"] = str(store.materialise(job.out, job.version))
+    return result
+
+
 def _ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
@@ -122,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"embed": EmbedConfig, "cluster": ClusterJob, "dedupe": DedupeJob, "queue": QueueJob,
-                "captured": CapturedJob}
+                "captured": CapturedJob, "labels": LabelsJob}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
@@ -146,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_dedupe(job)
         elif name == "queue":
             result = build_queue(job)
+        elif name == "labels":
+            result = run_labels(job)
         else:
             result = {"manifest": samples_to_manifest(job.uri, job.out)}
     except LivelensError as exc:

@@ -1,0 +1,160 @@
+"""Human labelling behind the gateway's /v1/label routes (scope ``label``).
+
+One replica (``max_replicas=1``) owns the label store (:class:`livelens.loop.labels.LabelStore`):
+the store's lock already makes concurrent commits safe, and one replica keeps the frames it serves
+in one cache. The store is opened on every call, so a store created (or replaced) by
+``python -m livelens.loop labels`` while the service runs is picked up without a restart, and a
+killed replica loses nothing: every commit is on disk before it is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from pydantic import ConfigDict, Field
+from ray import serve
+
+from livelens.errors import NotFoundError
+from livelens.serving.envelope import quiet_expected_errors
+from livelens.serving.heap import start_heap_trimmer
+from serve_apps.common import Args, DeployOptions
+
+MAX_PAGE = 500
+
+
+class LabellingArgs(Args):
+    """Labelling settings.
+
+    Attributes:
+        store: The label store directory (``python -m livelens.loop labels --manifest Q --store S``
+            creates it over a labelling queue).
+        thumb_side: Long side of the JPEG a labeller is shown.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    store: str = "runs/loop/labels"
+    thumb_side: int = Field(320, ge=32, le=2048)
+    deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.05, max_ongoing_requests=16))
+
+
+@serve.deployment
+class Labelling:
+    """Reads frames and label versions of the store; commits labellers' changes."""
+
+    def __init__(self, args: LabellingArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()
+        self.args = args
+        self._frames: tuple[str, float, dict[str, dict[str, Any]]] | None = None  # (manifest, mtime, rows)
+
+    def check_health(self) -> None:
+        """Healthy without a store: the routes say there is none (404), the service stays up."""
+
+    def _store(self):
+        from livelens.loop.labels import LabelStore
+
+        try:
+            return LabelStore(self.args.store)
+        except NotFoundError:
+            raise NotFoundError(f"no label store at {self.args.store}; create one over a labelling queue with "
+                                "'python -m livelens.loop labels --manifest <queue> --store <dir>'",
+                                code="no_label_store") from None
+
+    def _rows(self, store) -> dict[str, dict[str, Any]]:
+        """The store's frames by id (cached until the manifest file changes)."""
+        from livelens.data.manifest import MANIFEST_FILE, read_manifest
+
+        path = str(store.manifest)
+        mtime = os.stat(os.path.join(path, MANIFEST_FILE)).st_mtime
+        if self._frames is None or self._frames[:2] != (path, mtime):
+            table = read_manifest(path, columns=["id", "image_bytes", "image_uri", "width", "height", "attributes"])
+            self._frames = (path, mtime, {r["id"]: r for r in table.to_pylist()})
+        return self._frames[2]
+
+    def _info(self) -> dict[str, Any]:
+        store = self._store()
+        version = store.latest()
+        labelled = store.labels(version)
+        events = store.events()
+        return {"store": str(store.root), "manifest": str(store.manifest), "frames": len(store.frame_ids()),
+                "labelled_frames": len(labelled), "version": version, "counts": store.counts(version),
+                "labellers": sorted({e["by"] for e in events}), "labels": sorted(store.vocabulary)}
+
+    async def info(self) -> dict[str, Any]:
+        """The store: its manifest, frames, newest version, counts per label, who labelled."""
+        return await asyncio.to_thread(self._info)
+
+    def _page(self, offset: int, limit: int, unlabelled: bool) -> dict[str, Any]:
+        import json
+
+        store = self._store()
+        rows = self._rows(store)
+        labelled = store.labels()
+        ids = [i for i in rows if not (unlabelled and i in labelled)]
+        out = []
+        for rid in ids[offset: offset + limit]:
+            attrs = json.loads(rows[rid].get("attributes") or "{}")
+            out.append({"id": rid, "width": rows[rid]["width"], "height": rows[rid]["height"],
+                        "labels": labelled.get(rid, {}), "queue": attrs.get("queue"),
+                        "cluster": attrs.get("cluster")})
+        return {"total": len(ids), "offset": offset, "version": store.latest(), "frames": out}
+
+    async def frames(self, offset: int = 0, limit: int = 50, unlabelled: bool = False) -> dict[str, Any]:
+        """A page of frames with their labels (who and when) and why each was queued."""
+        from livelens.errors import InvalidArgumentError
+
+        if not (offset >= 0 and 1 <= limit <= MAX_PAGE):
+            raise InvalidArgumentError(f"offset ≥ 0 and 1 ≤ limit ≤ {MAX_PAGE}", code="bad_page")
+        return await asyncio.to_thread(self._page, offset, limit, unlabelled)
+
+    def _thumbnail(self, frame_id: str) -> bytes:
+        import cv2
+
+        from livelens.data.manifest import decode_row_image
+        from livelens.imageio import encode_jpeg
+
+        row = self._rows(self._store()).get(frame_id)
+        if row is None:
+            raise NotFoundError(f"no frame {frame_id[:80]!r} in the label store", code="frame_not_found")
+        image = decode_row_image(row["image_bytes"], row["image_uri"])
+        h, w = image.shape[:2]
+        s = min(1.0, self.args.thumb_side / max(h, w))
+        if s < 1.0:
+            image = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        return encode_jpeg(image, quality=85)
+
+    async def thumbnail(self, frame_id: str) -> bytes:
+        """One frame as a JPEG at most ``thumb_side`` on its long side."""
+        return await asyncio.to_thread(self._thumbnail, frame_id)
+
+    def _commit(self, ids: list[str], add: list[str], remove: list[str], by: str, note: str) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        store = self._store()
+        commit = store.commit(ids, add=add, remove=remove, by=by, note=note)
+        return {**asdict(commit), "counts": store.counts(commit.version)}
+
+    async def commit(self, ids: list[str], add: list[str], remove: list[str], by: str, note: str = "") -> dict[str, Any]:
+        """Apply one labeller's change as a new version (see ``LabelStore.commit``)."""
+        return await asyncio.to_thread(self._commit, ids, add, remove, by, note)
+
+    async def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Commits after version ``since``, oldest first."""
+        store = self._store()
+        return [e for e in await asyncio.to_thread(store.events) if e["version"] > since]
+
+
+def bind_labelling(args: LabellingArgs | dict | None = None):
+    """The labelling deployment, bound (for composition into the gateway)."""
+    a = args if isinstance(args, LabellingArgs) else LabellingArgs.model_validate(args or {})
+    options = a.deploy.to_options()
+    # One replica serves the store and its frame cache (module docstring).
+    return Labelling.options(**{**options, "autoscaling_config": {**options["autoscaling_config"], "max_replicas": 1}}
+                             ).bind(a)
+
+
+def build_app(args: LabellingArgs | dict | None = None):
+    """Labelling alone (used through a handle)."""
+    return bind_labelling(args)

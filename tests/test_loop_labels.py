@@ -1,0 +1,93 @@
+"""Human labels: versioned commits, concurrent labellers, who and when, and a manifest for training."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from livelens.data.frames import generate_frames
+from livelens.data.manifest import read_manifest, write_manifest
+from livelens.errors import InvalidArgumentError, NotFoundError
+from livelens.loop.labels import LabelStore
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    rows = generate_frames(0, 6, seed=3)
+    for r in rows:
+        r["labels"] = []  # captured traffic: nobody has labelled it yet
+    return write_manifest(rows, tmp_path_factory.mktemp("q") / "queue", {"name": "queue"}, contact_sheet=False)
+
+
+def test_commits_make_versions_with_who_and_when(frames, tmp_path):
+    store = LabelStore.create(tmp_path / "labels", frames)
+    ids = store.frame_ids()
+    assert store.latest() == 0 and store.labels() == {}
+    c1 = store.commit(ids[:3], add=["ads_qrcode"], by="ana", note="cluster 2")
+    c2 = store.commit(ids[2:4], add=["ads_qrcode", "ads_phone"], by="bo@example.com")
+    assert (c1.version, c1.added, c2.version, c2.added) == (1, 3, 2, 3)  # ids[2] already had the QR label
+    now = store.labels()
+    assert set(now) == set(ids[:4])
+    assert now[ids[2]]["ads_qrcode"]["by"] == "ana"  # a label already set keeps who set it first
+    assert now[ids[3]]["ads_phone"]["by"] == "bo@example.com" and now[ids[3]]["ads_phone"]["at"] >= c1.at
+    undo = store.commit(ids[:3], remove=["ads_qrcode"], by="ana", note="undo")
+    assert undo.removed == 3 and store.counts() == {"ads_phone": 2, "ads_qrcode": 1}
+    assert store.labels(version=1)[ids[0]]["ads_qrcode"]["by"] == "ana"  # old versions stay readable
+    assert [e["version"] for e in store.events()] == [1, 2, 3] and store.events()[0]["note"] == "cluster 2"
+    out = store.materialise(tmp_path / "train")
+    table = read_manifest(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids[2:4])
+    row = table.to_pylist()[0]
+    attrs = json.loads(row["attributes"])
+    assert attrs["label_version"] == 3 and set(attrs["labelled_by"]) == set(row["labels"])
+    assert row["image_bytes"]  # the frames themselves travel into the training manifest
+
+
+def test_two_labellers_at_once_lose_nothing(frames, tmp_path):
+    store_root = tmp_path / "labels"
+    LabelStore.create(store_root, frames)
+    ids = LabelStore(store_root).frame_ids()
+    labels = ["ads_qrcode", "ads_phone", "ads_watermark", "ads_text_banner", "ads_contact"]
+    errors: list[BaseException] = []
+
+    def labeller(who: str, offset: int) -> None:
+        store = LabelStore(store_root)  # each labeller has its own handle, as two replicas would
+        try:
+            for i in range(20):
+                store.commit([ids[(i + offset) % len(ids)]], add=[labels[i % len(labels)]], by=who)
+        except BaseException as e:  # collected, and asserted empty in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=labeller, args=(f"u{k}", k)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    store = LabelStore(store_root)
+    assert store.latest() == 40 and len(store.events()) == 40  # every commit got its own version
+    want = {(ids[(i + k) % len(ids)], labels[i % len(labels)]) for k in range(2) for i in range(20)}
+    got = {(rid, lab) for rid, labs in store.labels().items() for lab in labs}
+    assert got == want
+
+
+def test_bad_commits_are_refused_and_change_nothing(frames, tmp_path):
+    store = LabelStore.create(tmp_path / "labels", frames)
+    ids = store.frame_ids()
+    with pytest.raises(InvalidArgumentError, match="unknown labels"):
+        store.commit(ids[:1], add=["not.a.label"], by="ana")
+    with pytest.raises(NotFoundError):
+        store.commit(["nope"], add=["ads_qrcode"], by="ana")
+    with pytest.raises(InvalidArgumentError, match="labeller"):
+        store.commit(ids[:1], add=["ads_qrcode"], by="a b/../c")
+    with pytest.raises(InvalidArgumentError, match="both added and removed"):
+        store.commit(ids[:1], add=["ads_qrcode"], remove=["ads_qrcode"], by="ana")
+    with pytest.raises(InvalidArgumentError, match="nothing to do"):
+        store.commit(ids[:1], by="ana")
+    with pytest.raises(NotFoundError):
+        store.table(version=7)
+    assert store.latest() == 0 and store.events() == []
+    with pytest.raises(NotFoundError):
+        LabelStore(tmp_path / "elsewhere")
