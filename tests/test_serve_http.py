@@ -564,9 +564,11 @@ def test_openapi_describes_bodies_errors_and_security_and_a_client_built_from_it
     assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
     posts = {p: ops["post"] for p, ops in doc["paths"].items() if "post" in ops and p.startswith("/v1/")}
     assert {"/v1/analyze", "/v1/moderate", "/v1/ocr", "/v1/quality", "/v1/analyze/batch"} <= set(posts)
+    commit = posts["/v1/label/commit"]["requestBody"]["content"]
+    assert set(commit) == {"application/json"} and commit["application/json"]["schema"]["required"] == ["ids"]
     png = encode_png(np.full((48, 64, 3), 120, np.uint8))
     for path, op in posts.items():
-        if "{" in path:
+        if "{" in path or path.startswith("/v1/label/"):  # label commits take a JSON body of labels
             continue
         body = op["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(body), path
@@ -1078,7 +1080,11 @@ def test_labellers_label_frames_through_the_api_and_nothing_is_lost(app):
     other, reader = generate_key(), generate_key()
     add_key_to_file(app["key_file"], other, "labeller-b", scopes=["label"], rate_per_s=1000, burst=1000)
     add_key_to_file(app["key_file"], reader, "moderate-only", scopes=["moderate"], rate_per_s=1000, burst=1000)
-    _assert_envelope(httpx.get(f"{url}/store", headers={"Authorization": f"Bearer {reader}"}, timeout=30), 403)
+    deadline = time.time() + 10  # a replica re-reads the key file at most once a second
+    while (r := httpx.get(f"{url}/store", headers={"Authorization": f"Bearer {reader}"}, timeout=30)).status_code == 401:
+        assert time.time() < deadline, r.text
+        time.sleep(0.5)
+    _assert_envelope(r, 403)
 
     async def both_at_once() -> list[httpx.Response]:
         labels = ["ads_phone", "ads_url", "ads_watermark", "ads_logo", "ads_text_banner"]
@@ -1174,7 +1180,8 @@ def test_a_killed_gateway_fails_only_its_in_flight_requests_with_a_503_and_comes
 
     res = asyncio.run(kill_under_load(app["url"], app["key"], APP, "Gateway", n=16, concurrency=4, delay_s=1.0))
     summary = kill_summary(res)
-    assert res["killed"] == 1 and summary["lost"] == 0, (summary, res["answers"])
+    # One gateway replica, or two when the soak before this test made autoscaling add one.
+    assert res["killed"] >= 1 and summary["lost"] == 0, (summary, res["answers"])
     for a in res["answers"]:
         if a != 200:
             doc = json.loads(a[1])

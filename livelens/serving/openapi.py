@@ -183,7 +183,16 @@ def describe(schema: dict[str, Any]) -> dict[str, Any]:
                 continue
             op["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
             statuses: tuple[str, ...] = ("401", "403", "429")
-            if method == "post" and not path.startswith("/v1/admin"):
+            if method == "post" and path == "/v1/label/commit":
+                # A JSON body of labels, not images: its schema is the gateway's LabelCommitBody.
+                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["ids"], "additionalProperties": False, "properties": {
+                        "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+                        "add": {"type": "array", "items": {"type": "string"}},
+                        "remove": {"type": "array", "items": {"type": "string"}},
+                        "note": {"type": "string", "maxLength": 200}}}}}}
+                statuses = ("400", "401", "403", "404", "413", "429", "503")
+            elif method == "post" and not path.startswith("/v1/admin"):
                 batch = path.endswith("/batch")
                 op["requestBody"] = _image_body(batch)
                 # Keep the path parameters FastAPI found; the options are ours.
