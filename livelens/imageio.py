@@ -255,6 +255,17 @@ def array_to_rgb(arr: np.ndarray, limits: ImageLimits = DEFAULT_LIMITS) -> np.nd
     return np.ascontiguousarray(arr)
 
 
+def thumbnail_jpeg(rgb: np.ndarray, side: int, quality: int = 80) -> bytes:
+    """``rgb`` shrunk (never enlarged) to at most ``side`` pixels on its long side, as JPEG bytes."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    s = min(1.0, side / max(h, w))
+    if s < 1.0:
+        rgb = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    return encode_jpeg(rgb, quality=quality)
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     """Encode an RGB uint8 array as JPEG bytes."""
     buf = io.BytesIO()

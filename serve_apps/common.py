@@ -56,8 +56,13 @@ class DeployOptions(BaseModel):
     target_ongoing_requests: float = Field(4.0, gt=0)
     health_check_period_s: float = Field(10.0, gt=0)
 
-    def to_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
+    def to_options(self, single_replica: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``.
+
+        Args:
+            single_replica: Cap autoscaling at one replica, whatever ``max_replicas`` says (a
+                deployment that owns a local file: stream state, the label store).
+        """
         return {
             "ray_actor_options": {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -71,7 +76,7 @@ class DeployOptions(BaseModel):
                 # Scale up fast on live traffic bursts, down slowly because model loads are expensive.
                 "upscale_delay_s": 10.0,
                 "downscale_delay_s": 300.0,
-            },
+            } | ({"max_replicas": 1} if single_replica else {}),
         }
 
 

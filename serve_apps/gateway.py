@@ -54,14 +54,15 @@ CAPABILITIES = ("moderate", "ocr", "quality")
 
 #: A label commit may name up to 10,000 frame ids (a whole cluster): its body gets more than settings do.
 MAX_LABEL_BODY = 1024 * 1024
-_FRAME_ID = re.compile(r"^[\w.-]{1,128}$")
+FRAME_ID_PATTERN = r"^[\w.-]{1,128}$"
+_FRAME_ID = re.compile(FRAME_ID_PATTERN)
 
 
 class LabelCommitBody(BaseModel):
     """``POST /v1/label/commit``: labels to add to and remove from frames (see ``LabelStore.commit``)."""
 
     model_config = ConfigDict(extra="forbid")
-    ids: list[Annotated[str, StringConstraints(pattern=r"^[\w.-]{1,128}$")]] = Field(min_length=1, max_length=10_000)
+    ids: list[Annotated[str, StringConstraints(pattern=FRAME_ID_PATTERN)]] = Field(min_length=1, max_length=10_000)
     add: list[Annotated[str, StringConstraints(max_length=128)]] = Field(default_factory=list, max_length=200)
     remove: list[Annotated[str, StringConstraints(max_length=128)]] = Field(default_factory=list, max_length=200)
     note: str = Field("", max_length=200)

@@ -110,20 +110,13 @@ class Labelling:
         return await asyncio.to_thread(self._page, offset, limit, unlabelled)
 
     def _thumbnail(self, frame_id: str) -> bytes:
-        import cv2
-
         from livelens.data.manifest import decode_row_image
-        from livelens.imageio import encode_jpeg
+        from livelens.imageio import thumbnail_jpeg
 
         row = self._rows(self._store()).get(frame_id)
         if row is None:
             raise NotFoundError(f"no frame {frame_id[:80]!r} in the label store", code="frame_not_found")
-        image = decode_row_image(row["image_bytes"], row["image_uri"])
-        h, w = image.shape[:2]
-        s = min(1.0, self.args.thumb_side / max(h, w))
-        if s < 1.0:
-            image = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        return encode_jpeg(image, quality=85)
+        return thumbnail_jpeg(decode_row_image(row["image_bytes"], row["image_uri"]), self.args.thumb_side, quality=85)
 
     async def thumbnail(self, frame_id: str) -> bytes:
         """One frame as a JPEG at most ``thumb_side`` on its long side."""
@@ -149,10 +142,8 @@ class Labelling:
 def bind_labelling(args: LabellingArgs | dict | None = None):
     """The labelling deployment, bound (for composition into the gateway)."""
     a = args if isinstance(args, LabellingArgs) else LabellingArgs.model_validate(args or {})
-    options = a.deploy.to_options()
     # One replica serves the store and its frame cache (module docstring).
-    return Labelling.options(**{**options, "autoscaling_config": {**options["autoscaling_config"], "max_replicas": 1}}
-                             ).bind(a)
+    return Labelling.options(**a.deploy.to_options(single_replica=True)).bind(a)
 
 
 def build_app(args: LabellingArgs | dict | None = None):

@@ -67,14 +67,9 @@ class Streams:
         self.store.load("__health__")
 
     def _thumb(self, image) -> str:
-        import cv2
+        from livelens.imageio import thumbnail_jpeg
 
-        from livelens.imageio import encode_jpeg
-
-        h, w = image.shape[:2]
-        s = min(1.0, self.args.thumb_side / max(h, w))
-        small = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        return base64.b64encode(encode_jpeg(small, quality=80)).decode()
+        return base64.b64encode(thumbnail_jpeg(image, self.args.thumb_side, quality=80)).decode()
 
     def _ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None) -> dict[str, Any]:
         from livelens.imageio import as_rgb
@@ -144,10 +139,8 @@ class Streams:
 def bind_streams(args: StreamsArgs | dict | None = None):
     """The streams deployment, bound (for composition into the gateway)."""
     a = args if isinstance(args, StreamsArgs) else StreamsArgs.model_validate(args or {})
-    options = a.deploy.to_options()
     # One replica owns the SQLite file (module docstring).
-    return Streams.options(**{**options, "autoscaling_config": {**options["autoscaling_config"], "max_replicas": 1}}
-                           ).bind(a)
+    return Streams.options(**a.deploy.to_options(single_replica=True)).bind(a)
 
 
 def build_app(args: StreamsArgs | dict | None = None):
