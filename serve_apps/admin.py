@@ -28,7 +28,7 @@ from livelens.errors import ConfigError, LivelensError, ModelNotFoundError
 
 #: Deployments whose ``user_config`` holds each capability's live config (when it is not colocated).
 DEPLOYMENTS = {"moderate": ("Moderation",), "ocr": ("Ocr", "TextRecognizer"), "quality": ("Quality",),
-               "gateway": ("Gateway",)}
+               "persons": ("Persons",), "gateway": ("Gateway",)}
 #: Where a colocated capability's live config sits inside the gateway's.
 GATEWAY_KEYS = {"moderate": "moderation", "quality": "quality"}
 #: Live config fields naming models that must exist before a change is applied.
@@ -40,9 +40,11 @@ def live_model(cap: str) -> type[BaseModel]:
     from serve_apps.gateway import GatewayConfig
     from serve_apps.moderation import ModerationConfig
     from serve_apps.ocr import OcrConfig
+    from serve_apps.persons import PersonsConfig
     from serve_apps.quality import QualityConfig
 
-    models = {"moderate": ModerationConfig, "ocr": OcrConfig, "quality": QualityConfig, "gateway": GatewayConfig}
+    models = {"moderate": ModerationConfig, "ocr": OcrConfig, "quality": QualityConfig, "persons": PersonsConfig,
+              "gateway": GatewayConfig}
     if cap not in models:
         raise ConfigError(f"unknown capability {cap!r}; live configs exist for {sorted(models)}")
     return models[cap]

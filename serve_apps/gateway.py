@@ -44,12 +44,15 @@ from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_
 from serve_apps.labelling import LabellingArgs, bind_labelling
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
 from serve_apps.ocr import OcrArgs, bind_ocr
+from serve_apps.persons import PersonsArgs, bind_persons
 from serve_apps.quality import Quality, QualityArgs, bind_quality
 from serve_apps.streams import StreamsArgs, bind_streams
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
-CAPABILITIES = ("moderate", "ocr", "quality")
+CAPABILITIES = ("moderate", "ocr", "quality", "persons")
+#: Faces and their attributes are personal data: /v1/analyze adds them only for keys with this scope.
+PERSONAL = {"persons": "persons"}
 
 
 #: A label commit may name up to 10,000 frame ids (a whole cluster): its body gets more than settings do.
@@ -78,7 +81,8 @@ def _first_error(exc: ValueError) -> str:
 
 
 #: Default deadlines (s): generous for a CPU box; a deployment sets its own from its SLO.
-DEFAULT_DEADLINES_S = {"analyze": 10.0, "ocr": 10.0, "streams": 10.0, "moderate": 5.0, "quality": 5.0}
+DEFAULT_DEADLINES_S = {"analyze": 10.0, "ocr": 10.0, "streams": 10.0, "moderate": 5.0, "quality": 5.0,
+                       "persons": 5.0}
 
 
 class GatewayConfig(BaseModel):
@@ -91,7 +95,8 @@ class GatewayConfig(BaseModel):
         quality: The live config of colocated quality (:class:`serve_apps.quality.QualityConfig`).
         capture: Traffic capture into the sample store (:class:`livelens.loop.capture.CaptureConfig`):
             off unless enabled, per key, with a privacy switch; a change applies at once.
-        deadlines_s: Per route class (``analyze``, ``ocr``, ``moderate``, ``quality``, ``streams``), the
+        deadlines_s: Per route class (``analyze``, ``ocr``, ``moderate``, ``quality``, ``streams``,
+            ``persons``), the
             seconds within which an admitted request should be answered. A request whose expected
             time passes it gets a fast 503 with ``Retry-After`` (:mod:`livelens.serving.admission`);
             a batch counts each image. A class left out is always admitted.
@@ -99,7 +104,7 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
-    deadlines_s: dict[Literal["analyze", "ocr", "moderate", "quality", "streams"], PositiveFloat] = Field(
+    deadlines_s: dict[Literal["analyze", "ocr", "moderate", "quality", "streams", "persons"], PositiveFloat] = Field(
         default_factory=lambda: dict(DEFAULT_DEADLINES_S))
     moderation: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
@@ -297,7 +302,8 @@ def overloaded(exc: BaseException, retry_after_s: float = 1.0) -> OverloadedErro
 class Gateway:
     """The FastAPI ingress; capability deployments arrive as handles (None = not deployed)."""
 
-    def __init__(self, args: GatewayArgs, moderation=None, ocr=None, quality=None, streams=None, labelling=None):
+    def __init__(self, args: GatewayArgs, moderation=None, ocr=None, quality=None, streams=None, labelling=None,
+                 persons=None):
         from livelens.taxonomy import load_taxonomy
 
         self.args = args
@@ -313,7 +319,8 @@ class Gateway:
         if args.audit_dir and telemetry.AUDIT is None:
             telemetry.AUDIT = telemetry.AuditLog(args.audit_dir, args.audit_retain_days)
         _configure_access_log(args.access_log_level)
-        given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams, "label": labelling}
+        given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams, "label": labelling,
+                 "persons": persons}
         # A colocated capability is built here, in this replica, and called without a hop.
         self.handles = {cap: h.build() if isinstance(h, Colocated) else h for cap, h in given.items()}
         self.capture = self._open_capture(args.live.capture)
@@ -466,6 +473,9 @@ class Gateway:
         if "quality" in caps:
             quality = self._handle("quality")
             calls["quality"] = once_more(lambda: quality.assess.remote(image))
+        if "persons" in caps:
+            persons = self._handle("persons")
+            calls["persons"] = once_more(lambda: persons.analyze.remote(image))
         t0 = time.perf_counter()
         if telemetry.METRICS.enabled:
             for cap in calls:
@@ -493,11 +503,13 @@ class Gateway:
         telemetry.METRICS.answered(answer, results_by_cap)
         return answer_options.apply(answer, opts, self.tax)
 
-    async def _single(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
+    async def _single(self, request: Request, caps: tuple[str, ...] | None, scope: str) -> JSONResponse:
+        """One image through ``caps`` (None: every capability the key may use, as /v1/analyze)."""
         rid = _rid(request)
         timings = request.state.timings = Timings()
         with timings.stage("auth"):
             self._auth(request, scope)
+        caps = caps if caps is not None else self._caps(request)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=False)
         request.state.images = 1
@@ -512,11 +524,12 @@ class Gateway:
                 self._capture(request, image, result)
         return _ok(request, {"request_id": rid, **result, "timings_ms": timings.to_dict()})
 
-    async def _batch(self, request: Request, caps: tuple[str, ...], scope: str) -> JSONResponse:
+    async def _batch(self, request: Request, caps: tuple[str, ...] | None, scope: str) -> JSONResponse:
         rid = _rid(request)
         timings = request.state.timings = Timings()
         with timings.stage("auth"):
             self._auth(request, scope)
+        caps = caps if caps is not None else self._caps(request)
         with timings.stage("read"):
             images, opts = await self._read_images(request, batch=True)
         request.state.images = len(images)
@@ -624,9 +637,13 @@ class Gateway:
     async def quality(self, request: Request) -> JSONResponse:
         return await self._single(request, ("quality",), "quality")
 
-    @api.post("/v1/analyze", summary="Moderation, OCR and quality in one call, fanned out in parallel")
+    @api.post("/v1/persons", summary="Faces with gender, age band and minors labels (scope persons: personal data)")
+    async def persons(self, request: Request) -> JSONResponse:
+        return await self._single(request, ("persons",), "persons")
+
+    @api.post("/v1/analyze", summary="Moderation, OCR, quality (and persons, for keys with that scope) in one call")
     async def analyze(self, request: Request) -> JSONResponse:
-        return await self._single(request, self._caps(), "analyze")
+        return await self._single(request, None, "analyze")
 
     @api.post("/v1/moderate/batch", summary="Batch moderation: results and errors per item")
     async def moderate_batch(self, request: Request) -> JSONResponse:
@@ -640,12 +657,22 @@ class Gateway:
     async def quality_batch(self, request: Request) -> JSONResponse:
         return await self._batch(request, ("quality",), "quality")
 
+    @api.post("/v1/persons/batch", summary="Batch persons: results and errors per item")
+    async def persons_batch(self, request: Request) -> JSONResponse:
+        return await self._batch(request, ("persons",), "persons")
+
     @api.post("/v1/analyze/batch", summary="Batch analyze: results and errors per item")
     async def analyze_batch(self, request: Request) -> JSONResponse:
-        return await self._batch(request, self._caps(), "analyze")
+        return await self._batch(request, None, "analyze")
 
-    def _caps(self) -> tuple[str, ...]:
-        return tuple(c for c in CAPABILITIES if self.handles.get(c) is not None)
+    def _caps(self, request: Request | None = None) -> tuple[str, ...]:
+        """Every deployed capability, less the personal ones the request's key has no scope for.
+
+        With ``request`` None (a caller on the cluster, through a handle) or auth off, all of them.
+        """
+        entry = getattr(request.state, "key_entry", None) if request is not None else None
+        return tuple(c for c in CAPABILITIES if self.handles.get(c) is not None
+                     and (c not in PERSONAL or entry is None or entry.allows(PERSONAL[c])))
 
     @api.post("/v1/streams/{stream_id}/frames", summary="Analyze one frame of a stream; returns its verdict")
     async def stream_frame(self, stream_id: str, request: Request) -> JSONResponse:
@@ -657,9 +684,10 @@ class Gateway:
         images, opts = await self._read_images(request, batch=False)
         image = self._probe(images[0])
         ts = check_ts(opts.get("ts"))  # a bad ts is a 400 before any model runs, and never reaches the state
-        answer_opts = self._options(opts, self._caps())
+        caps = self._caps(request)
+        answer_opts = self._options(opts, caps)
         with self.admission.admit("streams"):
-            result = await self._analyze_one(image, self._caps(), answer_opts, timings)
+            result = await self._analyze_one(image, caps, answer_opts, timings)
             with timings.stage("streams"):
                 try:
                     state = await streams.ingest.remote(stream_id, image, result, ts)
@@ -744,7 +772,8 @@ class Gateway:
 
         Args:
             data: The encoded image.
-            capabilities: A subset of ``moderate``, ``ocr``, ``quality`` (default: every one deployed).
+            capabilities: A subset of ``moderate``, ``ocr``, ``quality``, ``persons`` (default: every one
+                deployed).
             **options: ``evidence``, ``min_confidence``, ``categories``, ``model``, as on the HTTP routes.
 
         Raises:
@@ -771,6 +800,9 @@ class AppArgs(BaseModel):
     ocr: OcrArgs | None = Field(default_factory=OcrArgs)
     quality: QualityArgs | None = Field(default_factory=QualityArgs)
     streams: StreamsArgs | None = Field(default_factory=StreamsArgs)
+    # Off unless configured (the shipped config turns it on): faces and attributes are personal data,
+    # and an app built for one capability should not load three more models.
+    persons: PersonsArgs | None = None
     # Off unless configured (the shipped config and the RayService turn it on): an app built for one
     # capability should not carry a labelling replica.
     labelling: LabellingArgs | None = None
@@ -839,6 +871,8 @@ def build_app(args: AppArgs | dict | None = None):
         handles["streams"] = bind_streams(args.streams)
     if args.labelling is not None:
         handles["labelling"] = bind_labelling(args.labelling)
+    if args.persons is not None:
+        handles["persons"] = bind_persons(args.persons)
     options = args.gateway.deploy.to_options()
     options["ray_actor_options"]["num_cpus"] += extra_cpus  # the colocated models run in this replica
     return Gateway.options(**options, user_config=args.gateway.live.model_dump()).bind(args.gateway, **handles)

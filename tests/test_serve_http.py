@@ -1154,6 +1154,50 @@ def test_the_labelling_page_labels_selected_frames_and_undoes(app):
             browser.close()
 
 
+def test_persons_answers_faces_and_attributes_only_to_keys_with_the_persons_scope(app):
+    """/v1/persons, and the persons section of /v1/analyze, are personal data: scope ``persons`` only."""
+    import skimage.data
+
+    url, h = app["url"], app["headers"]
+    astronaut = _jpeg(skimage.data.astronaut())
+    r = httpx.post(f"{url}/v1/persons", content=astronaut, headers={**h, "content-type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["persons"]["count"] == 1 and body["decision"] == "pass"
+    face = body["persons"]["faces"][0]
+    assert face["attributes"]["gender"]["value"] == "female" and face["attributes"]["age"]["band"] == "adult"
+    assert "face_mtcnn@facenet-pytorch-2.6.0" in body["models"] and "persons.detect" in body["timings_ms"]
+
+    # No person, a 1x1 image and an all-black frame are answers, not errors; a corrupt body is a typed 4xx.
+    files = [("files", ("a.jpg", astronaut, "image/jpeg")),
+             ("files", ("one.png", encode_png(np.zeros((1, 1, 3), np.uint8)), "image/png")),
+             ("files", ("black.jpg", _jpeg(np.zeros((360, 640, 3), np.uint8)), "image/jpeg")),
+             ("files", ("bad.jpg", astronaut[:300], "image/jpeg"))]
+    items = httpx.post(f"{url}/v1/persons/batch", files=files, headers=h, timeout=60).json()["results"]
+    assert [i["status"] for i in items[:3]] == [200, 200, 200], items
+    assert [i["persons"]["count"] for i in items[:3]] == [1, 0, 0]
+    assert 400 <= items[3]["status"] < 500 and items[3]["error"]["code"] == "invalid_image", items[3]
+
+    # A key without the scope: /v1/persons is refused, /v1/analyze answers without the section.
+    plain = generate_key()
+    add_key_to_file(app["key_file"], plain, "no-persons", scopes=["analyze", "moderate"], rate_per_s=1000, burst=1000)
+    ph = {"Authorization": f"Bearer {plain}", "content-type": "image/jpeg"}
+    deadline = time.time() + 10  # a replica re-reads the key file at most once a second
+    while (r := httpx.post(f"{url}/v1/persons", content=astronaut, headers=ph, timeout=60)).status_code == 401:
+        assert time.time() < deadline, r.text
+        time.sleep(0.5)
+    _assert_envelope(r, 403)
+    r = httpx.post(f"{url}/v1/analyze", content=astronaut, headers=ph, timeout=60)
+    assert r.status_code == 200 and "persons" not in r.json() and "moderation" in r.json(), r.text
+    r = httpx.post(f"{url}/v1/analyze", content=astronaut, headers={**h, "content-type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 200 and r.json()["persons"]["count"] == 1, r.text
+    models = httpx.get(f"{url}/v1/models", headers=h, timeout=30).json()
+    teacher = [m for m in models["models"] if m["ref"].startswith("age_gender@")]
+    assert teacher and teacher[0]["capability"] == "persons" and "CC0" in teacher[0]["licence"]
+    rows = {row["label"]: row for row in models["coverage"]["labels"]}
+    assert rows["minors_child"]["status"] == "covered"
+
+
 def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(app):
     """Issue 19's CI soak (``make chaos`` runs 10 minutes): good traffic on every image route at
     16 in flight; after a warm-up, each Serve process's RSS trend (a line through a snapshot every

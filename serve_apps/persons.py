@@ -1,0 +1,117 @@
+"""People in a frame: faces, and per face gender, age band and the minors labels (scope ``persons``).
+
+Faces and their attributes are personal data, so the gateway answers them only to keys with the
+``persons`` scope (``POST /v1/persons``, and the ``persons`` section of ``/v1/analyze``). What runs
+is :class:`livelens.persons.engine.PersonsEngine`, the code :mod:`livelens.persons.evaluate`
+measures; its settings are live (:class:`PersonsConfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from livelens.serving.envelope import quiet_expected_errors
+from livelens.serving.heap import start_heap_trimmer
+from serve_apps.common import Args, DeployOptions
+
+log = logging.getLogger("ray.serve")
+
+
+class PersonsConfig(BaseModel):
+    """Persons knobs that change without a restart (``user_config``); see :class:`PersonsSettings`.
+
+    Attributes:
+        detector: The face detector (``mtcnn``, or the ``haar`` baseline).
+        attributes: Read gender and age per face.
+        max_faces: Faces answered per frame, largest first (``count`` still says how many were found).
+        min_score: Faces the detector scores below this are dropped.
+        det_long_side: Frames are shrunk to this long side before detection.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    detector: Literal["mtcnn", "haar"] = "mtcnn"
+    attributes: bool = True
+    max_faces: int = Field(50, ge=1, le=500)
+    min_score: float = Field(0.9, ge=0.0, le=1.0)
+    det_long_side: int = Field(960, ge=64, le=4096)
+
+
+class PersonsArgs(Args):
+    """Persons settings fixed for a replica's life.
+
+    Attributes:
+        live: The starting :class:`PersonsConfig`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    live: PersonsConfig = Field(default_factory=PersonsConfig)
+    deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.2, max_ongoing_requests=4))
+
+
+@serve.deployment
+class Persons:
+    """``analyze`` per frame: faces with boxes, landmarks, attributes and minors labels."""
+
+    def __init__(self, args: PersonsArgs):
+        quiet_expected_errors()  # a client's 4xx: one INFO line in this replica's log, no traceback
+        start_heap_trimmer()
+        import torch
+
+        torch.set_num_threads(1)  # one small frame at a time: more threads only add overhead
+        self.args = args
+        self.live = args.live
+        self.engine = self._engine(args.live)
+
+    @staticmethod
+    def _engine(live: PersonsConfig):
+        from livelens.persons.engine import PersonsEngine, PersonsSettings
+
+        engine = PersonsEngine(PersonsSettings(**live.model_dump()))
+        # The teacher loads its landmark model on the first face: pay for it here, not in a request.
+        engine.analyze(np.zeros((64, 64, 3), np.uint8))
+        if engine.teacher is not None:
+            engine.teacher.predict(np.full((48, 48, 3), 128, np.uint8))
+        return engine
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        from livelens.errors import ConfigError
+
+        try:
+            live = PersonsConfig.model_validate(config or {})
+        except ValueError as exc:
+            raise ConfigError(f"persons user_config: {exc}") from None
+        if live != self.live:
+            self.engine = self._engine(live)  # built first: a failure leaves the old one serving
+            self.live = live
+
+    def check_health(self) -> None:
+        """Stateless; nothing can go stale."""
+
+    def info(self) -> dict[str, Any]:
+        from livelens.coverage import persons_covers
+
+        return {"models": self.engine.models_info(covers=persons_covers()), "live": self.live.model_dump()}
+
+    def analyze(self, image) -> dict[str, Any]:
+        """Faces, attributes and minors labels of one frame (array or checked bytes)."""
+        t0 = time.perf_counter()
+        out = self.engine.analyze(image)
+        out["timings_ms"]["total"] = round((time.perf_counter() - t0) * 1000, 3)
+        return out
+
+
+def bind_persons(args: PersonsArgs | dict | None = None):
+    """The persons deployment, bound (for composition into the gateway)."""
+    a = args if isinstance(args, PersonsArgs) else PersonsArgs.model_validate(args or {})
+    return Persons.options(**a.deploy.to_options(), user_config=a.live.model_dump()).bind(a)
+
+
+def build_app(args: PersonsArgs | dict | None = None):
+    """Persons alone (called with ``.analyze`` through a handle; HTTP goes through the gateway)."""
+    return bind_persons(args)
