@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-quality eval-quality \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons train-quality eval-quality \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -53,6 +53,12 @@ train-ocr: setup
 
 eval-ocr: setup
 	$(PY) -m livelens.ocr.evaluate --out runs/eval-ocr
+
+train-persons: setup
+	$(PY) -m train_jobs.persons_det
+
+eval-persons: setup
+	$(PY) -m livelens.persons.evaluate --detectors mtcnn,haar$$($(PY) -c "from livelens.store import find_in_stores as f; print(',persons_det' if f('persons_det') else '')")
 
 train-quality: setup
 	$(PY) -m train_jobs.quality

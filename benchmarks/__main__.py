@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark (or the ones named) one after another.
 
 Each benchmark prints its figures as ratios against a baseline measured in the same run.
-Usage: ``python -m benchmarks [generators|quality|ocr|train|comm|serve|memory|overload|loop ...]``.
+Usage: ``python -m benchmarks [generators|quality|ocr|persons|train|comm|serve|memory|overload|loop ...]``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 import sys
 import time
 
-BENCHES = ("generators", "quality", "ocr", "train", "comm", "serve", "memory", "overload", "loop")
+BENCHES = ("generators", "quality", "ocr", "persons", "train", "comm", "serve", "memory", "overload", "loop")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ from livelens import fusion
 from livelens.imageio import EncodedImage
 from livelens.taxonomy import Taxonomy, load_taxonomy
 
-CAPABILITIES = ("moderate", "ocr", "quality")
+CAPABILITIES = ("moderate", "ocr", "quality", "persons")
+#: What ``/v1/analyze`` runs for a key without the ``persons`` scope (faces are personal data).
+DEFAULT_CAPS = ("moderate", "ocr", "quality")
 
 
 class LocalAnalyzer:
@@ -28,7 +30,8 @@ class LocalAnalyzer:
         safety_ref: Safety classifier (None: open_nsfw only).
         regions_ref: Text-region model ('' or None: none).
         iqa_ref: Learned quality model (None: classical measures only).
-        caps: Capabilities to run (the service's ``/v1/analyze`` runs all three).
+        caps: Capabilities to run: ``/v1/analyze`` runs the first three, and ``persons`` too for a key
+            with that scope.
         stores: The store chain (default :func:`livelens.store.store_chain`).
         use_open_nsfw: Also run open_nsfw, as the default service does.
         decode_qr: Also decode QR codes, as the default service does.
@@ -39,14 +42,14 @@ class LocalAnalyzer:
     """
 
     def __init__(self, safety_ref: str | None = "safety", regions_ref: str | None = "ads_regions",
-                 iqa_ref: str | None = "quality_iqa", caps: Sequence[str] = CAPABILITIES,
+                 iqa_ref: str | None = "quality_iqa", caps: Sequence[str] = DEFAULT_CAPS,
                  stores: Sequence[str] | None = None, use_open_nsfw: bool = True, decode_qr: bool = True,
                  evidence: str = "boxes", tax: Taxonomy | None = None, ocr_engine: Any | None = None,
                  threads: int = 2):
         self.tax = tax or load_taxonomy()
         self.caps = tuple(c for c in CAPABILITIES if c in caps)
         self.evidence = evidence
-        self.moderation = self.ocr = self.quality = None
+        self.moderation = self.ocr = self.quality = self.persons = None
         if "moderate" in self.caps:
             from livelens.moderation import ModerationEngine
 
@@ -68,6 +71,10 @@ class LocalAnalyzer:
             from livelens.quality.engine import QualityEngine
 
             self.quality = QualityEngine(iqa_ref, stores, self.tax)
+        if "persons" in self.caps:
+            from livelens.persons.engine import PersonsEngine
+
+            self.persons = PersonsEngine(tax=self.tax)
 
     def models(self) -> list[str]:
         """``name@version`` of every model the analyser runs."""
@@ -78,6 +85,8 @@ class LocalAnalyzer:
             out += self.ocr[0].models()
         if self.quality is not None:
             out += self.quality.assess(np.zeros((16, 16, 3), np.uint8))["models"]
+        if self.persons is not None:
+            out += self.persons.models()
         return sorted(set(out))
 
     def parts(self, image: np.ndarray | EncodedImage) -> dict[str, dict[str, Any]]:
@@ -97,6 +106,10 @@ class LocalAnalyzer:
             out["ocr"] = res
         if self.quality is not None:
             out["quality"] = self.quality.assess(rgb)
+        if self.persons is not None:
+            res = self.persons.analyze(rgb)
+            res.pop("timings_ms", None)
+            out["persons"] = res
         return out
 
     def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:

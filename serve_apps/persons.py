@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,18 +27,19 @@ class PersonsConfig(BaseModel):
     """Persons knobs that change without a restart (``user_config``); see :class:`PersonsSettings`.
 
     Attributes:
-        detector: The face detector (``mtcnn``, or the ``haar`` baseline).
+        detector: The face detector: ``mtcnn``, the ``haar`` baseline, or the model-store ref of
+            livelens' own mmdet detector (``persons_det``, ``persons_det@2``: ``make train-persons``).
         attributes: Read gender and age per face.
         max_faces: Faces answered per frame, largest first (``count`` still says how many were found).
-        min_score: Faces the detector scores below this are dropped.
+        min_score: Faces the detector scores below this are dropped (None: the detector's own threshold).
         det_long_side: Frames are shrunk to this long side before detection.
     """
 
     model_config = ConfigDict(extra="forbid")
-    detector: Literal["mtcnn", "haar"] = "mtcnn"
+    detector: str = Field("mtcnn", pattern=r"^(mtcnn|haar|[a-z][a-z0-9_]{0,63}(@\d{1,9})?)$")
     attributes: bool = True
     max_faces: int = Field(50, ge=1, le=500)
-    min_score: float = Field(0.9, ge=0.0, le=1.0)
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
     det_long_side: int = Field(960, ge=64, le=4096)
 
 

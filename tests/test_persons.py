@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from livelens.errors import ConfigError
+from livelens.errors import ConfigError, ModelNotFoundError
 from livelens.persons.engine import PersonsEngine, PersonsSettings
 from livelens.persons.evaluate import face_recall, iou, match
 from livelens.persons.teachers import create_detector
@@ -77,7 +77,9 @@ def test_haar_is_a_detector_too_and_bad_settings_are_config_errors():
         with pytest.raises(ConfigError):
             PersonsSettings(**bad)
     with pytest.raises(ConfigError, match="unknown face detector"):
-        create_detector("yolo")
+        create_detector("YOLO v8")
+    with pytest.raises(ModelNotFoundError):  # a well-formed store ref that names no model
+        create_detector("yolo_faces@3")
 
 
 def test_boxes_come_back_in_the_original_pixels_when_the_frame_is_shrunk():
@@ -93,3 +95,88 @@ def test_matching_is_one_to_one():
     assert match([[0, 0, 10, 10], [1, 1, 10, 10]], truth) == 1  # two boxes on one face count once
     assert match([[0, 0, 10, 10], [20, 20, 31, 31]], truth) == 2
     assert match([[50, 50, 60, 60]], truth) == 0
+
+
+def test_detector_frames_are_reproducible_boxed_and_free_of_unlabelled_people():
+    from livelens.data.render import PEOPLE_PHOTOS, people_free_paths
+    from livelens.imageio import decode_image
+    from livelens.ocr.mm_configs import OBJECT_CLASSES
+    from livelens.persons import detdata
+
+    a, b = detdata.make_sample(0, 3), detdata.make_sample(0, 3)
+    assert a["image_bytes"] == b["image_bytes"] and np.array_equal(a["boxes"], b["boxes"])
+    rows = detdata.samples(0, 24)
+    for r in rows:
+        rgb = decode_image(r["image_bytes"])
+        assert rgb.shape[:2] == (r["height"], r["width"])
+        assert len(r["boxes"]) == len(r["labels"]) and all(0 <= c < len(OBJECT_CLASSES) for c in r["labels"])
+        bx = r["boxes"]
+        assert ((bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])).all()
+        assert (bx[:, :2] >= -1).all() and (bx[:, 2] <= r["width"] + 1).all() and (bx[:, 3] <= r["height"] + 1).all()
+    faces = sum(int((r["labels"] == 0).sum()) for r in rows)
+    overlays = sum(int((r["labels"] > 0).sum()) for r in rows)
+    assert faces >= 20 and overlays >= 10, (faces, overlays)
+    # Backgrounds (PiP windows included) never show a person, nor any photo of ../shared/data.
+    names = {n for n, _ in people_free_paths()}
+    assert names and not names & PEOPLE_PHOTOS and not any(n.startswith("shared:") for n in names)
+
+
+def test_the_face_pool_reads_training_xml_and_never_testing_xml(shared_data, monkeypatch):
+    from livelens.data import importers
+    from livelens.persons import detdata
+
+    read = []
+    real = importers.import_dlib_xml
+    monkeypatch.setattr(importers, "import_dlib_xml", lambda f, *a, **k: read.append(str(f)) or real(f, *a, **k))
+    detdata.face_pool.cache_clear()
+    try:
+        faces, non_faces = detdata.face_pool(str(shared_data))
+    finally:
+        detdata.face_pool.cache_clear()
+    assert read == [str(shared_data / "faces" / "training.xml")]
+    # 18 boxed faces of training.xml, the astronaut and Grace Hopper (MTCNN), 100 LFW crops.
+    assert len(faces) == 18 + 2 + detdata.LFW_FACES and len(non_faces) == 100
+
+
+def test_bad_detector_names_are_refused_before_anything_loads():
+    from pydantic import ValidationError
+
+    from serve_apps.persons import PersonsConfig
+
+    with pytest.raises(ValidationError):
+        PersonsConfig(detector="../../etc/passwd")
+    assert PersonsConfig(detector="persons_det@2").detector == "persons_det@2"
+    with pytest.raises(ConfigError, match="model-store ref"):
+        create_detector("Persons Det")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_detector_run_publishes_a_model_the_persons_stage_serves(ray_session, tmp_path, monkeypatch):
+    """Ray Train on the shared loop → the store (card: config, classes, size, held-out COCO mAP) → /v1/persons' engine."""
+    from livelens.ocr.mm_configs import OBJECT_CLASSES
+    from livelens.ocr.mmocr_adapter import ObjectDetector
+    from livelens.persons.train import DetTrainConfig, run
+    from livelens.store import ModelStore
+    from train_jobs.persons_det import PRESETS, parse_args, preset_config
+
+    cfg = preset_config("smoke")
+    cfg = DetTrainConfig(**{**cfg.__dict__, "store": str(tmp_path / "store"), "storage_path": str(tmp_path / "ray")})
+    out = run(cfg)
+    assert out["ref"] == "persons_det@1"
+    card = ModelStore(cfg.store).card(out["ref"])
+    assert card["arch"]["backend"] == "mmdet" and card["arch"]["classes"] == list(OBJECT_CLASSES)
+    assert card["arch"]["size"] == PRESETS["smoke"]["size"] and card["init"] == "imagenet:mobilenet_v2"
+    m = card["metrics"]
+    assert m["global_step"] == 2 and np.isfinite(m["train_loss"])  # 8 frames in batches of 4
+    assert 0.0 <= m["heldout_map"] <= 1.0 and 0.05 <= m["heldout_face_threshold"] <= 0.95
+    assert card["data"]["never_trained_on"] == "faces/testing.xml"
+    det = ObjectDetector(out["ref"], cfg.store)
+    assert det.size == PRESETS["smoke"]["size"] and isinstance(det.detect(skimage.data.astronaut()), list)
+    # The persons stage serves it by ref, with the threshold its card chose.
+    monkeypatch.setenv("LIVELENS_MODEL_STORE", cfg.store)
+    eng = PersonsEngine(PersonsSettings(detector="persons_det", attributes=False))
+    assert eng.detector.min_score == m["heldout_face_threshold"]
+    answer = eng.analyze(skimage.data.astronaut())
+    assert answer["models"] == ["persons_det@1"] and isinstance(answer["faces"], list)
+    assert parse_args(["--preset", "cpu", "--samples", "50"]).preset == "cpu"

@@ -797,10 +797,10 @@ def _eval_frames() -> list[tuple[str, bytes]]:
 
 def test_the_evaluation_measures_what_http_answers(app):
     """The same frames through /v1/analyze and through the evaluation's analyser: the same labels."""
-    from livelens.analyzer import LocalAnalyzer
+    from livelens.analyzer import CAPABILITIES, LocalAnalyzer
     from livelens.imageio import decode_image
 
-    analyzer = LocalAnalyzer()
+    analyzer = LocalAnalyzer(caps=CAPABILITIES)  # the test key has every scope, persons included
     compared = 0
     for name, data in _eval_frames():
         r = httpx.post(f"{app['url']}/v1/analyze", content=data, timeout=120,
@@ -816,6 +816,9 @@ def test_the_evaluation_measures_what_http_answers(app):
         assert {k: v["score"] for k, v in zip(got, served["labels"], strict=True)} == pytest.approx(
             {lab["name"]: lab["score"] for lab in local["labels"]}, abs=1e-3), name
         assert [ln["text"] for ln in served["ocr"]["lines"]] == [ln["text"] for ln in local["ocr"]["lines"]], name
+        assert served["persons"]["count"] == local["persons"]["count"], name
+        assert [v for f in served["persons"]["faces"] for v in f["box"]] == pytest.approx(
+            [v for f in local["persons"]["faces"] for v in f["box"]], abs=1.0), name
         compared += len(got)
     assert compared >= 10  # the frames carry labels: the comparison is not of empty answers
 

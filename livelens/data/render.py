@@ -7,7 +7,10 @@ generators paste them and take the box from the alpha, so boxes are right by con
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -214,10 +217,31 @@ def procedural_scene(width: int, height: int, rng: np.random.Generator, kind: st
     return f"procedural:{kind}", np.ascontiguousarray(out)
 
 
+#: Photos that show people (faces): a face detector's training frames must not show them unlabelled,
+#: and ../shared/data/faces holds the face test set, which no training step may see.
+PEOPLE_PHOTOS = frozenset({"skimage:astronaut", "skimage:camera"})
+_PEOPLE_FREE: contextvars.ContextVar[bool] = contextvars.ContextVar("people_free", default=False)
+
+
+def people_free_paths() -> tuple[tuple[str, Path], ...]:
+    """:func:`photo_paths` without any photo of people (nor the shared faces and street scenes)."""
+    return tuple((n, p) for n, p in photo_paths(include_shared=False) if n not in PEOPLE_PHOTOS)
+
+
+@contextlib.contextmanager
+def people_free() -> Iterator[None]:
+    """Within this block, every photo background (PiP windows included) comes from :func:`people_free_paths`."""
+    token = _PEOPLE_FREE.set(True)
+    try:
+        yield
+    finally:
+        _PEOPLE_FREE.reset(token)
+
+
 def background(width: int, height: int, rng: np.random.Generator, photo_prob: float = 0.6) -> tuple[str, np.ndarray]:
     """A frame background: a crop of a real photo, or a procedural scene."""
     if rng.random() < photo_prob:
-        paths = photo_paths()
+        paths = people_free_paths() if _PEOPLE_FREE.get() else photo_paths()
         p = load_photo(*paths[int(rng.integers(len(paths)))])
         return f"photo:{p.name}", cover_crop(p.rgb, width, height, rng)
     return procedural_scene(width, height, rng)

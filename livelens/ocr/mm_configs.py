@@ -1,4 +1,4 @@
-"""Every mmocr model config livelens uses, as plain Python dicts in one place.
+"""Every mmocr and mmdet model config livelens uses, as plain Python dicts in one place.
 
 These are mmocr's own configs (``textdet/dbnet/_base_dbnet_resnet18_fpnc.py``,
 ``textrecog/crnn/_base_crnn_mini-vgg.py``, ``textrecog/svtr/_base_svtr-tiny.py``), trimmed to
@@ -15,7 +15,13 @@ ImageNet weights, the one pretrained backbone available offline; ResNet-18 has n
 ``crnn_resnet_small`` (CRNN on a narrow residual CNN from mmocr's own ``ResNet``: a fifth of
 mini-VGG's backbone FLOPs per crop).
 
-The string ``type`` keys are mmocr's registry, used only inside :mod:`livelens.ocr.mmocr_adapter`.
+One mmdet detector serves the persons stage: ``rtmdet_mobilenetv2``, mmdet's RTMDet (its
+``CSPNeXtPAFPN`` neck and anchor-free ``RTMDetSepBNHead``, as in ``rtmdet_tiny_8xb32-300e_coco.py``)
+on the same ImageNet MobileNetV2 (strides 8/16/32 → 32/96/320 channels) and a 64-channel neck, for
+:data:`OBJECT_CLASSES`.
+
+The string ``type`` keys are mmocr's and mmdet's registries, used only inside
+:mod:`livelens.ocr.mmocr_adapter` (mmdet configs are built in mmdet's scope there).
 """
 
 from __future__ import annotations
@@ -128,6 +134,37 @@ def svtr_tiny(dict_file: str | Path | None = None) -> dict[str, Any]:
     )
 
 
+#: What the persons-stage detector finds: faces, and the overlays the frame generator draws with boxes.
+OBJECT_CLASSES = ("face", "qrcode", "logo", "pip", "text_overlay", "hud")
+#: Object detector input: the long side of a frame (short side padded to /32).
+OBJ_DET_SIZE = 416
+
+
+def rtmdet_mobilenetv2(num_classes: int = len(OBJECT_CLASSES)) -> dict[str, Any]:
+    """RTMDet (tiny-sized neck and head) on mmdet's MobileNetV2; see the module docstring."""
+    bn = dict(type="BN", momentum=0.03, eps=0.001)
+    act = dict(type="SiLU", inplace=True)
+    return dict(
+        type="RTMDet",
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=[123.675, 116.28, 103.53],
+                               std=[58.395, 57.12, 57.375], bgr_to_rgb=False, pad_size_divisor=32),
+        backbone=dict(type="MobileNetV2", out_indices=(2, 4, 6), init_cfg=None),
+        neck=dict(type="CSPNeXtPAFPN", in_channels=[32, 96, 320], out_channels=64, num_csp_blocks=1,
+                  expand_ratio=0.5, norm_cfg=bn, act_cfg=act),
+        bbox_head=dict(
+            type="RTMDetSepBNHead", num_classes=num_classes, in_channels=64, stacked_convs=2, feat_channels=64,
+            anchor_generator=dict(type="MlvlPointGenerator", offset=0, strides=[8, 16, 32]),
+            bbox_coder=dict(type="DistancePointBBoxCoder"),
+            loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
+            loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
+            with_objectness=False, exp_on_reg=False, share_conv=True, pred_kernel_size=1, norm_cfg=bn, act_cfg=act),
+        train_cfg=dict(assigner=dict(type="DynamicSoftLabelAssigner", topk=13), allowed_border=-1, pos_weight=-1,
+                       debug=False),
+        test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.6),
+                      max_per_img=100),
+    )
+
+
 DETECTORS: Registry = Registry("mmocr detector config")
 DETECTORS.register("dbnet_resnet18_fpnc", dbnet_resnet18_fpnc)
 DETECTORS.register("dbnet_mobilenetv2_fpnc", dbnet_mobilenetv2_fpnc)
@@ -135,23 +172,26 @@ RECOGNIZERS: Registry = Registry("mmocr recogniser config")
 RECOGNIZERS.register("crnn_minivgg", crnn_minivgg)
 RECOGNIZERS.register("crnn_resnet_small", crnn_resnet_small)
 RECOGNIZERS.register("svtr_tiny", svtr_tiny)
+OBJECT_DETECTORS: Registry = Registry("mmdet detector config")
+OBJECT_DETECTORS.register("rtmdet_mobilenetv2", rtmdet_mobilenetv2)
 # Input channels each recogniser expects (the CRNNs are grayscale).
 REC_CHANNELS = {"crnn_minivgg": 1, "crnn_resnet_small": 1, "svtr_tiny": 3}
 # Backbones that start from torchvision's ImageNet weights when training (config → torchvision arch).
-IMAGENET_INIT = {"dbnet_mobilenetv2_fpnc": "mobilenet_v2"}
+IMAGENET_INIT = {"dbnet_mobilenetv2_fpnc": "mobilenet_v2", "rtmdet_mobilenetv2": "mobilenet_v2"}
 # SVTR's encoder has a fixed input width; CRNN takes any width.
 REC_FIXED_WIDTH = {"svtr_tiny": 100}
 
 
 def get(name: str, **kwargs: Any) -> dict[str, Any]:
-    """A fresh (deep-copied) config by name, detector or recogniser.
+    """A fresh (deep-copied) config by name: text detector, recogniser or object detector.
 
     Raises:
         ConfigError: Unknown name.
     """
-    table = DETECTORS if name in DETECTORS else RECOGNIZERS
-    if name not in table:
+    table = next((t for t in (DETECTORS, RECOGNIZERS, OBJECT_DETECTORS) if name in t), None)
+    if table is None:
         from livelens.errors import ConfigError
 
-        raise ConfigError(f"unknown mmocr config {name!r}; known: {sorted([*DETECTORS, *RECOGNIZERS])}")
+        raise ConfigError(f"unknown mm config {name!r}; known: "
+                          f"{sorted([*DETECTORS, *RECOGNIZERS, *OBJECT_DETECTORS])}")
     return copy.deepcopy(table.get(name)(**kwargs))

@@ -341,3 +341,129 @@ def _min_area_quad(poly: np.ndarray) -> np.ndarray:
     # Order: top-left (min x+y), top-right, bottom-right, bottom-left.
     s, d = pts.sum(1), np.diff(pts, axis=1).ravel()
     return np.array([pts[np.argmin(s)], pts[np.argmin(d)], pts[np.argmax(s)], pts[np.argmax(d)]])
+
+
+# -- mmdet object detection (the persons stage) ------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _mmdet_registry() -> Any:
+    """mmdet's MODELS registry with its modules registered (mmocr's first: they import mmdet's)."""
+    _registry()
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)  # mmocr keeps the default scope
+    return MODELS
+
+
+def build_object_detector(name: str = "rtmdet_mobilenetv2", pretrained: bool = False) -> nn.Module:
+    """An mmdet detector of :data:`livelens.ocr.mm_configs.OBJECT_CLASSES`; ``pretrained``: ImageNet backbone.
+
+    It is built inside mmdet's registry scope, so the config's unprefixed types (and the defaults
+    its modules build, such as the assigner's IoU calculator) resolve to mmdet's, not mmocr's.
+    """
+    from mmengine.config import ConfigDict
+    from mmengine.registry import DefaultScope
+
+    if name not in mm_configs.OBJECT_DETECTORS:
+        raise ConfigError(f"unknown mmdet config {name!r}; known: {sorted(mm_configs.OBJECT_DETECTORS)}")
+    registry = _mmdet_registry()  # outside the scope below: mmocr's registration sets its own default scope
+    try:
+        with DefaultScope.overwrite_default_scope("mmdet"):
+            model = registry.build(ConfigDict(mm_configs.get(name)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build mmdet model {name!r}: {exc}") from exc
+    model.init_weights()
+    if pretrained:
+        imagenet_init(model, name)
+    return model
+
+
+def obj_inputs(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray] | None = None,
+               labels: Sequence[np.ndarray] | None = None, size: int = mm_configs.OBJ_DET_SIZE) -> dict[str, Any]:
+    """A raw mmdet batch: each image resized to long side ``size``; boxes ``[x0, y0, x1, y1]`` in its pixels.
+
+    The data preprocessor pads the batch to a multiple of 32 and records the padded shape.
+    """
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    inputs, samples = [], []
+    for i, rgb in enumerate(images):
+        small, _ = resize_for_det(rgb, size)
+        inputs.append(torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1))))
+        sy, sx = small.shape[0] / rgb.shape[0], small.shape[1] / rgb.shape[1]
+        sample = DetDataSample(metainfo=dict(img_shape=small.shape[:2], ori_shape=rgb.shape[:2],
+                                             scale_factor=(sx, sy)))
+        if boxes is not None:
+            inst = InstanceData()
+            b = np.asarray(boxes[i], np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
+            inst.bboxes = torch.from_numpy(b)
+            inst.labels = torch.as_tensor(np.asarray(labels[i] if labels is not None else []), dtype=torch.long)
+            sample.gt_instances = inst
+        samples.append(sample)
+    return {"inputs": inputs, "data_samples": samples}
+
+
+def obj_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The detector's total loss on one raw batch, through the (possibly DDP-wrapped) module."""
+    from livelens.train.ddp import unwrap
+
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    if device.type != "cpu":
+        batch = {"inputs": [t.to(device) for t in batch["inputs"]], "data_samples": batch["data_samples"]}
+    data = inner.data_preprocessor(batch, training=True)
+    losses = model(data["inputs"], data["data_samples"], mode="loss")
+    total, _ = inner.parse_losses(losses)  # RTMDet's terms are per-level lists
+    return total
+
+
+@torch.no_grad()
+def obj_predict(model: nn.Module, images: Sequence[np.ndarray], size: int = mm_configs.OBJ_DET_SIZE,
+                min_score: float = 0.05) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(boxes [n, 4] in original pixels, scores, class ids)`` per image, one image at a time."""
+    device = next(model.parameters()).device
+    out = []
+    for rgb in images:
+        batch = _to_device(obj_inputs([rgb], size=size), device)
+        data = model.data_preprocessor(batch, training=False)
+        (res,) = model.predict(data["inputs"], data["data_samples"], rescale=True)
+        p = res.pred_instances
+        keep = p.scores >= min_score
+        out.append((p.bboxes[keep].cpu().numpy(), p.scores[keep].cpu().numpy(), p.labels[keep].cpu().numpy()))
+    return out
+
+
+class ObjectDetector:
+    """A stored mmdet detector: its card names the config, the classes and the input size.
+
+    Args:
+        src: A model-store ref (``name`` or ``name@version``) or an ``nn.Module`` in memory.
+        store: Model store root for refs; default: the store chain of :mod:`livelens.store`.
+        name: Config name when ``src`` is a module.
+        size: Input long side when ``src`` is a module.
+    """
+
+    def __init__(self, src: str | nn.Module, store: str | None = None, *, name: str = "rtmdet_mobilenetv2",
+                 size: int = mm_configs.OBJ_DET_SIZE, classes: Sequence[str] = mm_configs.OBJECT_CLASSES):
+        if isinstance(src, nn.Module):
+            self.model, self.ref, self.card = src.eval(), "in-memory", {}
+            self.size, self.classes = size, tuple(classes)
+            return
+        from livelens.store import open_in_stores
+
+        found, ref = open_in_stores(src, [store] if store else None)
+        stored = found.load(ref)
+        arch = stored.card.get("arch") or {}
+        self.card, self.ref = stored.card, stored.ref
+        self.size = int(arch.get("size") or size)
+        self.classes = tuple(arch.get("classes") or classes)
+        self.model = build_object_detector(arch.get("config") or name)
+        self.model.load_state_dict(stored.state_dict)
+        self.model.eval()
+
+    def detect(self, rgb: np.ndarray, min_score: float = 0.05) -> list[dict[str, Any]]:
+        """``{"class", "box", "score"}`` per object, boxes in ``rgb``'s pixels."""
+        boxes, scores, labels = obj_predict(self.model, [rgb], self.size, min_score)[0]
+        return [{"class": self.classes[int(c)], "box": [round(float(v), 1) for v in b], "score": float(s)}
+                for b, s, c in zip(boxes, scores, labels, strict=True)]

