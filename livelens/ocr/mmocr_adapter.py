@@ -404,8 +404,12 @@ def obj_inputs(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray] | None 
     return {"inputs": inputs, "data_samples": samples}
 
 
-def obj_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """The detector's total loss on one raw batch, through the (possibly DDP-wrapped) module."""
+def loss_terms(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """An mm model's loss terms on one raw batch, through the (possibly DDP-wrapped) module.
+
+    The preprocessor runs on the inner model; the loss goes through ``model(..., mode="loss")`` so
+    that DDP's gradient hooks see the forward pass.
+    """
     from livelens.train.ddp import unwrap
 
     inner = unwrap(model)
@@ -413,8 +417,14 @@ def obj_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     if device.type != "cpu":
         batch = {"inputs": [t.to(device) for t in batch["inputs"]], "data_samples": batch["data_samples"]}
     data = inner.data_preprocessor(batch, training=True)
-    losses = model(data["inputs"], data["data_samples"], mode="loss")
-    total, _ = inner.parse_losses(losses)  # RTMDet's terms are per-level lists
+    return model(data["inputs"], data["data_samples"], mode="loss")
+
+
+def obj_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The detector's total loss on one raw batch (RTMDet's terms are per-level lists)."""
+    from livelens.train.ddp import unwrap
+
+    total, _ = unwrap(model).parse_losses(loss_terms(model, batch))
     return total
 
 

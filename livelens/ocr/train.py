@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -192,20 +191,8 @@ def heldout_scores(cfg: OcrTrainConfig, model: torch.nn.Module, rows: list[dict]
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """The mmocr model's total loss on one raw batch, through the (possibly DDP-wrapped) module.
-
-    The preprocessor runs on the inner model; the loss goes through ``model(..., mode="loss")`` so
-    that DDP's gradient hooks see the forward pass.
-    """
-    from livelens.train.ddp import unwrap
-
-    inner = unwrap(model)
-    device = next(inner.parameters()).device
-    if device.type != "cpu":
-        batch = {"inputs": [t.to(device) for t in batch["inputs"]], "data_samples": batch["data_samples"]}
-    data = inner.data_preprocessor(batch, training=True)
-    losses = model(data["inputs"], data["data_samples"], mode="loss")
-    return sum(v for v in losses.values() if isinstance(v, torch.Tensor))
+    """The mmocr model's total loss on one raw batch (:func:`mmocr_adapter.loss_terms`, summed)."""
+    return sum(v for v in mm.loss_terms(model, batch).values() if isinstance(v, torch.Tensor))
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -255,54 +242,28 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
     Returns:
         ``{"ref", "metrics", "card", "checkpoint"}``.
     """
-    # Before importing ray, which reads its auth settings at import. Our own token: the shared
-    # ~/.ray/auth_token belongs to whichever cluster on this host wrote it last.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from livelens.store import ModelStore, git_sha
-    from livelens.train.driver import make_run_config, read_checkpoint
+    from livelens.train.job import fit_with_ray
 
-    started = False
-    if not ray.is_initialized():
-        from livelens.train.driver import init_ray
-
-        init_ray(num_cpus=max(4, cfg.num_workers + 2))
-        started = True
-    try:
-        t0 = time.time()
-        name = cfg.run_name or f"{cfg.name}-{int(t0)}"
-        trainer = TorchTrainer(
-            train_fn_per_worker,
-            train_loop_config=asdict(cfg),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-                                         resources_per_worker={"CPU": 0.5} if not cfg.loop.use_gpu else {"CPU": 1, "GPU": 1}),
-            run_config=make_run_config(name, cfg.storage_path, max_failures=cfg.max_failures, keep=1),
-        )
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        state, metrics, _ = read_checkpoint(result.checkpoint)
-        card = {
-            "task": f"ocr_{cfg.task}",
-            "arch": {"backend": "mmocr", "config": cfg.model, "mm_config": mm_configs.get(cfg.model)},
-            "dictionary": str(mm_configs.DICT_FILE.relative_to(Path(__file__).resolve().parents[2]))
-            if cfg.task == "rec" else None,
-            "data": {"source": cfg.data if cfg.uses_manifest() else "generated:livelens.data.text",
-                     "max_samples": cfg.max_samples, "heldout": "val split" if cfg.uses_manifest()
-                     else "generated slots from 10,000,000 (disjoint from training)"},
-            "init": f"imagenet:{cfg.imagenet_arch}" if cfg.imagenet_arch else "random",
-            "train": asdict(cfg),
-            "metrics": dict(metrics),
-            "train_seconds": round(time.time() - t0, 1),
-            "git": git_sha(),
-            "load": "livelens.ocr.mmocr_adapter.MmocrEngine(det=..., rec=...)",
-        }
-        ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
-        return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": result.checkpoint.path}
-    finally:
-        if started:
-            ray.shutdown()
+    t0 = time.time()
+    state, metrics, checkpoint = fit_with_ray(
+        train_fn_per_worker, asdict(cfg), name=cfg.run_name or f"{cfg.name}-{int(t0)}",
+        storage_path=cfg.storage_path, num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
+        max_failures=cfg.max_failures)
+    card = {
+        "task": f"ocr_{cfg.task}",
+        "arch": {"backend": "mmocr", "config": cfg.model, "mm_config": mm_configs.get(cfg.model)},
+        "dictionary": str(mm_configs.DICT_FILE.relative_to(Path(__file__).resolve().parents[2]))
+        if cfg.task == "rec" else None,
+        "data": {"source": cfg.data if cfg.uses_manifest() else "generated:livelens.data.text",
+                 "max_samples": cfg.max_samples, "heldout": "val split" if cfg.uses_manifest()
+                 else "generated slots from 10,000,000 (disjoint from training)"},
+        "init": f"imagenet:{cfg.imagenet_arch}" if cfg.imagenet_arch else "random",
+        "train": asdict(cfg),
+        "metrics": dict(metrics),
+        "train_seconds": round(time.time() - t0, 1),
+        "git": git_sha(),
+        "load": "livelens.ocr.mmocr_adapter.MmocrEngine(det=..., rec=...)",
+    }
+    ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
+    return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": checkpoint}

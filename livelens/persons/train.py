@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -194,52 +193,28 @@ def run(cfg: DetTrainConfig) -> dict[str, Any]:
     Returns:
         ``{"ref", "metrics", "card", "checkpoint"}``.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from livelens.store import ModelStore, git_sha
-    from livelens.train.driver import make_run_config, read_checkpoint
+    from livelens.train.job import fit_with_ray
 
-    started = False
-    if not ray.is_initialized():
-        from livelens.train.driver import init_ray
-
-        init_ray(num_cpus=max(4, cfg.num_workers + 2))
-        started = True
-    try:
-        t0 = time.time()
-        trainer = TorchTrainer(
-            train_fn_per_worker, train_loop_config=asdict(cfg),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-                                         resources_per_worker={"CPU": 0.5} if not cfg.loop.use_gpu
-                                         else {"CPU": 1, "GPU": 1}),
-            run_config=make_run_config(cfg.run_name or f"{cfg.name}-{int(t0)}", cfg.storage_path,
-                                       max_failures=cfg.max_failures, keep=1),
-        )
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        state, metrics, _ = read_checkpoint(result.checkpoint)
-        card = {
-            "task": "object_detection",
-            "arch": {"backend": "mmdet", "config": cfg.model, "mm_config": mm_configs.get(cfg.model),
-                     "classes": list(mm_configs.OBJECT_CLASSES), "size": cfg.size},
-            "data": {"source": "generated:livelens.persons.detdata (frames + real faces pasted)",
-                     "samples": cfg.samples, "heldout": f"generated slots from {detdata.HELDOUT_OFFSET:,} "
-                     "(disjoint frames; the same face identities)", "never_trained_on": "faces/testing.xml"},
-            "init": "imagenet:mobilenet_v2" if cfg.pretrained else "random",
-            "licence": LICENCES,
-            "train": asdict(cfg),
-            "metrics": dict(metrics),
-            "train_seconds": round(time.time() - t0, 1),
-            "git": git_sha(),
-            "load": "livelens.ocr.mmocr_adapter.ObjectDetector(ref)",
-        }
-        ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
-        return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": result.checkpoint.path}
-    finally:
-        if started:
-            ray.shutdown()
+    t0 = time.time()
+    state, metrics, checkpoint = fit_with_ray(
+        train_fn_per_worker, asdict(cfg), name=cfg.run_name or f"{cfg.name}-{int(t0)}",
+        storage_path=cfg.storage_path, num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
+        max_failures=cfg.max_failures)
+    card = {
+        "task": "object_detection",
+        "arch": {"backend": "mmdet", "config": cfg.model, "mm_config": mm_configs.get(cfg.model),
+                 "classes": list(mm_configs.OBJECT_CLASSES), "size": cfg.size},
+        "data": {"source": "generated:livelens.persons.detdata (frames + real faces pasted)",
+                 "samples": cfg.samples, "heldout": f"generated slots from {detdata.HELDOUT_OFFSET:,} "
+                 "(disjoint frames; the same face identities)", "never_trained_on": "faces/testing.xml"},
+        "init": "imagenet:mobilenet_v2" if cfg.pretrained else "random",
+        "licence": LICENCES,
+        "train": asdict(cfg),
+        "metrics": dict(metrics),
+        "train_seconds": round(time.time() - t0, 1),
+        "git": git_sha(),
+        "load": "livelens.ocr.mmocr_adapter.ObjectDetector(ref)",
+    }
+    ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
+    return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": checkpoint}

@@ -1,0 +1,55 @@
+"""The driver side of a Ray Train job that publishes one model: start Ray, fit, read the last checkpoint.
+
+Used by the jobs whose whole run is one :class:`~ray.train.torch.TorchTrainer` over
+:func:`livelens.train.fit` (the OCR models, the persons detector); each then writes its own card.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+
+def fit_with_ray(train_fn: Callable[[dict], None], config: dict[str, Any], *, name: str, storage_path: str,
+                 num_workers: int = 1, use_gpu: bool = False, max_failures: int = 1
+                 ) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Run ``train_fn`` on ``num_workers`` Ray Train workers and read the final checkpoint.
+
+    Starts (and afterwards stops) a local Ray with token auth when none is connected.
+
+    Returns:
+        ``(state, metrics, checkpoint path)`` of the last reported checkpoint.
+
+    Raises:
+        Exception: The run's error, when it failed past ``max_failures`` restarts.
+    """
+    # Before importing ray, which reads its auth settings at import. Our own token: the shared
+    # ~/.ray/auth_token belongs to whichever cluster on this host wrote it last.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from livelens.train.driver import init_ray, make_run_config, read_checkpoint
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(num_cpus=max(4, num_workers + 2))
+    try:
+        trainer = TorchTrainer(
+            train_fn, train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 0.5}),
+            run_config=make_run_config(name, storage_path, max_failures=max_failures, keep=1),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        state, metrics, _ = read_checkpoint(result.checkpoint)
+        return state, metrics, result.checkpoint.path
+    finally:
+        if started:
+            ray.shutdown()
