@@ -1,9 +1,11 @@
-"""Milliseconds per frame of the persons stage's detectors, and per face crop of the attribute teacher.
+"""Milliseconds per frame of the persons stage's detectors, and per face of the attribute readers.
 
 Each detector runs through :meth:`PersonsEngine.detect` (what ``/v1/persons`` runs) on the same
 640×360 frame with three real faces; the figures are ratios against MTCNN measured in the same
-run. The attribute cost per crop is given against one MTCNN frame. Threads are pinned to one, as
-the Persons replica runs.
+run. The attribute readers (the teacher, and livelens' network where the store has one) run on the
+three faces of that frame as the engine does (the network in one batch, the teacher one crop at a
+time); their ms per face are ratios against the teacher's. Threads are pinned to one, as the
+Persons replica runs.
 
     python -m benchmarks.bench_persons [--repeats 20]
 """
@@ -21,7 +23,6 @@ from skimage import data
 
 from benchmarks.bench_quality import _ms
 from livelens.persons.engine import PersonsEngine, PersonsSettings
-from livelens.persons.teachers import age_gender_teacher
 from livelens.store import find_in_stores
 
 
@@ -50,12 +51,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = out["detectors"]["mtcnn"]["ms_per_frame"]
     for v in out["detectors"].values():
         v["vs_mtcnn"] = round(v["ms_per_frame"] / base, 3)
-    teacher = age_gender_teacher()
-    crop = data.astronaut()[62:172, 181:267]
-    ms = _ms(lambda: teacher.predict(crop), a.repeats)
-    out["attributes"] = {"ref": teacher.ref, "ms_per_crop": round(ms, 2), "vs_mtcnn_frame": round(ms / base, 3)}
+    boxes = [f.box for f in PersonsEngine(PersonsSettings(attributes=False)).detect(frame)]
+    readers = ["teacher"] + (["persons_attr"] if find_in_stores("persons_attr") else [])
+    out["attributes"] = {}
+    for name in readers:
+        eng = PersonsEngine(PersonsSettings(attribute_model=name))
+        if eng.attribute_model is not None:
+            from livelens.persons.attributes import attr_crop
+
+            fn = lambda e=eng: e.attribute_model.predict_crops([attr_crop(frame, b) for b in boxes])  # noqa: E731
+        else:
+            fn = lambda e=eng: [e.teacher.predict(frame[round(b[1]):round(b[3]), round(b[0]):round(b[2])])  # noqa: E731
+                                for b in boxes]
+        ms = _ms(fn, a.repeats) / max(1, len(boxes))
+        out["attributes"][name] = {"ref": eng.attributes_ref, "ms_per_face": round(ms, 2), "faces": len(boxes)}
+    for v in out["attributes"].values():
+        v["vs_teacher"] = round(v["ms_per_face"] / out["attributes"]["teacher"]["ms_per_face"], 3)
+        v["vs_mtcnn_frame"] = round(v["ms_per_face"] / base, 3)
     if not find_in_stores("persons_det"):
         out["note"] = "no persons_det in the model stores: run make train-persons for the mmdet figure"
+    if not find_in_stores("persons_attr"):
+        out["note_attributes"] = "no persons_attr in the model stores: run make train-attributes for its figure"
     print(json.dumps(out, indent=2))
     return out
 

