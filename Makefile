@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons train-quality eval-quality \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons train-attributes eval-attributes retrain train-quality eval-quality \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -59,6 +59,18 @@ train-persons: setup
 
 eval-persons: setup
 	$(PY) -m livelens.persons.evaluate --detectors mtcnn,haar$$($(PY) -c "from livelens.store import find_in_stores as f; print(',persons_det' if f('persons_det') else '')")
+
+train-attributes: setup
+	$(PY) -m train_jobs.persons_attr
+
+eval-attributes: setup
+	$(PY) -m livelens.persons.evaluate --attributes teacher$$($(PY) -c "from livelens.store import find_in_stores as f; print(',persons_attr' if f('persons_attr') else '')")
+
+# One turn of the labelling loop: labels (LABELS) + the frames manifest -> candidate -> gate -> publish
+# (and swap into APP when it is set).
+LABELS ?= runs/loop/labels
+retrain: setup
+	$(PY) -m livelens.loop retrain --labels $(LABELS) $(if $(APP),--app $(APP),)
 
 train-quality: setup
 	$(PY) -m train_jobs.quality

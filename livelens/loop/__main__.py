@@ -6,6 +6,7 @@
     python -m livelens.loop queue   --embeddings runs/loop/emb --manifest runs/capture-set --out runs/loop/queue --budget 200
     python -m livelens.loop captured --uri runs/capture --out runs/capture-set
     python -m livelens.loop labels  --manifest runs/loop/queue --store runs/loop/labels [--out runs/loop/labelled]
+    python -m livelens.loop retrain --labels runs/loop/labels --base runs/data/frames [--app livelens]
 
 Each command's flags come from its config dataclass (``--help`` lists them). Commands that run on
 Ray join the cluster in ``RAY_ADDRESS`` or start a local one.
@@ -148,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from livelens.loop.capture import samples_to_manifest
     from livelens.loop.embed import EmbedConfig, embed_manifest
     from livelens.loop.queue import QueueJob, build_queue
+    from livelens.loop.retrain import RetrainJob, retrain
 
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"embed": EmbedConfig, "cluster": ClusterJob, "dedupe": DedupeJob, "queue": QueueJob,
-                "captured": CapturedJob, "labels": LabelsJob}
+                "captured": CapturedJob, "labels": LabelsJob, "retrain": RetrainJob}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             result = build_queue(job)
         elif name == "labels":
             result = run_labels(job)
+        elif name == "retrain":
+            report = retrain(job)
+            result = {k: report[k] for k in ("gate", "published", "seconds", "dir")}
         else:
             result = {"manifest": samples_to_manifest(job.uri, job.out)}
     except LivelensError as exc:
