@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons train-attributes eval-attributes retrain train-quality eval-quality \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons train-attributes eval-attributes retrain loop-e2e train-quality eval-quality \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -71,6 +71,11 @@ eval-attributes: setup
 LABELS ?= runs/loop/labels
 retrain: setup
 	$(PY) -m livelens.loop retrain --labels $(LABELS) $(if $(APP),--app $(APP),)
+
+# The measured turn of the loop: a never-seen kind (a racing HUD) from traffic to a gated model.
+loop-e2e: setup
+	@test -d runs/data/frames || $(PY) -m livelens.data.build --out runs/data --only frames
+	$(PY) -m benchmarks.loop_e2e
 
 train-quality: setup
 	$(PY) -m train_jobs.quality

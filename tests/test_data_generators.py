@@ -214,3 +214,22 @@ def test_parallel_on_ray_matches_serial_and_writes_a_manifest(tmp_path, ray_sess
     out = write_manifest(parallel, tmp_path / "frames", fr.frames_card(9, 6, cfg))
     assert read_manifest(out).num_rows == len(serial)
     assert (out / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_the_racing_hud_is_drawn_only_when_asked_and_its_panels_are_boxed():
+    """game_racing is the loop's never-seen kind (benchmarks/loop_e2e.py): off by default."""
+    default = [r for s in range(200) for r in fr.generate_slot(0, s)]
+    assert not any("game_racing" in r["labels"] for r in default)
+    cfg = fr.FrameConfig(p_negative=0, p_ads=0, p_game=1, p_black=0, p_frozen=0, game_layouts=("game_racing",))
+    rows = [fr.generate_slot(4, s, cfg)[0] for s in range(6)]
+    for r in rows:
+        assert set(r["labels"]) >= {"game_racing", "scene_game_screen"}
+        hud = [b for b in r["boxes"] if b["label"] == "game_racing"]
+        assert len(hud) == 4  # speedometer, position and lap, lap time, track map
+        texts = " ".join(t["text"] for t in r["texts"])
+        assert "km/h" in texts and "LAP" in texts
+        rgb = decode_row_image(r["image_bytes"], None)
+        b = hud[0]  # the speedometer: a dark dial on whatever background
+        dial = rgb[int(b["y0"]):int(b["y1"]), int(b["x0"]):int(b["x1"])]
+        assert dial.mean() < rgb.mean() + 40
+    assert "game_racing" in load_taxonomy().leaves()

@@ -58,6 +58,9 @@ class FrameConfig:
         decoys: Add benign shapes (no text) so "any overlay" is not a shortcut for "ad".
         flat_background: Use one flat colour background (for box-coverage tests).
         jpeg_quality: Storage quality.
+        game_layouts: The HUD layouts game frames draw from. ``game_racing`` is drawn only when
+            asked for: the shipped models never saw it, so the labelling loop's end-to-end run
+            (``benchmarks/loop_e2e.py``) uses it as the kind the service must learn.
     """
 
     width: int = 960
@@ -74,6 +77,7 @@ class FrameConfig:
     flat_background: bool = False
     jpeg_quality: int = 90
     frozen_length: tuple[int, int] = (3, 5)
+    game_layouts: tuple[str, ...] = GAME_LABELS
 
     def recipe_probs(self) -> dict[str, float]:
         raw = {"negative": self.p_negative, "ads": self.p_ads, "game": self.p_game, "black": self.p_black,
@@ -373,6 +377,40 @@ def draw_hud(img: Image.Image, layout: str, rng: np.random.Generator) -> tuple[d
         mb = _hud_text(d, (fw * rng.uniform(0.3, 0.6), fh * rng.uniform(0.35, 0.55)), fields["distance"], int(fs * 0.8),
                        texts, fill=(255, 210, 0))
         panels.append(mb)
+    elif layout == "game_racing":
+        fields = {"speed": int(rng.integers(40, 330)), "position": int(rng.integers(1, 13)),
+                  "lap": int(rng.integers(1, 4)), "time": f"{int(rng.integers(0, 3)):02d}:"
+                  f"{int(rng.integers(0, 60)):02d}.{int(rng.integers(0, 1000)):03d}", "gear": int(rng.integers(1, 8))}
+        # Speedometer, bottom right: a dial with ticks, a needle, the gear and the speed.
+        r = int(s * 0.16)
+        cx, cy = fw - r - 12, fh - r - 12
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(15, 15, 20, 190), outline=(230, 230, 230, 255), width=3)
+        for t in np.deg2rad(np.linspace(135, 405, 10)):
+            d.line([(cx + 0.8 * r * np.cos(t), cy + 0.8 * r * np.sin(t)), (cx + 0.95 * r * np.cos(t),
+                    cy + 0.95 * r * np.sin(t))], fill=(230, 230, 230, 255), width=2)
+        t = np.deg2rad(135 + 270 * fields["speed"] / 340)
+        d.line([(cx, cy), (cx + 0.85 * r * np.cos(t), cy + 0.85 * r * np.sin(t))], fill=(255, 60, 40, 255), width=4)
+        _hud_text(d, (cx - fs * 0.3, cy - r * 0.55), str(fields["gear"]), fs, texts, fill=(255, 200, 0))
+        _hud_text(d, (cx - fs * 1.6, cy + r * 0.25), f"{fields['speed']} km/h", int(fs * 0.8), texts)
+        panels.append((cx - r, cy - r, cx + r + 1, cy + r + 1))
+        # Position and lap, top left; lap time, top right.
+        pb = _hud_text(d, (12, 8), f"P{fields['position']}/12", int(fs * 1.5), texts, fill=(255, 220, 0))
+        lb = _hud_text(d, (12, pb[3] + 4), f"LAP {fields['lap']}/3", fs, texts)
+        panels.append((pb[0], pb[1], max(pb[2], lb[2]), lb[3]))
+        tb = _hud_text(d, (fw - fs * 6, 8), fields["time"], fs, texts)
+        panels.append(tb)
+        # Track map, bottom left: a closed loop with the cars on it.
+        m = int(s * 0.26)
+        box = (10, fh - m - 10, 10 + m, fh - 10)
+        d.rounded_rectangle(box, radius=m // 8, fill=(10, 10, 10, 160), outline=(200, 200, 200, 220), width=2)
+        ang = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        rad = 0.35 * m * (1 + 0.25 * np.sin(3 * ang + rng.uniform(0, 6)))
+        track = [(box[0] + m / 2 + rr * np.cos(a), box[1] + m / 2 + rr * np.sin(a)) for a, rr in zip(ang, rad, strict=True)]
+        d.line([*track, track[0]], fill=(240, 240, 240, 255), width=3)
+        for i in rng.choice(len(track), size=4, replace=False):
+            x, y = track[i]
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(255, 60, 60, 255) if i % 2 else (60, 160, 255, 255))
+        panels.append(box)
     else:
         k, dd, a = (int(v) for v in rng.integers(0, 16, 3))
         mins, secs = int(rng.integers(0, 30)), int(rng.integers(0, 60))
@@ -460,7 +498,7 @@ def _compose(rng: np.random.Generator, cfg: FrameConfig, recipe: str, fw: int, f
     taken: list[tuple[int, int, int, int]] = []
 
     if recipe == "game":
-        layout = GAME_LABELS[int(rng.integers(len(GAME_LABELS)))]
+        layout = cfg.game_layouts[int(rng.integers(len(cfg.game_layouts)))]
         fields, hud_texts, panels = draw_hud(img, layout, rng)
         labels += [layout, "scene_game_screen"]
         attrs["hud"] = {"layout": layout, **fields}
