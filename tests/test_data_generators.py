@@ -232,4 +232,4 @@ def test_the_racing_hud_is_drawn_only_when_asked_and_its_panels_are_boxed():
         b = hud[0]  # the speedometer: a dark dial on whatever background
         dial = rgb[int(b["y0"]):int(b["y1"]), int(b["x0"]):int(b["x1"])]
         assert dial.mean() < rgb.mean() + 40
-    assert "game_racing" in load_taxonomy().leaves()
+    assert "game_racing" in load_taxonomy().leaves
