@@ -80,8 +80,15 @@ class Persons:
         from livelens.persons.engine import PersonsEngine, PersonsSettings
 
         engine = PersonsEngine(PersonsSettings(**live.model_dump()), stores=self.args.stores)
-        # The teacher loads its landmark model on the first face: pay for it here, not in a request.
+        # The teacher loads its landmark model on the first face, and the detector's image pyramid
+        # grows its buffers with the frame size: pay for both here, on a real face at the sizes
+        # traffic brings, not in requests (a replica's RSS otherwise climbs over its first minute).
+        import cv2
+        from skimage.data import astronaut
+
         engine.analyze(np.zeros((64, 64, 3), np.uint8))
+        for w, h in ((320, 240), (640, 360), (960, 540), (1280, 720)):
+            engine.analyze(cv2.resize(astronaut(), (w, h)))
         if engine.teacher is not None:
             engine.teacher.predict(np.full((48, 48, 3), 128, np.uint8))
         if engine.attribute_model is not None:  # torch's first forward allocates its buffers

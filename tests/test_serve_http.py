@@ -1245,7 +1245,7 @@ def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(ap
     slack."""
     from benchmarks.chaos import soak
 
-    res = asyncio.run(soak(app["url"], app["key"], 60, concurrency=16, warmup_s=15, app=APP))
+    res = asyncio.run(soak(app["url"], app["key"], 60, concurrency=16, warmup_s=30, app=APP))
     print(json.dumps({k: res[k] for k in ("codes", "growth")}))
     assert res["unexpected"] == 0 and res["codes"].get(200, 0) > 0, res["codes"]
     assert {"proxy", f"{APP}:Gateway", f"{APP}:Quality"} <= set(res["growth"]), res["growth"]
