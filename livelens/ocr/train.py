@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -197,17 +196,11 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 def train_fn_per_worker(config: dict) -> None:
     """The Ray Train worker: this rank's rows, mmocr batches and loss, the shared loop."""
-    import ray.train
-
     from livelens.train import fit
+    from livelens.train.job import worker_context
 
     cfg = OcrTrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.loop.use_gpu:
-        # Ray sets OMP_NUM_THREADS to a worker's CPU reservation, one thread for our fractional
-        # 0.5; the workers of this node share its cores instead (one worker ran at half speed).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    rank, world = worker_context(cfg.loop.use_gpu)
     # Each worker takes its shard of the rows (manifests are small enough to list); images stay
     # encoded until their batch is made.
     rows = load_rows(cfg)[rank::world]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -121,13 +120,10 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from livelens.train import fit
+    from livelens.train.job import worker_context
 
     cfg = AttrTrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.loop.use_gpu:
-        # Ray sets OMP_NUM_THREADS to the fractional CPU reservation (one thread); share the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    rank, world = worker_context(cfg.loop.use_gpu)
     device = ray.train.torch.get_device()
     per_rank = math.ceil(cfg.samples / world)
     bs = cfg.loop.batch_size

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -161,16 +160,11 @@ def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int
 
 def train_fn_per_worker(config: dict) -> None:
     """The Ray Train worker: this rank's generated frames, mmdet's loss, the shared loop."""
-    import ray.train
-
     from livelens.train import fit
+    from livelens.train.job import worker_context
 
     cfg = DetTrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.loop.use_gpu:
-        # Ray sets OMP_NUM_THREADS to the fractional CPU reservation (one thread); share the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    rank, world = worker_context(cfg.loop.use_gpu)
     rows = [detdata.make_sample(cfg.loop.seed, s) for s in range(rank, cfg.samples, world)]
 
     def evaluate(model: torch.nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, bytes]]:

@@ -12,6 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 
+def worker_context(use_gpu: bool) -> tuple[int, int]:
+    """Inside a Ray Train worker: its ``(rank, world size)``, with torch's CPU threads set.
+
+    Ray sets OMP_NUM_THREADS to a worker's CPU reservation, one thread for our fractional 0.5;
+    on CPU the workers of a node share its cores instead (one worker ran at half speed).
+    """
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    if not use_gpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
 def fit_with_ray(train_fn: Callable[[dict], None], config: dict[str, Any], *, name: str, storage_path: str,
                  num_workers: int = 1, use_gpu: bool = False, max_failures: int = 1
                  ) -> tuple[dict[str, Any], dict[str, Any], str]:
