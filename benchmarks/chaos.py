@@ -256,7 +256,8 @@ def _valid_requests(n: int = 15) -> list[tuple[str, bytes]]:
 
 
 async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup_s: float | None = None,
-               app: str | None = None, sample_s: float = 5.0) -> dict[str, Any]:
+               app: str | None = None, sample_s: float = 5.0, settle_max_s: float = 0.0,
+               settle_frac: float = 0.03) -> dict[str, Any]:
     """Good requests at saturation for ``seconds``; codes, and Serve's processes after warm-up and at the end.
 
     Args:
@@ -268,13 +269,23 @@ async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup
             so one-time growth (first large image, lazy pools) is not counted as a leak.
         app: The Serve application whose replicas are measured (None: every one on this host).
         sample_s: Seconds between snapshots of every Serve process.
+        settle_max_s: After ``warmup_s``, keep warming up for at most this long until every Serve
+            process's RSS has settled: the floor of its last two snapshots grown less than
+            ``settle_frac`` over the floor of the two before. A slower host takes more requests to meet every image size on every replica,
+            and growth still under way when the measured part starts reads as a trend, not a leak.
+            0: a fixed warm-up.
+        settle_frac: The growth under which a process counts as settled.
 
     Returns:
         ``codes`` (status → count), ``unexpected`` (answers other than 200/429/503, or none at all),
+        ``warmup_s`` (the warm-up it took, settling included), ``settled`` (False: ``settle_max_s`` ran out),
         ``before``/``after`` rows per Serve role (first and last snapshot), and ``growth`` per role:
         RSS and anonymous memory per process as a trend (a least-squares line through every snapshot:
-        fitted end / fitted start − 1; ``make chaos`` holds it under 5 %) and as windows (the mean
-        over the last fifth of the soak against the mean over the first fifth); the change in
+        fitted end / fitted start − 1; ``make chaos`` holds it under 5 %), as windows (the mean
+        over the last fifth of the soak against the mean over the first fifth) and as floors
+        (``rss_floor``: the lowest snapshot of the last third against the lowest of the first
+        third; a replica's RSS rises and falls with the frames in flight, by more than its own
+        size for a text detector, and a leak is what raises the lows); the change in
         shared-memory pages mapped (MB); and the change in fds, threads and processes. ``series``
         keeps every snapshot (seconds, RSS MB, anonymous MB) per role.
     """
@@ -312,8 +323,37 @@ async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup
             samples.append((loop.time(), await asyncio.to_thread(serve_process_stats, app)))
             await asyncio.sleep(sample_s)
 
+    settled = [settle_max_s <= 0]
+
+    async def settle() -> None:
+        # Ends the warm-up (by moving stop_at) once no Serve process's RSS still climbs.
+        t_start, hist = loop.time(), []
+        while loop.time() < stop_at[0]:
+            stats = await asyncio.to_thread(serve_process_stats, app)
+            hist.append({role: st.rss_mb / max(1, st.processes) for role, st in stats.items()})
+            now = loop.time()
+            # Settled: each process's floor (the lower of two snapshots: RSS swings with the frames
+            # in flight) no higher than the floor of the two before.
+            if len(hist) >= 4 and now - t_start >= warmup_s and all(
+                    all(role in h for h in hist[-4:])
+                    and min(h[role] for h in hist[-2:]) <= min(h[role] for h in hist[-4:-2]) * (1 + settle_frac)
+                    for role in hist[-1]):
+                settled[0] = True
+                stop_at[0] = now
+                return
+            if now - t_start >= warmup_s + settle_max_s:
+                stop_at[0] = now
+                return
+            await asyncio.sleep(sample_s)
+
     async with httpx.AsyncClient(timeout=120) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        if settle_max_s > 0:
+            stop_at[0] = loop.time() + warmup_s + settle_max_s + sample_s
+            t_warm = loop.time()
+            await asyncio.gather(settle(), *(worker(client) for _ in range(concurrency)))
+            warmup_s = round(loop.time() - t_warm, 1)
+        else:
+            await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         warm_codes = dict(codes)
         codes.clear()
         by_route.clear()
@@ -344,14 +384,24 @@ async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup
         return float((icept + slope * xs[-1]) / icept - 1) if icept > 0 else 0.0
 
     # Per process: autoscaling may add a replica during the soak, which is not a leak.
-    growth = {role: {"rss_trend": round(trend(role, "rss_mb"), 4), "anon_trend": round(trend(role, "anon_mb"), 4),
+    def floor(role: str) -> float:
+        """Lowest RSS per process in the last third of the measured part over the lowest in the first, − 1."""
+        pts = [(t - t0, st[role].rss_mb / st[role].processes) for t, st in samples if role in st]
+        third = (stop_at[0] - t0) / 3
+        lo = [y for x, y in pts if x <= third]
+        hi = [y for x, y in pts if x >= 2 * third]
+        return round(min(hi) / min(lo) - 1, 4) if lo and hi and min(lo) > 0 else 0.0
+
+    growth = {role: {"rss_floor": floor(role),
+                     "rss_trend": round(trend(role, "rss_mb"), 4), "anon_trend": round(trend(role, "anon_mb"), 4),
                      "rss": round(mean(last, role, "rss_mb") / mean(first, role, "rss_mb") - 1, 4),
                      "anon": round(mean(last, role, "anon_mb") / max(1e-9, mean(first, role, "anon_mb")) - 1, 4),
                      "shmem_mb": round(mean(last, role, "shmem_mb") - mean(first, role, "shmem_mb"), 1),
                      "fds": after[role].fds - b.fds, "threads": after[role].threads - b.threads,
                      "processes": after[role].processes - b.processes}
               for role, b in before.items() if role in after}
-    return {"seconds": seconds, "warmup_s": warmup_s, "warmup_codes": dict(sorted(warm_codes.items())),
+    return {"seconds": seconds, "warmup_s": warmup_s, "settled": settled[0],
+            "warmup_codes": dict(sorted(warm_codes.items())),
             "codes": dict(sorted(codes.items())), "by_route": by_route,
             "unexpected": sum(v for c, v in codes.items() if c not in (200, 429, 503)),
             "samples": len(samples), "window_s": window,

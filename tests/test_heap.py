@@ -61,3 +61,33 @@ def test_the_interval_comes_from_the_environment(monkeypatch):
     finally:
         if t is not None:
             t.stop()
+
+
+# Frees a 24 MB buffer (glibc then raises its mmap threshold to 24 MB), then allocates, fills and
+# frees a second one: with the dynamic threshold it comes from the heap's top and stays resident.
+_MMAP_PROBE = r"""
+import json, sys
+import numpy as np
+from livelens.serving.heap import fix_mmap_threshold, rss_mb
+fixed = fix_mmap_threshold() if sys.argv[1] == "fix" else None
+a = np.ones(24 << 20, np.uint8)
+del a
+base = rss_mb()
+b = np.ones(24 << 20, np.uint8)
+del b
+print(json.dumps({"fixed": fixed, "kept_mb": rss_mb() - base}))
+"""
+
+
+def test_a_fixed_mmap_threshold_gives_frame_sized_buffers_back_on_free():
+    if not heap.HeapTrimmer().available:
+        pytest.skip("this C library has no mallopt/malloc_trim (not glibc)")
+
+    def probe(arm: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _MMAP_PROBE, arm], capture_output=True, text=True,
+                             timeout=120, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    dynamic, fixed = probe("dynamic"), probe("fix")
+    assert fixed["fixed"] is True and fixed["kept_mb"] < 4, fixed
+    assert dynamic["kept_mb"] > 20, dynamic  # why the persons replica sets it: 24 MB stay otherwise

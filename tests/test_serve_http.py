@@ -1240,20 +1240,24 @@ def test_the_attribute_network_is_swapped_in_live_and_a_missing_one_is_refused(a
 
 def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(app):
     """Issue 19's CI soak (``make chaos`` runs 10 minutes): good traffic on every image route at
-    16 in flight; after a warm-up, each Serve process's RSS trend (a line through a snapshot every
-    5 s) grows < 15 % (make chaos holds 10 minutes to < 5 %), and fds and threads not beyond a pool's
-    slack."""
+    16 in flight, after a warm-up that lasts until every process's RSS has settled (20 s at least,
+    60 s at most: a slower host needs more requests to meet every image size on every replica).
+    Each Serve process's RSS floor (the lowest snapshot of the last third against the lowest of
+    the first; snapshots every 5 s) grows < 10 %, and fds and threads not beyond a pool's slack.
+
+    The floor, not a line through every snapshot: a replica's RSS rises and falls with the frames
+    in flight (a text detector's by more than its own idle size), and over one minute a line
+    through that reads as growth or shrinkage at random; ``make chaos`` holds the line over
+    10 minutes to < 5 %."""
     from benchmarks.chaos import soak
 
-    res = asyncio.run(soak(app["url"], app["key"], 60, concurrency=16, warmup_s=30, app=APP))
-    print(json.dumps({k: res[k] for k in ("codes", "growth")}))
+    res = asyncio.run(soak(app["url"], app["key"], 60, concurrency=16, warmup_s=20, settle_max_s=40, app=APP))
+    print(json.dumps({k: res[k] for k in ("warmup_s", "settled", "codes", "growth")}))
     assert res["unexpected"] == 0 and res["codes"].get(200, 0) > 0, res["codes"]
     assert {"proxy", f"{APP}:Gateway", f"{APP}:Quality"} <= set(res["growth"]), res["growth"]
     for role, g in res["growth"].items():
         if g["processes"] == 0:  # a replica added by autoscaling is a new process, not growth
-            # The < 5 % RSS criterion is make chaos's, over 10 minutes; a minute still holds some
-            # warm-up (new crop widths, allocator arenas), so here only a leak's pace fails.
-            assert g["rss_trend"] < 0.15 and g["fds"] <= 2 and g["threads"] <= 2, (role, g)
+            assert g["rss_floor"] < 0.10 and g["fds"] <= 2 and g["threads"] <= 2, (role, g, res["series"].get(role))
 
 
 def test_a_killed_gateway_fails_only_its_in_flight_requests_with_a_503_and_comes_back(app):

@@ -45,6 +45,34 @@ def _libc_trim():
     return fn
 
 
+#: ``mallopt``'s parameter number for the mmap threshold (glibc's ``M_MMAP_THRESHOLD``).
+_M_MMAP_THRESHOLD = -3
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve every allocation of ``nbytes`` or more with its own mmap, given back when freed.
+
+    glibc raises its mmap threshold each time such a block is freed (up to 32 MB on 64-bit), after
+    which frame-sized buffers (a detector's image pyramid, a decoded 1080p frame) come from the
+    arenas instead; with several requests in flight the heap then rises and falls by hundreds of MB
+    with the work, and the trimmer only catches up every ``interval_s``. A fixed threshold turns
+    that dynamic raise off (``mallopt`` documents this), at the cost of page faults on each large
+    buffer, which is small next to the work done on it.
+
+    Returns:
+        True when the C library took the setting (glibc), False otherwise.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        fn = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn(_M_MMAP_THRESHOLD, int(nbytes)) == 1
+
+
 def rss_mb() -> float:
     """This process's resident set size in MB (``/proc/self/statm``; 0 where there is none)."""
     try:
@@ -128,6 +156,10 @@ _LOCK = threading.Lock()
 def start_heap_trimmer() -> HeapTrimmer | None:
     """The process's trimmer, started on the first call (every replica calls it in its constructor).
 
+    The first call also fixes glibc's mmap threshold (:func:`fix_mmap_threshold`): without it a
+    replica's RSS swings by hundreds of MB with the frames in flight, and the trimmer alone only
+    catches up later. ``LIVELENS_HEAP_TRIM_S=0`` leaves both off (the memory benchmark's baseline).
+
     Returns ``None`` when ``LIVELENS_HEAP_TRIM_S`` is ``0`` or the C library cannot trim.
 
     Raises:
@@ -142,6 +174,7 @@ def start_heap_trimmer() -> HeapTrimmer | None:
         return None
     with _LOCK:
         if _PROCESS_TRIMMER is None:
+            fix_mmap_threshold()  # frame-sized buffers are mapped and given back, not kept in the arenas
             trimmer = HeapTrimmer(interval_s=interval)
             if not trimmer.available:
                 log.info("no malloc_trim in this C library; replica heaps are not trimmed")
