@@ -9,6 +9,7 @@ frames through it and through HTTP and compares the labels.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,14 +40,18 @@ class LocalAnalyzer:
             second pass changes scores, so it is part of what is measured).
         tax: The taxonomy (with any threshold overrides the gateway would apply).
         ocr_engine: An OCR engine to use instead of a fresh PP-OCR one.
+        share_from: Another analyser whose OCR, quality and persons stages this one reuses (the
+            objects themselves; their refs and the taxonomy are then that analyser's), so that
+            two safety models compared on the same frames build and run those stages once
+            (:func:`livelens.evaluation.evaluate_services`).
     """
 
     def __init__(self, safety_ref: str | None = "safety", regions_ref: str | None = "ads_regions",
                  iqa_ref: str | None = "quality_iqa", caps: Sequence[str] = DEFAULT_CAPS,
                  stores: Sequence[str] | None = None, use_open_nsfw: bool = True, decode_qr: bool = True,
                  evidence: str = "boxes", tax: Taxonomy | None = None, ocr_engine: Any | None = None,
-                 threads: int = 2):
-        self.tax = tax or load_taxonomy()
+                 threads: int = 2, share_from: LocalAnalyzer | None = None):
+        self.tax = tax or (share_from.tax if share_from is not None else load_taxonomy())
         self.caps = tuple(c for c in CAPABILITIES if c in caps)
         self.evidence = evidence
         self.moderation = self.ocr = self.quality = self.persons = None
@@ -54,7 +59,11 @@ class LocalAnalyzer:
             from livelens.moderation import ModerationEngine
 
             self.moderation = ModerationEngine(safety_ref, stores, use_open_nsfw, threads, self.tax)
-        if "ocr" in self.caps:
+        if share_from is not None:
+            for cap, attr in (("ocr", "ocr"), ("quality", "quality"), ("persons", "persons")):
+                if cap in self.caps:
+                    setattr(self, attr, getattr(share_from, attr))
+        elif "ocr" in self.caps:
             from livelens.ocr import create_engine
             from livelens.ocr.pipeline import OcrPipeline
 
@@ -67,11 +76,11 @@ class LocalAnalyzer:
             engine = ocr_engine or create_engine("ppocr", threads=threads)
             self.ocr = OcrPipeline.local(engine, decode_qr=decode_qr, regions=regions[0], regions_ref=regions[1],
                                          tax=self.tax)
-        if "quality" in self.caps:
+        if "quality" in self.caps and self.quality is None:
             from livelens.quality.engine import QualityEngine
 
             self.quality = QualityEngine(iqa_ref, stores, self.tax)
-        if "persons" in self.caps:
+        if "persons" in self.caps and self.persons is None:
             from livelens.persons.engine import PersonsEngine
 
             self.persons = PersonsEngine(tax=self.tax)
@@ -89,11 +98,25 @@ class LocalAnalyzer:
             out += self.persons.models()
         return sorted(set(out))
 
-    def parts(self, image: np.ndarray | EncodedImage) -> dict[str, dict[str, Any]]:
-        """Each capability's result for one frame, as its deployment answers it (timings dropped)."""
+    def parts(self, image: np.ndarray | EncodedImage, memo: dict[int, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """Each capability's result for one frame, as its deployment answers it (timings dropped).
+
+        Args:
+            image: The frame.
+            memo: Results of this same frame by stage object (``id``): a stage another analyser
+                shares (``share_from``) and has already run on the frame is not run again.
+        """
         from livelens.imageio import as_rgb
 
         rgb = as_rgb(image)
+        memo = {} if memo is None else memo
+
+        def once(stage: Any, run: Any) -> dict[str, Any]:
+            if id(stage) not in memo:
+                memo[id(stage)] = run()
+            # A copy: fusion and callers may change the answer in place.
+            return copy.deepcopy(memo[id(stage)])
+
         out: dict[str, dict[str, Any]] = {}
         if self.moderation is not None:
             res = self.moderation.moderate(rgb, self.evidence)
@@ -101,13 +124,13 @@ class LocalAnalyzer:
             out["moderate"] = res
         if self.ocr is not None:
             pipe, detect, recognize = self.ocr
-            res = pipe.read_sync(rgb, detect, recognize)
+            res = once(self.ocr, lambda: pipe.read_sync(rgb, detect, recognize))
             res.pop("timings_ms", None)
             out["ocr"] = res
         if self.quality is not None:
-            out["quality"] = self.quality.assess(rgb)
+            out["quality"] = once(self.quality, lambda: self.quality.assess(rgb))
         if self.persons is not None:
-            res = self.persons.analyze(rgb)
+            res = once(self.persons, lambda: self.persons.analyze(rgb))
             res.pop("timings_ms", None)
             out["persons"] = res
         return out

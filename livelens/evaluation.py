@@ -100,42 +100,78 @@ def evaluate_service(analyzer: Any, manifest: str, *, split: str = "test", limit
     Raises:
         ManifestError: The split has no rows.
     """
+    return evaluate_services({"service": analyzer}, manifest, split=split, limit=limit, progress=progress,
+                             ignore=ignore)["service"]
+
+
+def evaluate_services(analyzers: Mapping[str, Any], manifest: str, *, split: str = "test",
+                      limit: int | None = None, progress: Callable[[int, int], None] | None = None,
+                      ignore: Sequence[str] = TEMPORAL_LABELS) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_service` of several analysers on the same frames, each frame decoded once.
+
+    Analysers that share stages (``LocalAnalyzer(share_from=...)``: a served and a candidate
+    safety model with the same OCR, quality and persons stages) run a shared stage once per
+    frame, so comparing two models costs one pass of the shared stages, not two.
+
+    Returns:
+        Name → the result :func:`evaluate_service` gives for that analyser; each one's ``seconds``
+        is the time spent in its own ``parts`` calls (the first to run a shared stage pays for it).
+
+    Raises:
+        ManifestError: The split has no rows.
+        ValueError: No analysers.
+    """
+    import inspect
+
     from livelens.data import decode_batch, read_manifest
 
+    if not analyzers:
+        raise ValueError("evaluate_services needs at least one analyser")
     table = read_manifest(manifest, columns=["id", "split", "image_bytes", "image_uri", "labels"])
     all_rows = table.to_pylist()
     annotated = {lab for r in all_rows for lab in (r["labels"] or []) if lab not in ignore}
     rows = [r for r in all_rows if r["split"] == split][: limit or None]
     if not rows:
         raise ManifestError(f"{manifest} has no rows in split {split!r}")
-    tax = analyzer.tax
-    truth, preds = [], []
-    unannotated: dict[str, int] = {}
-    t0 = time.perf_counter()
+    takes_memo = {name: "memo" in inspect.signature(a.parts).parameters for name, a in analyzers.items()}
+    truth: list[set[str]] = []
+    preds: dict[str, list[dict[str, Any]]] = {name: [] for name in analyzers}
+    unannotated: dict[str, dict[str, int]] = {name: {} for name in analyzers}
+    spent = dict.fromkeys(analyzers, 0.0)
     for i, r in enumerate(rows):
-        image = decode_batch({k: [r[k]] for k in ("id", "image_bytes", "image_uri")})["image"][0]
-        got = frame_predictions(tax, analyzer.parts(np.asarray(image)))
-        for lab in got["fused"] - annotated:
-            unannotated[lab] = unannotated.get(lab, 0) + 1
+        image = np.asarray(decode_batch({k: [r[k]] for k in ("id", "image_bytes", "image_uri")})["image"][0])
         truth.append({lab for lab in (r["labels"] or []) if lab in annotated})
-        preds.append(got)
+        memo: dict[int, Any] = {}
+        for name, analyzer in analyzers.items():
+            t0 = time.perf_counter()
+            parts = analyzer.parts(image, memo=memo) if takes_memo[name] else analyzer.parts(image)
+            got = frame_predictions(analyzer.tax, parts)
+            spent[name] += time.perf_counter() - t0
+            for lab in got["fused"] - annotated:
+                unannotated[name][lab] = unannotated[name].get(lab, 0) + 1
+            preds[name].append(got)
         if progress:
             progress(i + 1, len(rows))
 
-    def score(sets: list[set[str]]) -> dict[str, dict]:
-        return label_metrics(truth, [s & annotated for s in sets], annotated & set(tax.labels))
+    def result(name: str) -> dict[str, Any]:
+        analyzer, pr = analyzers[name], preds[name]
 
-    sources = sorted({s for p in preds for s in p["alone"]} | {s for p in preds for s in p["without"]})
-    return {
-        "rows": len(rows), "split": split, "seconds": round(time.perf_counter() - t0, 1),
-        "models": analyzer.models() if hasattr(analyzer, "models") else [],
-        "threshold_rule": "served: a label counts when the answer reviews, blocks or tags it (livelens.fusion.fires)",
-        "annotated": sorted(annotated), "sources": sources,
-        "fused": score([p["fused"] for p in preds]),
-        "alone": {s: score([p["alone"].get(s, set()) for p in preds]) for s in sources},
-        "without": {s: score([p["without"].get(s, p["fused"]) for p in preds]) for s in sources},
-        "unannotated": dict(sorted(unannotated.items())),
-    }
+        def score(sets: list[set[str]]) -> dict[str, dict]:
+            return label_metrics(truth, [s & annotated for s in sets], annotated & set(analyzer.tax.labels))
+
+        sources = sorted({s for p in pr for s in p["alone"]} | {s for p in pr for s in p["without"]})
+        return {
+            "rows": len(rows), "split": split, "seconds": round(spent[name], 1),
+            "models": analyzer.models() if hasattr(analyzer, "models") else [],
+            "threshold_rule": "served: a label counts when the answer reviews, blocks or tags it (livelens.fusion.fires)",
+            "annotated": sorted(annotated), "sources": sources,
+            "fused": score([p["fused"] for p in pr]),
+            "alone": {s: score([p["alone"].get(s, set()) for p in pr]) for s in sources},
+            "without": {s: score([p["without"].get(s, p["fused"]) for p in pr]) for s in sources},
+            "unannotated": dict(sorted(unannotated[name].items())),
+        }
+
+    return {name: result(name) for name in analyzers}
 
 
 def _f(v: float) -> str:

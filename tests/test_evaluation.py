@@ -10,7 +10,14 @@ import pytest
 from livelens import fusion
 from livelens.coverage import coverage_rows, safety_covers, served_models, summary, to_markdown
 from livelens.errors import ManifestError
-from livelens.evaluation import evaluate_service, format_table, frame_predictions, label_metrics, meets_goal
+from livelens.evaluation import (
+    evaluate_service,
+    evaluate_services,
+    format_table,
+    frame_predictions,
+    label_metrics,
+    meets_goal,
+)
 from livelens.taxonomy import load_taxonomy
 
 TAX = load_taxonomy()
@@ -92,6 +99,37 @@ def test_evaluate_service_on_a_generated_manifest(tmp_path):
     assert table.splitlines()[0].startswith("| label | support | fused P | fused R |") and "ads_watermark" in table
     with pytest.raises(ManifestError, match="no rows in split 'nope'"):
         evaluate_service(toy, str(manifest), split="nope")
+
+
+def test_two_analysers_sharing_stages_run_them_once_per_frame_and_score_as_each_alone(tmp_path):
+    """The retrain gate compares two safety models: the stages they share run once per frame."""
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.data import write_manifest
+    from livelens.data.frames import FrameConfig, frames_card, generate_frames
+
+    cfg = FrameConfig()
+    manifest = str(write_manifest(generate_frames(0, 8, seed=7, cfg=cfg), tmp_path / "frames",
+                                  frames_card(7, 8, cfg), contact_sheet=False))
+    caps = ("moderate", "quality")
+    a = LocalAnalyzer(caps=caps, use_open_nsfw=False, evidence="none", threads=1)
+    b = LocalAnalyzer(caps=caps, use_open_nsfw=False, evidence="none", threads=1, share_from=a)
+    assert b.quality is a.quality and b.moderation is not a.moderation and b.tax is a.tax
+    calls = []
+    assess = a.quality.assess
+    # Frames only: models() also asks the quality stage for its refs, on a 16×16 probe.
+    a.quality.assess = lambda rgb: (rgb.shape[0] > 16 and calls.append(rgb.shape)) or assess(rgb)
+    both = evaluate_services({"a": a, "b": b}, manifest, split="train", limit=4)
+    assert len(calls) == 4  # not 8
+    alone = evaluate_service(b, manifest, split="train", limit=4)
+    assert len(calls) == 8
+
+    def counts(res):
+        return {lab: (m["tp"], m["fp"], m["fn"]) for lab, m in res["fused"].items()}
+
+    assert counts(both["a"]) == counts(both["b"]) == counts(alone) and both["b"]["rows"] == 4
+    assert any(m["predicted"] for m in alone["fused"].values())
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate_services({}, manifest)
 
 
 def test_coverage_lists_every_leaf_and_says_which_have_no_source():

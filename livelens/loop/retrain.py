@@ -136,13 +136,26 @@ def gate(served: Mapping[str, Mapping[str, Any]], candidate: Mapping[str, Mappin
     return {"passed": not blocked, "tolerance": tolerance, "covered": covered, "blocked": blocked, "gained": gained}
 
 
-def evaluate_ref(ref: str, stores: list[str], heldout: str, split: str, limit: int | None) -> dict[str, Any]:
-    """Per-label figures of ``ref`` as the service answers (:func:`evaluate_service` over LocalAnalyzer)."""
-    from livelens.analyzer import LocalAnalyzer
-    from livelens.evaluation import evaluate_service
+def evaluate_refs(served: str, candidate: str, stores: list[str], staging: str, heldout: str, split: str,
+                  limit: int | None) -> dict[str, dict[str, Any]]:
+    """Per-label figures of the served and the candidate safety model as the service answers.
 
-    res = evaluate_service(LocalAnalyzer(safety_ref=ref, stores=stores), heldout, split=split, limit=limit)
-    return {"ref": ref, "rows": res["rows"], "models": res["models"], "fused": res["fused"]}
+    Both run through :func:`livelens.evaluation.evaluate_services` over two
+    :class:`~livelens.analyzer.LocalAnalyzer` s that share their OCR, quality and persons stages:
+    only the moderation stage differs between them, so only it runs twice per frame.
+
+    Returns:
+        ``{"served": {...}, "candidate": {...}}``, each ``{"ref", "rows", "models", "fused", "seconds"}``.
+    """
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.evaluation import evaluate_services
+
+    a_served = LocalAnalyzer(safety_ref=served, stores=stores)
+    a_cand = LocalAnalyzer(safety_ref=candidate, stores=[staging, *stores], share_from=a_served)
+    res = evaluate_services({"served": a_served, "candidate": a_cand}, heldout, split=split, limit=limit)
+    return {name: {"ref": ref, "rows": res[name]["rows"], "models": res[name]["models"], "fused": res[name]["fused"],
+                   "seconds": res[name]["seconds"]}
+            for name, ref in (("served", served), ("candidate", candidate))}
 
 
 def publish(staging: str, ref: str, store: str, report: Mapping[str, Any]) -> str:
@@ -185,8 +198,8 @@ def retrain(job: RetrainJob) -> dict[str, Any]:
     summary = run(cfg)
     t2 = time.time()
     chain = list(store_chain())
-    served = evaluate_ref(job.served, chain, job.heldout, job.split, job.limit)
-    candidate = evaluate_ref(summary["ref"], [staging, *chain], job.heldout, job.split, job.limit)
+    both = evaluate_refs(job.served, summary["ref"], chain, staging, job.heldout, job.split, job.limit)
+    served, candidate = both["served"], both["candidate"]
     t3 = time.time()
     report: dict[str, Any] = {
         "labels": {"store": job.labels, "version": labels.latest()}, "manifest": merged,
