@@ -10,10 +10,9 @@ config-driven datasets and its own checkpoint layout. mmocr stays confined to
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -235,14 +234,8 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
     Returns:
         ``{"ref", "metrics", "card", "checkpoint"}``.
     """
-    from livelens.store import ModelStore, git_sha
-    from livelens.train.job import fit_with_ray
+    from livelens.train.job import train_and_publish
 
-    t0 = time.time()
-    state, metrics, checkpoint = fit_with_ray(
-        train_fn_per_worker, asdict(cfg), name=cfg.run_name or f"{cfg.name}-{int(t0)}",
-        storage_path=cfg.storage_path, num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-        max_failures=cfg.max_failures)
     card = {
         "task": f"ocr_{cfg.task}",
         "arch": {"backend": "mmocr", "config": cfg.model, "mm_config": mm_configs.get(cfg.model)},
@@ -252,11 +245,6 @@ def run(cfg: OcrTrainConfig) -> dict[str, Any]:
                  "max_samples": cfg.max_samples, "heldout": "val split" if cfg.uses_manifest()
                  else "generated slots from 10,000,000 (disjoint from training)"},
         "init": f"imagenet:{cfg.imagenet_arch}" if cfg.imagenet_arch else "random",
-        "train": asdict(cfg),
-        "metrics": dict(metrics),
-        "train_seconds": round(time.time() - t0, 1),
-        "git": git_sha(),
         "load": "livelens.ocr.mmocr_adapter.MmocrEngine(det=..., rec=...)",
     }
-    ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
-    return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": checkpoint}
+    return train_and_publish(train_fn_per_worker, cfg, card)

@@ -14,10 +14,9 @@ served code (:func:`livelens.persons.evaluate.attribute_scores`), and published 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -159,15 +158,9 @@ def run(cfg: AttrTrainConfig) -> dict[str, Any]:
     Returns:
         ``{"ref", "metrics", "card", "checkpoint"}``.
     """
-    from livelens.store import ModelStore, git_sha
-    from livelens.train.job import fit_with_ray
+    from livelens.train.job import train_and_publish
 
-    t0 = time.time()
     attrdata.real_faces("train")  # fail here, before any worker starts, without ../shared/data
-    state, metrics, checkpoint = fit_with_ray(
-        train_fn_per_worker, asdict(cfg), name=cfg.run_name or f"{cfg.name}-{int(t0)}",
-        storage_path=cfg.storage_path, num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-        max_failures=cfg.max_failures)
     card = {
         "task": "person_attributes",
         "arch": {"backbone": cfg.backbone, "pool": cfg.pool, "heads": {k: v.to_dict() for k, v in HEADS.items()},
@@ -180,11 +173,6 @@ def run(cfg: AttrTrainConfig) -> dict[str, Any]:
                         "true labels; glasses and hat are true by construction (drawn) or hand-labelled",
         "init": f"imagenet:{cfg.backbone}" if cfg.pretrained else "random",
         "licence": LICENCES,
-        "train": asdict(cfg),
-        "metrics": dict(metrics),
-        "train_seconds": round(time.time() - t0, 1),
-        "git": git_sha(),
         "load": "livelens.persons.attributes.AttributeModel(ref)",
     }
-    ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
-    return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": checkpoint}
+    return train_and_publish(train_fn_per_worker, cfg, card)

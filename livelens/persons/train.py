@@ -9,10 +9,9 @@ generated frames and published to the model store as ``persons_det`` with a card
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -187,14 +186,8 @@ def run(cfg: DetTrainConfig) -> dict[str, Any]:
     Returns:
         ``{"ref", "metrics", "card", "checkpoint"}``.
     """
-    from livelens.store import ModelStore, git_sha
-    from livelens.train.job import fit_with_ray
+    from livelens.train.job import train_and_publish
 
-    t0 = time.time()
-    state, metrics, checkpoint = fit_with_ray(
-        train_fn_per_worker, asdict(cfg), name=cfg.run_name or f"{cfg.name}-{int(t0)}",
-        storage_path=cfg.storage_path, num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu,
-        max_failures=cfg.max_failures)
     card = {
         "task": "object_detection",
         "arch": {"backend": "mmdet", "config": cfg.model, "mm_config": mm_configs.get(cfg.model),
@@ -204,11 +197,6 @@ def run(cfg: DetTrainConfig) -> dict[str, Any]:
                  "(disjoint frames; the same face identities)", "never_trained_on": "faces/testing.xml"},
         "init": "imagenet:mobilenet_v2" if cfg.pretrained else "random",
         "licence": LICENCES,
-        "train": asdict(cfg),
-        "metrics": dict(metrics),
-        "train_seconds": round(time.time() - t0, 1),
-        "git": git_sha(),
         "load": "livelens.ocr.mmocr_adapter.ObjectDetector(ref)",
     }
-    ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(card, default=str)))
-    return {"ref": ref, "metrics": card["metrics"], "card": card, "checkpoint": checkpoint}
+    return train_and_publish(train_fn_per_worker, cfg, card)

@@ -1,14 +1,18 @@
 """The driver side of a Ray Train job that publishes one model: start Ray, fit, read the last checkpoint.
 
 Used by the jobs whose whole run is one :class:`~ray.train.torch.TorchTrainer` over
-:func:`livelens.train.fit` (the OCR models, the persons detector); each then writes its own card.
+:func:`livelens.train.fit` (the OCR models, the persons detector, the attribute network):
+:func:`train_and_publish` fits and stores the final weights with the job's card.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 
@@ -68,3 +72,28 @@ def fit_with_ray(train_fn: Callable[[dict], None], config: dict[str, Any], *, na
     finally:
         if started:
             ray.shutdown()
+
+
+def train_and_publish(train_fn: Callable[[dict], None], cfg: Any, card: Mapping[str, Any]) -> dict[str, Any]:
+    """Fit ``train_fn`` on ``cfg`` with :func:`fit_with_ray`, then store the final weights with a card.
+
+    Args:
+        train_fn: The per-worker loop; its checkpoints hold ``{"model": state_dict}``.
+        cfg: The job's config dataclass, with ``name``, ``run_name``, ``storage_path``,
+            ``num_workers``, ``loop.use_gpu``, ``max_failures`` and ``store``.
+        card: What the job says of its model (task, arch, data, init, licence, load); the run's
+            config, final metrics, training seconds and git commit are added here.
+
+    Returns:
+        ``{"ref", "metrics", "card", "checkpoint"}``.
+    """
+    from livelens.store import ModelStore, git_sha
+
+    t0 = time.time()
+    state, metrics, checkpoint = fit_with_ray(
+        train_fn, asdict(cfg), name=cfg.run_name or f"{cfg.name}-{int(t0)}", storage_path=cfg.storage_path,
+        num_workers=cfg.num_workers, use_gpu=cfg.loop.use_gpu, max_failures=cfg.max_failures)
+    full = {**card, "train": asdict(cfg), "metrics": dict(metrics), "train_seconds": round(time.time() - t0, 1),
+            "git": git_sha()}
+    ref = ModelStore(cfg.store).save(cfg.name, state["model"], json.loads(json.dumps(full, default=str)))
+    return {"ref": ref, "metrics": full["metrics"], "card": full, "checkpoint": checkpoint}
