@@ -40,6 +40,20 @@ def test_mtcnn_finds_every_face_of_the_held_out_photos_and_haar_fewer(shared_dat
     assert haar["recall"] < mtcnn["recall"], haar  # the classical baseline misses some
 
 
+def test_the_teachers_gender_is_scored_per_class_on_the_held_out_faces(engine, shared_data):
+    """Accuracy, and recall and precision per gender, against the hand labels of testing.xml's faces."""
+    from livelens.persons.evaluate import attribute_scores
+
+    res = attribute_scores(engine, variants=1)
+    g = res["gender"]
+    assert res["faces"] == 25 and res["matched"] >= 23, res
+    assert g["accuracy"] >= 0.8 and min(g["recall_female"], g["recall_male"]) >= 0.7, g
+    assert min(g["precision_female"], g["precision_male"]) >= 0.7, g
+    # Accuracy lies between the two recalls (it is their mean weighted by class).
+    assert min(g["recall_female"], g["recall_male"]) <= g["accuracy"] <= max(g["recall_female"], g["recall_male"])
+    assert "glasses" not in res  # the teacher reads no glasses: none are scored for it
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3), (11, 40, 3), (360, 640, 3)])
 def test_no_person_tiny_and_black_frames_answer_no_faces(engine, shape):
     out = engine.analyze(np.zeros(shape, np.uint8))

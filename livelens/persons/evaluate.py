@@ -7,6 +7,7 @@ held-out test set: no livelens training step reads them. Each detector runs thro
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def attribute_scores(engine: PersonsEngine, variants: int = 4, seed: int = 0) ->
     counts as answered "no" for glasses and hat, and is not counted for gender and age.
 
     * glasses, hat: recall and precision against what was drawn, or worn (hand labels);
-    * gender: accuracy and per-class recall against the hand labels;
+    * gender: accuracy, and per-class recall and precision against the hand labels;
     * age: no true age is known, so the band and the years are compared with the teacher's on the
       clean face (agreement, not accuracy), and P(minor) ≥ 0.5 is counted.
 
@@ -99,7 +100,8 @@ def attribute_scores(engine: PersonsEngine, variants: int = 4, seed: int = 0) ->
         x0, y0, x1, y1 = (round(v) for v in f.box)
         clean[i] = teacher.predict(photos[f.photo][y0:y1, x0:x1])["age"]
     counts = {k: [0, 0, 0] for k in ("glasses", "hat")}  # tp, fp, fn
-    gender_ok: dict[str, list[int]] = {"female": [0, 0], "male": [0, 0]}
+    gender_ok: dict[str, list[int]] = {"female": [0, 0], "male": [0, 0]}  # right, hand-labelled
+    said: dict[str, int] = {}  # answers per gender, over the hand-labelled faces (for precision)
     band_ok = minors = matched = instances = 0
     years = []
     for v in range(variants):
@@ -128,6 +130,7 @@ def attribute_scores(engine: PersonsEngine, variants: int = 4, seed: int = 0) ->
                 if f.gender:
                     gender_ok[f.gender][0] += attrs["gender"]["value"] == f.gender
                     gender_ok[f.gender][1] += 1
+                    said[attrs["gender"]["value"]] = said.get(attrs["gender"]["value"], 0) + 1
                 band_ok += attrs["age"]["band"] == clean[i]["band"]
                 years.append(abs(attrs["age"]["value"] - clean[i]["value"]))
                 minors += attrs["age"]["p_minor"] >= 0.5
@@ -137,7 +140,10 @@ def attribute_scores(engine: PersonsEngine, variants: int = 4, seed: int = 0) ->
         "instances": instances, "matched": matched,
         **{k: _pr(*c) for k, c in counts.items() if engine.attribute_model is not None},
         "gender": {"accuracy": round(sum(ok for ok, _ in gender_ok.values()) / max(1, n_gender), 4),
-                   **{f"recall_{k}": round(ok / max(1, n), 4) for k, (ok, n) in gender_ok.items()}},
+                   **{f"recall_{k}": round(ok / max(1, n), 4) for k, (ok, n) in gender_ok.items()},
+                   # NaN where a class was never answered: undefined, not perfect or zero.
+                   **{f"precision_{k}": round(ok / said[k], 4) if said.get(k) else math.nan
+                      for k, (ok, _) in gender_ok.items()}},
         "age": {"band_agreement_with_teacher": round(band_ok / max(1, matched), 4),
                 "mean_abs_years_from_teacher": round(float(np.mean(years)) if years else 0.0, 2),
                 "p_minor_over_half": minors},
