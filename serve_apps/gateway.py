@@ -710,10 +710,15 @@ class Gateway:
 
     @api.get("/v1/label/frames", summary="A page of frames to label, with their labels (who, when) and queue reason")
     async def label_frames(self, request: Request, offset: int = 0, limit: int = 50,
-                           unlabelled: bool = False) -> JSONResponse:
+                           unlabelled: bool = False, cluster: int | None = None) -> JSONResponse:
         self._auth(request, "label")
-        page = await self._handle("label").frames.remote(offset, limit, unlabelled)
+        page = await self._handle("label").frames.remote(offset, limit, unlabelled, cluster)
         return _ok(request, {"request_id": _rid(request), **page})
+
+    @api.get("/v1/label/clusters", summary="The cluster gallery: each cluster's size, medoids and labels so far")
+    async def label_clusters(self, request: Request) -> JSONResponse:
+        self._auth(request, "label")
+        return _ok(request, {"request_id": _rid(request), **await self._handle("label").clusters.remote()})
 
     @api.get("/v1/label/frames/{frame_id}/image", summary="One frame to label, as a JPEG thumbnail")
     async def label_image(self, frame_id: str, request: Request) -> Response:

@@ -86,28 +86,39 @@ class Labelling:
         """The store: its manifest, frames, newest version, counts per label, who labelled."""
         return await asyncio.to_thread(self._info)
 
-    def _page(self, offset: int, limit: int, unlabelled: bool) -> dict[str, Any]:
+    def _page(self, offset: int, limit: int, unlabelled: bool, cluster: int | None = None) -> dict[str, Any]:
         import json
 
         store = self._store()
         rows = self._rows(store)
         labelled = store.labels()
-        ids = [i for i in rows if not (unlabelled and i in labelled)]
+        ids = list(rows)
+        if cluster is not None:
+            members, _, _ = store.cluster_groups()
+            if cluster not in members:
+                raise NotFoundError(f"no cluster {cluster} in the label store", code="cluster_not_found")
+            ids = members[cluster]
+        ids = [i for i in ids if not (unlabelled and i in labelled)]
         out = []
         for rid in ids[offset: offset + limit]:
             attrs = json.loads(rows[rid].get("attributes") or "{}")
             out.append({"id": rid, "width": rows[rid]["width"], "height": rows[rid]["height"],
                         "labels": labelled.get(rid, {}), "queue": attrs.get("queue"),
                         "cluster": attrs.get("cluster")})
-        return {"total": len(ids), "offset": offset, "version": store.latest(), "frames": out}
+        return {"total": len(ids), "offset": offset, "version": store.latest(), "cluster": cluster, "frames": out}
 
-    async def frames(self, offset: int = 0, limit: int = 50, unlabelled: bool = False) -> dict[str, Any]:
-        """A page of frames with their labels (who and when) and why each was queued."""
+    async def frames(self, offset: int = 0, limit: int = 50, unlabelled: bool = False,
+                     cluster: int | None = None) -> dict[str, Any]:
+        """A page of frames with their labels (who and when) and why each was queued, of one cluster if given."""
         from livelens.errors import InvalidArgumentError
 
         if not (offset >= 0 and 1 <= limit <= MAX_PAGE):
             raise InvalidArgumentError(f"offset ≥ 0 and 1 ≤ limit ≤ {MAX_PAGE}", code="bad_page")
-        return await asyncio.to_thread(self._page, offset, limit, unlabelled)
+        return await asyncio.to_thread(self._page, offset, limit, unlabelled, cluster)
+
+    async def clusters(self) -> dict[str, Any]:
+        """The cluster gallery: per cluster its size, medoids, and frames labelled per label."""
+        return await asyncio.to_thread(lambda: self._store().clusters())
 
     def _thumbnail(self, frame_id: str) -> bytes:
         from livelens.data.manifest import decode_row_image

@@ -91,3 +91,36 @@ def test_bad_commits_are_refused_and_change_nothing(frames, tmp_path):
     assert store.latest() == 0 and store.events() == []
     with pytest.raises(NotFoundError):
         LabelStore(tmp_path / "elsewhere")
+
+
+def test_the_cluster_gallery_groups_frames_and_counts_their_labels(frames, tmp_path):
+    """Issue 16's gallery: a cluster run attached to the store, sizes, medoids and labels per cluster."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from livelens.errors import ConfigError
+    from livelens.loop.__main__ import main as loop_main
+
+    store = LabelStore.create(tmp_path / "labels", frames)
+    ids = store.frame_ids()
+    assert store.clusters()["clusters"] == []  # nothing attached, and generated frames carry no cluster
+    run = tmp_path / "run"
+    run.mkdir()
+    assign = [0, 0, 1, 1, 1, 2][: len(ids)]
+    pq.write_table(pa.table({"id": [*ids, "not-a-frame"], "cluster": [*assign, 0]}), run / "clusters.parquet")
+    (run / "summary.json").write_text(json.dumps({"clusters": [{"cluster": 1, "medoids": [ids[4], "not-a-frame"]}]}))
+    assert loop_main(["labels", "--store", str(store.root), "--clusters", str(run)]) == 0
+    store.commit(ids[2:4], add=["ads_qrcode"], by="ana")
+    g = store.clusters()
+    assert g["source"] == str(run) and g["version"] == 1
+    by = {c["cluster"]: c for c in g["clusters"]}
+    assert [c["cluster"] for c in g["clusters"]] == [1, 0, 2]  # largest first
+    assert by[1]["size"] == 3 and by[1]["medoids"] == [ids[4]]  # its medoid first, unknown ids dropped
+    assert by[1]["labelled"] == 2 and by[1]["counts"] == {"ads_qrcode": 2}
+    assert by[0]["medoids"] == ids[:2] and by[0]["labelled"] == 0 and by[0]["counts"] == {}
+    assert store.cluster_groups()[0][2] == ids[5:6]
+    with pytest.raises(ConfigError, match="none of the 1 clustered ids"):
+        store.attach_clusters({"nope": 3})
+    with pytest.raises(NotFoundError, match=r"no clusters\.parquet"):
+        store.attach_cluster_run(tmp_path)
+    assert store.clusters()["source"] == str(run)  # a refused attach leaves the grouping as it was

@@ -1158,6 +1158,64 @@ def test_the_labelling_page_labels_selected_frames_and_undoes(app):
             browser.close()
 
 
+def test_the_cluster_gallery_drills_into_a_cluster_and_labels_all_of_it(app):
+    """Issue 16's gallery: a cluster run attached to the store; /v1/label/clusters and a cluster's
+    frames through the API, then in the browser: open a cluster, label it whole (``w``), see its
+    label bar and the store's count change, undo."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from playwright.sync_api import sync_playwright
+
+    from livelens.loop.__main__ import main as loop_main
+
+    n = _label_store(app)
+    url, h = app["url"] + "/v1/label", app["headers"]
+    ids = [f["id"] for f in httpx.get(f"{url}/frames", params={"limit": 50}, headers=h, timeout=30).json()["frames"]]
+    run = app["tmp"] / "cluster-run"
+    run.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "cluster": [7 if i < 2 else 3 for i in range(n)]}), run / "clusters.parquet")
+    assert loop_main(["labels", "--store", str(app["labels"]), "--clusters", str(run)]) == 0
+    g = httpx.get(f"{url}/clusters", headers=h, timeout=30).json()
+    assert {c["cluster"]: c["size"] for c in g["clusters"]} == {7: 2, 3: n - 2} and g["source"] == str(run)
+    page7 = httpx.get(f"{url}/frames", params={"cluster": 7}, headers=h, timeout=30).json()
+    assert page7["total"] == 2 and [f["id"] for f in page7["frames"]] == ids[:2]
+    assert _assert_envelope(httpx.get(f"{url}/frames", params={"cluster": 99}, headers=h, timeout=30),
+                            404)["error"]["code"] == "cluster_not_found"
+    before = httpx.get(f"{url}/store", headers=h, timeout=30).json()
+    with sync_playwright() as pw:
+        browser = _chromium(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app["url"] + "/label")
+            page.fill("#key", app["key"])
+            page.dispatch_event("#key", "change")
+            page.wait_for_selector(".cluster .meds img[src^='blob:']", timeout=60_000)
+            assert page.locator(".cluster").count() == 2
+            page.click(".cluster[data-cluster='7']")
+            page.wait_for_function("document.querySelectorAll('.frame').length === 2", timeout=30_000)
+            page.fill("#label", "ads_watermark")
+            page.evaluate("document.activeElement.blur()")
+            page.keyboard.press("w")
+            page.wait_for_function("document.getElementById('status').textContent.includes('on cluster 7')",
+                                   timeout=30_000)
+            page.wait_for_function("[...document.querySelectorAll('.cluster .bar em')]"
+                                   ".some((e) => e.textContent === 'ads_watermark 2')", timeout=30_000)
+            after = httpx.get(f"{url}/store", headers=h, timeout=30).json()
+            assert after["version"] == before["version"] + 1
+            assert after["counts"].get("ads_watermark", 0) == before["counts"].get("ads_watermark", 0) + 2
+            shots = REPO / "runs" / "screenshots"
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "label-clusters.png"), full_page=True)
+            page.keyboard.press("u")
+            page.wait_for_function("document.getElementById('status').textContent.includes('undo')", timeout=30_000)
+            undone = httpx.get(f"{url}/store", headers=h, timeout=30).json()
+            assert undone["counts"] == before["counts"]
+            events = httpx.get(f"{url}/events", params={"since": before["version"]}, headers=h, timeout=30).json()
+            assert [e["note"] for e in events["events"]] == ["cluster 7", "undo"]
+        finally:
+            browser.close()
+
+
 def test_persons_answers_faces_and_attributes_only_to_keys_with_the_persons_scope(app):
     """/v1/persons, and the persons section of /v1/analyze, are personal data: scope ``persons`` only."""
     import skimage.data

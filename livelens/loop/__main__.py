@@ -5,7 +5,7 @@
     python -m livelens.loop dedupe  --embeddings runs/loop/emb --manifest runs/data/frames --out runs/loop/dedup
     python -m livelens.loop queue   --embeddings runs/loop/emb --manifest runs/capture-set --out runs/loop/queue --budget 200
     python -m livelens.loop captured --uri runs/capture --out runs/capture-set
-    python -m livelens.loop labels  --manifest runs/loop/queue --store runs/loop/labels [--out runs/loop/labelled]
+    python -m livelens.loop labels  --manifest runs/loop/queue --store runs/loop/labels [--clusters runs/loop/clusters] [--out runs/loop/labelled]
     python -m livelens.loop retrain --labels runs/loop/labels --base runs/data/frames [--app livelens]
 
 Each command's flags come from its config dataclass (``--help`` lists them). Commands that run on
@@ -84,12 +84,15 @@ class LabelsJob:
         manifest: The frames to label (a queue manifest); needed to create the store.
         out: Write the frames labelled so far, with their labels, as a manifest here.
         version: The label version to write (default: the newest).
+        clusters: A ``cluster`` run's directory: group the store's frames by its clusters, for
+            the page's cluster gallery.
     """
 
     store: str
     manifest: str | None = None
     out: str | None = None
     version: int | None = None
+    clusters: str | None = None
 
 
 def run_labels(job: LabelsJob) -> dict[str, Any]:
@@ -98,6 +101,8 @@ def run_labels(job: LabelsJob) -> dict[str, Any]:
     store = LabelStore.create(job.store, job.manifest) if job.manifest else LabelStore(job.store)
     result: dict[str, Any] = {"store": str(store.root), "manifest": str(store.manifest),
                               "frames": len(store.frame_ids()), "version": store.latest(), "counts": store.counts()}
+    if job.clusters:
+        result["clustered_frames"] = store.attach_cluster_run(job.clusters)
     if job.out:
         result["written"] = str(store.materialise(job.out, job.version))
     return result

@@ -14,6 +14,11 @@ apply their changes to it, so two people committing at once both land, one after
 labeller's view being stale loses nothing. A version file is written to a temporary name, fsynced
 and renamed, so a crash leaves the previous version whole.
 
+:meth:`LabelStore.attach_clusters` groups the frames by cluster (a ``python -m livelens.loop
+cluster`` run, or any id → cluster map) for the page's gallery; :meth:`LabelStore.clusters` sums
+each group: size, medoids, how many are labelled and with what. Frames of a queue manifest carry
+their cluster in ``attributes`` already, which serves when nothing was attached.
+
 :meth:`LabelStore.materialise` writes a manifest version (the frames with their labels, and the
 labellers in ``attributes``) that training and evaluation read like any other manifest.
 """
@@ -26,7 +31,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,7 @@ from livelens.errors import ConfigError, InvalidArgumentError, NotFoundError
 VERSIONS_DIR = "versions"
 EVENTS_FILE = "events.jsonl"
 SOURCE_FILE = "source.json"
+CLUSTERS_FILE = "clusters.json"
 LOCK_FILE = "LOCK"
 _VERSION_RE = re.compile(r"^v(\d{6})\.parquet$")
 #: A labeller's name: letters, digits and ``._@-`` (an API key id, an e-mail, a login).
@@ -180,6 +186,98 @@ class LabelStore:
         for lab in self.table(version).column("label").to_pylist():
             out[lab] = out.get(lab, 0) + 1
         return dict(sorted(out.items()))
+
+    def cluster_groups(self) -> tuple[dict[int, list[str]], dict[int, list[str]], str]:
+        """``(members, medoids, source)``: frame ids per cluster, in manifest order, and medoids.
+
+        From :meth:`attach_clusters` when a grouping was attached, else from the ``cluster`` each
+        queue frame carries in ``attributes`` (medoids then: none). Empty when neither has one.
+        """
+        from livelens.data.manifest import read_manifest
+
+        path = self.root / CLUSTERS_FILE
+        order = self.frame_ids()
+        members: dict[int, list[str]] = {}
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            assign = doc["assign"]
+            for rid in order:
+                if rid in assign:
+                    members.setdefault(int(assign[rid]), []).append(rid)
+            return members, {int(c): list(m) for c, m in (doc.get("medoids") or {}).items()}, doc.get("source", "")
+        table = read_manifest(self.manifest, columns=["id", "attributes"])
+        for row in table.to_pylist():
+            c = json.loads(row["attributes"] or "{}").get("cluster")
+            if isinstance(c, int):
+                members.setdefault(c, []).append(row["id"])
+        return members, {}, "manifest attributes" if members else ""
+
+    def clusters(self, version: int | None = None, n_medoids: int = 4) -> dict[str, Any]:
+        """The gallery: per cluster its size, medoids, frames labelled and frames per label at ``version``.
+
+        Returns:
+            ``{"version", "source", "clusters": [{"cluster", "size", "medoids", "labelled", "counts"}]}``,
+            largest cluster first; a cluster without attached medoids shows its first frames.
+        """
+        version = self.latest() if version is None else version
+        members, medoids, source = self.cluster_groups()
+        labelled = self.labels(version)
+        out = []
+        for c, ids in members.items():
+            counts: dict[str, int] = {}
+            for rid in ids:
+                for lab in labelled.get(rid, {}):
+                    counts[lab] = counts.get(lab, 0) + 1
+            idset = set(ids)
+            shown = [m for m in medoids.get(c, []) if m in idset] or ids
+            out.append({"cluster": c, "size": len(ids), "medoids": shown[:n_medoids],
+                        "labelled": sum(rid in labelled for rid in ids),
+                        "counts": dict(sorted(counts.items(), key=lambda kv: -kv[1]))})
+        out.sort(key=lambda e: (-e["size"], e["cluster"]))
+        return {"version": version, "source": source, "clusters": out}
+
+    def attach_clusters(self, assign: Mapping[str, int], medoids: Mapping[int, Sequence[str]] | None = None,
+                        source: str = "") -> int:
+        """Group this store's frames by cluster for the gallery (replacing any earlier grouping).
+
+        Args:
+            assign: Frame id → cluster; ids that are not frames of this store are left out.
+            medoids: Cluster → its most central frame ids (shown first).
+            source: Where the grouping came from (a cluster run's directory), for the page.
+
+        Returns:
+            The number of frames grouped.
+
+        Raises:
+            ConfigError: None of ``assign``'s ids is a frame of this store.
+        """
+        known = set(self.frame_ids())
+        kept = {str(rid): int(c) for rid, c in assign.items() if rid in known}
+        if not kept:
+            raise ConfigError(f"none of the {len(assign)} clustered ids is a frame of {self.manifest}")
+        doc = {"source": source, "assign": kept,
+               "medoids": {str(int(c)): [m for m in ids if m in known] for c, ids in (medoids or {}).items()}}
+        tmp = self.root / f".{CLUSTERS_FILE}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.root / CLUSTERS_FILE)
+        return len(kept)
+
+    def attach_cluster_run(self, run_dir: str | Path) -> int:
+        """:meth:`attach_clusters` from a ``python -m livelens.loop cluster`` output directory.
+
+        Raises:
+            NotFoundError: No ``clusters.parquet`` there.
+        """
+        run = Path(run_dir)
+        if not (run / "clusters.parquet").is_file():
+            raise NotFoundError(f"{run}: no clusters.parquet (write one with 'python -m livelens.loop cluster')")
+        table = pq.read_table(run / "clusters.parquet")
+        medoids = {}
+        if (run / "summary.json").is_file():
+            medoids = {int(e["cluster"]): e.get("medoids", [])
+                       for e in json.loads((run / "summary.json").read_text()).get("clusters", [])}
+        return self.attach_clusters(dict(zip(table.column("id").to_pylist(), table.column("cluster").to_pylist(),
+                                             strict=True)), medoids, source=str(run))
 
     # -- writing -----------------------------------------------------------------------------
 
