@@ -190,7 +190,7 @@ class ModelStore:
         return f"{name}@{version}"
 
     def save(self, name: str, state_dict: dict[str, torch.Tensor], card: dict[str, Any],
-             version: str | None = None) -> str:
+             version: str | None = None, avoid: Sequence[str] = ()) -> str:
         """Publish a model atomically and return its ``name@version``.
 
         Args:
@@ -199,11 +199,16 @@ class ModelStore:
             card: The model card (JSON-serialisable). name, version, created_at and
                 git_sha are filled in when absent.
             version: Explicit version; default is one more than the newest numeric version.
+            avoid: Other stores (a serving chain) whose versions the default must not repeat: in a
+                chain, ``safety@1`` names whichever store comes first, so a new ``safety@1`` in
+                the first store would shadow the one being served, and a swap to it change nothing.
         """
         parse_ref(name)
         existing = self.versions(name)
         if version is None:
             numeric = [int(v) for v in existing if v.isdigit()]
+            for other in avoid:
+                numeric += [int(v) for v in ModelStore(other).versions(name) if v.isdigit()]
             version = str(max(numeric, default=0) + 1)
         elif version in existing:
             raise ConfigError(f"model {name}@{version} already exists in {self.uri}")

@@ -31,6 +31,16 @@ def test_save_load_round_trip_and_versions(tmp_path, as_uri):
     assert [c["ref"] for c in store.list()] == ["safety@1", "safety@2"]
 
 
+def test_a_new_version_skips_every_version_of_the_serving_chain(tmp_path):
+    """A store first in a chain must not publish a ref a later store already serves."""
+    served, user = ModelStore(tmp_path / "served"), ModelStore(tmp_path / "user")
+    served.save("safety", _state(1), {})
+    served.save("safety", _state(2), {}, version="3")
+    assert user.save("safety", _state(3), {}) == "safety@1"  # alone, a store counts from 1
+    assert user.save("safety", _state(4), {}, avoid=[str(tmp_path / "served"), str(tmp_path / "none")]) == "safety@4"
+    assert user.save("other", _state(5), {}, avoid=[str(tmp_path / "served")]) == "other@1"  # per name
+
+
 def test_half_written_versions_are_invisible(tmp_path):
     store = ModelStore(tmp_path)
     store.save("m", _state(0), {})

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,14 +158,20 @@ def evaluate_refs(served: str, candidate: str, stores: list[str], staging: str, 
             for name, ref in (("served", served), ("candidate", candidate))}
 
 
-def publish(staging: str, ref: str, store: str, report: Mapping[str, Any]) -> str:
-    """Copy a staged model into ``store`` as its next version, the gate's report in its card."""
+def publish(staging: str, ref: str, store: str, report: Mapping[str, Any], chain: Sequence[str] = ()) -> str:
+    """Copy a staged model into ``store`` as its next version, the gate's report in its card.
+
+    The version is one above the newest of that name in ``store`` *and* in ``chain``: a serving
+    chain resolves ``safety@1`` to its first store that has one, so a new ``safety@1`` in an empty
+    store would shadow the served model, and a swap to that ref would change nothing.
+    """
     from livelens.store import ModelStore
 
     stored = ModelStore(staging).load(ref)
     card = {k: v for k, v in stored.card.items() if k not in ("name", "version", "ref", "created_at")}
     card["gate"] = {k: report[k] for k in ("gate", "served", "manifest") if k in report}
-    return ModelStore(store).save(stored.ref.split("@")[0], stored.state_dict, json.loads(json.dumps(card, default=str)))
+    return ModelStore(store).save(stored.ref.split("@")[0], stored.state_dict, json.loads(json.dumps(card, default=str)),
+                                  avoid=chain)
 
 
 def retrain(job: RetrainJob) -> dict[str, Any]:
@@ -210,7 +216,8 @@ def retrain(job: RetrainJob) -> dict[str, Any]:
                       for lab in sorted(set(served["fused"]) | set(candidate["fused"]))},
         "job": asdict(job),
     }
-    report["published"] = publish(staging, summary["ref"], job.store, report) if report["gate"]["passed"] else None
+    report["published"] = (publish(staging, summary["ref"], job.store, report, chain)
+                           if report["gate"]["passed"] else None)
     if report["published"] and job.app:
         from serve_apps.admin import set_live
 
