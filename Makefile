@@ -75,7 +75,7 @@ retrain: setup
 # The measured turn of the loop: a never-seen kind (a racing HUD) from traffic to a gated model.
 loop-e2e: setup
 	@test -d runs/data/frames || $(PY) -m livelens.data.build --out runs/data --only frames
-	$(PY) -m benchmarks.loop_e2e
+	$(PY) -m benchmarks.loop_e2e --serve $(LOOP_ARGS)
 
 train-quality: setup
 	$(PY) -m train_jobs.quality
