@@ -1181,6 +1181,8 @@ def test_the_cluster_gallery_drills_into_a_cluster_and_labels_all_of_it(app):
     assert page7["total"] == 2 and [f["id"] for f in page7["frames"]] == ids[:2]
     assert _assert_envelope(httpx.get(f"{url}/frames", params={"cluster": 99}, headers=h, timeout=30),
                             404)["error"]["code"] == "cluster_not_found"
+    assert _assert_envelope(httpx.get(f"{url}/frames", params={"cluster": "x"}, headers=h, timeout=30),
+                            400)["error"]["code"] == "bad_cluster"
     before = httpx.get(f"{url}/store", headers=h, timeout=30).json()
     with sync_playwright() as pw:
         browser = _chromium(pw)
