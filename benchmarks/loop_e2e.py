@@ -119,12 +119,13 @@ def annotate(frames: Path, emb_dir: Path, store_dir: Path, k: int, truth: dict[s
     store.attach_clusters(dict(zip(ids, (int(c) for c in cl.assign), strict=True)),
                           {c: [ids[i] for i in m] for c, m in med.items()}, source=f"k-means, k={k}, {emb_dir}")
     gallery = api.clusters() if api else store.clusters()
+    groups = None if api else store.cluster_groups()[0]
     picked, looked, drilled = [], 0, 0
     for entry in gallery["clusters"]:
         looked += len(entry["medoids"])
         if sum(NEW in truth[m] for m in entry["medoids"]) * 2 <= len(entry["medoids"]):
             continue
-        members = api.cluster_frames(entry["cluster"]) if api else store.cluster_groups()[0][entry["cluster"]]
+        members = api.cluster_frames(entry["cluster"]) if api else groups[entry["cluster"]]
         drilled += len(members)
         chosen = [f for f in members if NEW in truth[f]] if review else members
         note = f"cluster {entry['cluster']}" + (" (reviewed)" if review else "")

@@ -92,9 +92,10 @@ class Labelling:
         store = self._store()
         rows = self._rows(store)
         labelled = store.labels()
+        members, _, _ = store.cluster_groups()  # the attached grouping, else the queue's own
+        where = {rid: c for c, group in members.items() for rid in group}
         ids = list(rows)
         if cluster is not None:
-            members, _, _ = store.cluster_groups()
             if cluster not in members:
                 raise NotFoundError(f"no cluster {cluster} in the label store", code="cluster_not_found")
             ids = members[cluster]
@@ -103,8 +104,7 @@ class Labelling:
         for rid in ids[offset: offset + limit]:
             attrs = json.loads(rows[rid].get("attributes") or "{}")
             out.append({"id": rid, "width": rows[rid]["width"], "height": rows[rid]["height"],
-                        "labels": labelled.get(rid, {}), "queue": attrs.get("queue"),
-                        "cluster": attrs.get("cluster")})
+                        "labels": labelled.get(rid, {}), "queue": attrs.get("queue"), "cluster": where.get(rid)})
         return {"total": len(ids), "offset": offset, "version": store.latest(), "cluster": cluster, "frames": out}
 
     async def frames(self, offset: int = 0, limit: int = 50, unlabelled: bool = False,

@@ -1114,6 +1114,16 @@ def test_labellers_label_frames_through_the_api_and_nothing_is_lost(app):
     assert httpx.get(f"{app['url']}/healthz", timeout=30).status_code == 200
 
 
+def _label_page(browser, app, ready: str, height: int = 800):
+    """/label in a new tab, the test key entered, once ``ready`` (a selector) has appeared."""
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.goto(app["url"] + "/label")
+    page.fill("#key", app["key"])
+    page.dispatch_event("#key", "change")
+    page.wait_for_selector(ready, timeout=60_000)  # thumbnails are fetched with the key
+    return page
+
+
 def test_the_labelling_page_labels_selected_frames_and_undoes(app):
     """A person on /label: key, select two frames, label them (Enter), see the count, undo with ``u``."""
     from playwright.sync_api import sync_playwright
@@ -1124,11 +1134,7 @@ def test_the_labelling_page_labels_selected_frames_and_undoes(app):
     with sync_playwright() as pw:
         browser = _chromium(pw)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(app["url"] + "/label")
-            page.fill("#key", app["key"])
-            page.dispatch_event("#key", "change")
-            page.wait_for_selector(".frame img[src^='blob:']", timeout=60_000)  # thumbnails fetched with the key
+            page = _label_page(browser, app, ".frame img[src^='blob:']")
             frames = page.locator(".frame")
             assert frames.count() == before["frames"]
             frames.nth(0).click()
@@ -1179,6 +1185,7 @@ def test_the_cluster_gallery_drills_into_a_cluster_and_labels_all_of_it(app):
     assert {c["cluster"]: c["size"] for c in g["clusters"]} == {7: 2, 3: n - 2} and g["source"] == str(run)
     page7 = httpx.get(f"{url}/frames", params={"cluster": 7}, headers=h, timeout=30).json()
     assert page7["total"] == 2 and [f["id"] for f in page7["frames"]] == ids[:2]
+    assert {f["cluster"] for f in page7["frames"]} == {7}  # each frame names its attached cluster
     assert _assert_envelope(httpx.get(f"{url}/frames", params={"cluster": 99}, headers=h, timeout=30),
                             404)["error"]["code"] == "cluster_not_found"
     assert _assert_envelope(httpx.get(f"{url}/frames", params={"cluster": "x"}, headers=h, timeout=30),
@@ -1187,11 +1194,7 @@ def test_the_cluster_gallery_drills_into_a_cluster_and_labels_all_of_it(app):
     with sync_playwright() as pw:
         browser = _chromium(pw)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app["url"] + "/label")
-            page.fill("#key", app["key"])
-            page.dispatch_event("#key", "change")
-            page.wait_for_selector(".cluster .meds img[src^='blob:']", timeout=60_000)
+            page = _label_page(browser, app, ".cluster .meds img[src^='blob:']", height=900)
             assert page.locator(".cluster").count() == 2
             page.click(".cluster[data-cluster='7']")
             page.wait_for_function("document.querySelectorAll('.frame').length === 2", timeout=30_000)

@@ -196,12 +196,11 @@ class LabelStore:
         from livelens.data.manifest import read_manifest
 
         path = self.root / CLUSTERS_FILE
-        order = self.frame_ids()
         members: dict[int, list[str]] = {}
         if path.is_file():
             doc = json.loads(path.read_text())
             assign = doc["assign"]
-            for rid in order:
+            for rid in self.frame_ids():
                 if rid in assign:
                     members.setdefault(int(assign[rid]), []).append(rid)
             return members, {int(c): list(m) for c, m in (doc.get("medoids") or {}).items()}, doc.get("source", "")

@@ -32,17 +32,22 @@ DEFAULT_INTERVAL_S = 15.0
 DEFAULT_MIN_GROWTH_MB = 32.0
 
 
-def _libc_trim():
-    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS)."""
+def _libc(symbol: str, argtypes: list, restype: type):
+    """A function of the C library, or ``None`` where it has none (musl, macOS lack these)."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        fn = ctypes.CDLL(name).malloc_trim
+        fn = getattr(ctypes.CDLL(name), symbol)
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
+
+
+def _libc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS)."""
+    return _libc("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 #: ``mallopt``'s parameter number for the mmap threshold (glibc's ``M_MMAP_THRESHOLD``).
@@ -56,21 +61,14 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     which frame-sized buffers (a detector's image pyramid, a decoded 1080p frame) come from the
     arenas instead; with several requests in flight the heap then rises and falls by hundreds of MB
     with the work, and the trimmer only catches up every ``interval_s``. A fixed threshold turns
-    that dynamic raise off (``mallopt`` documents this), at the cost of page faults on each large
-    buffer, which is small next to the work done on it.
+    that dynamic raise off (``mallopt`` documents this). The price is a page fault per page of
+    each large buffer; its effect on latency is for the serving benchmark to show.
 
     Returns:
         True when the C library took the setting (glibc), False otherwise.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        fn = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn(_M_MMAP_THRESHOLD, int(nbytes)) == 1
+    fn = _libc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return fn is not None and fn(_M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 
 def rss_mb() -> float:
