@@ -1142,9 +1142,13 @@ def test_the_labelling_page_labels_selected_frames_and_undoes(app):
             assert page.locator(".frame.sel").count() == 2
             page.fill("#label", "ads_logo")
             page.press("#label", "Enter")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('v')", timeout=30_000)
+            # The commit's message, or an error (the page retries 429/503 and keeps a saved commit's message).
+            page.wait_for_function("/\\+\\d+ ads_logo/.test(document.getElementById('status').textContent)"
+                                   " || document.getElementById('status').className === 'err'", timeout=30_000)
             status = page.text_content("#status")
-            added = int(re.search(r"\+(\d+) ads_logo", status).group(1))
+            found = re.search(r"^v\d+: \+(\d+) ads_logo", status)
+            assert found and "failed" not in status, f"status after Enter: {status!r}"
+            added = int(found.group(1))
             after = httpx.get(f"{app['url']}/v1/label/store", headers=h, timeout=30).json()
             assert after["version"] == before["version"] + 1
             assert after["counts"].get("ads_logo", 0) == before["counts"].get("ads_logo", 0) + added
