@@ -171,9 +171,19 @@ def _losses(summary: dict) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tmp_path, monkeypatch):
-    summary = run(tiny(frames_manifest, tmp_path, comm_hook="powersgd", powersgd_rank=2,
+def test_ddp_survives_a_worker_crash_lowers_loss_and_registers(ray_session, frames_manifest, tmp_path, monkeypatch):
+    """One Ray Train run, fp16 gradient hook, whose rank 1 dies once after epoch 1: it resumes from
+    the checkpoint, registers what serving then loads, and its logs hold each epoch once.
+
+    (PowerSGD through Ray Train is the multi-node test's job; both hooks are compared with the
+    flat ring in test_train_hierarchical. One run here instead of two keeps the suite short.)
+    """
+    marker = tmp_path / "crashed"
+    summary = run(tiny(frames_manifest, tmp_path, comm_hook="fp16", fail_at_epoch=1, fail_once_marker=str(marker),
                        mlflow_dir=str(tmp_path / "mlruns")))
+    assert marker.exists()  # rank 1 really died once
+    assert summary["val"]["start_epoch"] == 1 and summary["val"]["resumed_from_epoch"] == 1
+    assert summary["val"]["epoch"] == 1
     # Serving (the moderation engine, default chain) loads exactly this model once its store is the user store.
     from livelens.moderation import ModerationEngine
 
@@ -201,23 +211,9 @@ def test_ddp_powersgd_lowers_loss_and_registers(ray_session, frames_manifest, tm
     runs = _mlflow_runs(tmp_path / "mlruns")
     assert list(runs) == ["t"]
     _, params, metrics = runs["t"]
-    assert params["comm_hook"] == "powersgd" and params["epochs"] == "2"
+    assert params["comm_hook"] == "fp16" and params["epochs"] == "2"
     assert metrics["train_loss"] == pytest.approx(losses, rel=1e-5)
     assert any(t.startswith("recall/") for t in metrics) and len(metrics["images_per_s"]) == 2
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_worker_crash_resumes_from_checkpoint_fp16_hook(ray_session, frames_manifest, tmp_path):
-    marker = tmp_path / "crashed"
-    cfg = tiny(frames_manifest, tmp_path, comm_hook="fp16", fail_at_epoch=1, fail_once_marker=str(marker),
-               precision="fp32")
-    summary = run(replace(cfg, register=False))
-    assert marker.exists()  # rank 1 really died once
-    assert summary["val"]["start_epoch"] == 1 and summary["val"]["resumed_from_epoch"] == 1
-    assert summary["val"]["epoch"] == 1
-    losses = _losses(summary)  # history survives the restart: both epochs
-    assert len(losses) == 2 and losses[-1] < losses[0]
 
 
 @pytest.mark.slow

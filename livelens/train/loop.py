@@ -231,11 +231,14 @@ class EpochLog:
         run: This run's name (its TensorBoard sub-folder and its MLflow run name).
         mlflow_dir: An MLflow tracking directory; empty turns MLflow off.
         params: Logged once as the MLflow run's params (the loop settings).
+        resume: The worker group restarted from a checkpoint: log into the newest running MLflow
+            run of this name rather than open a second one.
     """
 
     EXPERIMENT = "livelens"
 
-    def __init__(self, root: str, run: str, mlflow_dir: str = "", params: Mapping[str, Any] | None = None):
+    def __init__(self, root: str, run: str, mlflow_dir: str = "", params: Mapping[str, Any] | None = None,
+                 resume: bool = False):
         self.writer = None
         self.mlflow = None
         if root:
@@ -243,9 +246,9 @@ class EpochLog:
 
             self.writer = SummaryWriter(log_dir=str(_project_path(root) / run))
         if mlflow_dir:
-            self._start_mlflow(mlflow_dir, run, params or {})
+            self._start_mlflow(mlflow_dir, run, params or {}, resume)
 
-    def _start_mlflow(self, mlflow_dir: str, run: str, params: Mapping[str, Any]) -> None:
+    def _start_mlflow(self, mlflow_dir: str, run: str, params: Mapping[str, Any], resume: bool) -> None:
         # MLflow 3 keeps its file store behind this switch; a directory needs no server or database.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param
@@ -255,9 +258,18 @@ class EpochLog:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(self.EXPERIMENT)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(self.EXPERIMENT)
+        self.mlflow = client
+        if resume:
+            # A worker group restarted from a checkpoint goes on with its run: a new run of the same
+            # name would split the curves in two, and MLflow's UI would show only the second half.
+            found = client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{run}' "
+                                       "and attributes.status = 'RUNNING'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                self.run_id = found[0].info.run_id
+                return
         self.run_id = client.create_run(exp_id, run_name=run).info.run_id
         client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-        self.mlflow = client
 
     def write(self, metrics: Mapping[str, Any], epoch: int) -> None:
         values = _scalars(metrics)
@@ -538,7 +550,7 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
     nodes = _node_ids(world)
     start_epoch = state.epoch
     tb = EpochLog(cfg.tensorboard_dir if rank == 0 else "", ctx.get_experiment_name(),
-                  cfg.mlflow_dir if rank == 0 else "", asdict(cfg))
+                  cfg.mlflow_dir if rank == 0 else "", asdict(cfg), resume=resumed_from >= 0)
     schedule = StepSchedule(cfg, steps_per_epoch * cfg.epochs if steps_per_epoch else None, state)
 
     for epoch in range(start_epoch, cfg.epochs):
