@@ -28,7 +28,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,3 +243,65 @@ class ModelStore:
     def list(self) -> list[dict[str, Any]]:
         """The cards of every version of every model."""
         return [self.card(f"{n}@{v}") for n in self.names() for v in self.versions(n)]
+
+
+def _label_figures(card: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{label: {"precision", "recall"}}`` from a card's validation metrics (per head, per label)."""
+    out: dict[str, dict[str, float]] = {}
+    for head in ((card.get("metrics") or {}).get("per_label") or {}).values():
+        for label, m in ((head or {}).get("labels") or {}).items():
+            if isinstance(m, Mapping) and m.get("recall") is not None:
+                out[label] = {k: round(float(m[k]), 4) for k in ("precision", "recall") if m.get(k) is not None}
+    return out
+
+
+def model_history(name: str, stores: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every version of ``name`` in the store chain, oldest first, with what changed from the one before.
+
+    Each entry: ``ref``, ``store``, ``created_at``, ``datasets``, ``macro_f1``, the retrain gate's
+    verdict where the version was published by a retrain (passed, covered, gained, blocked), and
+    ``diff``: per label, the change of validation precision and recall against the previous
+    version (labels only one of the two reports are listed as ``new`` or ``dropped``). The
+    validation figures are each run's own split, so a diff between runs on different data says
+    where to look, not which model is better: the gate's held-out comparison says that.
+
+    Raises:
+        ConfigError: ``name`` is not a valid model name.
+        ModelNotFoundError: No store of the chain has a version of ``name``.
+    """
+    parse_ref(name)
+    entries = []
+    for root in stores or store_chain():
+        try:
+            store = ModelStore(root)
+            versions = store.versions(name)
+        except OSError:
+            continue
+        for v in versions:
+            card = store.card(f"{name}@{v}")
+            gate = (card.get("gate") or {}).get("gate") or {}
+            entries.append({"ref": f"{name}@{v}", "store": str(root), "created_at": card.get("created_at", ""),
+                            "datasets": card.get("datasets") or [],
+                            "macro_f1": (card.get("metrics") or {}).get("macro_f1"),
+                            "gate": {k: gate.get(k) for k in ("passed", "covered", "gained", "blocked")} if gate else None,
+                            "_labels": _label_figures(card)})
+    if not entries:
+        raise ModelNotFoundError(f"model {name!r} is in none of the model stores {list(stores or store_chain())}")
+    entries.sort(key=lambda e: (e["created_at"], e["ref"]))
+    prev: dict[str, dict[str, float]] | None = None
+    for e in entries:
+        now = e.pop("_labels")
+        diff: dict[str, Any] = {}
+        if prev is not None:
+            for label in sorted(set(now) | set(prev)):
+                if label not in prev:
+                    diff[label] = {"new": now[label]}
+                elif label not in now:
+                    diff[label] = {"dropped": prev[label]}
+                else:
+                    d = {k: round(now[label][k] - prev[label][k], 4) for k in now[label] if k in prev[label]}
+                    if any(d.values()):
+                        diff[label] = d
+        e["labels"], e["diff"] = now, diff
+        prev = now
+    return entries

@@ -58,6 +58,7 @@ PERSONAL = {"persons": "persons"}
 #: A label commit may name up to 10,000 frame ids (a whole cluster): its body gets more than settings do.
 MAX_LABEL_BODY = 1024 * 1024
 FRAME_ID_PATTERN = r"^[\w.-]{1,128}$"
+_MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _FRAME_ID = re.compile(FRAME_ID_PATTERN)
 
 
@@ -579,6 +580,15 @@ class Gateway:
                 "capture": dict(self.capture.stats, uri=self.capture.cfg.uri) if self.capture else None,
                 "admission": self.admission.snapshot()}
 
+    @api.get("/v1/models/history", summary="Every version of a model in the serving chain: gate verdicts, changes")
+    async def models_history(self, request: Request, name: str = "safety") -> JSONResponse:
+        self._auth(request, "models")
+        if not _MODEL_NAME.match(name):
+            raise InvalidArgumentError(f"model name {name[:80]!r}: want lowercase letters, digits and _",
+                                       code="bad_model_name")
+        versions = await self._handle("moderate").history.remote(name)
+        return _ok(request, {"request_id": _rid(request), "name": name, "versions": versions})
+
     @api.get("/v1/models", summary="Which models are served and where each came from")
     async def models(self, request: Request) -> JSONResponse:
         self._auth(request, "models")
@@ -725,6 +735,11 @@ class Gateway:
     async def label_clusters(self, request: Request) -> JSONResponse:
         self._auth(request, "label")
         return _ok(request, {"request_id": _rid(request), **await self._handle("label").clusters.remote()})
+
+    @api.get("/v1/label/analysis", summary="Labels per split, coverage, and the served answers' per-label P/R")
+    async def label_analysis(self, request: Request) -> JSONResponse:
+        self._auth(request, "label")
+        return _ok(request, {"request_id": _rid(request), **await self._handle("label").analysis.remote()})
 
     @api.get("/v1/label/frames/{frame_id}/image", summary="One frame to label, as a JPEG thumbnail")
     async def label_image(self, frame_id: str, request: Request) -> Response:

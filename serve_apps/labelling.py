@@ -116,6 +116,10 @@ class Labelling:
             raise InvalidArgumentError(f"offset ≥ 0 and 1 ≤ limit ≤ {MAX_PAGE}", code="bad_page")
         return await asyncio.to_thread(self._page, offset, limit, unlabelled, cluster)
 
+    async def analysis(self) -> dict[str, Any]:
+        """The dataset analysis at the newest version (see ``LabelStore.analysis``)."""
+        return await asyncio.to_thread(lambda: self._store().analysis())
+
     async def clusters(self) -> dict[str, Any]:
         """The cluster gallery: per cluster its size, medoids, and frames labelled per label."""
         return await asyncio.to_thread(lambda: self._store().clusters())

@@ -116,6 +116,12 @@ class Moderation:
     def info(self) -> dict[str, Any]:
         return {"models": self.engine.models_info(), "missing": self.engine.missing, "live": self.live.model_dump()}
 
+    async def history(self, name: str) -> list[dict[str, Any]]:
+        """Every version of ``name`` in this replica's store chain (:func:`livelens.store.model_history`)."""
+        from livelens.store import model_history
+
+        return await asyncio.to_thread(model_history, name, self.args.stores)
+
     def _decode_and_classify(self, frame: np.ndarray | EncodedImage) -> tuple[np.ndarray, dict[str, Any]]:
         rgb, ms = self.engine.decode(frame)
         return rgb, {**self.engine.classify([rgb])[0], "decode_ms": ms}

@@ -124,3 +124,39 @@ def test_the_cluster_gallery_groups_frames_and_counts_their_labels(frames, tmp_p
     with pytest.raises(NotFoundError, match=r"no clusters\.parquet"):
         store.attach_cluster_run(tmp_path)
     assert store.clusters()["source"] == str(run)  # a refused attach leaves the grouping as it was
+
+
+def test_the_analysis_counts_splits_and_scores_the_captured_answers(tmp_path):
+    """Issue 16's dataset analysis: labels per split, the served answer's per-label P/R and confusion, coverage."""
+    from livelens.loop.capture import _decided_labels
+
+    rows = generate_frames(0, 6, seed=3)[:6]
+    preds = [["ads_qrcode"], ["ads_qrcode", "ads_phone"], [], ["ads_phone"], None, ["ads_phone"]]
+    for i, (r, pred) in enumerate(zip(rows, preds, strict=True)):
+        r["labels"], r["split"] = [], "val" if i == 5 else "train"
+        r["attributes"] = json.dumps({} if pred is None else {"capture": {"predicted": pred}})
+    store = LabelStore.create(tmp_path / "labels", write_manifest(rows, tmp_path / "q", {"name": "q"},
+                                                                  contact_sheet=False))
+    ids = [r["id"] for r in rows]
+    store.commit([ids[0], ids[1], ids[4]], add=["ads_qrcode"], by="ana")
+    store.commit([ids[2], ids[5]], add=["ads_phone"], by="bo")  # ids[3] stays unlabelled: not scored
+    a = store.analysis()
+    assert a["version"] == 2
+    assert a["splits"] == {"train": {"frames": 5, "labelled": 4, "counts": {"ads_phone": 1, "ads_qrcode": 3}},
+                           "val": {"frames": 1, "labelled": 1, "counts": {"ads_phone": 1}}}
+    served = a["served"]
+    assert served["frames"] == 4  # ids[4] has no captured answer
+    assert served["per_label"] == {
+        "ads_phone": {"tp": 1, "fp": 1, "fn": 1, "precision": 0.5, "recall": 0.5},
+        "ads_qrcode": {"tp": 2, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0}}
+    assert served["confusion"] == {"ads_phone": {"(none)": 1, "ads_phone": 1},
+                                   "ads_qrcode": {"ads_phone": 1, "ads_qrcode": 2}}
+    assert a["coverage"][:2] == [{"label": "ads_qrcode", "labelled": 3, "raised": 2},
+                                 {"label": "ads_phone", "labelled": 2, "raised": 2}]
+    assert len(a["coverage"]) == len(store.vocabulary) and a["coverage"][2]["labelled"] == 0
+    assert store.analysis(version=1)["served"]["per_label"]["ads_qrcode"]["fp"] == 0  # any version
+    # What samples_to_manifest keeps of a served answer: the labels it raised, nothing that passed.
+    answer = {"labels": [{"name": "ads_qrcode", "decision": "block"}, {"name": "ads_phone", "decision": "review"},
+                         {"name": "ads_url", "decision": "pass"}]}
+    assert _decided_labels(json.dumps(answer)) == ["ads_phone", "ads_qrcode"]
+    assert _decided_labels("not json") == [] and _decided_labels(None) == []

@@ -1043,8 +1043,10 @@ def _label_store(app) -> int:
     queue = app["tmp"] / "queue"
     if not queue.exists():
         rows = generate_frames(0, 4, seed=5)
-        for row in rows:
-            row["labels"] = []  # captured traffic: nobody has labelled it yet
+        for i, row in enumerate(rows):
+            # Captured traffic: nobody has labelled it yet; it keeps the labels the service raised.
+            row["attributes"] = json.dumps({"capture": {"predicted": row["labels"][:1] if i % 2 else []}})
+            row["labels"] = []
         write_manifest(rows, queue, {"name": "queue"}, contact_sheet=False)
     assert loop_main(["labels", "--manifest", str(queue), "--store", str(app["labels"])]) == 0
     from livelens.data.manifest import read_manifest
@@ -1221,6 +1223,43 @@ def test_the_cluster_gallery_drills_into_a_cluster_and_labels_all_of_it(app):
             assert undone["counts"] == before["counts"]
             events = httpx.get(f"{url}/events", params={"since": before["version"]}, headers=h, timeout=30).json()
             assert [e["note"] for e in events["events"]] == ["cluster 7", "undo"]
+        finally:
+            browser.close()
+
+
+def test_the_analysis_view_scores_served_answers_and_lists_model_history(app):
+    """Issue 16's analysis and model history, through the API and on the page."""
+    from playwright.sync_api import sync_playwright
+
+    _label_store(app)
+    url, h = app["url"], app["headers"]
+    store = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()
+    a = httpx.get(f"{url}/v1/label/analysis", headers=h, timeout=30).json()
+    assert a["version"] == store["version"]
+    assert sum(s["frames"] for s in a["splits"].values()) == store["frames"]
+    assert sum(s["labelled"] for s in a["splits"].values()) == store["labelled_frames"] == a["served"]["frames"]
+    for label, n in store["counts"].items():  # every labelled frame has a captured answer: all are scored
+        m = a["served"]["per_label"][label]
+        assert m["tp"] + m["fn"] == n and next(c for c in a["coverage"] if c["label"] == label)["labelled"] == n
+    served = {m["ref"] for m in httpx.get(f"{url}/v1/models", headers=h, timeout=30).json()["models"]}
+    hist = httpx.get(f"{url}/v1/models/history", params={"name": "safety"}, headers=h, timeout=30).json()
+    assert {v["ref"] for v in hist["versions"]} & served and all("diff" in v for v in hist["versions"])
+    assert _assert_envelope(httpx.get(f"{url}/v1/models/history", params={"name": "../x"}, headers=h, timeout=30),
+                            400)["error"]["code"] == "bad_model_name"
+    assert _assert_envelope(httpx.get(f"{url}/v1/models/history", params={"name": "nope"}, headers=h, timeout=30),
+                            404)["error"]["type"]
+    with sync_playwright() as pw:
+        browser = _chromium(pw)
+        try:
+            page = _label_page(browser, app, ".frame img[src^='blob:']", height=1100)
+            page.click("#analysis summary")
+            page.wait_for_selector("#analysis table.history", timeout=30_000)
+            assert page.locator("#analysis table.splits tr").count() == 1 + len(a["splits"])
+            assert page.locator("#analysis table.perlabel tr").count() == 1 + len(a["served"]["per_label"])
+            assert page.locator("#analysis table.history tr").count() == 1 + len(hist["versions"])
+            shots = REPO / "runs" / "screenshots"
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "label-analysis.png"), full_page=True)
         finally:
             browser.close()
 

@@ -81,3 +81,32 @@ def test_cards_are_strict_json(tmp_path):
     text = (tmp_path / "m" / "1" / "card.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text)["metrics"] == {"auc": None, "per": [None, 1.0]}
+
+
+def test_model_history_lists_versions_across_the_chain_with_their_diffs(tmp_path):
+    """The page's model history: oldest first over the chain, the gate's verdict, per-label changes."""
+    from livelens.store import model_history
+
+    def card(when: str, labels: dict, gate: dict | None = None) -> dict:
+        per = {"ads": {"labels": {k: {"precision": p, "recall": r} for k, (p, r) in labels.items()}}}
+        out = {"created_at": when, "datasets": [f"d@{when[:4]}"], "metrics": {"macro_f1": 0.5, "per_label": per}}
+        return {**out, "gate": {"gate": gate}} if gate else out
+
+    shipped, user = tmp_path / "shipped", tmp_path / "user"
+    w = {"w": torch.zeros(1)}
+    ModelStore(shipped).save("safety", w, card("2026-01-01T00:00:00Z", {"ads_qrcode": (0.8, 0.5), "ads_url": (1, 0)}))
+    gate = {"passed": True, "covered": 2, "gained": [{"label": "game_racing", "recall": 0.9}], "blocked": []}
+    ModelStore(user).save("safety", w, card("2026-02-01T00:00:00Z", {"ads_qrcode": (0.8, 0.75),
+                                                                     "game_racing": (1.0, 0.9)}, gate),
+                          avoid=[str(shipped)])
+    h = model_history("safety", [str(user), str(shipped)])
+    assert [e["ref"] for e in h] == ["safety@1", "safety@2"] and h[0]["store"] == str(shipped)
+    assert h[0]["diff"] == {} and h[0]["gate"] is None
+    assert h[1]["diff"] == {"ads_qrcode": {"precision": 0.0, "recall": 0.25},
+                            "ads_url": {"dropped": {"precision": 1.0, "recall": 0.0}},
+                            "game_racing": {"new": {"precision": 1.0, "recall": 0.9}}}
+    assert h[1]["gate"]["passed"] is True and h[1]["gate"]["gained"][0]["label"] == "game_racing"
+    with pytest.raises(ModelNotFoundError):
+        model_history("persons_attr", [str(user), str(shipped)])
+    with pytest.raises(ConfigError):
+        model_history("../etc", [str(user)])

@@ -327,6 +327,17 @@ def read_samples(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, filesystem=fs, columns=columns) for f in files])
 
 
+def _decided_labels(answer: str | None) -> list[str]:
+    """The labels the served answer raised (block or review): what the page's analysis scores."""
+    try:
+        doc = json.loads(answer or "{}")
+    except ValueError:
+        return []
+    labels = doc.get("labels") if isinstance(doc, dict) else None
+    return sorted({lab["name"] for lab in labels or () if isinstance(lab, dict) and lab.get("name")
+                   and lab.get("decision") in ("block", "review")})
+
+
 def samples_to_manifest(uri: str, out: str, *, name: str = "captured") -> str:
     """The captured frames as an unlabelled manifest (split ``train``), ready to embed and queue."""
     from livelens.data.manifest import content_id, write_manifest
@@ -344,7 +355,8 @@ def samples_to_manifest(uri: str, out: str, *, name: str = "captured") -> str:
                      "height": r["height"] or 0, "source": f"capture:{r['route'] or ''}", "split": "train",
                      "labels": [], "attributes": json.dumps({"capture": {
                          "reason": r["reason"], "uncertainty": r["uncertainty"], "models": r["models"],
-                         "decision": r["decision"], "request_id": r["request_id"]}})})
+                         "decision": r["decision"], "request_id": r["request_id"],
+                         "predicted": _decided_labels(r["answer"])}})})
     if not rows:
         raise ConfigError(f"no captured images at {uri}")
     return str(write_manifest(rows, out, {"name": name, "captured_from": uri}))

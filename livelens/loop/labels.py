@@ -187,6 +187,75 @@ class LabelStore:
             out[lab] = out.get(lab, 0) + 1
         return dict(sorted(out.items()))
 
+    def analysis(self, version: int | None = None) -> dict[str, Any]:
+        """The page's dataset analysis at ``version``: what is labelled, and how the served model did on it.
+
+        The served model's side is the answer it gave when the frame was captured (the labels it
+        raised to block or review, kept by ``samples_to_manifest``), scored against the labellers'
+        labels. A labelled frame's labels are taken as complete: a label nobody set is a negative.
+
+        Returns:
+            ``version``; ``splits``: frames, labelled frames and frames per label in each split;
+            ``coverage``: every label a labeller may set, with its labelled frames and the frames the
+            served model raised it on (largest first, then the ones nobody has labelled);
+            ``served``: over labelled frames with a captured answer, per label ``tp``/``fp``/``fn``
+            and precision/recall (``None`` where undefined), and ``confusion``: for each true label,
+            the frames per label the model raised (``"(none)"`` when it raised nothing).
+        """
+        from livelens.data.manifest import read_manifest
+
+        version = self.latest() if version is None else version
+        by_id = self.labels(version)
+        table = read_manifest(self.manifest, columns=["id", "split", "attributes"])
+        splits: dict[str, dict[str, Any]] = {}
+        truth_n: dict[str, int] = {}
+        raised_n: dict[str, int] = {}
+        tp: dict[str, int] = {}
+        fp: dict[str, int] = {}
+        fn: dict[str, int] = {}
+        confusion: dict[str, dict[str, int]] = {}
+        scored = 0
+        for rid, split, attrs in zip(*(table.column(c).to_pylist() for c in ("id", "split", "attributes")),
+                                     strict=True):
+            labs = set(by_id.get(rid, {}))
+            sp = splits.setdefault(split or "train", {"frames": 0, "labelled": 0, "counts": {}})
+            sp["frames"] += 1
+            if not labs:
+                continue
+            sp["labelled"] += 1
+            for lab in labs:
+                sp["counts"][lab] = sp["counts"].get(lab, 0) + 1
+                truth_n[lab] = truth_n.get(lab, 0) + 1
+            capture = (json.loads(attrs or "{}") or {}).get("capture") or {}
+            if "predicted" not in capture:
+                continue  # no served answer was kept with this frame
+            scored += 1
+            pred = set(capture["predicted"] or ())
+            for lab in pred:
+                raised_n[lab] = raised_n.get(lab, 0) + 1
+            for lab in labs | pred:
+                bucket = tp if lab in labs and lab in pred else fp if lab in pred else fn
+                bucket[lab] = bucket.get(lab, 0) + 1
+            for lab in labs:
+                row = confusion.setdefault(lab, {})
+                for p in sorted(pred) or ["(none)"]:
+                    row[p] = row.get(p, 0) + 1
+
+        def ratio(a: int, b: int) -> float | None:
+            return round(a / b, 4) if b else None
+
+        per_label = {lab: {"tp": tp.get(lab, 0), "fp": fp.get(lab, 0), "fn": fn.get(lab, 0),
+                           "precision": ratio(tp.get(lab, 0), tp.get(lab, 0) + fp.get(lab, 0)),
+                           "recall": ratio(tp.get(lab, 0), tp.get(lab, 0) + fn.get(lab, 0))}
+                     for lab in sorted(set(tp) | set(fp) | set(fn))}
+        coverage = sorted(({"label": lab, "labelled": truth_n.get(lab, 0), "raised": raised_n.get(lab, 0)}
+                           for lab in self.vocabulary), key=lambda r: (-r["labelled"], -r["raised"], r["label"]))
+        for sp in splits.values():
+            sp["counts"] = dict(sorted(sp["counts"].items()))
+        return {"version": version, "splits": dict(sorted(splits.items())), "coverage": coverage,
+                "served": {"frames": scored, "per_label": per_label,
+                           "confusion": {k: dict(sorted(v.items())) for k, v in sorted(confusion.items())}}}
+
     def cluster_groups(self) -> tuple[dict[int, list[str]], dict[int, list[str]], str]:
         """``(members, medoids, source)``: frame ids per cluster, in manifest order, and medoids.
 
