@@ -720,7 +720,8 @@ class Gateway:
 
     @api.get("/v1/label/frames", summary="A page of frames to label, with their labels (who, when) and queue reason")
     async def label_frames(self, request: Request, offset: int = 0, limit: int = 50,
-                           unlabelled: bool = False, cluster: str = "") -> JSONResponse:
+                           unlabelled: bool = False, cluster: str = "", review: bool = False) -> JSONResponse:
+        """``review=true``: only frames whose sources disagreed, the widest disagreement first."""
         self._auth(request, "label")
         # A string, not ``int | None``: OpenAPI 3.0 has no nullable query type, and -1 is a real
         # cluster (HDBSCAN's noise).
@@ -728,7 +729,7 @@ class Gateway:
             which = int(cluster) if cluster.strip() else None
         except ValueError:
             raise InvalidArgumentError(f"cluster must be an integer, got {cluster[:40]!r}", code="bad_cluster") from None
-        page = await self._handle("label").frames.remote(offset, limit, unlabelled, which)
+        page = await self._handle("label").frames.remote(offset, limit, unlabelled, which, review)
         return _ok(request, {"request_id": _rid(request), **page})
 
     @api.get("/v1/label/clusters", summary="The cluster gallery: each cluster's size, medoids and labels so far")

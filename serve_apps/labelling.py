@@ -10,6 +10,7 @@ killed replica loses nothing: every commit is on disk before it is answered.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
@@ -37,6 +38,28 @@ class LabellingArgs(Args):
     store: str = "runs/loop/labels"
     thumb_side: int = Field(320, ge=32, le=2048)
     deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.05, max_ongoing_requests=16))
+
+
+#: The review view lists frames whose sources' scores for one label lie at least this far apart
+#: (or a label OCR or the regions overruled, which counts 1).
+REVIEW_MIN_DISAGREEMENT = 0.5
+
+
+def _attributes(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        doc = json.loads(row.get("attributes") or "{}")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _disagreement(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a frame's sources disagreed: from its queue round, else from its captured answer."""
+    for where in ("queue", "capture"):
+        d = (attrs.get(where) or {}).get("disagreement")
+        if isinstance(d, dict) and isinstance(d.get("score"), int | float):
+            return d
+    return None
 
 
 @serve.deployment
@@ -86,9 +109,8 @@ class Labelling:
         """The store: its manifest, frames, newest version, counts per label, who labelled."""
         return await asyncio.to_thread(self._info)
 
-    def _page(self, offset: int, limit: int, unlabelled: bool, cluster: int | None = None) -> dict[str, Any]:
-        import json
-
+    def _page(self, offset: int, limit: int, unlabelled: bool, cluster: int | None = None,
+              review: bool = False) -> dict[str, Any]:
         store = self._store()
         rows = self._rows(store)
         labelled = store.labels()
@@ -100,21 +122,28 @@ class Labelling:
                 raise NotFoundError(f"no cluster {cluster} in the label store", code="cluster_not_found")
             ids = members[cluster]
         ids = [i for i in ids if not (unlabelled and i in labelled)]
+        if review:
+            # The review view: frames whose sources disagreed, the widest disagreement first.
+            gap = {rid: (_disagreement(_attributes(rows[rid])) or {}).get("score", 0.0) for rid in ids}
+            ids = sorted((i for i in ids if gap[i] >= REVIEW_MIN_DISAGREEMENT), key=lambda i: -gap[i])
         out = []
-        for rid in ids[offset: offset + limit]:
-            attrs = json.loads(rows[rid].get("attributes") or "{}")
+        attrs = {rid: _attributes(rows[rid]) for rid in ids[offset: offset + limit]}
+        for rid in attrs:
             out.append({"id": rid, "width": rows[rid]["width"], "height": rows[rid]["height"],
-                        "labels": labelled.get(rid, {}), "queue": attrs.get("queue"), "cluster": where.get(rid)})
-        return {"total": len(ids), "offset": offset, "version": store.latest(), "cluster": cluster, "frames": out}
+                        "labels": labelled.get(rid, {}), "queue": attrs[rid].get("queue"), "cluster": where.get(rid),
+                        "disagreement": _disagreement(attrs[rid])})
+        return {"total": len(ids), "offset": offset, "version": store.latest(), "cluster": cluster, "review": review,
+                "frames": out}
 
     async def frames(self, offset: int = 0, limit: int = 50, unlabelled: bool = False,
-                     cluster: int | None = None) -> dict[str, Any]:
-        """A page of frames with their labels (who and when) and why each was queued, of one cluster if given."""
+                     cluster: int | None = None, review: bool = False) -> dict[str, Any]:
+        """A page of frames with their labels (who and when), why each was queued and where its sources
+        disagreed; of one cluster if given; with ``review``, only frames whose sources disagreed."""
         from livelens.errors import InvalidArgumentError
 
         if not (offset >= 0 and 1 <= limit <= MAX_PAGE):
             raise InvalidArgumentError(f"offset ≥ 0 and 1 ≤ limit ≤ {MAX_PAGE}", code="bad_page")
-        return await asyncio.to_thread(self._page, offset, limit, unlabelled, cluster)
+        return await asyncio.to_thread(self._page, offset, limit, unlabelled, cluster, review)
 
     async def analysis(self) -> dict[str, Any]:
         """The dataset analysis at the newest version (see ``LabelStore.analysis``)."""

@@ -408,7 +408,7 @@ def test_a_killed_writer_loses_no_committed_sample(tmp_path):
 
 def test_queue_round_scores_through_the_serving_code_and_skips_labelled(ray_session, small_manifest, tmp_path):
     from livelens.analyzer import LocalAnalyzer
-    from livelens.loop.queue import QueueJob, answer_disagreement, build_queue
+    from livelens.loop.queue import QueueJob, answer_disagreement, build_queue, disagreement_detail
 
     emb = _embedded(small_manifest, tmp_path)
     ids = read_manifest(small_manifest, columns=["id"]).column("id").to_pylist()
@@ -427,19 +427,36 @@ def test_queue_round_scores_through_the_serving_code_and_skips_labelled(ray_sess
     assert answer_disagreement({"labels": [{"name": "ads_phone", "score": 0.9, "overruled": "OCR"}]}) == 1.0
     assert answer_disagreement({"labels": [{"name": "porn", "score": 0.9}, {"name": "porn", "score": 0.2}]}) == \
         pytest.approx(0.7)
+    # What a reviewer sees: which label, which sources, how far apart (or why it was overruled).
+    two = {"labels": [{"name": "porn", "score": 0.9, "model": "safety@1"},
+                      {"name": "porn", "score": 0.2, "model": "open_nsfw@1.1"}, {"name": "ads_url", "score": 0.5}]}
+    assert disagreement_detail(two) == {"score": pytest.approx(0.7), "label": "porn",
+                                        "sources": {"safety@1": 0.9, "open_nsfw@1.1": 0.2}}
+    assert disagreement_detail({"labels": [{"name": "ads_url", "score": 0.5}]}) is None
+    assert disagreement_detail({"labels": [{"name": "ads_phone", "score": 0.8, "overruled": "OCR read no phone"}]}
+                               )["overruled"] == "OCR read no phone"
+    kept = [m["disagreement"] for m in meta if "disagreement" in m]  # the queue keeps it for the review view
+    assert all(0 < d["score"] <= 1 and d["label"] and d["sources"] for d in kept)
 
 
 def test_captured_samples_become_an_unlabelled_manifest(tmp_path, frames):
     cfg = capture.CaptureConfig(enabled=True, uri=str(tmp_path / "cap"), keys=["*"], random_share=1.0)
     store = capture.SampleStore(cfg, start=False)
-    for r in frames[:5] + frames[:2]:  # two frames served twice
-        ans = {"labels": [], "decision": "pass", "models": ["safety@1"],
+    for i, r in enumerate(frames[:5] + frames[:2]):  # two frames served twice
+        labels = [] if i else [{"name": "ads_phone", "score": 0.9, "decision": "block", "model": "safety@1"},
+                               {"name": "ads_phone", "score": 0.1, "decision": "block", "model": "ocr"}]
+        ans = {"labels": labels, "decision": "block" if labels else "pass", "models": ["safety@1"],
                "image": {"width": r["width"], "height": r["height"]}}
         store.offer(image=r["image_bytes"], answer=ans, key_id="k", route="/v1/moderate")
     store.close()
     out = capture.samples_to_manifest(cfg.uri, str(tmp_path / "set"))
     table = read_manifest(out)
     assert table.num_rows == 5 and set(table.column("split").to_pylist()) == {"train"}
-    assert json.loads(table.column("attributes")[0].as_py())["capture"]["reason"] == "random"
+    kept = [json.loads(a)["capture"] for a in table.column("attributes").to_pylist()]
+    assert {k["reason"] for k in kept} == {"random"}
+    # The labels each answer raised (the analysis scores them) and where its sources disagreed.
+    first = next(k for k in kept if k["predicted"])
+    assert first["predicted"] == ["ads_phone"] and first["disagreement"]["score"] == pytest.approx(0.8)
+    assert sum(bool(k["predicted"]) for k in kept) == 1 and all(k["disagreement"] is None for k in kept if k != first)
     with pytest.raises(ConfigError):
         capture.samples_to_manifest(str(tmp_path / "nothing"), str(tmp_path / "set2"))

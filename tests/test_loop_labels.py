@@ -128,7 +128,7 @@ def test_the_cluster_gallery_groups_frames_and_counts_their_labels(frames, tmp_p
 
 def test_the_analysis_counts_splits_and_scores_the_captured_answers(tmp_path):
     """Issue 16's dataset analysis: labels per split, the served answer's per-label P/R and confusion, coverage."""
-    from livelens.loop.capture import _decided_labels
+    from livelens.loop.capture import _answer_doc, _decided_labels
 
     rows = generate_frames(0, 6, seed=3)[:6]
     preds = [["ads_qrcode"], ["ads_qrcode", "ads_phone"], [], ["ads_phone"], None, ["ads_phone"]]
@@ -158,5 +158,5 @@ def test_the_analysis_counts_splits_and_scores_the_captured_answers(tmp_path):
     # What samples_to_manifest keeps of a served answer: the labels it raised, nothing that passed.
     answer = {"labels": [{"name": "ads_qrcode", "decision": "block"}, {"name": "ads_phone", "decision": "review"},
                          {"name": "ads_url", "decision": "pass"}]}
-    assert _decided_labels(json.dumps(answer)) == ["ads_phone", "ads_qrcode"]
-    assert _decided_labels("not json") == [] and _decided_labels(None) == []
+    assert _decided_labels(_answer_doc(json.dumps(answer))) == ["ads_phone", "ads_qrcode"]
+    assert _decided_labels(_answer_doc("not json")) == [] and _decided_labels(_answer_doc(None)) == []

@@ -1045,7 +1045,11 @@ def _label_store(app) -> int:
         rows = generate_frames(0, 4, seed=5)
         for i, row in enumerate(rows):
             # Captured traffic: nobody has labelled it yet; it keeps the labels the service raised.
-            row["attributes"] = json.dumps({"capture": {"predicted": row["labels"][:1] if i % 2 else []}})
+            # Frames 1 and 3 had sources that disagreed, 1 widely enough for the review view.
+            gap = {1: 0.8, 3: 0.3}.get(i)
+            dis = {"score": gap, "label": "ads_phone", "sources": {"safety@1": 0.1, "ocr": 0.1 + gap}} if gap else None
+            row["attributes"] = json.dumps({"capture": {"predicted": row["labels"][:1] if i % 2 else [],
+                                                        "disagreement": dis}})
             row["labels"] = []
         write_manifest(rows, queue, {"name": "queue"}, contact_sheet=False)
     assert loop_main(["labels", "--manifest", str(queue), "--store", str(app["labels"])]) == 0
@@ -1248,10 +1252,19 @@ def test_the_analysis_view_scores_served_answers_and_lists_model_history(app):
                             400)["error"]["code"] == "bad_model_name"
     assert _assert_envelope(httpx.get(f"{url}/v1/models/history", params={"name": "nope"}, headers=h, timeout=30),
                             404)["error"]["type"]
+    # The review view: only frames whose sources disagreed by 0.5 or more, widest first.
+    ids = [f["id"] for f in httpx.get(f"{url}/v1/label/frames", headers=h, timeout=30).json()["frames"]]
+    rv = httpx.get(f"{url}/v1/label/frames", params={"review": "true"}, headers=h, timeout=30).json()
+    assert rv["total"] == 1 and [f["id"] for f in rv["frames"]] == [ids[1]]
+    assert rv["frames"][0]["disagreement"]["label"] == "ads_phone"
     with sync_playwright() as pw:
         browser = _chromium(pw)
         try:
             page = _label_page(browser, app, ".frame img[src^='blob:']", height=1100)
+            page.check("#review")
+            page.wait_for_function("document.querySelectorAll('.frame').length === 1", timeout=30_000)
+            assert "disagree on ads_phone" in page.text_content(".frame .why")
+            page.uncheck("#review")
             page.click("#analysis summary")
             page.wait_for_selector("#analysis table.history", timeout=30_000)
             assert page.locator("#analysis table.splits tr").count() == 1 + len(a["splits"])

@@ -271,11 +271,17 @@ def select_batch(cfg: SelectionConfig, *, uncertainty: np.ndarray | None = None,
 
 
 def write_queue(manifest: str | Path, ids: Sequence[str], picks: Sequence[Mapping[str, Any]], out: str | Path,
-                *, round_no: int = 0, model: str | None = None) -> Path:
+                *, round_no: int = 0, model: str | None = None,
+                disagreements: Sequence[Mapping[str, Any] | None] | None = None) -> Path:
     """Write the labelling queue: the picked manifest rows, each with why it was picked.
 
     The queue is itself a manifest (so the labelling page, Ray Data and training read it
     unchanged); each row's ``attributes`` gains ``queue: {rank, score, reason, round, model}``.
+
+    Args:
+        disagreements: Per frame of ``ids``, where its sources disagree
+            (:func:`livelens.loop.queue.disagreement_detail`); kept as ``queue.disagreement`` for
+            the labelling page's review view.
 
     Raises:
         ConfigError: No picks, or a pick whose id is not in the manifest.
@@ -298,6 +304,9 @@ def write_queue(manifest: str | Path, ids: Sequence[str], picks: Sequence[Mappin
         d = json.loads(a or "{}")
         d["queue"] = {"rank": rank, "score": round(float(p["score"]), 6), "reason": p["reason"], "round": round_no,
                       "model": model}
+        if disagreements is not None and disagreements[p["index"]]:
+            det = disagreements[p["index"]]
+            d["queue"]["disagreement"] = {**det, "score": round(float(det["score"]), 4)}  # the review view reads it
         attrs.append(json.dumps(d, ensure_ascii=False))
     rows = rows.set_column(rows.schema.get_field_index("attributes"), "attributes", pa.array(attrs, pa.string()))
     card = load_card(manifest)

@@ -327,15 +327,26 @@ def read_samples(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, filesystem=fs, columns=columns) for f in files])
 
 
-def _decided_labels(answer: str | None) -> list[str]:
-    """The labels the served answer raised (block or review): what the page's analysis scores."""
+def _answer_doc(answer: str | None) -> dict[str, Any]:
     try:
         doc = json.loads(answer or "{}")
     except ValueError:
-        return []
-    labels = doc.get("labels") if isinstance(doc, dict) else None
-    return sorted({lab["name"] for lab in labels or () if isinstance(lab, dict) and lab.get("name")
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _decided_labels(doc: Mapping[str, Any]) -> list[str]:
+    """The labels the served answer raised (block or review): what the page's analysis scores."""
+    return sorted({lab["name"] for lab in doc.get("labels") or () if isinstance(lab, dict) and lab.get("name")
                    and lab.get("decision") in ("block", "review")})
+
+
+def _disagreement(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Where the served answer's sources disagreed (the review view's input), or None."""
+    from livelens.loop.queue import disagreement_detail
+
+    d = disagreement_detail(doc)
+    return {**d, "score": round(float(d["score"]), 4)} if d else None
 
 
 def samples_to_manifest(uri: str, out: str, *, name: str = "captured") -> str:
@@ -347,6 +358,7 @@ def samples_to_manifest(uri: str, out: str, *, name: str = "captured") -> str:
     for r in table.to_pylist():
         if not r["image_bytes"]:
             continue
+        doc = _answer_doc(r["answer"])
         rid = content_id(r["image_bytes"])
         if rid in seen:
             continue
@@ -356,7 +368,7 @@ def samples_to_manifest(uri: str, out: str, *, name: str = "captured") -> str:
                      "labels": [], "attributes": json.dumps({"capture": {
                          "reason": r["reason"], "uncertainty": r["uncertainty"], "models": r["models"],
                          "decision": r["decision"], "request_id": r["request_id"],
-                         "predicted": _decided_labels(r["answer"])}})})
+                         "predicted": _decided_labels(doc), "disagreement": _disagreement(doc)}})})
     if not rows:
         raise ConfigError(f"no captured images at {uri}")
     return str(write_manifest(rows, out, {"name": name, "captured_from": uri}))

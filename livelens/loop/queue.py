@@ -17,34 +17,61 @@ import numpy as np
 from livelens.errors import ConfigError
 
 
+def disagreement_detail(answer: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Where the sources of one answer disagree most, for a reviewer; None when nothing disagrees.
+
+    Returns:
+        ``{"score", "label", "sources": {model: score}}``, plus ``"overruled"`` (why) when OCR or the
+        text-region model overruled a classifier label (score 1). Otherwise the label whose two
+        sources' scores lie furthest apart.
+    """
+    by_name: dict[str, list[Mapping[str, Any]]] = {}
+    for lab in answer.get("labels", ()):
+        if lab.get("overruled"):
+            return {"score": 1.0, "label": lab["name"], "overruled": str(lab["overruled"])[:200],
+                    "sources": {str(lab.get("model") or "classifier"): round(float(lab.get("score", 0.0)), 4)}}
+        by_name.setdefault(lab["name"], []).append(lab)
+    best: dict[str, Any] | None = None
+    for name, labs in by_name.items():
+        if len(labs) < 2:
+            continue
+        scores = [float(lab.get("score", 0.0)) for lab in labs]
+        gap = max(scores) - min(scores)
+        if best is None or gap > best["score"]:
+            best = {"score": gap, "label": name,
+                    "sources": {str(lab.get("model") or f"source {i}"): round(sc, 4)
+                                for i, (lab, sc) in enumerate(zip(labs, scores, strict=True))}}
+    return best
+
+
 def answer_disagreement(answer: Mapping[str, Any]) -> float:
     """1 when OCR/regions overruled a classifier label; else the largest gap between two sources'
     scores for one label (0 when every label has one source)."""
-    by_name: dict[str, list[float]] = {}
-    for lab in answer.get("labels", ()):
-        if lab.get("overruled"):
-            return 1.0
-        by_name.setdefault(lab["name"], []).append(float(lab.get("score", 0.0)))
-    return max((max(v) - min(v) for v in by_name.values() if len(v) > 1), default=0.0)
+    d = disagreement_detail(answer)
+    return d["score"] if d else 0.0
 
 
-def score_rows(analyzer: Any, images: Sequence[bytes], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per frame, each label's served score (0 when not answered), the disagreement, and the decision."""
+def score_rows(analyzer: Any, images: Sequence[bytes], labels: Sequence[str],
+               ) -> tuple[np.ndarray, np.ndarray, list[str], list[dict[str, Any] | None]]:
+    """Per frame, each label's served score (0 when not answered), the disagreement, the decision,
+    and where the sources disagree (:func:`disagreement_detail`)."""
     from livelens.imageio import decode_image
 
     index = {n: i for i, n in enumerate(labels)}
     scores = np.zeros((len(images), len(labels)), np.float32)
     dis = np.zeros(len(images), np.float32)
-    decisions = []
+    decisions, details = [], []
     for r, data in enumerate(images):
         ans = analyzer.analyze(decode_image(data))
         for lab in ans["labels"]:
             j = index.get(lab["name"])
             if j is not None:
                 scores[r, j] = max(scores[r, j], float(lab["score"]))
-        dis[r] = answer_disagreement(ans)
+        detail = disagreement_detail(ans)
+        dis[r] = detail["score"] if detail else 0.0
+        details.append(detail)
         decisions.append(ans["decision"])
-    return scores, dis, decisions
+    return scores, dis, decisions, details
 
 
 @dataclass
@@ -103,7 +130,7 @@ def build_queue(job: QueueJob, analyzer: Any | None = None) -> dict[str, Any]:
     analyzer = analyzer or LocalAnalyzer(safety_ref=job.safety_ref, caps=tuple(job.caps), evidence="none")
     labels = list(job.labels) or sorted(analyzer.tax.labels)
     images = table.column("image_bytes").take([pos[i] for i in ids]).to_pylist()
-    scores, dis, decisions = score_rows(analyzer, images, labels)
+    scores, dis, decisions, details = score_rows(analyzer, images, labels)
     labelled: list[int] = []
     if job.labelled:
         done = set(read_manifest(job.labelled, columns=["id"]).column("id").to_pylist())
@@ -112,7 +139,8 @@ def build_queue(job: QueueJob, analyzer: Any | None = None) -> dict[str, Any]:
                           random_share=job.random_share)
     picks = select_batch(cfg, label_scores=scores, disagreement_score=dis, embeddings=x, labelled=labelled)
     models = sorted(set(analyzer.models()))
-    out = write_queue(job.manifest, ids, picks, job.out, round_no=job.round_no, model=",".join(models) or None)
+    out = write_queue(job.manifest, ids, picks, job.out, round_no=job.round_no, model=",".join(models) or None,
+                      disagreements=details)
     return {"queue": str(out), "scored": len(ids), "queued": len(picks),
             "reasons": {r: sum(p["reason"] == r for p in picks) for r in {p["reason"] for p in picks}},
             "decisions": {d: decisions.count(d) for d in set(decisions)}, "models": models}
