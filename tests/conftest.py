@@ -76,3 +76,50 @@ def serve_session(ray_session):
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
+
+
+# -- where the suite's CPU goes ---------------------------------------------------------------
+# A test that takes 15 s alone took 48 s in CI: something else held the two cores. After every
+# test, the processes that used the most CPU during it (the suite's own process included) go to
+# runs/test-cpu.tsv, so the next trim of the suite starts from where the time went.
+_CPU_LOG = Path(__file__).resolve().parents[1] / "runs" / "test-cpu.tsv"
+_cpu_seen: dict[int, float] = {}
+
+
+def _cpu_snapshot() -> dict[int, tuple[float, str]]:
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cpu_times", "cmdline", "name"]):
+        try:
+            t = p.info["cpu_times"]
+            cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])
+            out[p.info["pid"]] = (t.user + t.system, cmd)
+        except (TypeError, AttributeError):
+            continue
+    return out
+
+
+def pytest_sessionstart(session) -> None:
+    _CPU_LOG.parent.mkdir(parents=True, exist_ok=True)
+    _CPU_LOG.write_text("test\tseconds\tcpu_s\ttop processes (cpu s)\n")
+    _cpu_seen.update({pid: t for pid, (t, _) in _cpu_snapshot().items()})
+
+
+_test_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    _test_seconds[report.nodeid] = _test_seconds.get(report.nodeid, 0.0) + report.duration
+    if report.when != "teardown":
+        return
+    try:
+        snap = _cpu_snapshot()
+    except Exception:  # diagnostics only: never fail a test over them
+        return
+    used = sorted(((t - _cpu_seen.get(pid, 0.0), cmd) for pid, (t, cmd) in snap.items()), reverse=True)
+    _cpu_seen.clear()
+    _cpu_seen.update({pid: t for pid, (t, _) in snap.items()})
+    top = "; ".join(f"{cmd[:90]} ({s:.1f})" for s, cmd in used[:4] if s >= 0.5)
+    with open(_CPU_LOG, "a", encoding="utf-8") as f:
+        f.write(f"{report.nodeid}\t{_test_seconds.pop(report.nodeid, 0.0):.1f}\t{sum(max(s, 0) for s, _ in used):.1f}\t{top}\n")

@@ -110,8 +110,10 @@ def test_tight_crops_are_read_after_padding(engines) -> None:
     phrases = ("关注主播", "直播间专属价", "欢迎来到直播间", "点赞加关注", "全场包邮", "今晚八点开播", "Follow me", "GAME OVER")
     cases = [(t, render(t, face("WenQuanYi Micro Hei"), size, margin=1)) for t in phrases for size in (28, 36)]
     assert [served_read(ours, c) for _, c in cases] == [[t] for t, _ in cases]
-    # PP-OCR alone scales a 30-px-high crop to a 736-px-high input and finds no text in most of them.
-    assert sum(served_read(plain, c) == [t] for t, c in cases) <= len(cases) // 4
+    # PP-OCR alone scales a 30-px-high crop to a 736-px-high input and finds no text in most of them
+    # (one size of each phrase: its 736-px passes are most of this test's time).
+    alone = cases[::2]
+    assert sum(served_read(plain, c) == [t] for t, c in alone) <= len(alone) // 4
 
 
 def test_script_confusion_is_fixed_and_sure_traditional_kept(engines) -> None:
