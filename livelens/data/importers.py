@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from livelens.errors import LivelensError, ManifestError
 from livelens.imageio import decode_image
@@ -204,10 +205,15 @@ def import_label_studio(export_file: str | Path, img_root: str | Path | None = N
     for task in tasks:
         try:
             uri = task["data"]["image"]
-            results = (task.get("annotations") or [{}])[0].get("result", [])
+            # The first annotation nobody cancelled (a skipped task has only cancelled ones).
+            done = [a for a in task.get("annotations") or () if not a.get("was_cancelled")]
+            results = (done or [{}])[0].get("result", [])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"{export_file}: task without data.image or annotations: {exc!r}") from exc
-        name = Path(uri.split("?")[0]).name
+        # Local-files storage names the file in its query: /data/local-files/?d=queue/images/<id>.png
+        parts = urlsplit(uri)
+        local = parse_qs(parts.query).get("d")
+        name = Path(local[0] if local else parts.path).name
         path = img_root / name
         if not path.exists() and "-" in name:
             path = img_root / name.split("-", 1)[1]

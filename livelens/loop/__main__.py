@@ -7,6 +7,8 @@
     python -m livelens.loop captured --uri runs/capture --out runs/capture-set
     python -m livelens.loop labels  --manifest runs/loop/queue --store runs/loop/labels [--clusters runs/loop/clusters] [--out runs/loop/labelled]
     python -m livelens.loop retrain --labels runs/loop/labels --base runs/data/frames [--app livelens]
+    python -m livelens.loop ls-export --manifest runs/loop/queue --out runs/loop/ls [--storage-prefix loop/ls]
+    python -m livelens.loop ls-import --export runs/loop/ls/export.json --images runs/loop/ls/images --out runs/loop/ls-labelled
 
 Each command's flags come from its config dataclass (``--help`` lists them). Commands that run on
 Ray join the cluster in ``RAY_ADDRESS`` or start a local one.
@@ -150,6 +152,57 @@ def run_dedupe(job: DedupeJob) -> dict[str, Any]:
     return dedupe.write_deduplicated(job.manifest, e.ids, found, job.out)
 
 
+@dataclass
+class LabelStudioExportJob:
+    """Write frames as Label Studio tasks, pre-annotated by the serving code.
+
+    Attributes:
+        manifest: The frames (e.g. a labelling queue).
+        out: The folder Label Studio imports (``tasks.json``, ``images/``, ``label_config.xml``).
+        storage_prefix: The folder's path under Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``.
+        safety_ref: The safety model that pre-annotates (the served one by default).
+        limit: Export at most this many frames.
+    """
+
+    manifest: str
+    out: str
+    storage_prefix: str = ""
+    safety_ref: str = "safety"
+    limit: int | None = None
+
+
+@dataclass
+class LabelStudioImportJob:
+    """Read a Label Studio JSON export (labels and boxes) into a manifest.
+
+    Attributes:
+        export: The export file (Label Studio's JSON format).
+        out: The manifest directory to write.
+        images: Where the task images are (default: next to the export).
+    """
+
+    export: str
+    out: str
+    images: str | None = None
+
+
+def run_ls_export(job: LabelStudioExportJob) -> dict[str, Any]:
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.loop.label_studio import export_tasks
+
+    analyzer = LocalAnalyzer(safety_ref=job.safety_ref, caps=("moderate",), evidence="boxes")
+    return export_tasks(job.manifest, job.out, analyzer, storage_prefix=job.storage_prefix, limit=job.limit)
+
+
+def run_ls_import(job: LabelStudioImportJob) -> dict[str, Any]:
+    from livelens.data.importers import import_label_studio
+    from livelens.data.manifest import write_manifest
+
+    rows = import_label_studio(job.export, job.images)
+    out = write_manifest(rows, job.out, {"name": "label-studio", "imported_from": job.export}, contact_sheet=False)
+    return {"manifest": str(out), "frames": len(rows), "labelled": sum(bool(r["labels"]) for r in rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from livelens.loop.capture import samples_to_manifest
     from livelens.loop.embed import EmbedConfig, embed_manifest
@@ -158,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"embed": EmbedConfig, "cluster": ClusterJob, "dedupe": DedupeJob, "queue": QueueJob,
-                "captured": CapturedJob, "labels": LabelsJob, "retrain": RetrainJob}
+                "captured": CapturedJob, "labels": LabelsJob, "retrain": RetrainJob,
+                "ls-export": LabelStudioExportJob, "ls-import": LabelStudioImportJob}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
@@ -184,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             result = build_queue(job)
         elif name == "labels":
             result = run_labels(job)
+        elif name == "ls-export":
+            result = run_ls_export(job)
+        elif name == "ls-import":
+            result = run_ls_import(job)
         elif name == "retrain":
             report = retrain(job)
             result = {k: report[k] for k in ("gate", "published", "seconds", "dir")}
