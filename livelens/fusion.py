@@ -208,6 +208,16 @@ def worst_decision(labels: Iterable[dict]) -> str:
     return max((lab["decision"] for lab in labels), key=_RANK.__getitem__, default="pass")
 
 
+def raised(labels: Iterable[Any]) -> list[dict]:
+    """The labels a served answer raised: its decision is block or review (what a labeller sees).
+
+    Reads an answer as returned (no taxonomy needed), skipping entries that are not labels, so it
+    serves both live answers and ones read back from the capture store.
+    """
+    return [lab for lab in labels or () if isinstance(lab, Mapping) and lab.get("name")
+            and lab.get("decision") in ("block", "review")]
+
+
 def fuse(tax: Taxonomy, by_cap: Mapping[str, list[dict]], regions: bool = False) -> tuple[list[dict], str]:
     """The answer's labels and decision from each capability's labels (``moderate``, ``ocr``, ``quality``).
 

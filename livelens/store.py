@@ -264,13 +264,15 @@ def model_history(name: str, stores: Sequence[str] | None = None) -> list[dict[s
     version (labels only one of the two reports are listed as ``new`` or ``dropped``). The
     validation figures are each run's own split, so a diff between runs on different data says
     where to look, not which model is better: the gate's held-out comparison says that.
+    ``shadowed`` is true for a copy of a ref that an earlier store of the chain also holds: serving
+    loads the earlier one, so the copy is listed but takes no part in the diffs.
 
     Raises:
         ConfigError: ``name`` is not a valid model name.
         ModelNotFoundError: No store of the chain has a version of ``name``.
     """
     parse_ref(name)
-    entries = []
+    entries, seen = [], set()
     for root in stores or store_chain():
         try:
             store = ModelStore(root)
@@ -280,11 +282,16 @@ def model_history(name: str, stores: Sequence[str] | None = None) -> list[dict[s
         for v in versions:
             card = store.card(f"{name}@{v}")
             gate = (card.get("gate") or {}).get("gate") or {}
-            entries.append({"ref": f"{name}@{v}", "store": str(root), "created_at": card.get("created_at", ""),
+            ref = f"{name}@{v}"
+            entries.append({"ref": ref, "store": str(root), "created_at": card.get("created_at", ""),
+                            # Serving loads a ref from the first store that holds it; a copy further
+                            # down the chain is listed so the user sees it, but never served or diffed.
+                            "shadowed": ref in seen,
                             "datasets": card.get("datasets") or [],
                             "macro_f1": (card.get("metrics") or {}).get("macro_f1"),
                             "gate": {k: gate.get(k) for k in ("passed", "covered", "gained", "blocked")} if gate else None,
                             "_labels": _label_figures(card)})
+            seen.add(ref)
     if not entries:
         raise ModelNotFoundError(f"model {name!r} is in none of the model stores {list(stores or store_chain())}")
     entries.sort(key=lambda e: (e["created_at"], e["ref"]))
@@ -292,6 +299,9 @@ def model_history(name: str, stores: Sequence[str] | None = None) -> list[dict[s
     for e in entries:
         now = e.pop("_labels")
         diff: dict[str, Any] = {}
+        if e["shadowed"]:
+            e["labels"], e["diff"] = now, diff
+            continue
         if prev is not None:
             for label in sorted(set(now) | set(prev)):
                 if label not in prev:

@@ -52,13 +52,17 @@ def test_export_through_the_serving_code_then_import_what_labellers_made(tmp_pat
     from livelens.imageio import decode_image
 
     rows = generate_frames(0, 6, seed=5)  # the sixth raises ads labels with boxes
-    manifest = write_manifest(rows, tmp_path / "queue", {"name": "queue"}, contact_sheet=False)
+    stored = tmp_path / "frame2.bin"  # one frame stored by reference, as an importer of a folder writes it
+    stored.write_bytes(rows[2]["image_bytes"])
+    by_ref = [{**r, "image_bytes": None, "image_uri": f"file://{stored}"} if i == 2 else r for i, r in enumerate(rows)]
+    manifest = write_manifest(by_ref, tmp_path / "queue", {"name": "queue"}, contact_sheet=False)
     analyzer = LocalAnalyzer(caps=("moderate",), use_open_nsfw=False, evidence="boxes", threads=1)
     res = export_tasks(manifest, tmp_path / "ls", analyzer, storage_prefix="livelens/queue")
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
     ids = read_manifest(manifest, columns=["id"]).column("id").to_pylist()
     assert res["tasks"] == len(tasks) == 6 and [t["data"]["livelens_id"] for t in tasks] == ids
     assert all(t["data"]["image"].startswith("/data/local-files/?d=livelens/queue/images/") for t in tasks)
+    assert all(t["data"]["image"].endswith((".png", ".jpg")) for t in tasks)  # the format the header names
     vocab = {c.get("value") for c in ET.parse(tmp_path / "ls" / "label_config.xml").getroot().find("Choices")}
     assert vocab == set(analyzer.tax.labels)
     for t, row in zip(tasks, rows, strict=True):

@@ -110,3 +110,23 @@ def test_model_history_lists_versions_across_the_chain_with_their_diffs(tmp_path
         model_history("persons_attr", [str(user), str(shipped)])
     with pytest.raises(ConfigError):
         model_history("../etc", [str(user)])
+
+
+def test_model_history_marks_a_copy_that_an_earlier_store_shadows(tmp_path):
+    """Serving loads a ref from the first store holding it: a later store's copy is listed, not diffed."""
+    from livelens.store import model_history
+
+    def card(when: str, recall: float) -> dict:
+        per = {"ads": {"labels": {"ads_qrcode": {"precision": 1.0, "recall": recall}}}}
+        return {"created_at": when, "metrics": {"macro_f1": recall, "per_label": per}}
+
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    w = {"w": torch.zeros(1)}
+    ModelStore(shipped).save("safety", w, card("2026-01-01T00:00:00Z", 0.5), version="1")
+    ModelStore(user).save("safety", w, card("2026-03-01T00:00:00Z", 0.9), version="1")  # an old user store
+    ModelStore(shipped).save("safety", w, card("2026-02-01T00:00:00Z", 0.7), version="2")
+    h = model_history("safety", [str(user), str(shipped)])
+    assert [(e["ref"], e["store"], e["shadowed"]) for e in h] == [
+        ("safety@1", str(shipped), True), ("safety@2", str(shipped), False), ("safety@1", str(user), False)]
+    assert h[0]["diff"] == {} and h[1]["diff"] == {}  # @2 is the first served entry: nothing before it
+    assert h[2]["diff"] == {"ads_qrcode": {"precision": 0.0, "recall": 0.2}}

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from livelens.errors import InvalidImageError, ManifestError
+from livelens.errors import ImageTooLargeError, InvalidImageError, ManifestError
 
 MANIFEST_FILE = "manifest.parquet"
 CARD_FILE = "card.json"
@@ -403,16 +403,32 @@ def read_ray(path: str | Path, split: str | None = None, columns: list[str] | No
     return ds
 
 
-def decode_row_image(image_bytes: bytes | None, image_uri: str | None) -> np.ndarray:
-    """Decode one manifest image (bytes first, else the URI as a local path or ``file://``)."""
-    from livelens.imageio import decode_image, load_image
+def row_image_bytes(image_bytes: bytes | None, image_uri: str | None) -> bytes:
+    """One manifest image's original bytes (bytes first, else the URI as a local path or ``file://``).
+
+    Raises:
+        InvalidImageError: Neither is set, or the URI is not a readable file.
+        ImageTooLargeError: The file is over the service's byte limit.
+    """
+    from livelens.imageio import DEFAULT_LIMITS
 
     if image_bytes is not None and len(image_bytes):
-        return decode_image(bytes(image_bytes))
-    if image_uri:
-        local = image_uri[len("file://") :] if image_uri.startswith("file://") else image_uri
-        return load_image(local)
-    raise InvalidImageError("manifest row has neither image_bytes nor image_uri")
+        return bytes(image_bytes)
+    if not image_uri:
+        raise InvalidImageError("manifest row has neither image_bytes nor image_uri")
+    path = Path(image_uri[len("file://") :] if image_uri.startswith("file://") else image_uri)
+    if not path.is_file():
+        raise InvalidImageError(f"no such image file: {path}")
+    if path.stat().st_size > DEFAULT_LIMITS.max_bytes:
+        raise ImageTooLargeError(f"{path} is {path.stat().st_size} bytes; the limit is {DEFAULT_LIMITS.max_bytes}")
+    return path.read_bytes()
+
+
+def decode_row_image(image_bytes: bytes | None, image_uri: str | None) -> np.ndarray:
+    """Decode one manifest image (bytes first, else the URI as a local path or ``file://``)."""
+    from livelens.imageio import decode_image
+
+    return decode_image(row_image_bytes(image_bytes, image_uri))
 
 
 def decode_batch(batch: dict[str, Any], size: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -337,8 +337,9 @@ def _answer_doc(answer: str | None) -> dict[str, Any]:
 
 def _decided_labels(doc: Mapping[str, Any]) -> list[str]:
     """The labels the served answer raised (block or review): what the page's analysis scores."""
-    return sorted({lab["name"] for lab in doc.get("labels") or () if isinstance(lab, dict) and lab.get("name")
-                   and lab.get("decision") in ("block", "review")})
+    from livelens.fusion import raised
+
+    return sorted({lab["name"] for lab in raised(doc.get("labels"))})
 
 
 def _disagreement(doc: Mapping[str, Any]) -> dict[str, Any] | None:

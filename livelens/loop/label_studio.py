@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from livelens import fusion
 from livelens.errors import ConfigError
 
 #: The control names of :func:`label_config`; a prediction's results refer to them.
 CHOICES, BOXES, IMAGE = "labels", "boxes", "image"
-
-_EXT = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"GIF8": ".gif", b"RIFF": ".webp", b"BM": ".bmp"}
 
 
 def label_config(labels: Iterable[str]) -> str:
@@ -62,7 +61,7 @@ def prediction(answer: Mapping[str, Any], width: int, height: int) -> dict[str, 
     """
     if width <= 0 or height <= 0:
         raise ConfigError(f"image size {width}x{height}: want positive pixels")
-    raised = [lab for lab in answer.get("labels", ()) if lab.get("decision") in ("block", "review")]
+    raised = fusion.raised(answer.get("labels"))
     result: list[dict[str, Any]] = []
     if raised:
         result.append({"id": uuid.uuid4().hex[:10], "type": "choices", "from_name": CHOICES, "to_name": IMAGE,
@@ -91,7 +90,11 @@ def prediction(answer: Mapping[str, Any], width: int, height: int) -> dict[str, 
 
 
 def _ext(data: bytes) -> str:
-    return next((e for magic, e in _EXT.items() if data.startswith(magic)), ".img")
+    """The file extension of image bytes, from the same header check the service runs on uploads."""
+    from livelens.imageio import probe_image
+
+    fmt = probe_image(data).format.lower()
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}")
 
 
 def export_tasks(manifest: str | Path, out: str | Path, analyzer: Any, *, labels: Sequence[str] | None = None,
@@ -112,10 +115,10 @@ def export_tasks(manifest: str | Path, out: str | Path, analyzer: Any, *, labels
     Raises:
         ConfigError: An empty manifest.
     """
-    from livelens.data.manifest import read_manifest
+    from livelens.data.manifest import read_manifest, row_image_bytes
     from livelens.imageio import decode_image
 
-    table = read_manifest(manifest, columns=["id", "image_bytes", "width", "height"])
+    table = read_manifest(manifest, columns=["id", "image_bytes", "image_uri"])
     if limit is not None:
         table = table.slice(0, limit)
     if table.num_rows == 0:
@@ -124,7 +127,7 @@ def export_tasks(manifest: str | Path, out: str | Path, analyzer: Any, *, labels
     (out / "images").mkdir(parents=True, exist_ok=True)
     tasks, raised = [], 0
     for row in table.to_pylist():
-        data = row["image_bytes"]
+        data = row_image_bytes(row["image_bytes"], row["image_uri"])
         name = f"{row['id']}{_ext(data)}"
         (out / "images" / name).write_bytes(data)
         rgb = decode_image(data)
