@@ -30,6 +30,18 @@ if [ ${#need_debs[@]} -gt 0 ]; then
   fi
 fi
 
+# Label Studio, for the test against a real server (issue 16): its own virtualenv, since its
+# Django stack pins versions ours must not share. The test fixture starts it on loopback.
+LS_VENV=.venv-ls
+LS_VERSION=1.23.2
+if [ "$(cat $LS_VENV/.livelens-installed 2>/dev/null)" != "$LS_VERSION" ]; then
+  echo "[setup] label-studio $LS_VERSION in $LS_VENV"
+  rm -rf $LS_VENV
+  "$PYTHON" -m venv $LS_VENV
+  $LS_VENV/bin/python -m pip install -q label-studio==$LS_VERSION
+  echo "$LS_VERSION" > $LS_VENV/.livelens-installed
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
   exit 0
 fi

@@ -32,7 +32,9 @@ from livelens.errors import (
     OverloadedError,
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
+from livelens.loop import label_studio
 from livelens.loop.capture import CaptureConfig, SampleStore
+from livelens.loop.labels import FRAME_ID_PATTERN
 from livelens.serving import inputs, openapi, telemetry
 from livelens.serving import options as answer_options
 from livelens.serving.admission import Admission
@@ -57,7 +59,12 @@ PERSONAL = {"persons": "persons"}
 
 #: A label commit may name up to 10,000 frame ids (a whole cluster): its body gets more than settings do.
 MAX_LABEL_BODY = 1024 * 1024
-FRAME_ID_PATTERN = r"^[\w.-]{1,128}$"
+#: Label Studio's /predict sends every selected task in one call, images inline for exported ones.
+MAX_LS_TASKS = 1000
+MAX_LS_BODY = 256 * 1024 * 1024
+LS_CONCURRENCY, LS_OVERLOAD_TRIES = 4, 4
+#: Frames per /v1/label/export page (each carries its image and, by default, a model run).
+MAX_EXPORT = 200
 _MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _FRAME_ID = re.compile(FRAME_ID_PATTERN)
 
@@ -208,6 +215,24 @@ def _observe(request: Request, status: int) -> None:
                           client=request.client.host if request.client else None, timings_ms=timings_ms,
                           models=getattr(state, "models", ()), error=getattr(state, "error_code", None),
                           images=getattr(state, "images", None))
+
+
+def _key_of(headers: Any) -> str | None:
+    """The API key a request carries: ``Authorization: Bearer <key>``, ``X-API-Key``, or the password
+    of HTTP basic auth (what tools such as Label Studio's ML backend connection can send)."""
+    import base64
+    import binascii
+
+    header = headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2] or None
+        except (binascii.Error, ValueError):
+            return None
+    return headers.get("x-api-key")
 
 
 def _ok(request: Request, body: dict) -> JSONResponse:
@@ -390,8 +415,7 @@ class Gateway:
     def _auth(self, request: Request, scope: str) -> str | None:
         if not self.args.require_auth:
             return None
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        key = _key_of(request.headers)
         try:
             entry = self.keys.authenticate(key, scope, request.client.host if request.client else None)
         except LivelensError as exc:
@@ -399,6 +423,15 @@ class Gateway:
             raise
         request.state.key_id, request.state.key_entry = entry.id, entry
         return entry.id
+
+    @staticmethod
+    def _cluster_param(cluster: str) -> int | None:
+        """The ``cluster`` query parameter: a string, not ``int | None``, since OpenAPI 3.0 has no
+        nullable query type, and -1 is a real cluster (HDBSCAN's noise)."""
+        try:
+            return int(cluster) if cluster.strip() else None
+        except ValueError:
+            raise InvalidArgumentError(f"cluster must be an integer, got {cluster[:40]!r}", code="bad_cluster") from None
 
     def _handle(self, cap: str):
         h = self.handles.get(cap)
@@ -723,13 +756,7 @@ class Gateway:
                            unlabelled: bool = False, cluster: str = "", review: bool = False) -> JSONResponse:
         """``review=true``: only frames whose sources disagreed, the widest disagreement first."""
         self._auth(request, "label")
-        # A string, not ``int | None``: OpenAPI 3.0 has no nullable query type, and -1 is a real
-        # cluster (HDBSCAN's noise).
-        try:
-            which = int(cluster) if cluster.strip() else None
-        except ValueError:
-            raise InvalidArgumentError(f"cluster must be an integer, got {cluster[:40]!r}", code="bad_cluster") from None
-        page = await self._handle("label").frames.remote(offset, limit, unlabelled, which, review)
+        page = await self._handle("label").frames.remote(offset, limit, unlabelled, self._cluster_param(cluster), review)
         return _ok(request, {"request_id": _rid(request), **page})
 
     @api.get("/v1/label/clusters", summary="The cluster gallery: each cluster's size, medoids and labels so far")
@@ -771,6 +798,151 @@ class Gateway:
         self._auth(request, "label")
         events = await self._handle("label").events.remote(since)
         return _ok(request, {"request_id": _rid(request), "events": events})
+
+    # ---- Label Studio's ML backend protocol (scope "label"): pre-annotations and labels back ----
+    # Label Studio calls <url>/health, /setup, /predict and /webhook of the URL a project's Model
+    # settings name; connect it to http://<gateway>/v1/label-studio with basic auth (the password is
+    # an API key). See livelens.loop.label_studio.
+
+    @api.get("/v1/label-studio", include_in_schema=False)
+    @api.get("/v1/label-studio/health", summary="Label Studio ML backend: liveness")
+    async def ls_health(self) -> dict:
+        return {"status": "UP", "model_class": "livelens"}
+
+    async def _served_refs(self) -> str:
+        info = await self._handle("moderate").info.remote()
+        return ",".join(sorted(m["ref"] for m in info.get("models", ()) if m.get("ref"))) or "livelens"
+
+    @api.post("/v1/label-studio/setup", summary="Label Studio ML backend: the served model versions")
+    async def ls_setup(self, request: Request) -> JSONResponse:
+        self._auth(request, "label")
+        await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy, MAX_LABEL_BODY)
+        return _ok(request, {"model_version": await self._served_refs()})
+
+    async def _ls_image(self, task: Any) -> bytes:
+        """A task's image bytes (see ``label_studio.task_image``); a frame missing from the store falls
+        back to the task's own image when it has one."""
+        where = label_studio.task_image(task)
+        if where.frame_id and self.handles.get("label") is not None:
+            try:
+                return await self._handle("label").image_bytes.remote(where.frame_id)
+            except Exception as exc:
+                if not isinstance(unwrap(exc), LivelensError) or not (where.data_uri or where.url):
+                    raise unwrap(exc) from None
+        if where.data_uri:
+            return inputs.decode_b64(where.data_uri, "task image", self.policy)
+        if where.url:
+            return await asyncio.to_thread(inputs.fetch_url, where.url, self.policy)
+        raise InvalidArgumentError(f"frame {where.frame_id!r} is not in the label store and the task carries no "
+                                   "image livelens can read", code="unreadable_task_image")
+
+    @api.post("/v1/label-studio/predict", summary="Label Studio ML backend: one pre-annotation per task")
+    async def ls_predict(self, request: Request) -> JSONResponse:
+        """``{"tasks": [...]}`` → ``{"results": [...]}``, one per task in order.
+
+        Each prediction is the served answer (the same fan-out and fusion as ``/v1/analyze``, less
+        persons: faces are personal data) as Label Studio ``choices`` and ``rectanglelabels``. A
+        task that fails carries ``error`` and no ``result``, which Label Studio skips.
+        """
+        self._auth(request, "label")
+        doc = await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy,
+                                      MAX_LS_BODY)
+        tasks = doc.get("tasks")
+        if not isinstance(tasks, list) or not tasks or len(tasks) > MAX_LS_TASKS:
+            raise InvalidArgumentError(f"'tasks' must be a list of 1 to {MAX_LS_TASKS} Label Studio tasks",
+                                       code="bad_tasks")
+        entry = getattr(request.state, "key_entry", None)
+        if entry is not None:
+            self.keys.charge(entry, len(tasks) - 1)  # auth took one token; each task pays as an image
+        caps = tuple(c for c in ("moderate", "ocr", "quality") if self.handles.get(c) is not None)
+        answer_opts = self._options({"evidence": "boxes"}, caps)
+        offered = label_studio.config_labels(doc.get("label_config"))
+        # Label Studio sends a whole selection in one call and waits for all of it: a few tasks at
+        # a time, each waiting out an overload a few times, rather than 503s it would just drop.
+        gate = asyncio.Semaphore(LS_CONCURRENCY)
+
+        async def one(task: Any) -> dict:
+            for attempt in range(LS_OVERLOAD_TRIES):
+                try:
+                    async with gate:
+                        image = self._probe(await self._ls_image(task))
+                        with self.admission.admit("analyze"):
+                            answer = await self._analyze_one(image, caps, answer_opts, Timings())
+                    return label_studio.prediction(answer, image.width, image.height, offered)
+                except Exception as exc:
+                    cause = unwrap(exc)
+                    if isinstance(cause, BackPressureError | DeploymentUnavailableError):
+                        cause = overloaded(cause, self.args.retry_after_s)
+                    if isinstance(cause, OverloadedError) and attempt + 1 < LS_OVERLOAD_TRIES:
+                        await asyncio.sleep(min(5.0, float(getattr(cause, "retry_after_s", None) or 1)) * (attempt + 1))
+                        continue
+                    return {"error": error_item(cause)["error"]}
+            raise AssertionError("unreachable")
+
+        results = await asyncio.gather(*(one(t) for t in tasks))
+        done = [r for r in results if "result" in r]
+        version = done[0]["model_version"] if done else await self._served_refs()
+        return _ok(request, {"results": results, "model_version": version})
+
+    @api.post("/v1/label-studio/webhook", status_code=201,
+              summary="Label Studio ML backend: annotations become label-store commits (201)")
+    async def ls_webhook(self, request: Request) -> JSONResponse:
+        """An ``ANNOTATION_CREATED`` / ``_UPDATED`` sets the frame's labels to the annotation's, an
+        ``ANNOTATION_DELETED`` takes its labels back; the labeller is the key's id. Other actions are
+        answered ``Unknown event`` (200), as the protocol does; ``START_TRAINING`` says how to retrain.
+        """
+        who = self._auth(request, "label") or "anonymous"
+        payload = await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy, MAX_LS_BODY)
+        action = payload.get("action")
+        if action not in label_studio.TRAIN_EVENTS:
+            return _ok(request, {"status": "Unknown event"})
+        if action == "START_TRAINING":
+            # Retraining swaps the served model: it runs as a job (make retrain, livelens jobs submit
+            # retrain), not inside a labelling call.
+            _observe(request, 201)
+            return JSONResponse({"status": "ok", "result": {"retrain": "python -m livelens.loop retrain --labels "
+                                                            "<label store> --app <app>"}}, status_code=201)
+        change = label_studio.annotation_change(payload)
+        applied = await self._handle("label").apply.remote(change.frame_id, sorted(change.labels), change.replace,
+                                                          who, change.note)
+        _observe(request, 201)
+        return JSONResponse({"status": "ok", "result": applied}, status_code=201)
+
+    @api.get("/v1/label/export", summary="Frames as Label Studio tasks: images inline, served pre-annotations")
+    async def label_export(self, request: Request, offset: int = 0, limit: int = 50, unlabelled: bool = False,
+                           cluster: str = "", predictions: bool = True) -> JSONResponse:
+        """A JSON list a Label Studio project imports as it is (``label_config`` at ``/v1/label/export/config``).
+
+        Each task carries its frame's original bytes as a ``data:`` URI and its ``livelens_id``;
+        with ``predictions`` the served answer comes along as the pre-annotation, as ``/predict``
+        would give it.
+        """
+        self._auth(request, "label")
+        which = self._cluster_param(cluster)
+        page = await self._handle("label").frames.remote(offset, min(limit, MAX_EXPORT), unlabelled, which, False)
+        caps = tuple(c for c in ("moderate", "ocr", "quality") if self.handles.get(c) is not None)
+        answer_opts = self._options({"evidence": "boxes"}, caps)
+
+        async def task(fid: str) -> dict:
+            data = await self._handle("label").image_bytes.remote(fid)
+            pred = None
+            if predictions:
+                image = self._probe(data)
+                with self.admission.admit("analyze"):
+                    answer = await self._analyze_one(image, caps, answer_opts, Timings())
+                pred = label_studio.prediction(answer, image.width, image.height)
+            return label_studio.make_task(fid, label_studio.data_uri(data), pred)
+
+        tasks = await asyncio.gather(*(task(f["id"]) for f in page["frames"]))
+        _observe(request, 200)
+        return JSONResponse(tasks, headers={"x-total-count": str(page["total"])})
+
+    @api.get("/v1/label/export/config", summary="The Label Studio labelling interface for exported tasks (XML)")
+    async def label_export_config(self, request: Request) -> Response:
+        self._auth(request, "label")
+        info = await self._handle("label").info.remote()
+        _observe(request, 200)
+        return Response(label_studio.label_config(info["labels"]), media_type="application/xml")
 
     @api.get("/v1/taxonomy", summary="The label taxonomy: categories, their labels as a tree, thresholds")
     async def taxonomy(self, request: Request) -> JSONResponse:

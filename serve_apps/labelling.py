@@ -177,6 +177,38 @@ class Labelling:
         """Apply one labeller's change as a new version (see ``LabelStore.commit``)."""
         return await asyncio.to_thread(self._commit, ids, add, remove, by, note)
 
+    def _image_bytes(self, frame_id: str) -> bytes:
+        from livelens.data.manifest import row_image_bytes
+
+        row = self._rows(self._store()).get(frame_id)
+        if row is None:
+            raise NotFoundError(f"no frame {frame_id[:80]!r} in the label store", code="frame_not_found")
+        return row_image_bytes(row["image_bytes"], row["image_uri"])
+
+    async def image_bytes(self, frame_id: str) -> bytes:
+        """One frame's original bytes (what Label Studio's tasks and the ML backend's predictions use)."""
+        return await asyncio.to_thread(self._image_bytes, frame_id)
+
+    def _apply(self, frame_id: str, labels: list[str], replace: bool, by: str, note: str) -> dict[str, Any]:
+        store = self._store()
+        if frame_id not in self._rows(store):
+            raise NotFoundError(f"no frame {frame_id[:80]!r} in the label store", code="frame_not_found")
+        have = set(store.labels().get(frame_id, {}))
+        add, remove = (sorted(set(labels) - have), sorted(have - set(labels))) if replace \
+            else ([], sorted(have & set(labels)))
+        if not add and not remove:
+            return {"frame": frame_id, "version": store.latest(), "added": [], "removed": [], "changed": False}
+        commit = store.commit([frame_id], add=add, remove=remove, by=by, note=note)
+        return {"frame": frame_id, "version": commit.version, "added": add, "removed": remove, "changed": True}
+
+    async def apply(self, frame_id: str, labels: list[str], replace: bool, by: str, note: str) -> dict[str, Any]:
+        """One frame's labels from an outside tool: become ``labels`` (``replace``) or lose them.
+
+        The difference from the newest version is one commit (none when nothing changes), so a
+        labeller's edit in Label Studio shows in the events, the counts and the next retrain.
+        """
+        return await asyncio.to_thread(self._apply, frame_id, labels, replace, by, note)
+
     async def events(self, since: int = 0) -> list[dict[str, Any]]:
         """Commits after version ``since``, oldest first."""
         store = self._store()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from livelens.data.frames import generate_frames
 from livelens.data.importers import import_label_studio
 from livelens.data.manifest import content_id, read_manifest, write_manifest
-from livelens.errors import ConfigError
-from livelens.loop.label_studio import BOXES, CHOICES, export_tasks, label_config, prediction
+from livelens.errors import ConfigError, ManifestError
+from livelens.imageio import encode_png
+from livelens.loop.label_studio import BOXES, CHOICES, config_labels, export_tasks, label_config, prediction
 
 ANSWER = {"models": ["safety@1", "ads_regions@1"], "labels": [
     {"name": "ads_watermark", "score": 0.8, "decision": "block",
@@ -110,3 +112,69 @@ def test_export_through_the_serving_code_then_import_what_labellers_made(tmp_pat
         {i: back[i]["labels"] for i in ids}
     with pytest.raises(ConfigError):
         export_tasks(manifest, tmp_path / "none", analyzer, limit=0)
+
+
+def test_the_prediction_keeps_only_labels_the_project_offers():
+    offered = config_labels(label_config(["ads_phone", "porn"]))
+    assert offered == {"ads_phone", "porn"}
+    p = prediction(ANSWER, 640, 360, offered)
+    assert [r["value"]["choices"] for r in p["result"] if r["type"] == "choices"] == [["ads_phone"]]
+    assert not [r for r in p["result"] if r["type"] == "rectanglelabels"]  # the watermark box went with its label
+    assert config_labels("<View><broken") is None and config_labels(None) is None
+
+
+def test_a_task_names_its_image_by_frame_id_inline_bytes_or_url():
+    from livelens.errors import InvalidArgumentError
+    from livelens.loop.label_studio import data_uri, make_task, task_image
+
+    png = encode_png(np.zeros((4, 6, 3), np.uint8))
+    uri = data_uri(png)
+    assert uri.startswith("data:image/png;base64,")
+    t = make_task("abc", uri)
+    assert task_image(t).frame_id == "abc" and task_image(t).data_uri == uri and "predictions" not in t
+    assert task_image({"data": {"image": "https://cdn.example/x.jpg"}}).url == "https://cdn.example/x.jpg"
+    assert task_image({"data": {"image": "/data/upload/1/x.jpg", "livelens_id": "abc"}}).frame_id == "abc"
+    for bad in ({"data": {"image": "/data/upload/1/x.jpg"}}, {"data": {"livelens_id": "../etc"}}, {"data": 3}, 7):
+        with pytest.raises(InvalidArgumentError):
+            task_image(bad)
+
+
+def test_webhook_annotations_become_label_store_changes():
+    from livelens.errors import InvalidArgumentError
+    from livelens.loop.label_studio import annotation_change
+
+    task = {"id": 9, "data": {"image": "x", "livelens_id": "f1"}}
+    result = [{"type": "choices", "value": {"choices": ["ads_phone"]}},
+              {"type": "rectanglelabels", "original_width": 100, "original_height": 50,
+               "value": {"x": 0, "y": 0, "width": 10, "height": 10, "rectanglelabels": ["ads_logo"]}},
+              {"type": "choices", "value": "garbage"}]
+    made = annotation_change({"action": "ANNOTATION_CREATED", "task": task,
+                              "annotation": {"id": 4, "completed_by": 1, "result": result}})
+    assert (made.frame_id, made.labels, made.replace) == ("f1", {"ads_phone", "ads_logo"}, True)
+    assert "task 9, annotation 4, user 1" in made.note
+    gone = annotation_change({"action": "ANNOTATION_DELETED", "task": task, "annotation": {"result": result}})
+    assert gone.labels == {"ads_phone", "ads_logo"} and gone.replace is False
+    skipped = annotation_change({"action": "ANNOTATION_CREATED", "task": task,
+                                 "annotation": {"was_cancelled": True, "result": result}})
+    assert skipped.labels == frozenset() and skipped.replace is False  # a skip adds and removes nothing
+    assert annotation_change({"action": "START_TRAINING", "project": {}}) is None
+    assert annotation_change({"action": "PROJECT_UPDATED"}) is None
+    with pytest.raises(InvalidArgumentError):
+        annotation_change({"action": "ANNOTATION_CREATED", "task": {"data": {"image": "x"}}, "annotation": {}})
+    with pytest.raises(InvalidArgumentError):
+        annotation_change({"action": "ANNOTATION_UPDATED", "task": task})
+
+
+def test_an_export_whose_images_are_inline_imports_with_their_bytes(tmp_path):
+    from livelens.loop.label_studio import data_uri, make_task
+
+    png = encode_png(np.full((8, 12, 3), 200, np.uint8))
+    task = make_task(content_id(png), data_uri(png))
+    task["annotations"] = [{"result": [{"type": "choices", "value": {"choices": ["ads_logo"]}}]}]
+    bad = make_task("x", "data:image/png;base64,!!!")
+    (tmp_path / "export.json").write_text(json.dumps([task, bad]))
+    with pytest.raises(ManifestError):
+        import_label_studio(tmp_path / "export.json")
+    (row,) = import_label_studio(tmp_path / "export.json", on_error="skip")
+    assert content_id(row["image_bytes"]) == content_id(png) and row["labels"] == ["ads_logo"]
+    assert (row["width"], row["height"]) == (12, 8)

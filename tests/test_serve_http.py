@@ -66,6 +66,55 @@ def app(serve_session, tmp_path_factory):
     serve.delete(APP)
 
 
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """A real Label Studio (``make setup`` installs it into .venv-ls) on a free loopback port.
+
+    Its first user and API token come from the environment, as its docs give for automation;
+    ``SSRF_PROTECTION_ENABLED=false`` and ``USE_DEFAULT_BANNED_SUBNETS=false`` because the ML
+    backend it calls (our gateway) is on loopback, which Label Studio otherwise refuses to reach.
+    """
+    import os
+    import secrets
+    import socket
+    import subprocess
+
+    exe = REPO / ".venv-ls" / "bin" / "label-studio"
+    assert exe.exists(), f"{exe} is missing: make setup installs Label Studio"
+    data = tmp_path_factory.mktemp("label_studio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(20)
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": "labeller@livelens.test", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
+           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+           "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "LABEL_STUDIO_BASE_DATA_DIR": str(data), "DEBUG": "false"}
+    log = (data / "label-studio.log").open("wb")
+    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--port", str(port), "--internal-host", "127.0.0.1",
+                             "--data-dir", str(data)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    try:
+        while True:
+            assert proc.poll() is None, (data / "label-studio.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, (data / "label-studio.log").read_text()[-3000:]
+            time.sleep(1)
+        yield {"url": url, "headers": {"Authorization": f"Token {token}"}, "log": data / "label-studio.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def _jpeg(rgb: np.ndarray) -> bytes:
     return encode_jpeg(rgb, quality=92)
 
@@ -1275,6 +1324,137 @@ def test_the_analysis_view_scores_served_answers_and_lists_model_history(app):
             page.screenshot(path=str(shots / "label-analysis.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_label_studio_ml_backend_protocol_predicts_and_labels_back_over_http(app):
+    """Issue 16's ML backend: /health, /setup, /predict (one result per task, errors per task) and
+    /webhook (annotations become label-store commits by the key), with the key as basic-auth password."""
+    _label_store(app)
+    url, h, key = app["url"], app["headers"], app["key"]
+    ls, auth = f"{url}/v1/label-studio", ("label-studio", key)
+    assert httpx.get(f"{ls}/health", timeout=30).json()["status"] == "UP"
+    assert _assert_envelope(httpx.post(f"{ls}/setup", json={}, auth=("x", "wrong"), timeout=30), 401)
+    setup = httpx.post(f"{ls}/setup", json={"project": "1.1", "schema": "<View/>"}, auth=auth, timeout=30)
+    assert setup.status_code == 200 and "safety@" in setup.json()["model_version"]
+    tasks = httpx.get(f"{url}/v1/label/export", params={"limit": 2}, headers=h, timeout=120).json()
+    assert len(tasks) == 2 and all(t["data"]["image"].startswith("data:image/") for t in tasks)
+    ids = [t["data"]["livelens_id"] for t in tasks]
+    bare = [{"id": i, "data": t["data"]} for i, t in enumerate(tasks)]
+    by_ref = {"id": 7, "data": {"image": "/data/upload/1/x.png", "livelens_id": ids[0]}}  # read from the store
+    junk = [{"id": 8, "data": {"image": "/data/upload/1/x.png"}}, {"id": 9, "data": {"image": "data:image/png;base64,AAAA"}},
+            {"id": 10, "data": {"image": "http://169.254.169.254/latest"}}]
+    res = httpx.post(f"{ls}/predict", json={"tasks": [*bare, by_ref, *junk], "label_config": None}, auth=auth,
+                     timeout=120).json()["results"]
+    assert len(res) == 6
+    for got, t in zip(res[:2], tasks, strict=True):  # what /v1/label/export pre-annotated, from the same code
+        assert "result" in got, got
+        assert got["model_version"] == t["predictions"][0]["model_version"]
+        assert [r["value"] for r in got["result"] if r["type"] == "choices"] == \
+            [r["value"] for r in t["predictions"][0]["result"] if r["type"] == "choices"]
+    assert "result" in res[2], res[2]
+    assert [r["value"] for r in res[2]["result"]] == [r["value"] for r in res[0]["result"]]
+    assert [r["error"]["code"] for r in res[3:]] == ["unreadable_task_image", "invalid_image", "url_not_allowed"]
+    assert all("result" not in r for r in res[3:])  # Label Studio skips these rather than store an empty one
+    assert _assert_envelope(httpx.post(f"{ls}/predict", json={"tasks": []}, auth=auth, timeout=30),
+                            400)["error"]["code"] == "bad_tasks"
+    # Labels made in Label Studio come back as commits by the key, and an edit replaces them.
+    version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
+    task = {"id": 1, "data": {"livelens_id": ids[0]}}
+
+    def hook(action: str, choices: list[str]) -> httpx.Response:
+        ann = {"id": 5, "completed_by": 2, "result": [{"type": "choices", "value": {"choices": choices}}]}
+        return httpx.post(f"{ls}/webhook", json={"action": action, "task": task, "annotation": ann}, auth=auth,
+                          timeout=30)
+
+    r = hook("ANNOTATION_CREATED", ["ads_logo", "ads_phone"])
+    assert r.status_code == 201 and r.json()["result"]["added"] == ["ads_logo", "ads_phone"], r.text
+    assert hook("ANNOTATION_UPDATED", ["ads_logo"]).json()["result"]["removed"] == ["ads_phone"]
+    assert hook("ANNOTATION_UPDATED", ["ads_logo"]).json()["result"]["changed"] is False  # no empty version
+    events = httpx.get(f"{url}/v1/label/events", params={"since": version}, headers=h, timeout=30).json()["events"]
+    assert [(e["ids"], e["add"], e["remove"], e["by"]) for e in events] == [
+        ([ids[0]], ["ads_logo", "ads_phone"], [], "test"), ([ids[0]], [], ["ads_phone"], "test")]
+    assert "label studio annotation_created: task 1, annotation 5, user 2" in events[0]["note"]
+    assert hook("ANNOTATION_DELETED", ["ads_logo"]).json()["result"]["removed"] == ["ads_logo"]
+    assert httpx.post(f"{ls}/webhook", json={"action": "PROJECT_UPDATED"}, auth=auth, timeout=30).json() == \
+        {"status": "Unknown event"}
+    bad = httpx.post(f"{ls}/webhook", json={"action": "ANNOTATION_CREATED", "task": {"data": {}}, "annotation": {}},
+                     auth=auth, timeout=30)
+    assert _assert_envelope(bad, 400)["error"]["code"] == "unknown_task"
+    assert _assert_envelope(hook("ANNOTATION_CREATED", ["no_such_label"]), 400)
+    config = httpx.get(f"{url}/v1/label/export/config", headers=h, timeout=30)
+    assert config.headers["content-type"].startswith("application/xml") and 'value="ads_logo"' in config.text
+
+
+def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_back(app, label_studio, tmp_path):
+    """Issue 16 against a running Label Studio: create a project, connect livelens as its ML backend,
+    import tasks, receive predictions, post an annotation (its webhook labels the frame), export,
+    and import the export into a manifest."""
+    from livelens.data.importers import import_label_studio
+    from livelens.data.manifest import content_id, read_manifest
+    from livelens.loop.__main__ import main as loop_main
+
+    _label_store(app)
+    url, h, key = app["url"], app["headers"], app["key"]
+    ls = label_studio["url"]
+    client = httpx.Client(base_url=ls, headers=label_studio["headers"], timeout=120)
+    tasks = httpx.get(f"{url}/v1/label/export", params={"limit": 3, "predictions": "false"}, headers=h,
+                      timeout=120).json()
+    assert len(tasks) == 3 and not any("predictions" in t for t in tasks)
+    config = httpx.get(f"{url}/v1/label/export/config", headers=h, timeout=30).text
+    project = client.post("/api/projects", json={"title": "livelens queue", "label_config": config})
+    assert project.status_code == 201, project.text
+    pid = project.json()["id"]
+    ml = client.post("/api/ml", json={"project": pid, "title": "livelens", "url": f"{url}/v1/label-studio",
+                                      "auth_method": "BASIC_AUTH", "basic_auth_user": "label-studio",
+                                      "basic_auth_pass": key})
+    assert ml.status_code == 201 and ml.json()["state"] == "CO", ml.text  # health and setup answered
+    # Label Studio makes the backend's webhook without credentials; it gets the key's header.
+    hook = next(w for w in client.get("/api/webhooks", params={"project": pid}).json()
+                if w["url"].endswith("/v1/label-studio/webhook"))
+    assert client.patch(f"/api/webhooks/{hook['id']}", json={"headers": {"Authorization": f"Bearer {key}"}}).is_success
+    imported = client.post(f"/api/projects/{pid}/import", json=tasks)
+    assert imported.status_code == 201 and imported.json()["task_count"] == 3, imported.text
+    act = client.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                      json={"selectedItems": {"all": True, "excluded": []}})
+    assert act.is_success, act.text
+    got = client.get("/api/tasks", params={"project": pid, "fields": "all"}).json()["tasks"]
+    ours = httpx.post(f"{url}/v1/label-studio/predict", json={"tasks": tasks, "label_config": config},
+                      auth=("label-studio", key), timeout=120).json()["results"]
+    want = {t["data"]["livelens_id"]: p for t, p in zip(tasks, ours, strict=True)}
+    for t in got:
+        (pred,) = t["predictions"]  # one per task, stored by Label Studio from livelens's answer
+        mine = want[t["data"]["livelens_id"]]
+        def plain(results: list[dict]) -> list[dict]:
+            # Ids are per prediction; a score moves in its third decimal with the batch it ran in.
+            return [{k: (pytest.approx(v, abs=0.01) if k == "score" else v) for k, v in r.items() if k != "id"}
+                    for r in results]
+
+        assert pred["model_version"] == mine["model_version"] and \
+            [{k: v for k, v in r.items() if k != "id"} for r in pred["result"]] == plain(mine["result"])
+    assert any(t["predictions"][0]["result"] for t in got)  # generated ads frames: something is pre-annotated
+    # An annotation in Label Studio: its webhook commits the frame's labels, by the key.
+    version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
+    first = got[0]
+    result = [{"from_name": "labels", "to_name": "image", "type": "choices", "value": {"choices": ["ads_logo"]}}]
+    made = client.post(f"/api/tasks/{first['id']}/annotations", json={"result": result, "task": first["id"]})
+    assert made.status_code == 201, made.text
+    deadline, events = time.time() + 30, []
+    while not events and time.time() < deadline:
+        events = httpx.get(f"{url}/v1/label/events", params={"since": version}, headers=h, timeout=30).json()["events"]
+        time.sleep(0.3)
+    assert [(e["ids"], e["by"]) for e in events] == [([first["data"]["livelens_id"]], "test")], events
+    assert "ads_logo" in events[0]["add"] and "label studio annotation_created" in events[0]["note"]
+    # Label Studio's JSON export comes back through the importer, the original bytes included.
+    export = client.get(f"/api/projects/{pid}/export", params={"exportType": "JSON", "download_all_tasks": "true"})
+    assert export.status_code == 200, export.text[:300]
+    (tmp_path / "export.json").write_bytes(export.content)
+    rows = {content_id(r["image_bytes"]): r for r in import_label_studio(tmp_path / "export.json")}
+    assert set(rows) == {t["data"]["livelens_id"] for t in tasks}  # each frame keeps its content id
+    assert rows[first["data"]["livelens_id"]]["labels"] == ["ads_logo"]
+    assert loop_main(["ls-import", "--export", str(tmp_path / "export.json"), "--out", str(tmp_path / "labelled")]) == 0
+    table = read_manifest(tmp_path / "labelled", columns=["id", "labels"]).to_pylist()
+    assert {r["id"]: r["labels"] for r in table}[first["data"]["livelens_id"]] == ["ads_logo"]
+    client.close()
 
 
 def test_persons_answers_faces_and_attributes_only_to_keys_with_the_persons_scope(app):

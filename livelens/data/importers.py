@@ -45,6 +45,21 @@ class _Reader:
         return {"image_bytes": data, "image_uri": path.resolve().as_uri(), "width": w, "height": h,
                 "source": self.source, **fields}
 
+    def inline(self, data_uri: str, name: str, **fields: Any) -> dict | None:
+        """A row from a ``data:`` URI (an image carried inside the annotation file)."""
+        import base64
+        import binascii
+
+        try:
+            data = base64.b64decode(data_uri.partition(",")[2], validate=True)
+            h, w = decode_image(data).shape[:2]
+        except (binascii.Error, ValueError, LivelensError) as exc:
+            if self.on_error == "skip":
+                self.skipped.append(f"{name}: {exc}")
+                return None
+            raise ManifestError(f"cannot import {name}: {exc}") from exc
+        return {"image_bytes": data, "image_uri": None, "width": w, "height": h, "source": self.source, **fields}
+
 
 def dedupe(rows: list[dict]) -> list[dict]:
     """Drop rows whose bytes repeat an earlier row (ids are content hashes and must be unique).
@@ -188,6 +203,40 @@ def import_mmocr_textrecog(ann_file: str | Path, img_dir: str | Path | None = No
     return dedupe(rows)
 
 
+def label_studio_result(results: Any) -> tuple[set[str], list[dict], list[dict]]:
+    """One Label Studio annotation's ``result`` list as livelens labels, boxes and texts.
+
+    ``rectanglelabels`` become boxes in pixels (Label Studio gives percent of ``original_width`` /
+    ``original_height``) and their labels; ``choices`` become labels; ``polygonlabels`` and
+    ``textarea`` become texts. Entries of other types, or malformed ones, are skipped.
+    """
+    boxes: list[dict] = []
+    labels: set[str] = set()
+    texts: list[dict] = []
+    for res in results if isinstance(results, list) else ():
+        if not isinstance(res, dict) or not isinstance(res.get("value"), dict):
+            continue
+        v, kind = res["value"], res.get("type")
+        ow, oh = res.get("original_width"), res.get("original_height")
+        try:
+            if kind == "rectanglelabels" and ow and oh:
+                x0, y0 = v["x"] / 100 * ow, v["y"] / 100 * oh
+                x1, y1 = x0 + v["width"] / 100 * ow, y0 + v["height"] / 100 * oh
+                for lab in v.get("rectanglelabels", []):
+                    boxes.append({"label": lab, "x0": x0, "y0": y0, "x1": min(x1, ow), "y1": min(y1, oh)})
+                    labels.add(lab)
+            elif kind == "choices":
+                labels.update(v.get("choices", []))
+            elif kind == "polygonlabels" and ow and oh:
+                poly = [c for x, y in v["points"] for c in (x / 100 * ow, y / 100 * oh)]
+                texts.append({"polygon": poly, "text": ",".join(v.get("polygonlabels", []))})
+            elif kind == "textarea":
+                texts.extend({"polygon": [], "text": t} for t in v.get("text", []))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return labels, boxes, texts
+
+
 def import_label_studio(export_file: str | Path, img_root: str | Path | None = None, *,
                         on_error: OnError = "raise") -> list[dict]:
     """Label Studio JSON export: ``rectanglelabels`` → boxes, ``choices`` → labels,
@@ -210,6 +259,14 @@ def import_label_studio(export_file: str | Path, img_root: str | Path | None = N
             results = (done or [{}])[0].get("result", [])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"{export_file}: task without data.image or annotations: {exc!r}") from exc
+        labels, boxes, texts = label_studio_result(results)
+        fields = {"labels": sorted(labels), "boxes": boxes, "texts": texts, "attributes": {"ls_id": task.get("id")}}
+        if isinstance(uri, str) and uri.startswith("data:"):
+            # A task that carries its image inline (livelens's /v1/label/export writes these).
+            r = reader.inline(uri, f"ls-task-{task.get('id')}", **fields)
+            if r:
+                rows.append(r)
+            continue
         # Local-files storage names the file in its query: /data/local-files/?d=queue/images/<id>.png
         parts = urlsplit(uri)
         local = parse_qs(parts.query).get("d")
@@ -217,24 +274,7 @@ def import_label_studio(export_file: str | Path, img_root: str | Path | None = N
         path = img_root / name
         if not path.exists() and "-" in name:
             path = img_root / name.split("-", 1)[1]
-        boxes, labels, texts = [], set(), []
-        for res in results:
-            v, kind = res.get("value", {}), res.get("type")
-            ow, oh = res.get("original_width"), res.get("original_height")
-            if kind == "rectanglelabels" and ow and oh:
-                x0, y0 = v["x"] / 100 * ow, v["y"] / 100 * oh
-                x1, y1 = x0 + v["width"] / 100 * ow, y0 + v["height"] / 100 * oh
-                for lab in v.get("rectanglelabels", []):
-                    boxes.append({"label": lab, "x0": x0, "y0": y0, "x1": min(x1, ow), "y1": min(y1, oh)})
-                    labels.add(lab)
-            elif kind == "choices":
-                labels.update(v.get("choices", []))
-            elif kind == "polygonlabels" and ow and oh:
-                poly = [c for x, y in v["points"] for c in (x / 100 * ow, y / 100 * oh)]
-                texts.append({"polygon": poly, "text": ",".join(v.get("polygonlabels", []))})
-            elif kind == "textarea":
-                texts.extend({"polygon": [], "text": t} for t in v.get("text", []))
-        r = reader.row(path, labels=sorted(labels), boxes=boxes, texts=texts, attributes={"ls_id": task.get("id")})
+        r = reader.row(path, **fields)
         if r:
             rows.append(r)
     return dedupe(rows)

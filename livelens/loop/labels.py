@@ -50,6 +50,8 @@ LOCK_FILE = "LOCK"
 _VERSION_RE = re.compile(r"^v(\d{6})\.parquet$")
 #: A labeller's name: letters, digits and ``._@-`` (an API key id, an e-mail, a login).
 _WHO_RE = re.compile(r"^[\w.@-]{1,128}$")
+#: What a frame id may look like wherever a client names one (routes, Label Studio tasks).
+FRAME_ID_PATTERN = r"^[\w.-]{1,128}$"
 MAX_IDS_PER_COMMIT = 10_000
 
 LABELS_SCHEMA = pa.schema([

@@ -286,7 +286,7 @@ class KeyStore:
         """
         if not key:
             self._failed(client)
-            raise AuthError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>', 'X-API-Key: <key>' or the key as the basic-auth password",
                             code="missing_api_key")
         self.refresh()
         digest = hash_key(key)
