@@ -611,14 +611,14 @@ def test_openapi_describes_bodies_errors_and_security_and_a_client_built_from_it
 
     doc = httpx.get(f"{app['url']}/openapi.json", timeout=30).json()
     validate(doc)
-    assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
+    assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader", "basicAuth"}
     posts = {p: ops["post"] for p, ops in doc["paths"].items() if "post" in ops and p.startswith("/v1/")}
     assert {"/v1/analyze", "/v1/moderate", "/v1/ocr", "/v1/quality", "/v1/analyze/batch"} <= set(posts)
     commit = posts["/v1/label/commit"]["requestBody"]["content"]
     assert set(commit) == {"application/json"} and commit["application/json"]["schema"]["required"] == ["ids"]
     png = encode_png(np.full((48, 64, 3), 120, np.uint8))
     for path, op in posts.items():
-        if "{" in path or path.startswith("/v1/label/"):  # label commits take a JSON body of labels
+        if "{" in path or path.startswith(("/v1/label/", "/v1/label-studio/")):  # JSON bodies, not images
             continue
         body = op["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(body), path

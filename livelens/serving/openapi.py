@@ -175,15 +175,22 @@ def describe(schema: dict[str, Any]) -> dict[str, Any]:
     comps["securitySchemes"] = {
         "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
         "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "basicAuth": {"type": "http", "scheme": "basic",
+                      "description": "any user name, the API key as the password (for tools such as Label Studio)"},
     }
     for path, ops in schema.get("paths", {}).items():
         for method, op in ops.items():
-            if not path.startswith("/v1/"):
-                op["security"] = []  # /healthz answers without a key
+            if not path.startswith("/v1/") or path == "/v1/label-studio/health":
+                op["security"] = []  # /healthz and Label Studio's health check answer without a key
                 continue
-            op["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+            op["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}, {"basicAuth": []}]
             statuses: tuple[str, ...] = ("401", "403", "429")
-            if method == "post" and path == "/v1/label/commit":
+            if method == "post" and path.startswith("/v1/label-studio/"):
+                # Label Studio's ML backend protocol: its JSON bodies (tasks, webhook payloads).
+                op["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "additionalProperties": True}}}}
+                statuses = ("400", "401", "403", "404", "413", "429", "503")
+            elif method == "post" and path == "/v1/label/commit":
                 # A JSON body of labels, not images: its schema is the gateway's LabelCommitBody.
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["ids"], "additionalProperties": False, "properties": {
