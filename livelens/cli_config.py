@@ -144,3 +144,29 @@ def apply_flat(base: Any, values: Mapping[str, Any]) -> Any:
             raise ConfigError(f"unknown {type(base).__name__} setting {name!r}; known: {sorted(paths)}")
         cfg = _set(cfg, paths[name], value)
     return cfg
+
+
+def config_argv(cfg: Any) -> list[str]:
+    """The flags :func:`config_parser` reads back into ``cfg`` (to start a job as a child process).
+
+    Every field is given, so the child runs exactly ``cfg`` whatever its defaults are; dicts and
+    ``Any`` go as JSON, lists as one flag with several values, None as ``none``.
+    """
+    out: list[str] = []
+    for flag, path, tp, _ in _flags(type(cfg)):
+        value = cfg
+        for name in path:
+            value = getattr(value, name)
+        opt = "--" + flag.replace("_", "-")
+        base, _ = _unwrap_optional(tp)
+        if base is bool:
+            out.append(opt if value else f"--no-{flag.replace('_', '-')}")
+        elif value is None:
+            out += [opt, "none"]
+        elif typing.get_origin(base) in (list, tuple):
+            out += [opt, *map(str, value)]
+        elif isinstance(value, dict) or base in (dict, Any) or typing.get_origin(base) in (dict, Mapping):
+            out += [opt, json.dumps(value)]
+        else:
+            out += [opt, str(value)]
+    return out

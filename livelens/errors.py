@@ -122,6 +122,14 @@ class RateLimitedError(LivelensError):
     http_status = 429
 
 
+class ConflictError(LivelensError):
+    """The request clashes with work already under way (e.g. a second retrain while one runs)."""
+
+    type = "conflict"
+    code = "conflict"
+    http_status = 409
+
+
 class OverloadedError(LivelensError):
     """The service queue is full; the client should retry after a pause."""
 

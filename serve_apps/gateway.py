@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from livelens import fusion
 from livelens.errors import (
     ConfigError,
+    ForbiddenError,
     InvalidArgumentError,
     LivelensError,
     OverloadedError,
@@ -799,6 +800,26 @@ class Gateway:
         events = await self._handle("label").events.remote(since)
         return _ok(request, {"request_id": _rid(request), "events": events})
 
+    @api.post("/v1/label/retrain", summary="Retrain on the newest labels, gate, publish and swap (scope admin)")
+    async def label_retrain(self, request: Request) -> JSONResponse:
+        """The page's *Retrain* button: ``make retrain`` as a child job; 409 while one runs.
+
+        It needs the ``admin`` scope as well as ``label``: a passed candidate replaces the served model.
+        """
+        who = self._auth(request, "label") or "anonymous"
+        entry = getattr(request.state, "key_entry", None)
+        if entry is not None and not entry.allows("admin"):
+            raise ForbiddenError(f"key {entry.id!r} may label but not retrain: that needs the 'admin' scope",
+                                 code="scope_denied")
+        status = await self._handle("label").retrain.remote(who)
+        _observe(request, 202)
+        return JSONResponse({"request_id": _rid(request), **status}, status_code=202)
+
+    @api.get("/v1/label/retrain", summary="The page's retrain: running, or its gate verdict and published model")
+    async def label_retrain_status(self, request: Request) -> JSONResponse:
+        self._auth(request, "label")
+        return _ok(request, {"request_id": _rid(request), **await self._handle("label").retrain_status.remote()})
+
     # ---- Label Studio's ML backend protocol (scope "label"): pre-annotations and labels back ----
     # Label Studio calls <url>/health, /setup, /predict and /webhook of the URL a project's Model
     # settings name; connect it to http://<gateway>/v1/label-studio with basic auth (the password is
@@ -836,6 +857,34 @@ class Gateway:
         raise InvalidArgumentError(f"frame {where.frame_id!r} is not in the label store and the task carries no "
                                    "image livelens can read", code="unreadable_task_image")
 
+    async def _pre_annotate(self, read: Any, gate: asyncio.Semaphore, offered: frozenset[str] | None) -> dict:
+        """One image (``await read()``) as a Label Studio prediction, through the /v1/analyze fan-out.
+
+        Label Studio sends a whole selection in one call and waits for all of it, and an export is
+        one download: a few images at a time (``gate``), each waiting out an overload a few times,
+        rather than 503s that would drop a task.
+
+        Raises:
+            LivelensError: The image cannot be read, or the service stayed overloaded.
+        """
+        caps = tuple(c for c in ("moderate", "ocr", "quality") if self.handles.get(c) is not None)
+        answer_opts = self._options({"evidence": "boxes"}, caps)
+        for attempt in range(LS_OVERLOAD_TRIES):
+            try:
+                async with gate:
+                    image = self._probe(await read())
+                    with self.admission.admit("analyze"):
+                        answer = await self._analyze_one(image, caps, answer_opts, Timings())
+                return label_studio.prediction(answer, image.width, image.height, offered)
+            except Exception as exc:
+                cause = unwrap(exc)
+                if isinstance(cause, BackPressureError | DeploymentUnavailableError):
+                    cause = overloaded(cause, self.args.retry_after_s)
+                if not isinstance(cause, OverloadedError) or attempt + 1 == LS_OVERLOAD_TRIES:
+                    raise cause from None
+                await asyncio.sleep(min(5.0, float(getattr(cause, "retry_after_s", None) or 1)) * (attempt + 1))
+        raise AssertionError("unreachable")
+
     @api.post("/v1/label-studio/predict", summary="Label Studio ML backend: one pre-annotation per task")
     async def ls_predict(self, request: Request) -> JSONResponse:
         """``{"tasks": [...]}`` → ``{"results": [...]}``, one per task in order.
@@ -854,30 +903,14 @@ class Gateway:
         entry = getattr(request.state, "key_entry", None)
         if entry is not None:
             self.keys.charge(entry, len(tasks) - 1)  # auth took one token; each task pays as an image
-        caps = tuple(c for c in ("moderate", "ocr", "quality") if self.handles.get(c) is not None)
-        answer_opts = self._options({"evidence": "boxes"}, caps)
         offered = label_studio.config_labels(doc.get("label_config"))
-        # Label Studio sends a whole selection in one call and waits for all of it: a few tasks at
-        # a time, each waiting out an overload a few times, rather than 503s it would just drop.
         gate = asyncio.Semaphore(LS_CONCURRENCY)
 
         async def one(task: Any) -> dict:
-            for attempt in range(LS_OVERLOAD_TRIES):
-                try:
-                    async with gate:
-                        image = self._probe(await self._ls_image(task))
-                        with self.admission.admit("analyze"):
-                            answer = await self._analyze_one(image, caps, answer_opts, Timings())
-                    return label_studio.prediction(answer, image.width, image.height, offered)
-                except Exception as exc:
-                    cause = unwrap(exc)
-                    if isinstance(cause, BackPressureError | DeploymentUnavailableError):
-                        cause = overloaded(cause, self.args.retry_after_s)
-                    if isinstance(cause, OverloadedError) and attempt + 1 < LS_OVERLOAD_TRIES:
-                        await asyncio.sleep(min(5.0, float(getattr(cause, "retry_after_s", None) or 1)) * (attempt + 1))
-                        continue
-                    return {"error": error_item(cause)["error"]}
-            raise AssertionError("unreachable")
+            try:
+                return await self._pre_annotate(lambda: self._ls_image(task), gate, offered)
+            except Exception as exc:
+                return {"error": error_item(unwrap(exc))["error"]}
 
         results = await asyncio.gather(*(one(t) for t in tasks))
         done = [r for r in results if "result" in r]
@@ -920,17 +953,15 @@ class Gateway:
         self._auth(request, "label")
         which = self._cluster_param(cluster)
         page = await self._handle("label").frames.remote(offset, min(limit, MAX_EXPORT), unlabelled, which, False)
-        caps = tuple(c for c in ("moderate", "ocr", "quality") if self.handles.get(c) is not None)
-        answer_opts = self._options({"evidence": "boxes"}, caps)
+        gate = asyncio.Semaphore(LS_CONCURRENCY)
 
         async def task(fid: str) -> dict:
             data = await self._handle("label").image_bytes.remote(fid)
-            pred = None
-            if predictions:
-                image = self._probe(data)
-                with self.admission.admit("analyze"):
-                    answer = await self._analyze_one(image, caps, answer_opts, Timings())
-                pred = label_studio.prediction(answer, image.width, image.height)
+
+            async def read() -> bytes:
+                return data
+
+            pred = await self._pre_annotate(read, gate, None) if predictions else None
             return label_studio.make_task(fid, label_studio.data_uri(data), pred)
 
         tasks = await asyncio.gather(*(task(f["id"]) for f in page["frames"]))

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ConfigDict, Field
 from ray import serve
 
 from livelens.errors import NotFoundError
+from livelens.loop.retrain import RetrainJob, RetrainRunner
 from livelens.serving.envelope import quiet_expected_errors
 from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions
@@ -32,11 +34,15 @@ class LabellingArgs(Args):
         store: The label store directory (``python -m livelens.loop labels --manifest Q --store S``
             creates it over a labelling queue).
         thumb_side: Long side of the JPEG a labeller is shown.
+        retrain: What the page's *Retrain* button runs (``make retrain``'s job; its ``labels`` is
+            always this store): the base and held-out manifests, the gate's tolerance, the store a
+            passed model is published to, the app it is swapped into, training overrides.
     """
 
     model_config = ConfigDict(extra="forbid")
     store: str = "runs/loop/labels"
     thumb_side: int = Field(320, ge=32, le=2048)
+    retrain: RetrainJob = Field(default_factory=RetrainJob)
     deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.05, max_ongoing_requests=16))
 
 
@@ -71,6 +77,7 @@ class Labelling:
         start_heap_trimmer()
         self.args = args
         self._frames: tuple[str, float, dict[str, dict[str, Any]]] | None = None  # (manifest, mtime, rows)
+        self.retrainer = RetrainRunner(replace(args.retrain, labels=args.store))
 
     def check_health(self) -> None:
         """Healthy without a store: the routes say there is none (404), the service stays up."""
@@ -208,6 +215,15 @@ class Labelling:
         labeller's edit in Label Studio shows in the events, the counts and the next retrain.
         """
         return await asyncio.to_thread(self._apply, frame_id, labels, replace, by, note)
+
+    async def retrain(self, by: str) -> dict[str, Any]:
+        """Start one retrain of the store's newest labels (see ``RetrainRunner``); 409 while one runs."""
+        self._store()  # no store, no labels to train on: the same 404 as every route
+        return await asyncio.to_thread(self.retrainer.start, by)
+
+    async def retrain_status(self) -> dict[str, Any]:
+        """The page's retrain: idle, running, or how the last one ended (gate verdict, published ref)."""
+        return await asyncio.to_thread(self.retrainer.status)
 
     async def events(self, since: int = 0) -> list[dict[str, Any]]:
         """Commits after version ``since``, oldest first."""

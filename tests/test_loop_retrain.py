@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from livelens.data.manifest import read_manifest
 from livelens.errors import ConfigError
 from livelens.loop.labels import LabelStore
-from livelens.loop.retrain import RetrainJob, format_report, gate, merge_labelled
+from livelens.loop.retrain import RetrainJob, gate, merge_labelled
 from tests.test_train_jobs import make_frames_manifest
 
 
@@ -49,38 +48,37 @@ def test_labelled_frames_join_train_and_a_held_out_frame_is_refused(tmp_path):
     assert out[test_id]["split"] == "test" and "ads_logo" not in (out[test_id]["labels"] or [])
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_one_tiny_turn_trains_evaluates_both_gates_and_publishes(ray_session, tmp_path):
-    """Labels → merged manifest → Ray Train candidate (staging) → served vs candidate through the
-    service's evaluation → gate → the user store. A tolerance of 1 lets the tiny candidate pass."""
-    from livelens.store import ModelStore, store_chain
+# One tiny turn end to end (labels, Ray Train candidate, both models on the held-out split through
+# the service's evaluation, gate, publish) runs from the labelling page's button, as the child job
+# below starts it: tests/test_serve_http.py::test_the_page_exports_tasks_and_its_retrain_button_trains_gates_and_publishes.
 
-    base = make_frames_manifest(tmp_path / "frames", slots=16)
-    rows = read_manifest(base, columns=["id", "split", "labels"]).to_pylist()
-    store = LabelStore.create(tmp_path / "labels", base)
-    logos = [r["id"] for r in rows if r["split"] == "train"][:3]
-    store.commit(logos, add=["ads_logo"], by="alice")
-    job = RetrainJob(labels=str(tmp_path / "labels"), base=str(base), out=str(tmp_path / "runs"), tolerance=1.0,
-                     store=str(tmp_path / "user"), limit=4,
-                     train={"pretrained": False, "freeze_backbone": False, "evidence_crop": False, "image_size": 64,
-                            "num_workers": 1, "cpus_per_worker": 0.5, "epochs": 1, "batch_size": 8})
-    from livelens.loop.retrain import retrain
 
-    report = retrain(job)
-    assert report["manifest"]["replaced"] == 3 and report["served"]["ref"] == "safety"
-    assert report["served"]["rows"] == report["candidate"]["rows"] == min(4, sum(r["split"] == "test" for r in rows))
-    # Published above every safety version the serving chain holds: an empty store's "safety@1"
-    # would share its ref with the shipped model, and a swap to it would change nothing.
-    served_versions = [int(v) for st in store_chain() for v in ModelStore(st).versions("safety") if v.isdigit()]
-    assert report["gate"]["passed"] and report["published"] == f"safety@{max(served_versions) + 1}"
-    card = ModelStore(str(tmp_path / "user")).card(report["published"])
-    assert card["gate"]["gate"]["tolerance"] == 1.0 and card["gate"]["served"]["ref"] == "safety"
-    # The same figures at tolerance 0 block exactly where the candidate fell behind.
-    strict = gate({k: v["served"] for k, v in report["per_label"].items() if v["served"]},
-                  {k: v["candidate"] for k, v in report["per_label"].items() if v["candidate"]}, 0.0)
-    behind = {lab for lab, v in report["per_label"].items() if v["served"] and v["candidate"]
-              and (v["served"]["recall"] or 0) > 0 and v["candidate"]["recall"] < v["served"]["recall"]}
-    assert behind <= {b["label"] for b in strict["blocked"]}
-    saved = json.loads((tmp_path / "runs" / report["dir"].split("/")[-1] / "report.json").read_text())
-    assert saved["published"] == report["published"] and "# Retrain: passed" in format_report(saved)
+def test_the_job_goes_to_its_child_process_flag_for_flag():
+    from livelens.cli_config import config_argv, config_from_args, config_parser
+
+    job = RetrainJob(labels="l", base="b", limit=4, app="", train={"epochs": 1, "image_size": 64})
+    back = config_from_args(RetrainJob(labels="other"), config_parser(RetrainJob).parse_args(config_argv(job)))
+    assert back == job
+
+
+def test_the_page_runner_starts_one_run_and_reports_a_failed_one_with_its_log(tmp_path):
+    """A run whose label store is gone fails in the child; the status says so, with the child's own error."""
+    import time
+
+    from livelens.errors import ConflictError
+    from livelens.loop.retrain import RetrainRunner
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        RetrainRunner(RetrainJob(labels=str(tmp_path / "labels"), base=str(tmp_path / "none"))).start("alice")
+    base = make_frames_manifest(tmp_path / "frames", slots=4)
+    runner = RetrainRunner(RetrainJob(labels=str(tmp_path / "no-labels"), base=str(base), out=str(tmp_path / "runs")))
+    assert runner.status() == {"state": "idle"}
+    st = runner.start("alice")
+    assert st["state"] == "running" and st["by"] == "alice"
+    with pytest.raises(ConflictError):
+        runner.start("bob")
+    deadline = time.time() + 120
+    while (st := runner.status())["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert st["state"] == "failed" and st["exit_code"] == 2 and "not a label store" in st["log_tail"], st

@@ -46,7 +46,13 @@ def app(serve_session, tmp_path_factory):
     args = spec["args"]
     args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES, audit_dir=str(tmp / "audit"))
     args["streams"] = {"db_path": str(tmp / "streams.sqlite"), "window": 4, "k": 2}
-    args["labelling"] = {"store": str(tmp / "labels")}  # created by the labelling test, through the CLI
+    # The store is created by the labelling test, through the CLI; the page's retrain is a tiny one
+    # into a store of its own (the swap into a live app is tested on its own).
+    args["labelling"] = {"store": str(tmp / "labels"), "retrain": {
+        "base": str(tmp / "frames"), "out": str(tmp / "retrain"), "store": str(tmp / "retrain_store"),
+        "tolerance": 1.0, "limit": 4, "train": {
+            "pretrained": False, "freeze_backbone": False, "evidence_crop": False, "image_size": 64,
+            "num_workers": 1, "cpus_per_worker": 0.5, "epochs": 1, "batch_size": 8}}}
     args["persons"] = {**(args.get("persons") or {}), "stores": [str(tmp / "persons_store")]}
     # A tiny moderation queue so the backpressure test can fill it.
     args["moderation"]["deploy"].update(max_ongoing_requests=2, max_queued_requests=2, max_replicas=1)
@@ -1455,6 +1461,75 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     table = read_manifest(tmp_path / "labelled", columns=["id", "labels"]).to_pylist()
     assert {r["id"]: r["labels"] for r in table}[first["data"]["livelens_id"]] == ["ads_logo"]
     client.close()
+
+
+def test_the_page_exports_tasks_and_its_retrain_button_trains_gates_and_publishes(app):
+    """Issue 16's browser steps: export the frames as Label Studio JSON, then one tiny retrain from the
+    page's button (``make retrain``'s job as a child of the labelling deployment): labels → train →
+    both models measured on the held-out split → gate → published, and the page says so."""
+    from playwright.sync_api import sync_playwright
+
+    from livelens.loop.retrain import gate
+    from livelens.store import ModelStore, store_chain
+    from tests.test_train_jobs import make_frames_manifest
+
+    n = _label_store(app)
+    url, h = app["url"], app["headers"]
+    make_frames_manifest(app["tmp"] / "frames", slots=16)  # the retrain's base and held-out set (app config)
+    ids = [f["id"] for f in httpx.get(f"{url}/v1/label/frames", headers=h, timeout=30).json()["frames"]]
+    assert httpx.post(f"{url}/v1/label/commit", json={"ids": ids[:2], "add": ["ads_logo"]}, headers=h,
+                      timeout=30).status_code == 200
+    version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
+    labeller = generate_key()
+    add_key_to_file(app["key_file"], labeller, "labeller", scopes=["label"], rate_per_s=1000, burst=1000)
+    deadline = time.time() + 30
+    while (denied := httpx.post(f"{url}/v1/label/retrain", headers={"Authorization": f"Bearer {labeller}"},
+                                timeout=30)).status_code == 401:  # replicas re-read the key file within a second
+        assert time.time() < deadline, "the added key was never accepted"
+        time.sleep(0.5)
+    assert _assert_envelope(denied, 403)["error"]["code"] == "scope_denied"  # labelling is not retraining
+    with sync_playwright() as pw:
+        browser = _chromium(pw)
+        try:
+            page = _label_page(browser, app, ".frame img[src^='blob:']", height=900)
+            with page.expect_download(timeout=120_000) as dl:
+                page.click("#export")
+            tasks = json.loads(Path(dl.value.path()).read_text())
+            assert sorted(t["data"]["livelens_id"] for t in tasks) == sorted(ids) and len(tasks) == n
+            assert all(t["data"]["image"].startswith("data:image/") and t["predictions"][0]["model_version"]
+                       for t in tasks)
+            page.click("#retrain")
+            page.wait_for_function("/running/.test(document.getElementById('retrainstatus').textContent)",
+                                   timeout=60_000)
+            again = httpx.post(f"{url}/v1/label/retrain", headers=h, timeout=30)
+            assert _assert_envelope(again, 409)["error"]["code"] == "retrain_running"  # one at a time
+            page.wait_for_function("/(passed|blocked|failed)/.test(document.getElementById('retrainstatus')"
+                                   ".textContent)", timeout=400_000, polling=1000)
+            said = page.text_content("#retrainstatus")
+            shots = REPO / "runs" / "screenshots"
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "label-retrain.png"), full_page=True)
+        finally:
+            browser.close()
+    st = httpx.get(f"{url}/v1/label/retrain", headers=h, timeout=30).json()
+    assert st["state"] == "passed", st.get("log_tail", st)
+    assert "passed the gate at tolerance 1" in said and f"published {st['published']}" in said and st["by"] == "test"
+    report = json.loads(Path(st["report"]).read_text())
+    assert report["labels"]["version"] == version and report["manifest"]["added"] == 2  # the two labelled frames
+    assert report["served"]["ref"] == "safety" and report["served"]["rows"] == report["candidate"]["rows"] == 4
+    # Published above every safety version the serving chain holds: an empty store's "safety@1"
+    # would share its ref with the shipped model, and a swap to it would change nothing.
+    served_versions = [int(v) for st_ in store_chain() for v in ModelStore(st_).versions("safety") if v.isdigit()]
+    assert st["published"] == f"safety@{max(served_versions) + 1}"
+    card = ModelStore(str(app["tmp"] / "retrain_store")).card(st["published"])
+    assert card["gate"]["gate"]["tolerance"] == 1.0 and card["gate"]["served"]["ref"] == "safety"
+    # The same figures at tolerance 0 block exactly where the candidate fell behind.
+    strict = gate({k: v["served"] for k, v in report["per_label"].items() if v["served"]},
+                  {k: v["candidate"] for k, v in report["per_label"].items() if v["candidate"]}, 0.0)
+    behind = {lab for lab, v in report["per_label"].items() if v["served"] and v["candidate"]
+              and (v["served"]["recall"] or 0) > 0 and v["candidate"]["recall"] < v["served"]["recall"]}
+    assert behind <= {b["label"] for b in strict["blocked"]}
+    assert "# Retrain: passed" in (Path(st["report"]).parent / "report.md").read_text()
 
 
 def test_persons_answers_faces_and_attributes_only_to_keys_with_the_persons_scope(app):

@@ -251,3 +251,79 @@ def format_report(report: Mapping[str, Any]) -> str:
     for lab, row in report["per_label"].items():
         lines.append(f"| {lab} | {rp(row['served'])} | {rp(row['candidate'])} |")
     return "\n".join(lines) + "\n"
+
+
+class RetrainRunner:
+    """One retrain at a time as a child process, and what became of it (the labelling page's button).
+
+    The child is ``python -m livelens.loop retrain`` with every field of the job as a flag, joined to
+    this Ray cluster (``RAY_ADDRESS``): the same command as ``make retrain``, so a run from the page
+    trains, gates, publishes and swaps exactly as one from a shell. Its log and report stay under
+    ``<job.out>/page-<run id>/``.
+    """
+
+    def __init__(self, job: RetrainJob):
+        self.job = job
+        self._proc: Any = None
+        self._run: dict[str, Any] | None = None
+
+    def start(self, by: str) -> dict[str, Any]:
+        """Start a run for ``by`` (the API key id); returns :meth:`status`.
+
+        Raises:
+            ConflictError: A run is still going.
+            ConfigError: The base or held-out manifest is missing (nothing is started).
+        """
+        import os
+        import subprocess
+        import sys
+        import uuid
+        from dataclasses import replace
+
+        from livelens.cli_config import config_argv
+        from livelens.errors import ConflictError
+
+        if self._proc is not None and self._proc.poll() is None:
+            raise ConflictError(f"a retrain started by {self._run['by']} is still running (run {self._run['id']})",
+                                code="retrain_running")
+        for what in ("base", "heldout"):
+            if not Path(getattr(self.job, what)).is_dir():
+                raise ConfigError(f"retrain {what} manifest {getattr(self.job, what)} does not exist; build it with "
+                                  "'make data' or set labelling.retrain in the app config", code="no_base_manifest")
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        out = Path(self.job.out) / f"page-{run_id}"
+        out.mkdir(parents=True)
+        env = dict(os.environ)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except ImportError:
+            pass
+        argv = [sys.executable, "-m", "livelens.loop", "retrain", *config_argv(replace(self.job, out=str(out)))]
+        with open(out / "retrain.log", "wb") as log:
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._run = {"id": run_id, "by": by, "started_at": time.time(), "dir": str(out)}
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """``idle``, ``running``, or the finished run's ``passed`` / ``blocked`` (with the gate's
+        verdict, the published ref and the seconds per stage) or ``failed`` (with the log's tail)."""
+        if self._run is None:
+            return {"state": "idle"}
+        run, rc = dict(self._run), self._proc.poll()
+        run["seconds"] = round(time.time() - run["started_at"], 1)
+        if rc is None:
+            return {"state": "running", **run}
+        reports = sorted(Path(run["dir"]).glob("retrain-*/report.json"))
+        if rc != 0 or not reports:
+            log = Path(run["dir"]) / "retrain.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            return {"state": "failed", "exit_code": rc, "log_tail": tail, **run}
+        report = json.loads(reports[-1].read_text())
+        g = report["gate"]
+        return {"state": "passed" if g["passed"] else "blocked", **run, "exit_code": rc,
+                "gate": {k: g.get(k) for k in ("passed", "covered", "gained", "blocked", "tolerance")},
+                "published": report.get("published"), "live": report.get("live"), "took": report.get("seconds"),
+                "report": str(reports[-1])}
