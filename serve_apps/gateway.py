@@ -837,23 +837,44 @@ class Gateway:
     @api.post("/v1/label-studio/setup", summary="Label Studio ML backend: the served model versions")
     async def ls_setup(self, request: Request) -> JSONResponse:
         self._auth(request, "label")
-        await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy, MAX_LABEL_BODY)
+        doc = await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy, MAX_LABEL_BODY)
+        project, hostname, token = doc.get("project"), doc.get("hostname"), doc.get("access_token")
+        if isinstance(project, str) and isinstance(hostname, str) and isinstance(token, str) and token \
+                and self.handles.get("label") is not None:
+            label_studio.server_url(hostname, "/")  # a malformed address is a 400 now, not at /predict
+            await self._handle("label").link_label_studio.remote(project[:64], hostname, token[:256])
         return _ok(request, {"model_version": await self._served_refs()})
 
-    async def _ls_image(self, task: Any) -> bytes:
+    async def _ls_image(self, task: Any, project: Any) -> bytes:
         """A task's image bytes (see ``label_studio.task_image``); a frame missing from the store falls
-        back to the task's own image when it has one."""
+        back to the task's own image when it has one.
+
+        A path on the Label Studio server is fetched from the address the project's ``/setup`` gave,
+        with its token, and only when that host is on ``url_allowlist``: the token never goes
+        anywhere the operator has not allowed.
+        """
         where = label_studio.task_image(task)
         if where.frame_id and self.handles.get("label") is not None:
             try:
                 return await self._handle("label").image_bytes.remote(where.frame_id)
             except Exception as exc:
-                if not isinstance(unwrap(exc), LivelensError) or not (where.data_uri or where.url):
+                if not isinstance(unwrap(exc), LivelensError) or not (where.data_uri or where.url or where.path):
                     raise unwrap(exc) from None
         if where.data_uri:
             return inputs.decode_b64(where.data_uri, "task image", self.policy)
         if where.url:
             return await asyncio.to_thread(inputs.fetch_url, where.url, self.policy)
+        if where.path:
+            link = None
+            if isinstance(project, str) and self.handles.get("label") is not None:
+                link = await self._handle("label").label_studio_link.remote(project[:64])
+            if link is None:
+                raise InvalidArgumentError(f"task image {where.path[:100]!r} is on the Label Studio server, whose "
+                                           f"address and token come with /setup, which project {project!r} has not "
+                                           "sent", code="unreadable_task_image")
+            hostname, token = link
+            return await asyncio.to_thread(inputs.fetch_url, label_studio.server_url(hostname, where.path),
+                                           self.policy, 10.0, {"Authorization": f"Token {token}"})
         raise InvalidArgumentError(f"frame {where.frame_id!r} is not in the label store and the task carries no "
                                    "image livelens can read", code="unreadable_task_image")
 
@@ -908,7 +929,7 @@ class Gateway:
 
         async def one(task: Any) -> dict:
             try:
-                return await self._pre_annotate(lambda: self._ls_image(task), gate, offered)
+                return await self._pre_annotate(lambda: self._ls_image(task, doc.get("project")), gate, offered)
             except Exception as exc:
                 return {"error": error_item(unwrap(exc))["error"]}
 

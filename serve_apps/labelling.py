@@ -78,6 +78,9 @@ class Labelling:
         self.args = args
         self._frames: tuple[str, float, dict[str, dict[str, Any]]] | None = None  # (manifest, mtime, rows)
         self.retrainer = RetrainRunner(replace(args.retrain, labels=args.store))
+        # Label Studio projects' server and token, from their /setup: kept in memory only (a
+        # restarted replica learns them again, since Label Studio sends /setup before predictions).
+        self._ls_links: dict[str, tuple[str, str]] = {}
 
     def check_health(self) -> None:
         """Healthy without a store: the routes say there is none (404), the service stays up."""
@@ -224,6 +227,16 @@ class Labelling:
     async def retrain_status(self) -> dict[str, Any]:
         """The page's retrain: idle, running, or how the last one ended (gate verdict, published ref)."""
         return await asyncio.to_thread(self.retrainer.status)
+
+    async def link_label_studio(self, project: str, hostname: str, token: str) -> None:
+        """Keep where a Label Studio project's server is and its token (from its ``/setup``)."""
+        if len(self._ls_links) >= 1000 and project not in self._ls_links:
+            self._ls_links.pop(next(iter(self._ls_links)))  # bounded: the oldest project goes
+        self._ls_links[project] = (hostname, token)
+
+    async def label_studio_link(self, project: str) -> tuple[str, str] | None:
+        """A project's Label Studio server and token, or None when its ``/setup`` never came."""
+        return self._ls_links.get(project)
 
     async def events(self, since: int = 0) -> list[dict[str, Any]]:
         """Commits after version ``since``, oldest first."""

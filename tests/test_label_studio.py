@@ -125,7 +125,7 @@ def test_the_prediction_keeps_only_labels_the_project_offers():
 
 def test_a_task_names_its_image_by_frame_id_inline_bytes_or_url():
     from livelens.errors import InvalidArgumentError
-    from livelens.loop.label_studio import data_uri, make_task, task_image
+    from livelens.loop.label_studio import data_uri, make_task, server_url, task_image
 
     png = encode_png(np.zeros((4, 6, 3), np.uint8))
     uri = data_uri(png)
@@ -134,9 +134,14 @@ def test_a_task_names_its_image_by_frame_id_inline_bytes_or_url():
     assert task_image(t).frame_id == "abc" and task_image(t).data_uri == uri and "predictions" not in t
     assert task_image({"data": {"image": "https://cdn.example/x.jpg"}}).url == "https://cdn.example/x.jpg"
     assert task_image({"data": {"image": "/data/upload/1/x.jpg", "livelens_id": "abc"}}).frame_id == "abc"
-    for bad in ({"data": {"image": "/data/upload/1/x.jpg"}}, {"data": {"livelens_id": "../etc"}}, {"data": 3}, 7):
+    assert task_image({"data": {"image": "/data/upload/1/x.jpg"}}).path == "/data/upload/1/x.jpg"
+    for bad in ({"data": {"image": "//evil.example/x.jpg"}}, {"data": {"livelens_id": "../etc"}}, {"data": 3}, 7):
         with pytest.raises(InvalidArgumentError):
             task_image(bad)
+    assert server_url("http://localhost:8080/", "/data/upload/1/x.jpg") == "http://localhost:8080/data/upload/1/x.jpg"
+    for host in ("file:///etc", "localhost:8080", "http://h/?q=1", None):
+        with pytest.raises(InvalidArgumentError):
+            server_url(host, "/x")
 
 
 def test_webhook_annotations_become_label_store_changes():

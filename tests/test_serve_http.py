@@ -44,7 +44,9 @@ def app(serve_session, tmp_path_factory):
     spec = doc["applications"][0]
     spec.update(name=APP, route_prefix=PREFIX)
     args = spec["args"]
-    args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES, audit_dir=str(tmp / "audit"))
+    # localhost is allowlisted for the Label Studio test: the gateway reads that server's uploads.
+    args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES, audit_dir=str(tmp / "audit"),
+                           url_allowlist=["localhost"])
     args["streams"] = {"db_path": str(tmp / "streams.sqlite"), "window": 4, "k": 2}
     # The store is created by the labelling test, through the CLI; the page's retrain is a tiny one
     # into a store of its own (the swap into a live app is tested on its own).
@@ -1420,16 +1422,25 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     assert client.patch(f"/api/webhooks/{hook['id']}", json={"headers": {"Authorization": f"Bearer {key}"}}).is_success
     imported = client.post(f"/api/projects/{pid}/import", json=tasks)
     assert imported.status_code == 201 and imported.json()["task_count"] == 3, imported.text
+    # One more frame uploaded to Label Studio as a file: livelens reads it from that server, with the
+    # address and token its /setup sent, since localhost is on the gateway's url_allowlist.
+    (extra,) = httpx.get(f"{url}/v1/label/export", params={"offset": 3, "limit": 1, "predictions": "false"},
+                         headers=h, timeout=120).json()
+    upload = base64.b64decode(extra["data"]["image"].partition(",")[2])
+    up = client.post(f"/api/projects/{pid}/import", files={"file": ("frame.png", upload, "image/png")})
+    assert up.status_code == 201 and up.json()["task_count"] == 1, up.text
     act = client.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                       json={"selectedItems": {"all": True, "excluded": []}})
     assert act.is_success, act.text
     got = client.get("/api/tasks", params={"project": pid, "fields": "all"}).json()["tasks"]
-    ours = httpx.post(f"{url}/v1/label-studio/predict", json={"tasks": tasks, "label_config": config},
+    ours = httpx.post(f"{url}/v1/label-studio/predict", json={"tasks": [*tasks, extra], "label_config": config},
                       auth=("label-studio", key), timeout=120).json()["results"]
-    want = {t["data"]["livelens_id"]: p for t, p in zip(tasks, ours, strict=True)}
+    want = {t["data"]["livelens_id"]: p for t, p in zip([*tasks, extra], ours, strict=True)}
+    uploaded = [t for t in got if "livelens_id" not in t["data"]]
+    assert len(got) == 4 and len(uploaded) == 1 and uploaded[0]["data"]["image"].startswith("/data/upload/")
     for t in got:
         (pred,) = t["predictions"]  # one per task, stored by Label Studio from livelens's answer
-        mine = want[t["data"]["livelens_id"]]
+        mine = want[t["data"].get("livelens_id", extra["data"]["livelens_id"])]
         def plain(results: list[dict]) -> list[dict]:
             # Ids are per prediction; a score moves in its third decimal with the batch it ran in.
             return [{k: (pytest.approx(v, abs=0.01) if k == "score" else v) for k, v in r.items() if k != "id"}
@@ -1440,7 +1451,7 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     assert any(t["predictions"][0]["result"] for t in got)  # generated ads frames: something is pre-annotated
     # An annotation in Label Studio: its webhook commits the frame's labels, by the key.
     version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
-    first = got[0]
+    first = next(t for t in got if "livelens_id" in t["data"])
     result = [{"from_name": "labels", "to_name": "image", "type": "choices", "value": {"choices": ["ads_logo"]}}]
     made = client.post(f"/api/tasks/{first['id']}/annotations", json={"result": result, "task": first["id"]})
     assert made.status_code == 201, made.text
@@ -1454,8 +1465,10 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     export = client.get(f"/api/projects/{pid}/export", params={"exportType": "JSON", "download_all_tasks": "true"})
     assert export.status_code == 200, export.text[:300]
     (tmp_path / "export.json").write_bytes(export.content)
+    # The uploaded file is read from the images folder a team downloads beside the export.
+    (tmp_path / Path(uploaded[0]["data"]["image"]).name).write_bytes(upload)
     rows = {content_id(r["image_bytes"]): r for r in import_label_studio(tmp_path / "export.json")}
-    assert set(rows) == {t["data"]["livelens_id"] for t in tasks}  # each frame keeps its content id
+    assert set(rows) == {t["data"]["livelens_id"] for t in [*tasks, extra]}  # each frame keeps its content id
     assert rows[first["data"]["livelens_id"]]["labels"] == ["ads_logo"]
     assert loop_main(["ls-import", "--export", str(tmp_path / "export.json"), "--out", str(tmp_path / "labelled")]) == 0
     table = read_manifest(tmp_path / "labelled", columns=["id", "labels"]).to_pylist()

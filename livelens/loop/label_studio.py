@@ -20,10 +20,13 @@ project's Model settings to ``http://<gateway>/v1/label-studio`` with basic auth
 and an API key with the ``label`` scope as the password):
 
 * ``GET /health``: ``{"status": "UP"}``;
-* ``POST /setup``: the served ``model@version`` refs as ``model_version``;
+* ``POST /setup``: the served ``model@version`` refs as ``model_version``; the Label Studio
+  server's address and token it sends are kept (in memory, by the labelling deployment) to read
+  that project's uploaded images;
 * ``POST /predict``: one prediction per task (:func:`prediction`) from the same fan-out and fusion
   as ``/v1/analyze``; a task's image is read by :func:`task_image` (the label store's frame for a
-  ``livelens_id``, else a ``data:`` URI, else an allowlisted URL);
+  ``livelens_id``, else a ``data:`` URI, else an allowlisted URL, else a path on the Label Studio
+  server, fetched with its token when its host is on the gateway's ``url_allowlist``);
 * ``POST /webhook`` (answered 201): an annotation created, updated or deleted in Label Studio
   becomes a commit to the label store (:func:`annotation_change`), made by the key's id.
 """
@@ -199,11 +202,13 @@ def export_tasks(manifest: str | Path, out: str | Path, analyzer: Any, *, labels
 
 @dataclass(frozen=True)
 class TaskImage:
-    """Where one task's image is: a frame of the label store, inline bytes, or a URL to fetch."""
+    """Where one task's image is: a frame of the label store, inline bytes, a URL to fetch, or a
+    path on the Label Studio server (an upload or a storage link) read with that server's token."""
 
     frame_id: str | None = None
     data_uri: str | None = None
     url: str | None = None
+    path: str | None = None
 
 
 def task_image(task: Any) -> TaskImage:
@@ -224,12 +229,29 @@ def task_image(task: Any) -> TaskImage:
         return TaskImage(frame_id=frame_id, data_uri=image)
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         return TaskImage(frame_id=frame_id, url=image)
+    if isinstance(image, str) and image.startswith("/") and not image.startswith("//") and len(image) <= 2048:
+        return TaskImage(frame_id=frame_id, path=image)
     if frame_id:
         return TaskImage(frame_id=frame_id)
     shown = image[:100] if isinstance(image, str) else type(image).__name__
     raise InvalidArgumentError(f"task image {shown!r}: livelens reads a data.livelens_id of its label store, a "
-                               "data: URI or an allowlisted http(s) URL, not a file on the Label Studio server",
+                               "data: URI, an allowlisted http(s) URL or a path on the Label Studio server",
                                code="unreadable_task_image")
+
+
+def server_url(hostname: Any, path: str) -> str:
+    """The URL of a path on the Label Studio server that sent ``hostname`` in its ``/setup``.
+
+    Raises:
+        InvalidArgumentError: ``hostname`` is not an http(s) origin.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(hostname if isinstance(hostname, str) else "")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise InvalidArgumentError(f"Label Studio hostname {str(hostname)[:100]!r}: want http(s)://host[:port]",
+                                   code="bad_label_studio_host")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}{path}"
 
 
 def data_uri(data: bytes) -> str:

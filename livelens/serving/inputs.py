@@ -88,12 +88,17 @@ def check_url(url: object, policy: InputPolicy) -> str:
     return url
 
 
-def fetch_url(url: str, policy: InputPolicy, timeout_s: float = 5.0) -> bytes:
-    """Fetch an allowlisted URL, without redirects (a redirect could leave the allowlist), size-capped."""
+def fetch_url(url: str, policy: InputPolicy, timeout_s: float = 5.0,
+              headers: dict[str, str] | None = None) -> bytes:
+    """Fetch an allowlisted URL, without redirects (a redirect could leave the allowlist), size-capped.
+
+    ``headers`` (e.g. a Label Studio token) go only to that allowlisted host, never to a redirect.
+    """
     import httpx
 
     check_url(url, policy)
-    with httpx.Client(follow_redirects=False, timeout=timeout_s) as client, client.stream("GET", url) as resp:
+    with httpx.Client(follow_redirects=False, timeout=timeout_s) as client, \
+            client.stream("GET", url, headers=headers) as resp:
         if resp.status_code != 200:
             raise InvalidArgumentError(f"fetching {url[:100]} gave HTTP {resp.status_code}", code="url_fetch_failed")
         buf = bytearray()
