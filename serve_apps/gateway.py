@@ -806,14 +806,18 @@ class Gateway:
 
         It needs the ``admin`` scope as well as ``label``: a passed candidate replaces the served model.
         """
-        who = self._auth(request, "label") or "anonymous"
+        status = await self._start_retrain(request, self._auth(request, "label") or "anonymous")
+        _observe(request, 202)
+        return JSONResponse({"request_id": _rid(request), **status}, status_code=202)
+
+    async def _start_retrain(self, request: Request, who: str) -> dict:
+        """Start the labelling deployment's retrain for the request's key (authenticated for ``label``),
+        which needs ``admin`` too."""
         entry = getattr(request.state, "key_entry", None)
         if entry is not None and not entry.allows("admin"):
             raise ForbiddenError(f"key {entry.id!r} may label but not retrain: that needs the 'admin' scope",
                                  code="scope_denied")
-        status = await self._handle("label").retrain.remote(who)
-        _observe(request, 202)
-        return JSONResponse({"request_id": _rid(request), **status}, status_code=202)
+        return await self._handle("label").retrain.remote(who)
 
     @api.get("/v1/label/retrain", summary="The page's retrain: running, or its gate verdict and published model")
     async def label_retrain_status(self, request: Request) -> JSONResponse:
@@ -943,19 +947,19 @@ class Gateway:
     async def ls_webhook(self, request: Request) -> JSONResponse:
         """An ``ANNOTATION_CREATED`` / ``_UPDATED`` sets the frame's labels to the annotation's, an
         ``ANNOTATION_DELETED`` takes its labels back; the labeller is the key's id. Other actions are
-        answered ``Unknown event`` (200), as the protocol does; ``START_TRAINING`` says how to retrain.
+        answered ``Unknown event`` (200), as the protocol does. ``START_TRAINING`` (Label Studio's
+        *Start training*) starts the same retrain as the labelling page's button, on the label store's
+        newest labels (the annotations its webhooks brought), and needs the ``admin`` scope too.
         """
         who = self._auth(request, "label") or "anonymous"
         payload = await asyncio.to_thread(inputs.parse_json_object, await request.body(), self.policy, MAX_LS_BODY)
         action = payload.get("action")
+        if action == "START_TRAINING":
+            status = await self._start_retrain(request, who)
+            _observe(request, 201)
+            return JSONResponse({"status": "ok", "result": status}, status_code=201)
         if action not in label_studio.TRAIN_EVENTS:
             return _ok(request, {"status": "Unknown event"})
-        if action == "START_TRAINING":
-            # Retraining swaps the served model: it runs as a job (make retrain, livelens jobs submit
-            # retrain), not inside a labelling call.
-            _observe(request, 201)
-            return JSONResponse({"status": "ok", "result": {"retrain": "python -m livelens.loop retrain --labels "
-                                                            "<label store> --app <app>"}}, status_code=201)
         change = label_studio.annotation_change(payload)
         applied = await self._handle("label").apply.remote(change.frame_id, sorted(change.labels), change.replace,
                                                           who, change.note)

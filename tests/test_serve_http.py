@@ -1501,6 +1501,9 @@ def test_the_page_exports_tasks_and_its_retrain_button_trains_gates_and_publishe
         assert time.time() < deadline, "the added key was never accepted"
         time.sleep(0.5)
     assert _assert_envelope(denied, 403)["error"]["code"] == "scope_denied"  # labelling is not retraining
+    start_training = {"action": "START_TRAINING", "project": {"id": 1}}  # Label Studio's "Start training"
+    denied = httpx.post(f"{url}/v1/label-studio/webhook", json=start_training, auth=("ls", labeller), timeout=30)
+    assert _assert_envelope(denied, 403)["error"]["code"] == "scope_denied"
     with sync_playwright() as pw:
         browser = _chromium(pw)
         try:
@@ -1516,6 +1519,8 @@ def test_the_page_exports_tasks_and_its_retrain_button_trains_gates_and_publishe
                                    timeout=60_000)
             again = httpx.post(f"{url}/v1/label/retrain", headers=h, timeout=30)
             assert _assert_envelope(again, 409)["error"]["code"] == "retrain_running"  # one at a time
+            again = httpx.post(f"{url}/v1/label-studio/webhook", json=start_training, headers=h, timeout=30)
+            assert _assert_envelope(again, 409)["error"]["code"] == "retrain_running"  # the same runner
             page.wait_for_function("/(passed|blocked|failed)/.test(document.getElementById('retrainstatus')"
                                    ".textContent)", timeout=400_000, polling=1000)
             said = page.text_content("#retrainstatus")
