@@ -30,6 +30,7 @@ from livelens.serving.config import validate_serve_config
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]  # one ~60 s graph start-up for the module
 REPO = Path(__file__).resolve().parents[1]
 APP, PREFIX = "livelens_test", "/ll"
+LS_HOST = "127.0.0.2"  # loopback, but not an address the SSRF cases name
 MAX_BYTES = 2_000_000
 
 
@@ -44,9 +45,10 @@ def app(serve_session, tmp_path_factory):
     spec = doc["applications"][0]
     spec.update(name=APP, route_prefix=PREFIX)
     args = spec["args"]
-    # localhost is allowlisted for the Label Studio test: the gateway reads that server's uploads.
+    # The Label Studio test's server is on 127.0.0.2, allowlisted so the gateway reads its uploads
+    # (127.0.0.1 and localhost stay refused, as the hostile table checks).
     args["gateway"].update(key_file=str(tmp / "keys.json"), max_bytes=MAX_BYTES, audit_dir=str(tmp / "audit"),
-                           url_allowlist=["localhost"])
+                           url_allowlist=[LS_HOST])
     args["streams"] = {"db_path": str(tmp / "streams.sqlite"), "window": 4, "k": 2}
     # The store is created by the labelling test, through the CLI; the page's retrain is a tiny one
     # into a store of its own (the swap into a live app is tested on its own).
@@ -91,17 +93,18 @@ def label_studio(tmp_path_factory):
     assert exe.exists(), f"{exe} is missing: make setup installs Label Studio"
     data = tmp_path_factory.mktemp("label_studio")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LS_HOST, 0))
         port = s.getsockname()[1]
     token = secrets.token_hex(20)
+    url = f"http://{LS_HOST}:{port}"
     env = {**os.environ, "LABEL_STUDIO_USERNAME": "labeller@livelens.test", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
            "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-           "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "LABEL_STUDIO_BASE_DATA_DIR": str(data), "DEBUG": "false"}
+           "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+           "DEBUG": "false", "LABEL_STUDIO_HOST": url}  # the address its /setup gives the ML backend
     log = (data / "label-studio.log").open("wb")
-    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--port", str(port), "--internal-host", "127.0.0.1",
+    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--port", str(port), "--internal-host", LS_HOST,
                              "--data-dir", str(data)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     try:
         while True:
@@ -1334,6 +1337,12 @@ def test_the_analysis_view_scores_served_answers_and_lists_model_history(app):
             browser.close()
 
 
+def _frame_labels(app, frame_id: str) -> set[str]:
+    """The labels in force on one frame of the label store."""
+    page = httpx.get(f"{app['url']}/v1/label/frames", params={"limit": 500}, headers=app["headers"], timeout=30).json()
+    return set(next(f for f in page["frames"] if f["id"] == frame_id)["labels"])
+
+
 def test_label_studio_ml_backend_protocol_predicts_and_labels_back_over_http(app):
     """Issue 16's ML backend: /health, /setup, /predict (one result per task, errors per task) and
     /webhook (annotations become label-store commits by the key), with the key as basic-auth password."""
@@ -1367,6 +1376,7 @@ def test_label_studio_ml_backend_protocol_predicts_and_labels_back_over_http(app
                             400)["error"]["code"] == "bad_tasks"
     # Labels made in Label Studio come back as commits by the key, and an edit replaces them.
     version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
+    have = _frame_labels(app, ids[0])  # what earlier tests left on it
     task = {"id": 1, "data": {"livelens_id": ids[0]}}
 
     def hook(action: str, choices: list[str]) -> httpx.Response:
@@ -1374,15 +1384,20 @@ def test_label_studio_ml_backend_protocol_predicts_and_labels_back_over_http(app
         return httpx.post(f"{ls}/webhook", json={"action": action, "task": task, "annotation": ann}, auth=auth,
                           timeout=30)
 
-    r = hook("ANNOTATION_CREATED", ["ads_logo", "ads_phone"])
-    assert r.status_code == 201 and r.json()["result"]["added"] == ["ads_logo", "ads_phone"], r.text
+    made = {"ads_logo", "ads_phone"}
+    r = hook("ANNOTATION_CREATED", sorted(made))
+    assert r.status_code == 201, r.text
+    assert (r.json()["result"]["added"], r.json()["result"]["removed"]) == (sorted(made - have), sorted(have - made))
+    assert _frame_labels(app, ids[0]) == made  # the annotation is the frame's whole answer
     assert hook("ANNOTATION_UPDATED", ["ads_logo"]).json()["result"]["removed"] == ["ads_phone"]
     assert hook("ANNOTATION_UPDATED", ["ads_logo"]).json()["result"]["changed"] is False  # no empty version
     events = httpx.get(f"{url}/v1/label/events", params={"since": version}, headers=h, timeout=30).json()["events"]
-    assert [(e["ids"], e["add"], e["remove"], e["by"]) for e in events] == [
-        ([ids[0]], ["ads_logo", "ads_phone"], [], "test"), ([ids[0]], [], ["ads_phone"], "test")]
-    assert "label studio annotation_created: task 1, annotation 5, user 2" in events[0]["note"]
+    want = ([([ids[0]], sorted(made - have), sorted(have - made), "test")] if have != made else []) + \
+        [([ids[0]], [], ["ads_phone"], "test")]
+    assert [(e["ids"], e["add"], e["remove"], e["by"]) for e in events] == want
+    assert "task 1, annotation 5, user 2" in events[0]["note"] and "label studio annotation_" in events[0]["note"]
     assert hook("ANNOTATION_DELETED", ["ads_logo"]).json()["result"]["removed"] == ["ads_logo"]
+    assert _frame_labels(app, ids[0]) == set()
     assert httpx.post(f"{ls}/webhook", json={"action": "PROJECT_UPDATED"}, auth=auth, timeout=30).json() == \
         {"status": "Unknown event"}
     bad = httpx.post(f"{ls}/webhook", json={"action": "ANNOTATION_CREATED", "task": {"data": {}}, "annotation": {}},
@@ -1423,7 +1438,7 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     imported = client.post(f"/api/projects/{pid}/import", json=tasks)
     assert imported.status_code == 201 and imported.json()["task_count"] == 3, imported.text
     # One more frame uploaded to Label Studio as a file: livelens reads it from that server, with the
-    # address and token its /setup sent, since localhost is on the gateway's url_allowlist.
+    # address and token its /setup sent, since that host is on the gateway's url_allowlist.
     (extra,) = httpx.get(f"{url}/v1/label/export", params={"offset": 3, "limit": 1, "predictions": "false"},
                          headers=h, timeout=120).json()
     upload = base64.b64decode(extra["data"]["image"].partition(",")[2])
@@ -1452,7 +1467,9 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     # An annotation in Label Studio: its webhook commits the frame's labels, by the key.
     version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
     first = next(t for t in got if "livelens_id" in t["data"])
-    result = [{"from_name": "labels", "to_name": "image", "type": "choices", "value": {"choices": ["ads_logo"]}}]
+    have = _frame_labels(app, first["data"]["livelens_id"])
+    label = next(lab for lab in ("ads_logo", "ads_qrcode", "ads_watermark", "ads_url") if lab not in have)
+    result = [{"from_name": "labels", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
     made = client.post(f"/api/tasks/{first['id']}/annotations", json={"result": result, "task": first["id"]})
     assert made.status_code == 201, made.text
     deadline, events = time.time() + 30, []
@@ -1460,7 +1477,7 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
         events = httpx.get(f"{url}/v1/label/events", params={"since": version}, headers=h, timeout=30).json()["events"]
         time.sleep(0.3)
     assert [(e["ids"], e["by"]) for e in events] == [([first["data"]["livelens_id"]], "test")], events
-    assert "ads_logo" in events[0]["add"] and "label studio annotation_created" in events[0]["note"]
+    assert label in events[0]["add"] and "label studio annotation_created" in events[0]["note"]
     # Label Studio's JSON export comes back through the importer, the original bytes included.
     export = client.get(f"/api/projects/{pid}/export", params={"exportType": "JSON", "download_all_tasks": "true"})
     assert export.status_code == 200, export.text[:300]
@@ -1469,10 +1486,10 @@ def test_a_real_label_studio_predicts_through_the_gateway_and_its_labels_come_ba
     (tmp_path / Path(uploaded[0]["data"]["image"]).name).write_bytes(upload)
     rows = {content_id(r["image_bytes"]): r for r in import_label_studio(tmp_path / "export.json")}
     assert set(rows) == {t["data"]["livelens_id"] for t in [*tasks, extra]}  # each frame keeps its content id
-    assert rows[first["data"]["livelens_id"]]["labels"] == ["ads_logo"]
+    assert rows[first["data"]["livelens_id"]]["labels"] == [label]
     assert loop_main(["ls-import", "--export", str(tmp_path / "export.json"), "--out", str(tmp_path / "labelled")]) == 0
     table = read_manifest(tmp_path / "labelled", columns=["id", "labels"]).to_pylist()
-    assert {r["id"]: r["labels"] for r in table}[first["data"]["livelens_id"]] == ["ads_logo"]
+    assert {r["id"]: r["labels"] for r in table}[first["data"]["livelens_id"]] == [label]
     client.close()
 
 
@@ -1492,7 +1509,7 @@ def test_the_page_exports_tasks_and_its_retrain_button_trains_gates_and_publishe
     ids = [f["id"] for f in httpx.get(f"{url}/v1/label/frames", headers=h, timeout=30).json()["frames"]]
     assert httpx.post(f"{url}/v1/label/commit", json={"ids": ids[:2], "add": ["ads_logo"]}, headers=h,
                       timeout=30).status_code == 200
-    version = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()["version"]
+    store = httpx.get(f"{url}/v1/label/store", headers=h, timeout=30).json()
     labeller = generate_key()
     add_key_to_file(app["key_file"], labeller, "labeller", scopes=["label"], rate_per_s=1000, burst=1000)
     deadline = time.time() + 30
@@ -1533,7 +1550,8 @@ def test_the_page_exports_tasks_and_its_retrain_button_trains_gates_and_publishe
     assert st["state"] == "passed", st.get("log_tail", st)
     assert "passed the gate at tolerance 1" in said and f"published {st['published']}" in said and st["by"] == "test"
     report = json.loads(Path(st["report"]).read_text())
-    assert report["labels"]["version"] == version and report["manifest"]["added"] == 2  # the two labelled frames
+    # Every labelled frame of the store (queue frames are new to the base manifest) joins training.
+    assert report["labels"]["version"] == store["version"] and report["manifest"]["added"] == store["labelled_frames"]
     assert report["served"]["ref"] == "safety" and report["served"]["rows"] == report["candidate"]["rows"] == 4
     # Published above every safety version the serving chain holds: an empty store's "safety@1"
     # would share its ref with the shipped model, and a swap to it would change nothing.

@@ -97,16 +97,22 @@ def fetch_url(url: str, policy: InputPolicy, timeout_s: float = 5.0,
     import httpx
 
     check_url(url, policy)
-    with httpx.Client(follow_redirects=False, timeout=timeout_s) as client, \
-            client.stream("GET", url, headers=headers) as resp:
-        if resp.status_code != 200:
-            raise InvalidArgumentError(f"fetching {url[:100]} gave HTTP {resp.status_code}", code="url_fetch_failed")
-        buf = bytearray()
-        for chunk in resp.iter_bytes():
-            buf += chunk
-            if len(buf) > policy.limits.max_bytes:
-                raise ImageTooLargeError(f"{url[:100]} is over {policy.limits.max_bytes} bytes")
-        return bytes(buf)
+    try:
+        with httpx.Client(follow_redirects=False, timeout=timeout_s) as client, \
+                client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code != 200:
+                raise InvalidArgumentError(f"fetching {url[:100]} gave HTTP {resp.status_code}",
+                                           code="url_fetch_failed")
+            buf = bytearray()
+            for chunk in resp.iter_bytes():
+                buf += chunk
+                if len(buf) > policy.limits.max_bytes:
+                    raise ImageTooLargeError(f"{url[:100]} is over {policy.limits.max_bytes} bytes")
+            return bytes(buf)
+    except httpx.HTTPError as exc:
+        # An allowlisted host that is down, slow or not speaking HTTP: the client's URL failed, not us.
+        raise InvalidArgumentError(f"fetching {url[:100]} failed: {type(exc).__name__}",
+                                   code="url_fetch_failed") from None
 
 
 #: Largest JSON body that is not an image carrier (admin and option bodies).
