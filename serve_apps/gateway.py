@@ -846,7 +846,7 @@ class Gateway:
         if isinstance(project, str) and isinstance(hostname, str) and isinstance(token, str) and token \
                 and self.handles.get("label") is not None:
             label_studio.server_url(hostname, "/")  # a malformed address is a 400 now, not at /predict
-            await self._handle("label").link_label_studio.remote(project[:64], hostname, token[:256])
+            await self._handle("label").link_label_studio.remote(project[:64], hostname, token[:4096])
         return _ok(request, {"model_version": await self._served_refs()})
 
     async def _ls_image(self, task: Any, project: Any) -> bytes:

@@ -199,25 +199,25 @@ class Labelling:
         """One frame's original bytes (what Label Studio's tasks and the ML backend's predictions use)."""
         return await asyncio.to_thread(self._image_bytes, frame_id)
 
-    def _apply(self, frame_id: str, labels: list[str], replace: bool, by: str, note: str) -> dict[str, Any]:
+    def _apply(self, frame_id: str, labels: list[str], whole: bool, by: str, note: str) -> dict[str, Any]:
         store = self._store()
         if frame_id not in self._rows(store):
             raise NotFoundError(f"no frame {frame_id[:80]!r} in the label store", code="frame_not_found")
         have = set(store.labels().get(frame_id, {}))
-        add, remove = (sorted(set(labels) - have), sorted(have - set(labels))) if replace \
+        add, remove = (sorted(set(labels) - have), sorted(have - set(labels))) if whole \
             else ([], sorted(have & set(labels)))
         if not add and not remove:
             return {"frame": frame_id, "version": store.latest(), "added": [], "removed": [], "changed": False}
         commit = store.commit([frame_id], add=add, remove=remove, by=by, note=note)
         return {"frame": frame_id, "version": commit.version, "added": add, "removed": remove, "changed": True}
 
-    async def apply(self, frame_id: str, labels: list[str], replace: bool, by: str, note: str) -> dict[str, Any]:
-        """One frame's labels from an outside tool: become ``labels`` (``replace``) or lose them.
+    async def apply(self, frame_id: str, labels: list[str], whole: bool, by: str, note: str) -> dict[str, Any]:
+        """One frame's labels from an outside tool: become ``labels`` (``whole``) or lose them.
 
         The difference from the newest version is one commit (none when nothing changes), so a
         labeller's edit in Label Studio shows in the events, the counts and the next retrain.
         """
-        return await asyncio.to_thread(self._apply, frame_id, labels, replace, by, note)
+        return await asyncio.to_thread(self._apply, frame_id, labels, whole, by, note)
 
     async def retrain(self, by: str) -> dict[str, Any]:
         """Start one retrain of the store's newest labels (see ``RetrainRunner``); 409 while one runs."""
