@@ -2,7 +2,8 @@
 
 Each detector runs through :meth:`PersonsEngine.detect` (what ``/v1/persons`` runs) on the same
 640×360 frame with three real faces; the figures are ratios against MTCNN measured in the same
-run. The attribute readers (the teacher, and livelens' network where the store has one) run on the
+run. The graph's detection stage (:func:`detection_stage`) is timed against the moderation it
+runs beside. The attribute readers (the teacher, and livelens' network where the store has one) run on the
 three faces of that frame as the engine does (the network in one batch, the teacher one crop at a
 time); their ms per face are ratios against the teacher's. Threads are pinned to one, as the
 Persons replica runs.
@@ -33,6 +34,37 @@ def frame_with_faces() -> np.ndarray:
     for side, (x, y) in ((150, (40, 60)), (70, (400, 40)), (40, (560, 250))):
         frame[y:y + side, x:x + side] = cv2.resize(face, (side, side))
     return frame
+
+
+def detection_stage(frame: np.ndarray, repeats: int) -> dict[str, Any]:
+    """The graph's detection stage on ``frame`` with a window and a small QR code pasted in.
+
+    Ratios: the stage (detector and QR box decoding) against the whole-frame moderation it runs
+    beside; one window's second pass against that same moderation; the decoder on the detector's
+    QR box against OCR's whole-frame QR decoder (tiled and zoomed).
+    """
+    from livelens.data import render
+    from livelens.detection import DetectionEngine, decode_qr_box
+    from livelens.moderation import ModerationEngine
+    from livelens.ocr.qr import decode_qr
+
+    frame = frame.copy()
+    frame[20:140, 420:620] = cv2.resize(data.chelsea(), (200, 120))
+    qr = np.asarray(render.qr_patch("https://example.com/live/8812", 1).convert("RGB"))
+    frame[300:300 + qr.shape[0], 20:20 + qr.shape[1]] = qr
+    eng = DetectionEngine("persons_det")
+    mod = ModerationEngine("safety", threads=1)
+    stage = _ms(lambda: eng.analyze(frame), repeats)
+    whole = _ms(lambda: mod.moderate(frame, "none"), repeats)
+    window = _ms(lambda: mod.classify_regions(frame, [[420, 20, 620, 140]]), repeats)
+    qr_box = [20, 300, 20 + qr.shape[1], 300 + qr.shape[0]]
+    box_ms = _ms(lambda: decode_qr_box(frame, qr_box), repeats)
+    whole_qr = _ms(lambda: decode_qr(frame), max(3, repeats // 4))
+    return {"ref": eng.ref, "objects": [o["class"] for o in eng.analyze(frame)["objects"]],
+            "stage_ms": round(stage, 2), "moderate_ms": round(whole, 2), "stage_vs_moderate": round(stage / whole, 3),
+            "second_pass_ms_per_window": round(window, 2), "second_pass_vs_moderate": round(window / whole, 3),
+            "qr_box_decode_ms": round(box_ms, 2), "qr_whole_frame_ms": round(whole_qr, 2),
+            "qr_box_vs_whole_frame": round(box_ms / whole_qr, 4)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -68,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v in out["attributes"].values():
         v["vs_teacher"] = round(v["ms_per_face"] / out["attributes"]["teacher"]["ms_per_face"], 3)
         v["vs_mtcnn_frame"] = round(v["ms_per_face"] / base, 3)
-    if not find_in_stores("persons_det"):
+    if find_in_stores("persons_det"):
+        out["detection_stage"] = detection_stage(frame, a.repeats)
+    else:
         out["note"] = "no persons_det in the model stores: run make train-persons for the mmdet figure"
     if not find_in_stores("persons_attr"):
         out["note_attributes"] = "no persons_attr in the model stores: run make train-attributes for its figure"

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from livelens import fusion
+from livelens import detection, fusion
 from livelens.imageio import EncodedImage
 from livelens.taxonomy import Taxonomy, load_taxonomy
 
-CAPABILITIES = ("moderate", "ocr", "quality", "persons")
+CAPABILITIES = ("moderate", "ocr", "quality", "persons", "detect")
 #: What ``/v1/analyze`` runs for a key without the ``persons`` scope (faces are personal data).
 DEFAULT_CAPS = ("moderate", "ocr", "quality")
 
@@ -31,8 +31,8 @@ class LocalAnalyzer:
         safety_ref: Safety classifier (None: open_nsfw only).
         regions_ref: Text-region model ('' or None: none).
         iqa_ref: Learned quality model (None: classical measures only).
-        caps: Capabilities to run: ``/v1/analyze`` runs the first three, and ``persons`` too for a key
-            with that scope.
+        caps: Capabilities to run: ``/v1/analyze`` runs the first three, ``persons`` too for a key
+            with that scope, and ``detect`` where the app deploys the detection stage.
         stores: The store chain (default :func:`livelens.store.store_chain`).
         use_open_nsfw: Also run open_nsfw, as the default service does.
         decode_qr: Also decode QR codes, as the default service does.
@@ -44,23 +44,28 @@ class LocalAnalyzer:
             objects themselves; their refs and the taxonomy are then that analyser's), so that
             two safety models compared on the same frames build and run those stages once
             (:func:`livelens.evaluation.evaluate_services`).
+        detector: The detection stage's model (a store ref, or a ready detector), for ``detect``.
+        detection: Other :class:`livelens.detection.DetectionEngine` arguments (``min_scores``,
+            ``decode_qr``, ``second_pass``), as the deployment's live config gives them.
     """
 
     def __init__(self, safety_ref: str | None = "safety", regions_ref: str | None = "ads_regions",
                  iqa_ref: str | None = "quality_iqa", caps: Sequence[str] = DEFAULT_CAPS,
                  stores: Sequence[str] | None = None, use_open_nsfw: bool = True, decode_qr: bool = True,
                  evidence: str = "boxes", tax: Taxonomy | None = None, ocr_engine: Any | None = None,
-                 threads: int = 2, share_from: LocalAnalyzer | None = None):
+                 threads: int = 2, share_from: LocalAnalyzer | None = None, detector: Any = "persons_det",
+                 detection: dict[str, Any] | None = None):
         self.tax = tax or (share_from.tax if share_from is not None else load_taxonomy())
         self.caps = tuple(c for c in CAPABILITIES if c in caps)
         self.evidence = evidence
-        self.moderation = self.ocr = self.quality = self.persons = None
+        self.moderation = self.ocr = self.quality = self.persons = self.detection = None
+        self.detection_missing = ""
         if "moderate" in self.caps:
             from livelens.moderation import ModerationEngine
 
             self.moderation = ModerationEngine(safety_ref, stores, use_open_nsfw, threads, self.tax)
         if share_from is not None:
-            for cap, attr in (("ocr", "ocr"), ("quality", "quality"), ("persons", "persons")):
+            for cap, attr in (("ocr", "ocr"), ("quality", "quality"), ("persons", "persons"), ("detect", "detection")):
                 if cap in self.caps:
                     setattr(self, attr, getattr(share_from, attr))
         elif "ocr" in self.caps:
@@ -84,6 +89,15 @@ class LocalAnalyzer:
             from livelens.persons.engine import PersonsEngine
 
             self.persons = PersonsEngine(tax=self.tax)
+        if "detect" in self.caps and self.detection is None:
+            from livelens.detection import DetectionEngine
+            from livelens.errors import ModelNotFoundError
+
+            try:
+                self.detection = DetectionEngine(detector, stores, tax=self.tax, **(detection or {}))
+            except ModelNotFoundError as exc:
+                # As the deployment: no detector stored yet (make train-persons) is an idle stage.
+                self.detection_missing = str(exc)
 
     def models(self) -> list[str]:
         """``name@version`` of every model the analyser runs."""
@@ -96,6 +110,8 @@ class LocalAnalyzer:
             out += self.quality.assess(np.zeros((16, 16, 3), np.uint8))["models"]
         if self.persons is not None:
             out += self.persons.models()
+        if self.detection is not None:
+            out += self.detection.models()
         return sorted(set(out))
 
     def parts(self, image: np.ndarray | EncodedImage, memo: dict[int, Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -133,6 +149,15 @@ class LocalAnalyzer:
             res = once(self.persons, lambda: self.persons.analyze(rgb))
             res.pop("timings_ms", None)
             out["persons"] = res
+        if self.detection is None and self.detection_missing:
+            out["detect"] = detection.idle_answer(self.detection_missing)
+        elif self.detection is not None:
+            # The detector's answer is shared; the second pass depends on this analyser's classifier.
+            res = once(self.detection, lambda: self.detection.analyze(rgb))
+            boxes = detection.second_pass_boxes(res) if self.detection.second_pass else []
+            if boxes and self.moderation is not None:
+                detection.attach_second_pass(self.tax, res, self.moderation.classify_regions(rgb, boxes))
+            out["detect"] = res
         return out
 
     def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:

@@ -84,6 +84,20 @@ def entity_covers(qr: bool = False) -> list[dict[str, Any]]:
              "rule": f"{'/'.join(k)} read in OCR text (livelens.ocr.entities)"} for label, k in kinds.items()]
 
 
+def detection_covers(card: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The labels the detection stage raises: windows by the detector, QR codes by the decoder on its boxes.
+
+    The window label's figures are the card's held-out AP and threshold (generated frames); the
+    service's own precision and recall are ``make eval-detection``'s.
+    """
+    m = card.get("metrics") or {}
+    return [{"label": "ads_picture_in_picture", "source": "detector", "level": "leaf",
+             "metrics": {k: m[f"heldout_{k}"] for k in ("ap_pip", "thr_pip") if m.get(f"heldout_{k}") is not None}
+             or None},
+            {"label": "ads_qrcode", "source": "detector", "level": "leaf",
+             "rule": "QR code decoded (OpenCV) inside the detector's qrcode box"}]
+
+
 def nsfw_covers(tax: Taxonomy) -> list[dict[str, Any]]:
     """open_nsfw scores the porn category: every porn leaf, at category level only."""
     return [{"label": leaf, "source": "open_nsfw", "level": "category", "rule": "porn category score"}

@@ -12,7 +12,9 @@ The sources and what they raise:
 * open_nsfw (``open_nsfw@1.1``): the ``porn`` category;
 * OCR entities (``ppocr@…``/``mmocr…``) and QR codes (``qr_decoder@1``): the contact ads labels;
 * text regions (``ads_regions@N``): watermarks, logos, banners;
-* quality measures (``quality_classical@1``): the ``quality`` group's flags.
+* quality measures (``quality_classical@1``): the ``quality`` group's flags;
+* the overlay detector (``persons_det@N``, :mod:`livelens.detection`): picture-in-picture windows,
+  QR codes it found and the decoder read, and what the classifier saw inside each window.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _RANK = {"pass": 0, "review": 1, "block": 2}
 #: Source name of a label, by the prefix of the model that raised it (evaluations leave each out in turn).
 SOURCE_PREFIXES = (("safety", "classifier"), ("open_nsfw", "open_nsfw"), ("ppocr", "entities"),
                    ("mmocr", "entities"), ("ocr_", "entities"), (QR_MODEL.split("@")[0], "qr"),
-                   ("ads_regions", "regions"), ("quality", "quality"))
+                   ("ads_regions", "regions"), ("quality", "quality"), ("persons_det", "detector"))
 
 
 def source_of(label: Mapping[str, Any]) -> str:
@@ -232,6 +234,10 @@ def fuse(tax: Taxonomy, by_cap: Mapping[str, list[dict]], regions: bool = False)
     return labels, worst_decision(labels)
 
 
+#: The answer's section of each capability whose name differs from it.
+SECTIONS = {"moderate": "moderation", "detect": "detection"}
+
+
 def assemble(tax: Taxonomy, results: Mapping[str, dict[str, Any]], image_size: tuple[int, int]) -> dict[str, Any]:
     """The body of an analyse answer from each capability's result (what the gateway returns).
 
@@ -247,7 +253,7 @@ def assemble(tax: Taxonomy, results: Mapping[str, dict[str, Any]], image_size: t
         res = dict(res)
         out["models"] += res.pop("models", [])
         by_cap[cap] = res.pop("labels", [])
-        out["moderation" if cap == "moderate" else cap] = res
+        out[SECTIONS.get(cap, cap)] = res
     out["labels"], out["decision"] = fuse(tax, by_cap, regions_ran(results.get("ocr")))
     out["models"] = sorted(set(out["models"]))
     out["image"] = {"width": int(image_size[0]), "height": int(image_size[1])}

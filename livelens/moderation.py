@@ -286,6 +286,39 @@ class ModerationEngine:
             o["compute_ms"], o["batch"] = ms, len(frames)
         return out
 
+    def classify_regions(self, frame: np.ndarray | EncodedImage, boxes: Sequence[Sequence[float]],
+                         min_score: float = 0.05, safety: SafetyModel | None = None) -> list[list[dict[str, Any]]]:
+        """Labels of each box's crop, classified as a frame of its own (the detection stage's second pass).
+
+        A picture-in-picture window is a small part of the frame, so at the classifier's input
+        size its content is a few dozen pixels; here it fills the input. One forward pass for
+        every box.
+
+        Args:
+            frame: The frame.
+            boxes: ``[x0, y0, x1, y1]`` in the frame's pixels; boxes under 8 px a side get no labels.
+            min_score: Smallest score reported.
+            safety: The version to run; default the served one.
+        """
+        rgb = as_rgb(frame)
+        h, w = rgb.shape[:2]
+        crops, where = [], []
+        for i, b in enumerate(boxes):
+            x0, y0 = max(0, int(b[0])), max(0, int(b[1]))
+            x1, y1 = min(w, int(np.ceil(b[2]))), min(h, int(np.ceil(b[3])))
+            if x1 - x0 >= 8 and y1 - y0 >= 8:
+                crops.append(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+                where.append(i)
+        out: list[list[dict[str, Any]]] = [[] for _ in boxes]
+        if crops:
+            for i, scores in zip(where, self.classify(crops, safety), strict=True):
+                labels = self.labels(scores, min_score)
+                for lab in labels:
+                    lab.pop("_head", None)
+                    lab.pop("_index", None)
+                out[i] = labels
+        return out
+
     # ---- labels and evidence -----------------------------------------------------------------
 
     def labels(self, scores: dict[str, Any], min_score: float) -> list[dict[str, Any]]:

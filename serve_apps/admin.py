@@ -28,18 +28,19 @@ from livelens.errors import ConfigError, LivelensError, ModelNotFoundError
 
 #: Deployments whose ``user_config`` holds each capability's live config (when it is not colocated).
 DEPLOYMENTS = {"moderate": ("Moderation",), "ocr": ("Ocr", "TextRecognizer"), "quality": ("Quality",),
-               "persons": ("Persons",), "gateway": ("Gateway",)}
+               "persons": ("Persons",), "detect": ("Detection",), "gateway": ("Gateway",)}
 #: Where a colocated capability's live config sits inside the gateway's.
 GATEWAY_KEYS = {"moderate": "moderation", "quality": "quality"}
 #: Live config fields naming models that must exist before a change is applied.
 MODEL_FIELDS = {"moderate": ("safety_ref",), "ocr": ("regions",), "quality": ("iqa_ref",),
-                "persons": ("detector", "attribute_model")}
+                "persons": ("detector", "attribute_model"), "detect": ("model",)}
 #: Values of those fields that name a built-in model, not a model-store ref.
 BUILT_IN = {"persons": ("mtcnn", "haar", "teacher")}
 
 
 def live_model(cap: str) -> type[BaseModel]:
     """The pydantic model of ``cap``'s live config."""
+    from serve_apps.detection import DetectionConfig
     from serve_apps.gateway import GatewayConfig
     from serve_apps.moderation import ModerationConfig
     from serve_apps.ocr import OcrConfig
@@ -47,7 +48,7 @@ def live_model(cap: str) -> type[BaseModel]:
     from serve_apps.quality import QualityConfig
 
     models = {"moderate": ModerationConfig, "ocr": OcrConfig, "quality": QualityConfig, "persons": PersonsConfig,
-              "gateway": GatewayConfig}
+              "detect": DetectionConfig, "gateway": GatewayConfig}
     if cap not in models:
         raise ConfigError(f"unknown capability {cap!r}; live configs exist for {sorted(models)}")
     return models[cap]
@@ -90,7 +91,7 @@ def _check_models(cap: str, live: BaseModel, args: dict[str, Any]) -> None:
     """Refuse a change naming a model no store of the capability's chain has (before anything is applied)."""
     from livelens.store import find_in_stores
 
-    key = {"moderate": "moderation"}.get(cap, cap)
+    key = {"moderate": "moderation", "detect": "detection"}.get(cap, cap)
     stores = (args.get(key) or {}).get("stores")
     for name in MODEL_FIELDS.get(cap, ()):
         ref = getattr(live, name)

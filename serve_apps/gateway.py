@@ -44,6 +44,7 @@ from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, er
 from livelens.serving.heap import start_heap_trimmer
 from livelens.serving.streams import check_stream_id, check_ts
 from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_more, unwrap
+from serve_apps.detection import DetectionArgs, bind_detection
 from serve_apps.labelling import LabellingArgs, bind_labelling
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation
 from serve_apps.ocr import OcrArgs, bind_ocr
@@ -53,7 +54,7 @@ from serve_apps.streams import StreamsArgs, bind_streams
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).with_name("static")
-CAPABILITIES = ("moderate", "ocr", "quality", "persons")
+CAPABILITIES = ("moderate", "ocr", "quality", "persons", "detect")
 #: Faces and their attributes are personal data: /v1/analyze adds them only for keys with this scope.
 PERSONAL = {"persons": "persons"}
 
@@ -330,7 +331,7 @@ class Gateway:
     """The FastAPI ingress; capability deployments arrive as handles (None = not deployed)."""
 
     def __init__(self, args: GatewayArgs, moderation=None, ocr=None, quality=None, streams=None, labelling=None,
-                 persons=None):
+                 persons=None, detection=None):
         from livelens.taxonomy import load_taxonomy
 
         self.args = args
@@ -347,7 +348,7 @@ class Gateway:
             telemetry.AUDIT = telemetry.AuditLog(args.audit_dir, args.audit_retain_days)
         _configure_access_log(args.access_log_level)
         given = {"moderate": moderation, "ocr": ocr, "quality": quality, "streams": streams, "label": labelling,
-                 "persons": persons}
+                 "persons": persons, "detect": detection}
         # A colocated capability is built here, in this replica, and called without a hop.
         self.handles = {cap: h.build() if isinstance(h, Colocated) else h for cap, h in given.items()}
         self.capture = self._open_capture(args.live.capture)
@@ -511,6 +512,9 @@ class Gateway:
         if "persons" in caps:
             persons = self._handle("persons")
             calls["persons"] = once_more(lambda: persons.analyze.remote(image))
+        if "detect" in caps:
+            det = self._handle("detect")
+            calls["detect"] = self._detect_then_classify(det, image, caps, opts)
         t0 = time.perf_counter()
         if telemetry.METRICS.enabled:
             for cap in calls:
@@ -537,6 +541,24 @@ class Gateway:
             answer = fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
         telemetry.METRICS.answered(answer, results_by_cap)
         return answer_options.apply(answer, opts, self.tax)
+
+    async def _detect_then_classify(self, det: Any, image: EncodedImage, caps: tuple[str, ...],
+                                    opts: answer_options.AnswerOptions) -> dict:
+        """Detection, then its picture-in-picture windows to moderation for the second pass.
+
+        The rest of the fan-out does not wait for it: only this call's answer waits for the windows.
+        """
+        from livelens import detection
+
+        res = await once_more(lambda: det.analyze.remote(image))
+        boxes = detection.second_pass_boxes(res) if res.pop("second_pass_on", False) else []
+        if boxes and "moderate" in caps:
+            mod = self._handle("moderate")
+            t0 = time.perf_counter()
+            per_box = await once_more(lambda: mod.classify_regions.remote(image, boxes, opts.model))
+            detection.attach_second_pass(self.tax, res, per_box)
+            res["timings_ms"]["second_pass"] = round((time.perf_counter() - t0) * 1000, 3)
+        return res
 
     async def _single(self, request: Request, caps: tuple[str, ...] | None, scope: str) -> JSONResponse:
         """One image through ``caps`` (None: every capability the key may use, as /v1/analyze)."""
@@ -685,7 +707,7 @@ class Gateway:
     async def persons(self, request: Request) -> JSONResponse:
         return await self._single(request, ("persons",), "persons")
 
-    @api.post("/v1/analyze", summary="Moderation, OCR, quality (and persons, for keys with that scope) in one call")
+    @api.post("/v1/analyze", summary="Moderation, OCR, quality, detection (and persons, for keys with that scope) in one call")
     async def analyze(self, request: Request) -> JSONResponse:
         return await self._single(request, None, "analyze")
 
@@ -882,22 +904,35 @@ class Gateway:
         raise InvalidArgumentError(f"frame {where.frame_id!r} is not in the label store and the task carries no "
                                    "image livelens can read", code="unreadable_task_image")
 
-    async def _pre_annotate(self, read: Any, gate: asyncio.Semaphore, offered: frozenset[str] | None) -> dict:
+    def _pre_annotation_plan(self) -> tuple[tuple[str, ...], answer_options.AnswerOptions]:
+        """What a pre-annotation runs: the /v1/analyze capabilities less persons (personal data), with boxes."""
+        caps = tuple(c for c in CAPABILITIES if c != "persons" and self.handles.get(c) is not None)
+        return caps, self._options({"evidence": "boxes"}, caps)
+
+    async def _pre_annotate(self, read: Any, gate: asyncio.Semaphore, offered: frozenset[str] | None,
+                            plan: tuple[tuple[str, ...], answer_options.AnswerOptions]) -> dict:
         """One image (``await read()``) as a Label Studio prediction, through the /v1/analyze fan-out.
 
         Label Studio sends a whole selection in one call and waits for all of it, and an export is
         one download: a few images at a time (``gate``), each waiting out an overload a few times,
-        rather than 503s that would drop a task.
+        rather than 503s that would drop a task. The image is read once, on the first try.
+
+        Args:
+            read: Gets the image's bytes.
+            gate: Bounds the images in flight.
+            offered: The labels the project's interface offers (None: all).
+            plan: :meth:`_pre_annotation_plan`, computed once per request.
 
         Raises:
             LivelensError: The image cannot be read, or the service stayed overloaded.
         """
-        caps = tuple(c for c in ("moderate", "ocr", "quality") if self.handles.get(c) is not None)
-        answer_opts = self._options({"evidence": "boxes"}, caps)
+        caps, answer_opts = plan
+        image = None
         for attempt in range(LS_OVERLOAD_TRIES):
             try:
                 async with gate:
-                    image = self._probe(await read())
+                    if image is None:
+                        image = self._probe(await read())
                     with self.admission.admit("analyze"):
                         answer = await self._analyze_one(image, caps, answer_opts, Timings())
                 return label_studio.prediction(answer, image.width, image.height, offered)
@@ -929,11 +964,11 @@ class Gateway:
         if entry is not None:
             self.keys.charge(entry, len(tasks) - 1)  # auth took one token; each task pays as an image
         offered = label_studio.config_labels(doc.get("label_config"))
-        gate = asyncio.Semaphore(LS_CONCURRENCY)
+        gate, plan = asyncio.Semaphore(LS_CONCURRENCY), self._pre_annotation_plan()
 
         async def one(task: Any) -> dict:
             try:
-                return await self._pre_annotate(lambda: self._ls_image(task, doc.get("project")), gate, offered)
+                return await self._pre_annotate(lambda: self._ls_image(task, doc.get("project")), gate, offered, plan)
             except Exception as exc:
                 return {"error": error_item(unwrap(exc))["error"]}
 
@@ -978,7 +1013,7 @@ class Gateway:
         self._auth(request, "label")
         which = self._cluster_param(cluster)
         page = await self._handle("label").frames.remote(offset, min(limit, MAX_EXPORT), unlabelled, which, False)
-        gate = asyncio.Semaphore(LS_CONCURRENCY)
+        gate, plan = asyncio.Semaphore(LS_CONCURRENCY), self._pre_annotation_plan()
 
         async def task(fid: str) -> dict:
             data = await self._handle("label").image_bytes.remote(fid)
@@ -986,7 +1021,7 @@ class Gateway:
             async def read() -> bytes:
                 return data
 
-            pred = await self._pre_annotate(read, gate, None) if predictions else None
+            pred = await self._pre_annotate(read, gate, None, plan) if predictions else None
             return label_studio.make_task(fid, label_studio.data_uri(data), pred)
 
         tasks = await asyncio.gather(*(task(f["id"]) for f in page["frames"]))
@@ -1027,8 +1062,8 @@ class Gateway:
 
         Args:
             data: The encoded image.
-            capabilities: A subset of ``moderate``, ``ocr``, ``quality``, ``persons`` (default: every one
-                deployed).
+            capabilities: A subset of ``moderate``, ``ocr``, ``quality``, ``persons``, ``detect``
+                (default: every one deployed).
             **options: ``evidence``, ``min_confidence``, ``categories``, ``model``, as on the HTTP routes.
 
         Raises:
@@ -1061,6 +1096,9 @@ class AppArgs(BaseModel):
     # Off unless configured (the shipped config and the RayService turn it on): an app built for one
     # capability should not carry a labelling replica.
     labelling: LabellingArgs | None = None
+    # Off unless configured (the shipped config turns it on): the detector comes from
+    # `make train-persons`, and an app built for one capability should not load it.
+    detection: DetectionArgs | None = None
 
 
 def colocated_args(args: AppArgs) -> AppArgs:
@@ -1128,6 +1166,8 @@ def build_app(args: AppArgs | dict | None = None):
         handles["labelling"] = bind_labelling(args.labelling)
     if args.persons is not None:
         handles["persons"] = bind_persons(args.persons)
+    if args.detection is not None:
+        handles["detection"] = bind_detection(args.detection)
     options = args.gateway.deploy.to_options()
     options["ray_actor_options"]["num_cpus"] += extra_cpus  # the colocated models run in this replica
     return Gateway.options(**options, user_config=args.gateway.live.model_dump()).bind(args.gateway, **handles)

@@ -185,6 +185,18 @@ class Moderation:
         timings.update(out.pop("_timings"))
         return {**out, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
+    async def classify_regions(self, frame: np.ndarray | EncodedImage, boxes: list[list[float]],
+                               model: str | None = None) -> list[list[dict[str, Any]]]:
+        """The detection stage's second pass: each box's crop classified as a frame (one forward pass).
+
+        Args:
+            frame: The frame.
+            boxes: ``[x0, y0, x1, y1]`` per window, in the frame's pixels.
+            model: The safety version a request pinned (default: the served one).
+        """
+        safety = await asyncio.to_thread(self.engine.pinned, model) if model else None
+        return await asyncio.to_thread(self.engine.classify_regions, frame, boxes, self.live.min_score, safety)
+
     def _moderate_pinned(self, frame: np.ndarray | EncodedImage, evidence: str, safety: Any,
                          live: ModerationConfig, t0: float) -> dict[str, Any]:
         """A frame for a version other than the served one: alone, outside the batches of the served one."""

@@ -78,6 +78,38 @@ def serve_session(ray_session):
     yield f"http://127.0.0.1:{port}"
 
 
+@pytest.fixture(scope="session")
+def window_detector():
+    """A function that stores a real mmdet detector which calls every place a picture-in-picture window.
+
+    Its classification layers are set by hand (every anchor: ``pip`` at 0.993, nothing else; each
+    box 4 strides a side), so a test of the detection stage's routing knows what the detector
+    will say without training one (``make train-persons`` trains the real one).
+    """
+    def save(store: Path | str, size: int = 256) -> str:
+        import torch
+
+        from livelens.ocr.mm_configs import OBJECT_CLASSES
+        from livelens.ocr.mmocr_adapter import build_object_detector
+        from livelens.store import ModelStore
+
+        model = build_object_detector("rtmdet_mobilenetv2", pretrained=False)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "rtm_cls" in name or "rtm_reg" in name:
+                    p.zero_()
+                    if name.endswith("bias"):
+                        p.fill_(2.0 if "rtm_reg" in name else -10.0)
+                        if "rtm_cls" in name:
+                            p[OBJECT_CLASSES.index("pip")] = 5.0
+        card = {"task": "object_detection", "arch": {"backend": "mmdet", "config": "rtmdet_mobilenetv2",
+                                                     "classes": list(OBJECT_CLASSES), "size": size},
+                "metrics": {"heldout_thr_pip": 0.5}}
+        return ModelStore(str(store)).save("persons_det", model.state_dict(), card)
+
+    return save
+
+
 # -- where the suite's CPU goes ---------------------------------------------------------------
 # A test that takes 15 s alone took 48 s in CI: something else held the two cores. After every
 # test, the processes that used the most CPU during it (the suite's own process included) go to

@@ -58,6 +58,8 @@ def app(serve_session, tmp_path_factory):
             "pretrained": False, "freeze_backbone": False, "evidence_crop": False, "image_size": 64,
             "num_workers": 1, "cpus_per_worker": 0.5, "epochs": 1, "batch_size": 8}}}
     args["persons"] = {**(args.get("persons") or {}), "stores": [str(tmp / "persons_store")]}
+    # No detector stored at the start (a fresh clone's state); the detection test stores one.
+    args["detection"] = {**(args.get("detection") or {}), "stores": [str(tmp / "det_store")]}
     # A tiny moderation queue so the backpressure test can fill it.
     args["moderation"]["deploy"].update(max_ongoing_requests=2, max_queued_requests=2, max_replicas=1)
     schema = validate_serve_config({"applications": [spec]})
@@ -1646,6 +1648,56 @@ def test_the_attribute_network_is_swapped_in_live_and_a_missing_one_is_refused(a
     finally:
         r = httpx.put(f"{url}/v1/admin/live/persons", headers=auth, json={"attribute_model": "teacher"}, timeout=180)
         assert r.status_code == 200, r.text
+
+
+def test_the_detection_stage_sends_windows_to_a_second_pass_and_http_answers_what_the_analyser_does(
+        app, window_detector):
+    """detect: idle without a detector → a stored one (live) → windows raise ads_picture_in_picture and
+    go to moderation's second pass, as the evaluation's analyser answers → switched off again."""
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.data.frames import FrameConfig, generate_slot
+    from livelens.imageio import decode_image
+    from livelens.ocr.mmocr_adapter import ObjectDetector
+
+    url, h = app["url"], {**app["headers"], "content-type": "image/jpeg"}
+    auth = {"Authorization": f"Bearer {app['key']}"}
+    frame = generate_slot(5, 2, FrameConfig(p_negative=1, p_ads=0, p_game=0, p_black=0, p_frozen=0))[0]["image_bytes"]
+    body = httpx.post(f"{url}/v1/analyze", content=frame, headers=h, timeout=60).json()
+    assert body["detection"]["objects"] == [] and "make train-persons" in body["detection"]["missing"], body
+    assert "make train-persons" in httpx.get(f"{url}/v1/models", headers=auth, timeout=60).json()["problems"]["detect"]
+    r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"model": "persons_det@7"}, timeout=60)
+    assert _assert_envelope(r, 404)["error"]["code"] == "model_not_found"
+    ref = window_detector(app["tmp"] / "det_store")
+    r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"model": ref, "max_objects": 2}, timeout=180)
+    assert r.status_code == 200 and r.json()["live"]["model"] == ref, r.text
+    try:
+        deadline = time.time() + 120  # the replica builds its engine after the config lands
+        while ref not in (body := httpx.post(f"{url}/v1/analyze", content=frame, headers=h, timeout=60).json()).get(
+                "models", []) and time.time() < deadline:
+            time.sleep(1)
+        assert ref in body["models"], body
+        pip = next(lab for lab in body["labels"] if lab["name"] == "ads_picture_in_picture")
+        assert pip["decision"] == "block" and pip["model"] == ref
+        windows = [e["box"] for e in pip["evidence"] if e["source"] == "detector"]
+        assert len(windows) == 2 and body["detection"]["second_pass"]["windows"] == 2
+        assert "detect.second_pass" in body["timings_ms"] and "detect.detect" in body["timings_ms"]
+        # The evaluation's analyser, with the same detector and settings, answers the same labels.
+        local = LocalAnalyzer(caps=("moderate", "detect"), detector=ObjectDetector(ref, str(app["tmp"] / "det_store")),
+                              detection={"max_objects": 2}).analyze(decode_image(frame))
+        assert {lab["name"]: lab["decision"] for lab in body["labels"]} == {
+            lab["name"]: lab["decision"] for lab in local["labels"]}
+        assert [o["box"] for o in body["detection"]["objects"]] == [o["box"] for o in local["detection"]["objects"]]
+        # Faces are never in this section, whatever the key: the persons stage answers them.
+        assert all(o["class"] != "face" for o in body["detection"]["objects"])
+    finally:
+        r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"enabled": False}, timeout=180)
+        assert r.status_code == 200, r.text
+    deadline = time.time() + 120
+    while (body := httpx.post(f"{url}/v1/analyze", content=frame, headers=h, timeout=60).json())[
+            "detection"]["objects"] and time.time() < deadline:
+        time.sleep(1)
+    assert "switched off" in body["detection"]["missing"] and not any(
+        lab["name"] == "ads_picture_in_picture" and lab["decision"] != "pass" for lab in body["labels"]), body
 
 
 def test_a_60_s_soak_at_saturation_answers_only_200_503_429_and_grows_nothing(app):

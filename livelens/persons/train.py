@@ -157,6 +157,30 @@ def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int
     return best
 
 
+def class_thresholds(model: torch.nn.Module, rows: list[dict[str, Any]], size: int) -> dict[str, float]:
+    """Per routed overlay class, the frame-level score threshold the detection stage serves.
+
+    A frame raises a class's label when any box of it scores at the threshold, so the threshold
+    maximises min(precision, recall) over frames (:func:`livelens.detection.choose_thresholds`).
+    Chosen on held-out *generated* frames, like the face threshold.
+    """
+    from livelens.detection import ANSWERED, choose_thresholds
+    from livelens.imageio import decode_image
+
+    classes = mm_configs.OBJECT_CLASSES
+    scored: dict[str, list[tuple[float, bool]]] = {c: [] for c in ANSWERED if c in classes}
+    positives = dict.fromkeys(scored, 0)
+    for r in rows:
+        _, scores, labels = mm.obj_predict(model, [decode_image(r["image_bytes"])], size, min_score=0.05)[0]
+        present = {classes[int(c)] for c in r["labels"]}
+        for cls in scored:
+            positives[cls] += cls in present
+            best = max((float(s) for s, c in zip(scores, labels, strict=True) if classes[int(c)] == cls), default=None)
+            if best is not None:
+                scored[cls].append((best, cls in present))
+    return {f"thr_{c}": t for c, t in choose_thresholds(scored, positives).items()}
+
+
 def train_fn_per_worker(config: dict) -> None:
     """The Ray Train worker: this rank's generated frames, mmdet's loss, the shared loop."""
     from livelens.train import fit
@@ -171,7 +195,8 @@ def train_fn_per_worker(config: dict) -> None:
             return {}, {}
         t1 = time.time()
         held = detdata.samples(detdata.HELDOUT_OFFSET, cfg.eval_samples, seed=cfg.loop.seed)
-        scores = {**coco_map(model, held, cfg.size), **face_threshold(model, held, cfg.size)}
+        scores = {**coco_map(model, held, cfg.size), **face_threshold(model, held, cfg.size),
+                  **class_thresholds(model, held, cfg.size)}
         return {**{f"heldout_{k}": v for k, v in scores.items() if v is not None}, "eval_s": time.time() - t1}, {}
 
     fit(lambda: mm.build_object_detector(cfg.model, pretrained=cfg.pretrained), mm.obj_loss,

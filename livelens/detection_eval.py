@@ -1,0 +1,227 @@
+"""``make eval-detection``: the graph's detection stage, measured through the service's own code.
+
+Two commands:
+
+* ``calibrate`` publishes a copy of a stored detector whose card carries the per-class thresholds
+  the detection stage serves, chosen on held-out generated frames (training now chooses them
+  itself; this is for a model trained before it did). The weights are the same.
+* ``evaluate`` (the default) puts frames no model trained on through
+  :class:`livelens.analyzer.LocalAnalyzer` — the deployments' engines and the gateway's fusion —
+  with and without the ``detect`` capability, and scores every label at the served threshold:
+
+  - *fresh frames*: the generator of ``make data`` at a seed neither the safety model nor the
+    detector was trained on (both trained on seed 0);
+  - *insets*: game frames shrunk into a picture-in-picture window on a frame without ads, the case
+    the second pass is for (the classifier knows games; the generator's own windows hold scenery);
+  - *QR codes*: the whole-frame decoder of OCR against the decoder on the detector's QR boxes.
+
+``ads_picture_in_picture`` and the labels inside windows do not depend on OCR (OCR overrules only
+contact and text-region labels), so moderation with and without detection is what ``/v1/analyze``
+answers for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livelens import fusion
+
+INSET_WIDTH = (0.22, 0.35)
+
+
+def calibrate(ref: str, samples: int = 300, seed: int = 0, store: str | None = None) -> dict[str, Any]:
+    """Publish ``ref``'s weights again with per-class thresholds chosen on held-out generated frames."""
+    from livelens.ocr.mmocr_adapter import ObjectDetector
+    from livelens.persons import detdata
+    from livelens.persons.train import class_thresholds
+    from livelens.store import ModelStore, open_in_stores
+
+    found, full = open_in_stores(ref, [store] if store else None)
+    det = ObjectDetector(full, found.uri)
+    held = detdata.samples(detdata.HELDOUT_OFFSET, samples, seed=seed)
+    thr = class_thresholds(det.model, held, det.size)
+    card = dict(found.card(full))
+    card["metrics"] = {**(card.get("metrics") or {}), **{f"heldout_{k}": v for k, v in thr.items()}}
+    card["calibrated_from"] = {"ref": full, "heldout_frames": samples,
+                               "slots": f"{detdata.HELDOUT_OFFSET:,}..{detdata.HELDOUT_OFFSET + samples - 1:,}"}
+    stored = found.load(full)
+    new = ModelStore(found.uri).save(full.split("@")[0], stored.state_dict, card)
+    return {"ref": new, "from": full, "thresholds": thr}
+
+
+def _frames(seed: int, count: int, **config: Any) -> list[dict[str, Any]]:
+    from livelens.data.frames import FrameConfig, generate_slot
+
+    cfg = FrameConfig(**config)
+    return [generate_slot(seed, s, cfg)[0] for s in range(count)]
+
+
+def inset_frames(seed: int, count: int) -> list[tuple[np.ndarray, set[str], list[float]]]:
+    """Game frames shrunk into a bordered window on a frame without ads: (frame, true labels, window box)."""
+    from livelens.imageio import decode_image
+
+    games = _frames(seed, count, p_negative=0, p_ads=0, p_game=1, p_black=0, p_frozen=0, portrait=0.0)
+    hosts = _frames(seed + 1, count, p_negative=1, p_ads=0, p_game=0, p_black=0, p_frozen=0, portrait=0.0)
+    rng = np.random.default_rng([seed, 99])
+    out = []
+    for g, hst in zip(games, hosts, strict=True):
+        frame = decode_image(hst["image_bytes"]).copy()
+        game = decode_image(g["image_bytes"])
+        fh, fw = frame.shape[:2]
+        w = int(fw * rng.uniform(*INSET_WIDTH))
+        h = min(int(w * game.shape[0] / game.shape[1]), int(fh * 0.6))
+        border = max(2, w // 60)
+        x0 = int(rng.choice([16, fw - w - 2 * border - 16]))
+        y0 = int(rng.choice([16, fh - h - 2 * border - 16]))
+        frame[y0:y0 + h + 2 * border, x0:x0 + w + 2 * border] = rng.integers(200, 256, 3)
+        frame[y0 + border:y0 + border + h, x0 + border:x0 + border + w] = cv2.resize(game, (w, h),
+                                                                                  interpolation=cv2.INTER_AREA)
+        truth = {lab for lab in g["labels"] if lab.startswith("game_")} | {"ads_picture_in_picture"}
+        out.append((frame, truth, [x0, y0, x0 + w + 2 * border, y0 + h + 2 * border]))
+    return out
+
+
+def score(tax: Any, answers: Sequence[dict[str, Any]], truths: Sequence[set[str]],
+          labels: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Per label, support, precision and recall of what the answers act on (:func:`livelens.fusion.fired`)."""
+    fired = [fusion.fired(tax, a["labels"]) for a in answers]
+    names = sorted(set(labels) if labels is not None else set().union(*truths, *fired))
+    out = {}
+    for name in names:
+        tp = sum(1 for f, t in zip(fired, truths, strict=True) if name in f and name in t)
+        pred = sum(1 for f in fired if name in f)
+        sup = sum(1 for t in truths if name in t)
+        out[name] = {"support": sup, "predicted": pred, "precision": round(tp / pred, 4) if pred else None,
+                     "recall": round(tp / sup, 4) if sup else None}
+    return out
+
+
+def evaluate(detector: str = "persons_det", frames: int = 1000, insets: int = 120, seed: int = 11,
+             out: str = "runs/eval-detection") -> dict[str, Any]:
+    """Both arms on fresh frames, insets and QR codes; writes ``report.json`` and ``report.md``."""
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.detection import decode_qr_box
+    from livelens.imageio import decode_image
+    from livelens.ocr.qr import decode_qr
+
+    t_start = time.time()
+    base = LocalAnalyzer(caps=("moderate",), threads=2)
+    det = LocalAnalyzer(caps=("moderate", "detect"), threads=2, detector=detector, share_from=base)
+    det.moderation = base.moderation  # one classifier for both arms: the arms differ by the stage only
+    report: dict[str, Any] = {"detector": det.detection.ref, "thresholds": det.detection.min_scores,
+                              "safety": base.models(), "seed": seed}
+
+    rows = _frames(seed, frames)
+    truths = [set(r["labels"]) for r in rows]
+    answers: dict[str, list[dict]] = {"classifier": [], "with_detection": []}
+    ms = {"detect": [], "second_pass_frames": 0}
+    qr = {"frames": 0, "whole_frame": 0, "boxes": 0, "whole_frame_ms": [], "boxes_ms": []}
+    for r in rows:
+        rgb = decode_image(r["image_bytes"])
+        answers["classifier"].append(base.analyze(rgb))
+        t0 = time.perf_counter()
+        a = det.analyze(rgb)
+        ms["detect"].append((time.perf_counter() - t0) * 1000)
+        ms["second_pass_frames"] += bool(a["detection"].get("second_pass", {}).get("windows"))
+        answers["with_detection"].append(a)
+        if "ads_qrcode" in r["labels"]:
+            qr["frames"] += 1
+            t0 = time.perf_counter()
+            whole = {e.value for e in decode_qr(rgb)}
+            qr["whole_frame_ms"].append((time.perf_counter() - t0) * 1000)
+            boxes = [o for o in a["detection"]["objects"] if o["class"] == "qrcode"]
+            read = {v for o in boxes if (v := o.get("value"))}
+            t0 = time.perf_counter()  # the box decoder alone, again: inside analyze it is not timed apart
+            for o in boxes:
+                decode_qr_box(rgb, o["box"])
+            qr["boxes_ms"].append((time.perf_counter() - t0) * 1000)
+            # A frame counts when a payload was read (each code's payload is not in the manifest).
+            qr["whole_frame"] += bool(whole)
+            qr["boxes"] += bool(read)
+    tax = base.tax
+    watched = sorted({lab for t in truths for lab in t if lab.startswith(("ads_picture", "game_"))}
+                     | {"ads_picture_in_picture"})
+    report["fresh"] = {"frames": len(rows), "by_arm": {arm: score(tax, ans, truths, watched)
+                                                       for arm, ans in answers.items()},
+                       "second_pass_frames": ms["second_pass_frames"],
+                       "ms_per_frame_detection_and_second_pass": round(float(np.median(ms["detect"])), 1)}
+    report["qr"] = {"frames": qr["frames"], "whole_frame_found": qr["whole_frame"], "box_decoder_found": qr["boxes"],
+                    "whole_frame_decoder_ms_median": round(float(np.median(qr["whole_frame_ms"] or [0])), 1),
+                    "box_decoder_ms_median": round(float(np.median(qr["boxes_ms"] or [0])), 1)}
+
+    inset = inset_frames(seed + 100, insets)
+    inset_truths = [t for _, t, _ in inset]
+    inset_answers = {"classifier": [base.analyze(f) for f, _, _ in inset],
+                     "with_detection": [det.analyze(f) for f, _, _ in inset]}
+    inset_watched = sorted(set().union(*inset_truths))
+    report["insets"] = {"frames": len(inset), "by_arm": {arm: score(tax, ans, inset_truths, inset_watched)
+                                                         for arm, ans in inset_answers.items()}}
+    report["seconds"] = round(time.time() - t_start, 1)
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (path / "report.md").write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's tables."""
+    def table(title: str, by_arm: dict[str, dict[str, dict]]) -> list[str]:
+        lines = [f"### {title}", "", "| label | support | classifier P / R | with detection P / R |", "|---|---:|---|---|"]
+        arms = list(by_arm)
+        for name in by_arm[arms[0]]:
+            cells = []
+            for arm in arms:
+                s = by_arm[arm][name]
+                p = "-" if s["precision"] is None else f"{s['precision']:.3f}"
+                r = "-" if s["recall"] is None else f"{s['recall']:.3f}"
+                cells.append(f"{p} / {r}")
+            lines.append(f"| {name} | {by_arm[arms[0]][name]['support']} | {cells[0]} | {cells[1]} |")
+        return [*lines, ""]
+
+    q = report["qr"]
+    return "\n".join([
+        f"# Detection stage ({report['detector']}, thresholds {report['thresholds']})", "",
+        *table(f"Fresh frames (seed {report['seed']}, {report['fresh']['frames']} frames)", report["fresh"]["by_arm"]),
+        f"Frames with a window sent to the second pass: {report['fresh']['second_pass_frames']}; median ms per frame "
+        f"for detection and second pass: {report['fresh']['ms_per_frame_detection_and_second_pass']}", "",
+        *table(f"Game frames inset as windows ({report['insets']['frames']} frames)", report["insets"]["by_arm"]),
+        f"QR codes: {q['frames']} frames; whole-frame decoder found {q['whole_frame_found']} (median "
+        f"{q['whole_frame_decoder_ms_median']} ms), the decoder on the detector's boxes {q['box_decoder_found']} "
+        f"(median {q['box_decoder_ms_median']} ms).",
+        "", f"{report['seconds']} s", ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    c = sub.add_parser("calibrate", help="publish a copy with per-class thresholds")
+    c.add_argument("--model", default="persons_det")
+    c.add_argument("--samples", type=int, default=300)
+    c.add_argument("--store", default=None)
+    e = sub.add_parser("evaluate", help="both arms on fresh frames, insets and QR codes")
+    e.add_argument("--model", default="persons_det")
+    e.add_argument("--frames", type=int, default=1000)
+    e.add_argument("--insets", type=int, default=120)
+    e.add_argument("--seed", type=int, default=11)
+    e.add_argument("--out", default="runs/eval-detection")
+    a = p.parse_args(argv)
+    if a.cmd == "calibrate":
+        print(json.dumps(calibrate(a.model, a.samples, store=a.store)), flush=True)
+    else:
+        a = a if a.cmd else p.parse_args(["evaluate", *(argv or [])])
+        r = evaluate(a.model, a.frames, a.insets, a.seed, a.out)
+        print(markdown(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

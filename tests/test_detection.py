@@ -1,0 +1,206 @@
+"""The graph's detection stage: where the detector's boxes go (windows, QR codes), in-process.
+
+The routing is tested with a detector that answers the boxes the frame was drawn with, so each
+assertion is about the stage, not about how well a detector was trained (the trained one is
+measured by ``make eval-detection``); one test runs a real mmdet detector end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import cv2
+import numpy as np
+import pytest
+
+from livelens.detection import (
+    ANSWERED,
+    DetectionEngine,
+    choose_thresholds,
+    decode_qr_box,
+    label_score,
+    second_pass_boxes,
+)
+from livelens.errors import ConfigError
+from livelens.ocr.mm_configs import OBJECT_CLASSES
+
+QR_PAYLOAD = "https://example.com/live/8812"
+
+
+class BoxesDetector:
+    """Answers given boxes: the stage under test gets known detections."""
+
+    ref, classes, card = "drawn_boxes@1", OBJECT_CLASSES, {}
+
+    def __init__(self, objects: list[dict]):
+        self.objects = objects
+
+    def detect(self, rgb: np.ndarray, min_score: float = 0.05) -> list[dict]:
+        return [dict(o) for o in self.objects if o["score"] >= min_score]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A frame without ads holding a game frame as a window, a small QR code, a face-sized box and a logo box."""
+    from livelens.data import render
+    from livelens.data.frames import FrameConfig, generate_slot
+    from livelens.imageio import decode_image
+
+    only = dict(p_negative=0, p_ads=0, p_game=0, p_black=0, p_frozen=0, portrait=0.0)
+    host = decode_image(generate_slot(4, 1, FrameConfig(**{**only, "p_negative": 1}))[0]["image_bytes"]).copy()
+    game_row = generate_slot(3, 5, FrameConfig(**{**only, "p_game": 1}))[0]
+    game = decode_image(game_row["image_bytes"])
+    x0, y0, w, h = 650, 30, 270, 152
+    host[y0:y0 + h, x0:x0 + w] = cv2.resize(game, (w, h), interpolation=cv2.INTER_AREA)
+    qr = np.asarray(render.qr_patch(QR_PAYLOAD, 1).convert("RGB"))
+    host[400:400 + qr.shape[0], 100:100 + qr.shape[1]] = qr
+    objects = [
+        {"class": "pip", "box": [x0, y0, x0 + w, y0 + h], "score": 0.8},
+        {"class": "qrcode", "box": [100, 400, 100 + qr.shape[1], 400 + qr.shape[0]], "score": 0.7},
+        {"class": "face", "box": [300, 200, 360, 270], "score": 0.9},
+        {"class": "logo", "box": [20, 20, 80, 60], "score": 0.6},
+        {"class": "text_overlay", "box": [20, 480, 400, 520], "score": 0.1},
+    ]
+    game_labels = {lab for lab in game_row["labels"] if lab.startswith("game_")}
+    assert game_labels, game_row["labels"]
+    return host, objects, game_labels
+
+
+def test_label_score_puts_the_class_threshold_at_review_and_keeps_order():
+    assert label_score(0.3, 0.3, 0.4) == pytest.approx(0.4)
+    assert label_score(1.0, 0.3, 0.4) == pytest.approx(1.0)
+    assert label_score(0.2, 0.3, 0.4) < 0.4
+    scores = [label_score(s, 0.35, 0.4) for s in np.linspace(0, 1, 21)]
+    assert all(a < b for a, b in itertools.pairwise(scores))
+
+
+def test_choose_thresholds_picks_the_score_that_separates_the_classes():
+    # Positives score 0.62-0.9, negatives 0.1-0.45: any threshold in (0.45, 0.62] separates them.
+    pairs = [(s, True) for s in (0.62, 0.7, 0.8, 0.9)] + [(s, False) for s in (0.1, 0.3, 0.45)]
+    thr = choose_thresholds({"pip": pairs}, {"pip": 5})  # one positive frame had no box at all
+    assert 0.45 < thr["pip"] <= 0.62
+    assert choose_thresholds({"hud": []}, {"hud": 0})["hud"] == pytest.approx(0.3)
+
+
+def test_boxes_are_routed_windows_raise_their_label_qr_boxes_are_read_faces_never_answered(scene):
+    frame, objects, _ = scene
+    eng = DetectionEngine(BoxesDetector(objects), min_scores={"pip": 0.3, "qrcode": 0.3, "text_overlay": 0.3})
+    out = eng.analyze(frame)
+    classes = [o["class"] for o in out["objects"]]
+    assert classes == ["pip", "qrcode", "logo"]  # the face is personal data, the overlay under its threshold
+    assert out["objects"][1]["value"] == QR_PAYLOAD
+    labels = {lab["name"]: lab for lab in out["labels"]}
+    assert set(labels) == {"ads_picture_in_picture", "ads_qrcode"}  # a logo box alone raises nothing
+    pip = labels["ads_picture_in_picture"]
+    assert pip["score"] == pytest.approx(label_score(0.8, 0.3, 0.4)) and pip["decision"] == "block"
+    assert pip["evidence"][0]["box"] == objects[0]["box"] and pip["model"] == "drawn_boxes@1"
+    assert labels["ads_qrcode"]["evidence"][0]["value"] == QR_PAYLOAD
+    assert second_pass_boxes(out) == [objects[0]["box"]]
+    # Without decoding, a QR box raises nothing: a box is where to look, a payload is the finding.
+    quiet = DetectionEngine(BoxesDetector(objects), decode_qr=False).analyze(frame)
+    assert [lab["name"] for lab in quiet["labels"]] == ["ads_picture_in_picture"]
+
+
+def test_the_second_pass_finds_what_a_window_shows_that_the_whole_frame_hides(scene):
+    """The shipped safety model on the whole frame misses the inset game; on the window's crop it sees it."""
+    from livelens.analyzer import LocalAnalyzer
+
+    frame, objects, game_labels = scene
+    plain = LocalAnalyzer(caps=("moderate",), threads=1)
+    both = LocalAnalyzer(caps=("moderate", "detect"), threads=1, detector=BoxesDetector(objects), share_from=plain)
+    tax = plain.tax
+    from livelens.fusion import fired
+
+    assert not game_labels & fired(tax, plain.analyze(frame)["labels"])
+    answer = both.analyze(frame)
+    from_window = {lab["name"] for lab in answer["labels"] if any(e.get("source") == "pip_window"
+                                                                   for e in lab["evidence"])}
+    assert answer["detection"]["second_pass"] == {"windows": 1, "labels": sorted(from_window)}
+    found = game_labels & fired(tax, answer["labels"])
+    assert found == game_labels, answer["labels"]
+    lab = next(x for x in answer["labels"] if x["name"] in found)
+    assert {"kind": "box", "box": objects[0]["box"], "source": "pip_window"} in lab["evidence"]
+    assert "ads_picture_in_picture" in fired(tax, answer["labels"])
+    # The inset's scene is not the stream's: scene labels never come from a window.
+    assert from_window and not any(name.startswith("scene_") for name in from_window)
+    assert "drawn_boxes@1" in answer["models"]
+
+
+def test_the_box_decoder_reads_a_code_where_the_detector_points_and_nothing_elsewhere(scene):
+    frame, objects, _ = scene
+    assert decode_qr_box(frame, objects[1]["box"]) == QR_PAYLOAD
+    assert decode_qr_box(frame, objects[3]["box"]) is None
+    assert decode_qr_box(frame, [5, 5, 9, 9]) is None  # too small to hold a code
+    assert decode_qr_box(frame, [-50, -50, 4000, 4000]) in (None, QR_PAYLOAD)  # clipped to the frame
+
+
+def test_a_real_mmdet_detector_serves_and_bad_frames_have_defined_answers(tmp_path, window_detector):
+    """A stored detector by ref: its card's threshold is served; 1×1 and black frames answer no window labels."""
+    ref = window_detector(tmp_path / "store")
+    eng = DetectionEngine(ref, [str(tmp_path / "store")], max_objects=3)
+    assert eng.ref == ref and eng.min_scores["pip"] == 0.5 and eng.min_scores["hud"] == pytest.approx(0.3)
+    out = eng.analyze(np.full((360, 640, 3), 90, np.uint8))
+    assert len(out["objects"]) == 3 and {o["class"] for o in out["objects"]} == {"pip"}
+    assert out["labels"][0]["name"] == "ads_picture_in_picture" and len(out["labels"][0]["evidence"]) == 3
+    assert eng.analyze(np.zeros((1, 1, 3), np.uint8))["objects"] == []
+    for bad in ({"pip": 1.5}, {"pip": -0.1}):
+        with pytest.raises(ConfigError, match="thresholds"):
+            DetectionEngine(ref, [str(tmp_path / "store")], min_scores=bad)
+
+
+def test_bad_detection_configs_are_refused(tmp_path):
+    from pydantic import ValidationError
+
+    from livelens.errors import ModelNotFoundError
+    from serve_apps.detection import DetectionConfig
+
+    with pytest.raises(ModelNotFoundError):
+        DetectionEngine("persons_det@9", [str(tmp_path)])
+    with pytest.raises(ValidationError):
+        DetectionConfig(min_scores={"face": 0.5})  # faces are the persons stage's
+    with pytest.raises(ValidationError):
+        DetectionConfig(model="../x")
+    assert DetectionConfig(min_scores={c: 0.4 for c in ANSWERED}).min_scores["pip"] == 0.4
+
+    class FacesOnly(BoxesDetector):
+        classes = ("face",)
+
+    with pytest.raises(ConfigError, match="none of"):
+        DetectionEngine(FacesOnly([]))
+
+
+def test_calibrate_publishes_the_same_weights_with_thresholds_chosen_on_held_out_frames(
+        tmp_path, window_detector, shared_data):
+    """For a detector trained before training chose class thresholds: a copy whose card has them."""
+    import torch
+
+    from livelens.detection_eval import calibrate
+    from livelens.store import ModelStore
+
+    store = tmp_path / "store"
+    ref = window_detector(store)
+    out = calibrate(ref, samples=6, store=str(store))
+    assert out["ref"] == "persons_det@2" and out["from"] == ref
+    new, old = ModelStore(str(store)).load(out["ref"]), ModelStore(str(store)).load(ref)
+    assert all(torch.equal(new.state_dict[k], old.state_dict[k]) for k in old.state_dict)
+    assert {f"heldout_thr_{c}" for c in ANSWERED} <= set(new.card["metrics"])
+    assert new.card["calibrated_from"]["ref"] == ref
+    # The served thresholds are the card's.
+    eng = DetectionEngine(out["ref"], [str(store)])
+    assert eng.min_scores == {c: new.card["metrics"][f"heldout_thr_{c}"] for c in ANSWERED}
+
+
+def test_the_evaluation_scores_what_the_answers_act_on():
+    from livelens.detection_eval import inset_frames, score
+    from livelens.taxonomy import load_taxonomy
+
+    tax = load_taxonomy()
+    lab = {"name": "ads_picture_in_picture", "score": 0.9, "decision": "block"}
+    low = {**lab, "score": 0.1, "decision": "pass"}
+    answers = [{"labels": [lab]}, {"labels": [low]}, {"labels": [lab]}, {"labels": []}]
+    truths = [{"ads_picture_in_picture"}, {"ads_picture_in_picture"}, set(), set()]
+    s = score(tax, answers, truths)["ads_picture_in_picture"]
+    assert s == {"support": 2, "predicted": 2, "precision": 0.5, "recall": 0.5}
+    frame, truth, box = inset_frames(7, 1)[0]
+    assert "ads_picture_in_picture" in truth and any(t.startswith("game_") for t in truth)
+    assert 0 <= box[0] < box[2] <= frame.shape[1] and 0 <= box[1] < box[3] <= frame.shape[0]
