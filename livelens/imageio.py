@@ -212,6 +212,22 @@ def as_rgb(image: np.ndarray | EncodedImage) -> np.ndarray:
     return image.decode() if isinstance(image, EncodedImage) else image
 
 
+def read_image_file(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """An image file's bytes, checked to exist and to be within ``limits.max_bytes`` before reading.
+
+    Raises:
+        InvalidImageError: No such file.
+        ImageTooLargeError: The file is over the byte limit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidImageError(f"no such image file: {path}")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageTooLargeError(f"{path} is {size} bytes; the limit is {limits.max_bytes}")
+    return path.read_bytes()
+
+
 def load_image(src: bytes | str | Path | np.ndarray | Image.Image, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Load an image from bytes, a path, a Pillow image or an array; see :func:`decode_image`.
 
@@ -220,12 +236,7 @@ def load_image(src: bytes | str | Path | np.ndarray | Image.Image, limits: Image
     if isinstance(src, bytes | bytearray | memoryview):
         return decode_image(bytes(src), limits)
     if isinstance(src, str | Path):
-        path = Path(src)
-        if not path.is_file():
-            raise InvalidImageError(f"no such image file: {path}")
-        if path.stat().st_size > limits.max_bytes:
-            raise ImageTooLargeError(f"{path} is {path.stat().st_size} bytes; the limit is {limits.max_bytes}")
-        return decode_image(path.read_bytes(), limits)
+        return decode_image(read_image_file(src, limits), limits)
     if isinstance(src, Image.Image):
         _check_size(*src.size, limits)
         return np.ascontiguousarray(np.asarray(_to_rgb(src), dtype=np.uint8))

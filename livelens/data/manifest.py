@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from livelens.errors import ImageTooLargeError, InvalidImageError, ManifestError
+from livelens.errors import InvalidImageError, ManifestError
 
 MANIFEST_FILE = "manifest.parquet"
 CARD_FILE = "card.json"
@@ -410,18 +410,13 @@ def row_image_bytes(image_bytes: bytes | None, image_uri: str | None) -> bytes:
         InvalidImageError: Neither is set, or the URI is not a readable file.
         ImageTooLargeError: The file is over the service's byte limit.
     """
-    from livelens.imageio import DEFAULT_LIMITS
+    from livelens.imageio import read_image_file
 
     if image_bytes is not None and len(image_bytes):
         return bytes(image_bytes)
     if not image_uri:
         raise InvalidImageError("manifest row has neither image_bytes nor image_uri")
-    path = Path(image_uri[len("file://") :] if image_uri.startswith("file://") else image_uri)
-    if not path.is_file():
-        raise InvalidImageError(f"no such image file: {path}")
-    if path.stat().st_size > DEFAULT_LIMITS.max_bytes:
-        raise ImageTooLargeError(f"{path} is {path.stat().st_size} bytes; the limit is {DEFAULT_LIMITS.max_bytes}")
-    return path.read_bytes()
+    return read_image_file(image_uri[len("file://") :] if image_uri.startswith("file://") else image_uri)
 
 
 def decode_row_image(image_bytes: bytes | None, image_uri: str | None) -> np.ndarray:
