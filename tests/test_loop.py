@@ -92,6 +92,21 @@ def test_embedding_job_writes_arrow_tensors_and_resumes_only_missing_blocks(ray_
     np.testing.assert_allclose(after.vectors, before.vectors, rtol=1e-4, atol=1e-4)
 
 
+def test_avgmax_embedding_is_the_average_and_the_strongest_cell_of_the_same_map(small_manifest, embedder):
+    import torch
+
+    emb = load_embedder("mobilenet_v2", pool="avgmax")
+    assert emb.ref == "mobilenet_v2:imagenet:avgmax" and emb.dim == 2 * embedder.dim
+    rgb = [decode_image(r) for r in read_manifest(small_manifest).column("image_bytes").to_pylist()[:2]]
+    v = emb(rgb)
+    np.testing.assert_allclose(v[:, :1280], embedder(rgb), rtol=1e-4, atol=1e-4)  # the average half
+    from livelens.models.transforms import preprocess
+
+    with torch.inference_mode():
+        fmap = emb.module.forward_features(preprocess(rgb, emb.input_hw, emb.mean, emb.std))
+    np.testing.assert_allclose(v[:, 1280:], fmap.amax(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_embedding_with_the_served_safety_models_backbone(small_manifest, tmp_path):
     from livelens.moderation import load_safety
 

@@ -38,7 +38,7 @@ def hub_dir(tmp_path, monkeypatch):
 
 def test_names() -> None:
     assert {"mobilenet_v2", "resnet18", "resnet50"} <= set(list_models())
-    assert list_pools() == ["avg", "max", "gated", "tree", "bilinear", "compact_bilinear"]
+    assert list_pools() == ["avg", "max", "avgmax", "gated", "tree", "bilinear", "compact_bilinear"]
 
 
 @pytest.mark.parametrize("pool", list_pools())

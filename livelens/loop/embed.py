@@ -66,7 +66,7 @@ class Embedder:
         return z.float().numpy()
 
 
-def load_embedder(model: str = "mobilenet_v2", stores: Sequence[str] | None = None) -> Embedder:
+def load_embedder(model: str = "mobilenet_v2", stores: Sequence[str] | None = None, pool: str = "avg") -> Embedder:
     """The embedder for a factory backbone name or a stored model ref.
 
     Args:
@@ -74,6 +74,8 @@ def load_embedder(model: str = "mobilenet_v2", stores: Sequence[str] | None = No
             average pool), or ``name@version`` / ``name`` of a stored classifier such as the served
             ``safety@2``: its backbone and pooling give the embedding, preprocessed as it is served.
         stores: The store chain for stored refs (default: the serving chain).
+        pool: The pooling of a backbone's feature map (``avg``; ``avgmax`` also keeps each
+            channel's strongest cell, where small overlays show). A stored model keeps its own.
 
     Raises:
         ModelNotFoundError: ``model`` is neither a backbone name nor in any store.
@@ -84,8 +86,9 @@ def load_embedder(model: str = "mobilenet_v2", stores: Sequence[str] | None = No
     if model in list_models():
         from livelens.models.factory import IMAGENET_MEAN, IMAGENET_STD, create_model
 
-        net = create_model(model, "avg", num_classes=2, pretrained=True).eval()  # the head is unused
-        return Embedder(f"{model}:imagenet", net, (224, 224), IMAGENET_MEAN, IMAGENET_STD, net.num_features)
+        net = create_model(model, pool, num_classes=2, pretrained=True).eval()  # the head is unused
+        ref = f"{model}:imagenet" + ("" if pool == "avg" else f":{pool}")
+        return Embedder(ref, net, (224, 224), IMAGENET_MEAN, IMAGENET_STD, net.num_features)
     from livelens.moderation import load_safety
 
     try:
@@ -105,6 +108,7 @@ class EmbedConfig:
         manifest: The manifest directory to embed.
         out: The output directory of Parquet parts (created; reused by a resume).
         model: Backbone name or stored model ref (see :func:`load_embedder`).
+        pool: A backbone's pooling (see :func:`load_embedder`).
         block_groups: Parquet row groups per block (the unit of work and of resume).
         batch_size: Images per forward pass inside a block.
         actors: Size of the actor pool.
@@ -118,6 +122,7 @@ class EmbedConfig:
     manifest: str
     out: str
     model: str = "mobilenet_v2"
+    pool: str = "avg"
     block_groups: int = 1
     batch_size: int = 32
     actors: int = 2
@@ -184,14 +189,14 @@ class BlockEmbedder:
     """
 
     def __init__(self, manifest: str, out: str, model: str, block_groups: int, batch_size: int,
-                 threads: int = 1, stores: list[str] | None = None):
+                 threads: int = 1, stores: list[str] | None = None, pool: str = "avg"):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.manifest, self.out, self.batch_size = manifest, Path(out), batch_size
         self.blocks = dict(manifest_blocks(manifest, block_groups))
-        self.embedder = load_embedder(model, stores)
+        self.embedder = load_embedder(model, stores, pool)
 
     def embed_block(self, block: int) -> dict[str, Any]:
         from livelens.data.manifest import MANIFEST_FILE, _resolve_dir, decode_row_image
@@ -250,7 +255,7 @@ def embed_manifest(cfg: EmbedConfig) -> dict[str, Any]:
     blocks = manifest_blocks(cfg.manifest, cfg.block_groups)
     if cfg.limit is not None:
         blocks = blocks[: cfg.limit]
-    probe = load_embedder(cfg.model, cfg.stores)  # fails fast on a bad ref, before any actor starts
+    probe = load_embedder(cfg.model, cfg.stores, cfg.pool)  # fails fast on a bad ref, before any actor starts
     ref, dim = probe.ref, probe.dim
     del probe
     out = Path(cfg.out)
@@ -267,7 +272,7 @@ def embed_manifest(cfg: EmbedConfig) -> dict[str, Any]:
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs={"manifest": str(cfg.manifest), "out": str(out), "model": cfg.model,
                                    "block_groups": cfg.block_groups, "batch_size": cfg.batch_size,
-                                   "threads": cfg.threads_per_actor, "stores": cfg.stores})
+                                   "threads": cfg.threads_per_actor, "stores": cfg.stores, "pool": cfg.pool})
         bar = _bar(len(todo), cfg.progress)
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
             rows += int(batch["rows"].sum())

@@ -214,6 +214,7 @@ class SimulationJob:
             when a frame is bought).
         embeddings: Where the embedding job writes (resumed if already there).
         model: The embedding model (backbone name or stored ref).
+        pool: A backbone's pooling (``avg``, or ``avgmax``: :func:`livelens.loop.embed.load_embedder`).
         pool_split: Split the loop buys labels from.
         eval_split: Held-out split the curves are measured on. The strategy and its settings
             were chosen on ``val``; the reported figures use ``test``.
@@ -225,6 +226,7 @@ class SimulationJob:
     manifest: str = "runs/data/frames"
     embeddings: str = "runs/loop/emb-frames"
     model: str = "mobilenet_v2"
+    pool: str = "avg"
     pool_split: str = "train"
     eval_split: str = "test"
     seeds: Sequence[int] = (0, 1, 2)
@@ -243,7 +245,7 @@ def run_simulation(job: SimulationJob) -> dict[str, Any]:
     from livelens.loop.embed import EmbedConfig, embed_manifest, read_embeddings
 
     t0 = time.time()
-    embed = embed_manifest(EmbedConfig(job.manifest, job.embeddings, model=job.model, progress=False))
+    embed = embed_manifest(EmbedConfig(job.manifest, job.embeddings, model=job.model, pool=job.pool, progress=False))
     e = read_embeddings(job.embeddings)
     split = np.asarray(e.table.column("split").to_pylist())
     labels = sorted({n for ls in e.labels for n in ls} - set(job.exclude_labels))

@@ -43,6 +43,17 @@ class MaxPool(nn.Module):
         return x.amax(dim=(2, 3))
 
 
+class AvgMaxPool(nn.Module):
+    """Global average and global max pooling, concatenated (2 × channels).
+
+    The average speaks for what covers the frame, the maximum for what one cell shows strongly:
+    a small overlay (a QR code in a corner) barely moves the average of a 7×7 map.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
 def _positive_int(value: object, what: str) -> int:
     """``value`` as an int >= 1, or a ConfigError naming the option (configs arrive as JSON)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -274,6 +285,7 @@ def _no_options(module: type[nn.Module]):
 POOL_BUILDERS: Registry = Registry("pooling")
 POOL_BUILDERS.register("avg", _no_options(AvgPool))
 POOL_BUILDERS.register("max", _no_options(MaxPool))
+POOL_BUILDERS.register("avgmax", lambda channels, **kw: (_no_options(AvgMaxPool)(channels, **kw)[0], 2 * channels))
 POOL_BUILDERS.register("gated", lambda channels, **kw: (GatedPool(channels, **kw), channels))
 POOL_BUILDERS.register("tree", lambda channels, **kw: (TreePool(channels, **kw), channels))
 POOL_BUILDERS.register("bilinear", lambda channels, **kw: _with_width(BilinearPool(channels, **kw)))
