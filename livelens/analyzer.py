@@ -46,7 +46,8 @@ class LocalAnalyzer:
             (:func:`livelens.evaluation.evaluate_services`).
         detector: The detection stage's model (a store ref, or a ready detector), for ``detect``.
         detection: Other :class:`livelens.detection.DetectionEngine` arguments (``min_scores``,
-            ``decode_qr``, ``second_pass``), as the deployment's live config gives them.
+            ``decode_qr``, ``second_pass``), as the deployment's live config gives them, and its
+            ``stores`` where they differ from the other models' (the deployment's own args).
     """
 
     def __init__(self, safety_ref: str | None = "safety", regions_ref: str | None = "ads_regions",
@@ -94,7 +95,8 @@ class LocalAnalyzer:
             from livelens.errors import ModelNotFoundError
 
             try:
-                self.detection = DetectionEngine(detector, stores, tax=self.tax, **(detection or {}))
+                opts = dict(detection or {})
+                self.detection = DetectionEngine(detector, opts.pop("stores", stores), tax=self.tax, **opts)
             except ModelNotFoundError as exc:
                 # As the deployment: no detector stored yet (make train-persons) is an idle stage.
                 self.detection_missing = str(exc)

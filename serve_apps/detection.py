@@ -116,9 +116,19 @@ class Detection:
             live = DetectionConfig.model_validate(config or {})
         except ValueError as exc:
             raise ConfigError(f"detection user_config: {exc}") from None
-        if live.model_dump(exclude={"enabled"}) != self.live.model_dump(exclude={"enabled"}) or self.engine is None:
-            self.engine = self._engine(live)  # built first: a failure leaves the old one serving
-            self.missing = ""
+        from livelens.errors import ModelNotFoundError
+
+        changed = live.model_dump(exclude={"enabled"}) != self.live.model_dump(exclude={"enabled"})
+        if changed or self.engine is None:
+            try:
+                self.engine = self._engine(live)  # built first: a failure leaves the old one serving
+                self.missing = ""
+            except ModelNotFoundError:
+                # Serve calls this at start with the config __init__ had: a detector still not
+                # stored keeps the stage idle. A new ref no store has is refused (the admin route
+                # refuses it before it gets here).
+                if self.engine is not None or live.model != self.live.model:
+                    raise
         self.live = live
 
     def check_health(self) -> None:

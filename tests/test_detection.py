@@ -204,3 +204,36 @@ def test_the_evaluation_scores_what_the_answers_act_on():
     frame, truth, box = inset_frames(7, 1)[0]
     assert "ads_picture_in_picture" in truth and any(t.startswith("game_") for t in truth)
     assert 0 <= box[0] < box[2] <= frame.shape[1] and 0 <= box[1] < box[3] <= frame.shape[0]
+
+
+def test_once_the_detector_looked_the_classifiers_window_guess_it_did_not_share_is_overruled():
+    from livelens import fusion
+    from livelens.taxonomy import load_taxonomy
+
+    tax = load_taxonomy()
+    guess = fusion.make_label(tax, "ads_picture_in_picture", 0.8, "safety@1")
+    found = fusion.make_label(tax, "ads_picture_in_picture", 0.7, "persons_det@3")
+    phone = fusion.make_label(tax, "ads_phone", 0.9, "ppocr@1")
+    # An idle stage (no detector stored) overrules nothing.
+    labels, _ = fusion.fuse(tax, {"moderate": [guess], "detect": []}, detected=False)
+    assert fusion.fired(tax, labels) == {"ads_picture_in_picture"}
+    labels, decision = fusion.fuse(tax, {"moderate": [guess, phone], "detect": []}, detected=True)
+    pip = next(lab for lab in labels if lab["name"] == "ads_picture_in_picture")
+    assert pip["decision"] == "pass" and "detector" in pip["overruled"] and pip["score"] == 0.8
+    assert fusion.fired(tax, labels) == {"ads_phone"} and decision == "block"
+    labels, _ = fusion.fuse(tax, {"moderate": [guess], "detect": [found]}, detected=True)
+    assert fusion.fired(tax, labels) == {"ads_picture_in_picture"}
+    assert fusion.detector_ran({"models": ["persons_det@3", "qr_decoder@1"]})
+    assert not fusion.detector_ran({"models": []}) and not fusion.detector_ran(None)
+
+
+def test_calibrating_on_the_serving_distribution_records_where_it_chose(tmp_path, window_detector):
+    from livelens.detection_eval import calibrate
+    from livelens.store import ModelStore
+
+    store = tmp_path / "store"
+    ref = window_detector(store)
+    out = calibrate(ref, samples=4, store=str(store), frames_seed=12)
+    card = ModelStore(str(store)).card(out["ref"])
+    assert card["calibrated_from"] == {"ref": ref, "serving_frames": 4, "seed": 12,
+                                       "generator": "livelens.data.frames (make data's config)"}
