@@ -67,15 +67,6 @@ def label_score(score: float, threshold: float, review: float) -> float:
     return review * score / threshold if threshold > 0 else review
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def choose_thresholds(scored: Mapping[str, Sequence[tuple[float, bool]]], positives: Mapping[str, int],
                       grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> dict[str, float]:
     """Per class, the score threshold that maximises min(precision, recall) over frames (then F1).

@@ -110,14 +110,12 @@ class Detection:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply a new ``user_config``; a model no store holds is a ``ModelNotFoundError`` and the old one stays."""
-        from livelens.errors import ConfigError
+        from livelens.errors import ConfigError, ModelNotFoundError
 
         try:
             live = DetectionConfig.model_validate(config or {})
         except ValueError as exc:
             raise ConfigError(f"detection user_config: {exc}") from None
-        from livelens.errors import ModelNotFoundError
-
         changed = live.model_dump(exclude={"enabled"}) != self.live.model_dump(exclude={"enabled"})
         if changed or self.engine is None:
             try:
