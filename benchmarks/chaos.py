@@ -360,6 +360,9 @@ async def soak(url: str, key: str, seconds: float, concurrency: int = 16, warmup
         t0 = loop.time()
         stop_at[0] = t0 + seconds
         await asyncio.gather(sampler(), *(worker(client) for _ in range(concurrency)))
+    # The client has just closed its 16 keep-alive connections; give the proxy a moment to close its
+    # ends, so the last snapshot's fds count what stayed open (a leak), not sockets still closing.
+    await asyncio.sleep(1.0)
     samples.append((loop.time(), await asyncio.to_thread(serve_process_stats, app)))
     window = max(sample_s, seconds / 5)
     first = [st for t, st in samples if t <= t0 + window]
