@@ -237,3 +237,19 @@ def test_calibrating_on_the_serving_distribution_records_where_it_chose(tmp_path
     card = ModelStore(str(store)).card(out["ref"])
     assert card["calibrated_from"] == {"ref": ref, "serving_frames": 4, "seed": 12,
                                        "generator": "livelens.data.frames (make data's config)"}
+
+
+def test_the_evaluation_compares_one_moderation_pass_fused_with_and_without_the_stage(tmp_path, window_detector):
+    """A detector that calls every place a window: every inset is found with it, the arm without it is unchanged."""
+    from livelens.detection_eval import evaluate
+    from livelens.ocr.mmocr_adapter import ObjectDetector
+
+    ref = window_detector(tmp_path / "store")
+    report = evaluate(ObjectDetector(ref, str(tmp_path / "store")), frames=3, insets=2, out=str(tmp_path / "out"))
+    inset = report["insets"]["by_arm"]
+    assert inset["with_detection"]["ads_picture_in_picture"]["recall"] == 1.0
+    assert report["fresh"]["second_pass_frames"] == 3  # every frame has windows
+    fresh = report["fresh"]["by_arm"]
+    assert fresh["with_detection"]["ads_picture_in_picture"]["predicted"] == 3
+    assert fresh["classifier"]["ads_picture_in_picture"]["predicted"] <= 1
+    assert (tmp_path / "out" / "report.md").read_text().startswith(f"# Detection stage ({ref}")
