@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import collections.abc
 import json
 import re
 import types
@@ -43,6 +44,10 @@ def _field_docs(cls: type) -> dict[str, str]:
         elif not line.strip() and current:
             current = None
     return {k: v.replace("%", "%%") for k, v in out.items()}
+
+
+# A ``Sequence[int]`` field is a list on the command line too (it was read as one string before).
+_LISTS = (list, tuple, collections.abc.Sequence)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -105,7 +110,7 @@ def config_parser(cls: type, *, description: str | None = None, exclude: tuple[s
         if base is bool:
             p.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
             continue
-        if origin in (list, tuple):
+        if origin in _LISTS:
             (item,) = typing.get_args(base)[:1] or (str,)
             p.add_argument(opt, nargs="*", type=item if item in (int, float, str) else str, metavar=flag.upper(), **kw)
             continue
@@ -163,7 +168,7 @@ def config_argv(cfg: Any) -> list[str]:
             out.append(opt if value else f"--no-{flag.replace('_', '-')}")
         elif value is None:
             out += [opt, "none"]
-        elif typing.get_origin(base) in (list, tuple):
+        elif typing.get_origin(base) in _LISTS:
             out += [opt, *map(str, value)]
         elif isinstance(value, dict) or base in (dict, Any) or typing.get_origin(base) in (dict, Mapping):
             out += [opt, json.dumps(value)]

@@ -142,6 +142,18 @@ def test_safety_and_sweep_command_lines_come_from_their_configs():
     assert SweepConfig().pools[-1] == "compact_bilinear"  # final pool names, no variant key
 
 
+def test_sequence_fields_take_several_values_and_go_back_to_a_child_flag_for_flag():
+    from livelens.cli_config import config_argv, config_from_args, config_parser
+    from livelens.loop.simulate import SimulationJob
+    from train_jobs.active_loop import parse_args
+
+    # Sequence[int] was read as one string, and the loop then seeded itself with "[".
+    job = parse_args(["--seeds", "3", "4", "5", "--arms", "random", "active", "--pool", "avgmax"])
+    assert list(job.seeds) == [3, 4, 5] and list(job.loop.arms) == ["random", "active"] and job.pool == "avgmax"
+    back = config_from_args(SimulationJob(), config_parser(SimulationJob).parse_args(config_argv(job)))
+    assert list(back.seeds) == [3, 4, 5] and list(back.loop.arms) == ["random", "active"]
+
+
 def test_bad_pool_options_fail_on_the_driver(frames_manifest, tmp_path):
     base = tiny(frames_manifest, tmp_path)
     for pool, kw in (("gated", {"grid": 0}), ("compact_bilinear", {"sketch_dim": -4}), ("avg", {"grid": 2}),

@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m train_jobs.active_loop --seeds '[0, 1, 2]' --loop.rounds 20
+    python -m train_jobs.active_loop --seeds 0 1 2 --loop.rounds 20
 """
 
 from __future__ import annotations

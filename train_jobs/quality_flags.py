@@ -3,7 +3,7 @@ evaluate them per seed through the serving code, and register ``quality_flags``.
 
 Example::
 
-    python -m train_jobs.quality_flags --seeds '[0, 1, 2]' --ship-seed 0
+    python -m train_jobs.quality_flags --seeds 0 1 2 --ship-seed 0
 """
 
 from __future__ import annotations
