@@ -129,20 +129,23 @@ class LocalAnalyzer:
         rgb = as_rgb(image)
         memo = {} if memo is None else memo
 
-        def once(stage: Any, run: Any) -> dict[str, Any]:
-            if id(stage) not in memo:
-                memo[id(stage)] = run()
+        def once(stage: Any, run: Any, variant: Any = None) -> dict[str, Any]:
+            key = id(stage) if variant is None else (id(stage), variant)
+            if key not in memo:
+                memo[key] = run()
             # A copy: fusion and callers may change the answer in place.
-            return copy.deepcopy(memo[id(stage)])
+            return copy.deepcopy(memo[key])
 
         out: dict[str, dict[str, Any]] = {}
         if self.moderation is not None:
             res = self.moderation.moderate(rgb, self.evidence)
             res.pop("_timings", None)
             out["moderate"] = res
+        # As the gateway: with the detection stage, OCR's tiled QR pass waits for the detector.
+        defer_qr = self.ocr is not None and (self.detection is not None or bool(self.detection_missing))
         if self.ocr is not None:
             pipe, detect, recognize = self.ocr
-            res = once(self.ocr, lambda: pipe.read_sync(rgb, detect, recognize))
+            res = once(self.ocr, lambda: pipe.read_sync(rgb, detect, recognize, not defer_qr), defer_qr)
             res.pop("timings_ms", None)
             out["ocr"] = res
         if self.quality is not None:
@@ -160,6 +163,11 @@ class LocalAnalyzer:
             if boxes and self.moderation is not None:
                 detection.attach_second_pass(self.tax, res, self.moderation.classify_regions(rgb, boxes))
             out["detect"] = res
+        if defer_qr:
+            if not detection.reads_qr(out["detect"]):
+                out["detect"][detection.QR_TILES] = once(self.ocr, lambda: {"tiles": self.ocr[0].tiled_qr(rgb)},
+                                                        "tiles")["tiles"]
+            detection.complete_qr(self.tax, out)
         return out
 
     def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:

@@ -14,8 +14,8 @@ the starting config, so a preset or a default stays as it was for everything els
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections.abc
+import dataclasses
 import json
 import re
 import types

@@ -230,6 +230,38 @@ def idle_answer(reason: str) -> dict[str, Any]:
     return {"objects": [], "labels": [], "models": [], "missing": reason}
 
 
+def reads_qr(result: Mapping[str, Any]) -> bool:
+    """Whether a ``detection`` answer came from a detector that decoded its QR boxes.
+
+    Then OCR's tiled QR pass is not needed for that frame: the detector found where the small
+    codes are and the box decoder read them (``make eval-detection`` compares the two).
+    """
+    return not result.get("missing") and fusion.QR_MODEL in result.get("models", ())
+
+
+#: Where the detection branch of a fan-out hands back OCR's deferred tiled QR pass (gone after
+#: :func:`complete_qr`).
+QR_TILES = "_ocr_qr_tiles"
+
+
+def complete_qr(tax: Taxonomy, parts: dict[str, dict[str, Any]]) -> None:
+    """Finish OCR's deferred tiled QR pass in a fan-out's answers, before fusion (in place).
+
+    Either the detector read the QR boxes (the OCR answer says ``"qr_tiles": "detection"``) or
+    the pass ran after all, and what it found joins OCR's entities and labels.
+    """
+    from livelens.ocr.pipeline import add_entities
+
+    ocr, det = parts.get("ocr"), parts.get("detect")
+    tiles = det.pop(QR_TILES, None) if det is not None else None
+    if ocr is None or ocr.get("qr_tiles") != "deferred":
+        return
+    if tiles is not None:
+        add_entities(tax, ocr, tiles)
+    elif det is not None and reads_qr(det):
+        ocr["qr_tiles"] = "detection"
+
+
 def second_pass_boxes(result: Mapping[str, Any]) -> list[list[float]]:
     """The picture-in-picture windows of a ``detection`` answer that get the second pass."""
     return [list(o["box"]) for o in result.get("objects", []) if o["class"] == "pip"]

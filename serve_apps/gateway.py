@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from livelens import fusion
+from livelens import detection, fusion
 from livelens.errors import (
     ConfigError,
     ForbiddenError,
@@ -503,9 +503,14 @@ class Gateway:
             # The pin travels only when asked for, so the common call keeps its two arguments.
             calls["moderate"] = once_more(lambda: h.moderate.remote(image, opts.evidence, opts.model)) if opts.model \
                 else once_more(lambda: h.moderate.remote(image, opts.evidence))
+        # With the detection stage asked for, OCR leaves out its costly tiled QR pass: the stage
+        # reads the codes in its boxes, or, when it cannot (no detector, switched off), runs the
+        # pass itself as soon as it knows (_detect_then_classify).
+        defer_qr = "ocr" in caps and "detect" in caps
         if "ocr" in caps:
             ocr = self._handle("ocr")
-            calls["ocr"] = once_more(lambda: ocr.read.remote(image))
+            calls["ocr"] = once_more(lambda: ocr.read.remote(image, False)) if defer_qr \
+                else once_more(lambda: ocr.read.remote(image))
         if "quality" in caps:
             quality = self._handle("quality")
             calls["quality"] = once_more(lambda: quality.assess.remote(image))
@@ -537,6 +542,8 @@ class Gateway:
                 timings.add(f"{cap}.{stage}", ms)
             telemetry.METRICS.serving(cap, res.get("models", ()))
             results_by_cap[cap] = res
+        if defer_qr:
+            detection.complete_qr(self.tax, results_by_cap)
         with timings.stage("fusion"):
             answer = fusion.assemble(self.tax, results_by_cap, (image.width, image.height))
         telemetry.METRICS.answered(answer, results_by_cap)
@@ -547,18 +554,32 @@ class Gateway:
         """Detection, then its picture-in-picture windows to moderation for the second pass.
 
         The rest of the fan-out does not wait for it: only this call's answer waits for the windows.
+        When the stage did not read QR boxes (no detector, switched off), OCR's deferred tiled QR
+        pass runs here, beside the second pass, and goes back with the answer (``complete_qr``).
         """
-        from livelens import detection
-
         res = await once_more(lambda: det.analyze.remote(image))
+        steps = {}
+        if "ocr" in caps and not detection.reads_qr(res):
+            ocr = self._handle("ocr")
+            steps["tiles"] = once_more(lambda: ocr.tiled_qr.remote(image))
         boxes = detection.second_pass_boxes(res) if res.pop("second_pass_on", False) else []
         if boxes and "moderate" in caps:
             mod = self._handle("moderate")
-            t0 = time.perf_counter()
-            per_box = await once_more(lambda: mod.classify_regions.remote(image, boxes, opts.model))
+            steps["second_pass"] = self._timed(once_more(lambda: mod.classify_regions.remote(image, boxes, opts.model)))
+        done = dict(zip(steps, await asyncio.gather(*steps.values()), strict=True))
+        if "second_pass" in done:
+            per_box, ms = done["second_pass"]
             detection.attach_second_pass(self.tax, res, per_box)
-            res["timings_ms"]["second_pass"] = round((time.perf_counter() - t0) * 1000, 3)
+            res["timings_ms"]["second_pass"] = ms
+        if "tiles" in done:
+            res[detection.QR_TILES] = done["tiles"]
         return res
+
+    @staticmethod
+    async def _timed(call: Any) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        out = await call
+        return out, round((time.perf_counter() - t0) * 1000, 3)
 
     async def _single(self, request: Request, caps: tuple[str, ...] | None, scope: str) -> JSONResponse:
         """One image through ``caps`` (None: every capability the key may use, as /v1/analyze)."""

@@ -213,8 +213,11 @@ class Ocr:
                            "covers": regions_covers(ModelStore(root).card(ref))})
         return {"models": models, "missing": problem, "live": self.live.model_dump()}
 
-    async def read(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:
-        """Lines (polygon, box, text, score), entities, QR payloads, regions and the ads labels they raise."""
+    async def read(self, image: np.ndarray | EncodedImage, qr_tiles: bool = True) -> dict[str, Any]:
+        """Lines (polygon, box, text, score), entities, QR payloads, regions and the ads labels they raise.
+
+        ``qr_tiles`` False defers the QR decoder's tiled pass (:meth:`OcrPipeline.read`).
+        """
         pipe = await self.pipeline()
 
         # Both calls are retried once when their replica dies mid-request (serve_apps.common.once_more).
@@ -225,7 +228,12 @@ class Ocr:
         async def detect(img: np.ndarray | EncodedImage) -> list[dict[str, Any]]:
             return await once_more(lambda: self.detector.detect.remote(img))
 
-        return await pipe.read(image, detect, recognize)
+        return await pipe.read(image, detect, recognize, qr_tiles)
+
+    async def tiled_qr(self, image: np.ndarray | EncodedImage, known: list[str] | None = None) -> list[dict[str, Any]]:
+        """The deferred tiled QR pass alone (:meth:`OcrPipeline.tiled_qr`)."""
+        pipe = await self.pipeline()
+        return await asyncio.to_thread(pipe.tiled_qr, image, known or ())
 
 
 def bind_ocr(args: OcrArgs | dict | None = None):

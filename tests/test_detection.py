@@ -253,3 +253,87 @@ def test_the_evaluation_compares_one_moderation_pass_fused_with_and_without_the_
     assert fresh["with_detection"]["ads_picture_in_picture"]["predicted"] == 3
     assert fresh["classifier"]["ads_picture_in_picture"]["predicted"] <= 1
     assert (tmp_path / "out" / "report.md").read_text().startswith(f"# Detection stage ({ref}")
+
+
+class NoTextEngine:
+    """An OCR engine that finds no text: the QR decoder is what these tests watch."""
+
+    ref = "no_text@1"
+
+    def detect(self, images: list[np.ndarray]) -> list[list]:
+        return [[] for _ in images]
+
+    def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        return [("", 0.0) for _ in crops]
+
+
+SMALL_CODE = "wx:abc12345"
+
+
+def _small_code_frame() -> np.ndarray:
+    """A 40 px code in a 1280×720 frame: only the tiled pass or a box decoder reads it."""
+    from test_ocr_qr import frame_with
+
+    return frame_with([(SMALL_CODE, 40, 700, 300)])
+
+
+def test_ocr_leaves_the_tiled_qr_pass_to_the_stage_and_runs_it_when_the_stage_cannot():
+    """With detection, OCR defers its costly tiled pass; the code is read all the same, whichever way."""
+    from livelens.analyzer import LocalAnalyzer
+
+    frame = _small_code_frame()
+    box = [694.0, 294.0, 746.0, 346.0]
+    alone = LocalAnalyzer(caps=("ocr",), ocr_engine=NoTextEngine(), regions_ref=None, threads=1)
+    reading = LocalAnalyzer(caps=("ocr", "detect"), share_from=alone,
+                            detector=BoxesDetector([{"class": "qrcode", "box": box, "score": 0.9}]))
+    blind = LocalAnalyzer(caps=("ocr", "detect"), share_from=alone, detector=BoxesDetector([]),
+                          detection={"decode_qr": False})
+    idle = LocalAnalyzer(caps=("ocr", "detect"), share_from=alone, detector="no_such_detector",
+                         detection={"stores": []})
+    assert idle.detection is None and idle.detection_missing
+
+    def read(analyzer: LocalAnalyzer) -> tuple[set[str], set[str], str | None]:
+        parts = analyzer.parts(frame)
+        ocr = {e["value"] for e in parts["ocr"]["entities"] if e["kind"] == "qrcode"}
+        boxes = {o["value"] for o in parts.get("detect", {}).get("objects", []) if o.get("value")}
+        assert detection_keys_are_public(parts)
+        return ocr, boxes, parts["ocr"].get("qr_tiles")
+
+    assert read(alone) == ({SMALL_CODE}, set(), None)  # OCR alone: its tiled pass, as before
+    # The detector boxed the code and its decoder read it; OCR's whole-frame pass could not.
+    assert read(reading) == (set(), {SMALL_CODE}, "detection")
+    # A stage that reads no QR boxes (switched off, or no detector stored): the pass ran after all.
+    assert read(blind) == ({SMALL_CODE}, set(), "ran")
+    assert read(idle) == ({SMALL_CODE}, set(), "ran")
+    labels = {lab["name"] for lab in idle.analyze(frame)["labels"]}
+    assert "ads_qrcode" in labels
+
+
+def detection_keys_are_public(parts: dict) -> bool:
+    from livelens.detection import QR_TILES
+
+    return QR_TILES not in parts.get("detect", {})
+
+
+def test_a_deferred_pass_adds_only_new_codes_and_their_labels():
+    from livelens.detection import QR_TILES, complete_qr
+    from livelens.ocr.pipeline import OcrPipeline
+    from livelens.taxonomy import load_taxonomy
+
+    tax = load_taxonomy()
+    pipe = OcrPipeline("no_text@1", tax=tax)
+    frame = _small_code_frame()
+    assert pipe.tiled_qr(frame, known=[SMALL_CODE]) == []
+    found = pipe.tiled_qr(frame)
+    assert [e["value"] for e in found] == [SMALL_CODE]
+    ocr = {"entities": [], "labels": [], "models": ["no_text@1", "qr_decoder@1"], "qr_tiles": "deferred"}
+    parts = {"ocr": ocr, "detect": {"objects": [], "labels": [], "models": [], "missing": "none", QR_TILES: found}}
+    complete_qr(tax, parts)
+    assert QR_TILES not in parts["detect"] and ocr["qr_tiles"] == "ran"
+    assert [lab["name"] for lab in ocr["labels"]] == ["ads_qrcode"]
+    assert ocr["labels"][0]["evidence"][0]["value"] == SMALL_CODE and ocr["labels"][0]["model"] == "qr_decoder@1"
+    # The same code again adds nothing.
+    parts["detect"][QR_TILES] = found
+    ocr["qr_tiles"] = "deferred"
+    complete_qr(tax, parts)
+    assert len(ocr["entities"]) == 1 and len(ocr["labels"][0]["evidence"]) == 1

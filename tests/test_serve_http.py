@@ -880,6 +880,9 @@ def test_the_evaluation_measures_what_http_answers(app):
         assert {k: v["score"] for k, v in zip(got, served["labels"], strict=True)} == pytest.approx(
             {lab["name"]: lab["score"] for lab in local["labels"]}, abs=1e-3), name
         assert [ln["text"] for ln in served["ocr"]["lines"]] == [ln["text"] for ln in local["ocr"]["lines"]], name
+        assert [(e["kind"], e["value"]) for e in served["ocr"]["entities"]] == [
+            (e["kind"], e["value"]) for e in local["ocr"]["entities"]], name
+        assert served["ocr"].get("qr_tiles") == local["ocr"].get("qr_tiles"), name
         assert served["persons"]["count"] == local["persons"]["count"], name
         assert [v for f in served["persons"]["faces"] for v in f["box"]] == pytest.approx(
             [v for f in local["persons"]["faces"] for v in f["box"]], abs=1.0), name
@@ -1665,6 +1668,8 @@ def test_the_detection_stage_sends_windows_to_a_second_pass_and_http_answers_wha
     frame = generate_slot(5, 2, FrameConfig(p_negative=1, p_ads=0, p_game=0, p_black=0, p_frozen=0))[0]["image_bytes"]
     body = httpx.post(f"{url}/v1/analyze", content=frame, headers=h, timeout=60).json()
     assert body["detection"]["objects"] == [] and "make train-persons" in body["detection"]["missing"], body
+    # An idle stage reads no QR boxes, so OCR's deferred tiled QR pass ran after all.
+    assert body["ocr"]["qr_tiles"] == "ran" and "_ocr_qr_tiles" not in body["detection"], body["ocr"]
     assert "make train-persons" in httpx.get(f"{url}/v1/models", headers=auth, timeout=60).json()["problems"]["detect"]
     r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"model": "persons_det@7"}, timeout=60)
     assert _assert_envelope(r, 404)["error"]["code"] == "model_not_found"
@@ -1682,6 +1687,7 @@ def test_the_detection_stage_sends_windows_to_a_second_pass_and_http_answers_wha
         windows = [e["box"] for e in pip["evidence"] if e["source"] == "detector"]
         assert len(windows) == 2 and body["detection"]["second_pass"]["windows"] == 2
         assert "detect.second_pass" in body["timings_ms"] and "detect.detect" in body["timings_ms"]
+        assert body["ocr"]["qr_tiles"] == "detection"  # the detector's QR boxes stand in for the tiled pass
         # The evaluation's analyser, with the same detector and settings, answers the same labels.
         local = LocalAnalyzer(caps=("moderate", "detect"), detector=ObjectDetector(ref, str(app["tmp"] / "det_store")),
                               detection={"max_objects": 2}).analyze(decode_image(frame))
@@ -1701,6 +1707,7 @@ def test_the_detection_stage_sends_windows_to_a_second_pass_and_http_answers_wha
     while (body := httpx.post(f"{url}/v1/analyze", content=frame, headers=h, timeout=60).json())[
             "detection"]["objects"] and time.time() < deadline:
         time.sleep(1)
+    assert body["ocr"]["qr_tiles"] == "ran"
     assert "switched off" in body["detection"]["missing"] and not any(
         lab["name"] == "ads_picture_in_picture" and lab["decision"] != "pass" for lab in body["labels"]), body
 

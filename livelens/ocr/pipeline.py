@@ -93,8 +93,18 @@ class OcrPipeline:
         return [self.engine_ref] + ([fusion.QR_MODEL] if self.decode_qr else []) + (
             [self.regions_ref] if self.regions is not None else [])
 
-    async def read(self, image: np.ndarray | EncodedImage, detect: Detect, recognize: Recognize) -> dict[str, Any]:
-        """Lines (polygon, box, text, score), entities, QR payloads, text regions and the labels they raise."""
+    async def read(self, image: np.ndarray | EncodedImage, detect: Detect, recognize: Recognize,
+                   qr_tiles: bool = True) -> dict[str, Any]:
+        """Lines (polygon, box, text, score), entities, QR payloads, text regions and the labels they raise.
+
+        Args:
+            image: The frame.
+            detect: Text detection (where it runs).
+            recognize: Text recognition (where it runs).
+            qr_tiles: Run the QR decoder's tiled pass for small codes. False defers it: the answer
+                then says ``"qr_tiles": "deferred"``, and the caller either has the detection stage
+                read QR boxes instead or runs :meth:`tiled_qr` and :func:`add_entities`.
+        """
         from livelens.ocr import crop_line
 
         timings: dict[str, float] = {}
@@ -115,18 +125,36 @@ class OcrPipeline:
         probs = await region_task if region_task is not None else None
         lines = lines_from_detections(dets, axis, texts, self.text_score)
         t0 = time.perf_counter()
-        entities = await asyncio.to_thread(self.entities, rgb, lines)
+        entities = await asyncio.to_thread(self.entities, rgb, lines, qr_tiles)
         timings["entities"] = (time.perf_counter() - t0) * 1000
         labels = fusion.entity_labels(self.tax, entities, self.engine_ref)
         hits = self.region_hits(rgb, axis, probs, entities) if probs is not None else []
         if self.regions is not None:
             labels += fusion.region_labels(self.tax, hits, self.regions_ref)
-        return {"lines": lines, "entities": entities, "regions": [h.to_dict() for h in hits], "labels": labels,
-                "models": self.models(), "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        out = {"lines": lines, "entities": entities, "regions": [h.to_dict() for h in hits], "labels": labels,
+               "models": self.models(), "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        if self.decode_qr and not qr_tiles:
+            out["qr_tiles"] = "deferred"
+        return out
 
-    def read_sync(self, image: np.ndarray | EncodedImage, detect: Detect, recognize: Recognize) -> dict[str, Any]:
+    def read_sync(self, image: np.ndarray | EncodedImage, detect: Detect, recognize: Recognize,
+                  qr_tiles: bool = True) -> dict[str, Any]:
         """:meth:`read` from synchronous code (an evaluation loop)."""
-        return asyncio.run(self.read(image, detect, recognize))
+        return asyncio.run(self.read(image, detect, recognize, qr_tiles))
+
+    def tiled_qr(self, image: np.ndarray | EncodedImage, known: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The QR decoder's deferred tiled pass alone: codes too small for the whole-frame pass.
+
+        Args:
+            image: The frame.
+            known: Payloads the answer already has (not repeated).
+        """
+        from livelens.ocr.qr import decode_qr
+
+        if not self.decode_qr:
+            return []
+        rgb = as_rgb(image)  # (an encoded upload, as the gateway hands it on)
+        return [entity_dict(e) for e in decode_qr(rgb, first_pass=False, known=frozenset(known))]
 
     async def _region_probs(self, rgb: np.ndarray, axis: list[list[float]], timings: dict[str, float]) -> np.ndarray:
         """Class probabilities of every text box, computed while the recogniser reads them."""
@@ -142,16 +170,38 @@ class OcrPipeline:
         flags = contact_flags(axis, [e["box"] for e in entities if e["kind"] != "qrcode" and len(e["box"]) == 4])
         return region_hits(self.regions, rgb, axis, contacts=flags, probs=probs)
 
-    def entities(self, rgb: np.ndarray, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def entities(self, rgb: np.ndarray, lines: list[dict[str, Any]], qr_tiles: bool = True) -> list[dict[str, Any]]:
         """Phones, URLs, ids in the lines and QR codes in the frame, as JSON-ready dicts."""
-        return frame_entities(rgb, lines, qr=self.decode_qr)
+        return frame_entities(rgb, lines, qr=self.decode_qr, qr_tiles=qr_tiles)
 
 
-def frame_entities(rgb: np.ndarray, lines: Sequence[dict[str, Any]], qr: bool = True) -> list[dict[str, Any]]:
+def entity_dict(e: Any) -> dict[str, Any]:
+    """An :class:`~livelens.ocr.types.Entity` as the answer's JSON-ready dict."""
+    return {"kind": e.kind, "value": e.value, "box": [float(v) for v in (e.box or [])], "label": e.label,
+            "score": float(e.score or 0.0)}
+
+
+def frame_entities(rgb: np.ndarray, lines: Sequence[dict[str, Any]], qr: bool = True,
+                   qr_tiles: bool = True) -> list[dict[str, Any]]:
     """Phones, URLs, ids in the lines (:func:`lines_from_detections`) and, with ``qr``, QR codes in the frame."""
     from livelens.ocr.qr import frame_entities as extract
     from livelens.ocr.types import TextLine
 
     objs = [TextLine(polygon=ln["polygon"], box=ln["box"], text=ln["text"], score=ln["score"]) for ln in lines]
-    return [{"kind": e.kind, "value": e.value, "box": [float(v) for v in (e.box or [])], "label": e.label,
-             "score": float(e.score or 0.0)} for e in extract(rgb, objs, qr=qr)]
+    return [entity_dict(e) for e in extract(rgb, objs, qr=qr, qr_tiles=qr_tiles)]
+
+
+def add_entities(tax: Taxonomy, answer: dict[str, Any], entities: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Complete an OCR answer whose tiled QR pass was deferred (in place, and returned).
+
+    Adds the entities the pass found, with the labels they raise pooled into the answer's, and
+    marks the pass as run.
+    """
+    known = {e["value"] for e in answer["entities"] if e["kind"] == "qrcode"}
+    new = [e for e in entities if not (e["kind"] == "qrcode" and e["value"] in known)]
+    answer["entities"] = answer["entities"] + new
+    if new:
+        engine = next((m for m in answer.get("models", ()) if m != fusion.QR_MODEL), "")
+        answer["labels"] = fusion.merge_labels(answer["labels"] + fusion.entity_labels(tax, new, engine))
+    answer["qr_tiles"] = "ran"
+    return answer

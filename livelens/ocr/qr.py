@@ -7,7 +7,7 @@ tiles and decodes each one upscaled.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import cv2
@@ -71,7 +71,8 @@ def _tiles(h: int, w: int, tile: int) -> list[tuple[int, int, int, int]]:
     return sorted({(x, y, min(w, x + tile), min(h, y + tile)) for y in ys for x in xs})
 
 
-def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, second_pass: bool = True,
+def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, first_pass: bool = True,
+              second_pass: bool = True, known: Collection[str] = (),
               limits: ImageLimits = DEFAULT_LIMITS) -> list[Entity]:
     """Find and decode QR codes.
 
@@ -79,7 +80,10 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, second_pass:
         image: Anything :func:`livelens.imageio.load_image` takes.
         upscale: Zoom of the second pass.
         tile: Tile side (px) of the second pass.
-        second_pass: Run the tiled, upscaled pass (only for payloads the first pass missed).
+        first_pass: Run the whole-frame pass, which reads codes of about 3+ px per module.
+        second_pass: Run the tiled, upscaled pass (only for payloads the first pass missed). It
+            is the costly one: the gateway defers it while the detection stage reads QR boxes.
+        known: Payloads already read elsewhere (the first pass of an earlier call); not repeated.
         limits: Image limits.
 
     Returns:
@@ -91,7 +95,7 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, second_pass:
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     detector = cv2.QRCodeDetector()
     found: dict[str, Entity] = {}
-    for text, pts in _decode(detector, gray):
+    for text, pts in _decode(detector, gray) if first_pass else ():
         found.setdefault(text, Entity("qrcode", text, polygon_to_box(pts), LABELS["qrcode"], 1.0, "qr"))
     if second_pass:
         h, w = gray.shape
@@ -100,19 +104,20 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, second_pass:
             if not _has_edges(patch):  # flat or blurry tiles hold no code; skip the costly decode
                 continue
             for text, pts in _decode_small(detector, patch, upscale):
-                if text not in found:
+                if text not in found and text not in known:
                     pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2) + np.array([x0, y0])
                     found[text] = Entity("qrcode", text, polygon_to_box(pts), LABELS["qrcode"], 0.9, "qr_upscaled")
     return sorted(found.values(), key=lambda e: (e.box[1], e.box[0]))
 
 
-def frame_entities(image: Any, lines: Sequence[TextLine], *, qr: bool = True) -> list[Entity]:
+def frame_entities(image: Any, lines: Sequence[TextLine], *, qr: bool = True, qr_tiles: bool = True) -> list[Entity]:
     """Everything in a frame that raises an ads label: entities in its text lines, then its QR codes.
 
     The one definition the OCR deployment and the held-out evaluation (``livelens.evaluation``)
-    share, so the evaluation measures what the service answers.
+    share, so the evaluation measures what the service answers. ``qr_tiles`` False leaves out
+    the tiled pass (:func:`decode_qr`'s ``second_pass``), which the caller runs or replaces.
     """
     from livelens.ocr.entities import extract_entities
 
     found = list(extract_entities(lines))
-    return found + decode_qr(image) if qr else found
+    return found + decode_qr(image, second_pass=qr_tiles) if qr else found
