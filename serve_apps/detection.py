@@ -37,6 +37,8 @@ class DetectionConfig(BaseModel):
         enabled: Run the stage; off, it answers no objects without running the model (the
             detector stays loaded, so switching it back on is immediate).
         decode_qr: Send QR boxes to the decoder.
+        qr_probe: QR boxes under their threshold but at this score or more are decoded too, and
+            answered only when read (:class:`livelens.detection.DetectionEngine`).
         second_pass: Classify the content of picture-in-picture windows.
         max_objects: Objects answered per frame, best first.
     """
@@ -46,6 +48,7 @@ class DetectionConfig(BaseModel):
     min_scores: dict[str, float] = Field(default_factory=dict)
     enabled: bool = True
     decode_qr: bool = True
+    qr_probe: float = Field(0.1, ge=0.0, le=1.0)
     second_pass: bool = True
     max_objects: int = Field(50, ge=1, le=500)
 
@@ -104,7 +107,7 @@ class Detection:
         from livelens.detection import DetectionEngine
 
         engine = DetectionEngine(live.model, self.args.stores, min_scores=live.min_scores, decode_qr=live.decode_qr,
-                                 second_pass=live.second_pass, max_objects=live.max_objects)
+                                 second_pass=live.second_pass, max_objects=live.max_objects, qr_probe=live.qr_probe)
         engine.analyze(np.zeros((360, 640, 3), np.uint8))  # torch's first forward allocates its buffers
         return engine
 

@@ -134,6 +134,24 @@ def test_the_box_decoder_reads_a_code_where_the_detector_points_and_nothing_else
     assert decode_qr_box(frame, [-50, -50, 4000, 4000]) in (None, QR_PAYLOAD)  # clipped to the frame
 
 
+def test_doubtful_qr_boxes_are_decoded_and_answered_only_when_read(scene):
+    """A QR box under its threshold costs a decode; it is answered when a payload is read, else dropped."""
+    frame, objects, _ = scene
+    qr_box, elsewhere = objects[1]["box"], objects[3]["box"]
+    doubtful = [{"class": "qrcode", "box": qr_box, "score": 0.15}, {"class": "qrcode", "box": elsewhere, "score": 0.2}]
+    out = DetectionEngine(BoxesDetector(doubtful), min_scores={"qrcode": 0.35}).analyze(frame)
+    assert [(o["box"], o.get("value")) for o in out["objects"]] == [(qr_box, QR_PAYLOAD)]
+    assert [lab["name"] for lab in out["labels"]] == ["ads_qrcode"] and "probe" not in out["objects"][0]
+    # Both boxes under the probe score: neither is looked at.
+    assert DetectionEngine(BoxesDetector(doubtful), min_scores={"qrcode": 0.35}, qr_probe=0.3).analyze(
+        frame)["objects"] == []
+    # A box over the threshold that does not decode is still answered: there the detector is sure.
+    sure = DetectionEngine(BoxesDetector([{**doubtful[1], "score": 0.9}]), min_scores={"qrcode": 0.35}).analyze(frame)
+    assert [o["box"] for o in sure["objects"]] == [elsewhere] and sure["labels"] == []
+    with pytest.raises(ConfigError, match="qr_probe"):
+        DetectionEngine(BoxesDetector(doubtful), qr_probe=1.5)
+
+
 def test_a_real_mmdet_detector_serves_and_bad_frames_have_defined_answers(tmp_path, window_detector):
     """A stored detector by ref: its card's threshold is served; 1×1 and black frames answer no window labels."""
     ref = window_detector(tmp_path / "store")
