@@ -215,6 +215,8 @@ class SimulationJob:
         embeddings: Where the embedding job writes (resumed if already there).
         model: The embedding model (backbone name or stored ref).
         pool: A backbone's pooling (``avg``, or ``avgmax``: :func:`livelens.loop.embed.load_embedder`).
+            ``avgmax`` was chosen on the val split (docs/loop.md): a small overlay's strongest
+            cell stays in the vector.
         pool_split: Split the loop buys labels from.
         eval_split: Held-out split the curves are measured on. The strategy and its settings
             were chosen on ``val``; the reported figures use ``test``.
@@ -224,9 +226,9 @@ class SimulationJob:
     """
 
     manifest: str = "runs/data/frames"
-    embeddings: str = "runs/loop/emb-frames"
+    embeddings: str = "runs/loop/emb-frames-avgmax"
     model: str = "mobilenet_v2"
-    pool: str = "avg"
+    pool: str = "avgmax"
     pool_split: str = "train"
     eval_split: str = "test"
     seeds: Sequence[int] = (0, 1, 2)

@@ -100,25 +100,47 @@ def batches(rows: list[dict[str, Any]], batch_size: int, size: int, rng: np.rand
                             [r["labels"] for r in chunk], size=size)
 
 
+#: The lowest score any held-out measure reads (COCO's mAP wants nearly every box).
+PREDICT_FLOOR = 0.001
+
+
+def predict_rows(model: torch.nn.Module, rows: list[dict[str, Any]], size: int) -> list[tuple[Any, ...]]:
+    """``(frame shape, boxes, scores, labels)`` per row at :data:`PREDICT_FLOOR`: one forward pass
+    per held-out frame, shared by :func:`coco_map`, :func:`face_threshold` and :func:`class_thresholds`."""
+    from livelens.imageio import decode_image
+
+    out = []
+    for r in rows:
+        rgb = decode_image(r["image_bytes"])
+        out.append((rgb.shape[:2], *mm.obj_predict(model, [rgb], size, min_score=PREDICT_FLOOR)[0]))
+    return out
+
+
+def _above(pred: tuple[Any, ...], min_score: float) -> tuple[Any, Any, Any]:
+    _, boxes, scores, labels = pred
+    keep = np.asarray(scores) >= min_score
+    return np.asarray(boxes)[keep], np.asarray(scores)[keep], np.asarray(labels)[keep]
+
+
 def coco_map(model: torch.nn.Module, rows: list[dict[str, Any]], size: int,
-             classes: tuple[str, ...] = mm_configs.OBJECT_CLASSES) -> dict[str, float]:
-    """mmdet's COCO bbox metric (mAP, mAP@50, per-class AP) of ``model`` on ``rows``."""
+             classes: tuple[str, ...] = mm_configs.OBJECT_CLASSES,
+             preds: list[tuple[Any, ...]] | None = None) -> dict[str, float]:
+    """mmdet's COCO bbox metric (mAP, mAP@50, per-class AP) of ``model`` on ``rows``
+    (``preds``: :func:`predict_rows` of them, when already run)."""
     import logging
 
     from mmdet.evaluation import CocoMetric
     from mmengine.logging import MMLogger
 
-    from livelens.imageio import decode_image
-
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # the metric prints its tables at INFO
     metric = CocoMetric(metric="bbox", classwise=True, format_only=False)
     metric.dataset_meta = {"classes": classes}
-    for i, r in enumerate(rows):
-        rgb = decode_image(r["image_bytes"])
-        boxes, scores, labels = mm.obj_predict(model, [rgb], size, min_score=0.001)[0]
+    preds = predict_rows(model, rows, size) if preds is None else preds
+    for i, (r, pred) in enumerate(zip(rows, preds, strict=True)):
+        shape, (boxes, scores, labels) = pred[0], _above(pred, PREDICT_FLOOR)
         gt = [{"bbox": [float(v) for v in b], "bbox_label": int(c), "ignore_flag": 0}
               for b, c in zip(r["boxes"], r["labels"], strict=True)]
-        metric.process({}, [{"img_id": i, "ori_shape": rgb.shape[:2], "instances": gt,
+        metric.process({}, [{"img_id": i, "ori_shape": shape, "instances": gt,
                              "pred_instances": {"bboxes": torch.as_tensor(boxes), "scores": torch.as_tensor(scores),
                                                 "labels": torch.as_tensor(labels)}}])
     res = metric.evaluate(len(rows))  # {} when the model found nothing at all
@@ -129,18 +151,19 @@ def coco_map(model: torch.nn.Module, rows: list[dict[str, Any]], size: int,
     return {k: (round(float(v), 4) if v is not None and float(v) >= 0 else None) for k, v in out.items()}
 
 
-def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int) -> dict[str, float]:
+def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int,
+                   preds: list[tuple[Any, ...]] | None = None) -> dict[str, float]:
     """The face score threshold with the best F1 at IoU 0.5 on ``rows``, and its recall and precision.
 
     Chosen on held-out *generated* frames; the real face test set is never looked at here.
     """
-    from livelens.imageio import decode_image
     from livelens.persons.evaluate import match
 
     face = mm_configs.OBJECT_CLASSES.index("face")
+    shared = predict_rows(model, rows, size) if preds is None else preds
     preds, truths = [], []
-    for r in rows:
-        boxes, scores, labels = mm.obj_predict(model, [decode_image(r["image_bytes"])], size, min_score=0.05)[0]
+    for r, pred in zip(rows, shared, strict=True):
+        boxes, scores, labels = _above(pred, 0.05)
         preds.append([(b.tolist(), float(s)) for b, s, c in zip(boxes, scores, labels, strict=True) if c == face])
         truths.append([b.tolist() for b, c in zip(r["boxes"], r["labels"], strict=True) if c == face])
     n_true = sum(len(t) for t in truths)
@@ -157,7 +180,8 @@ def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int
     return best
 
 
-def class_thresholds(model: torch.nn.Module, rows: list[dict[str, Any]], size: int) -> dict[str, float]:
+def class_thresholds(model: torch.nn.Module, rows: list[dict[str, Any]], size: int,
+                     preds: list[tuple[Any, ...]] | None = None) -> dict[str, float]:
     """Per routed overlay class, the frame-level score threshold the detection stage serves.
 
     A frame raises a class's label when any box of it scores at the threshold, so the threshold
@@ -165,13 +189,13 @@ def class_thresholds(model: torch.nn.Module, rows: list[dict[str, Any]], size: i
     Chosen on held-out *generated* frames, like the face threshold.
     """
     from livelens.detection import ANSWERED, choose_thresholds
-    from livelens.imageio import decode_image
 
     classes = mm_configs.OBJECT_CLASSES
     scored: dict[str, list[tuple[float, bool]]] = {c: [] for c in ANSWERED if c in classes}
     positives = dict.fromkeys(scored, 0)
-    for r in rows:
-        _, scores, labels = mm.obj_predict(model, [decode_image(r["image_bytes"])], size, min_score=0.05)[0]
+    preds = predict_rows(model, rows, size) if preds is None else preds
+    for r, pred in zip(rows, preds, strict=True):
+        _, scores, labels = _above(pred, 0.05)
         present = {classes[int(c)] for c in r["labels"]}
         for cls in scored:
             positives[cls] += cls in present
@@ -195,8 +219,9 @@ def train_fn_per_worker(config: dict) -> None:
             return {}, {}
         t1 = time.time()
         held = detdata.samples(detdata.HELDOUT_OFFSET, cfg.eval_samples, seed=cfg.loop.seed)
-        scores = {**coco_map(model, held, cfg.size), **face_threshold(model, held, cfg.size),
-                  **class_thresholds(model, held, cfg.size)}
+        preds = predict_rows(model, held, cfg.size)
+        scores = {**coco_map(model, held, cfg.size, preds=preds), **face_threshold(model, held, cfg.size, preds),
+                  **class_thresholds(model, held, cfg.size, preds)}
         return {**{f"heldout_{k}": v for k, v in scores.items() if v is not None}, "eval_s": time.time() - t1}, {}
 
     fit(lambda: mm.build_object_detector(cfg.model, pretrained=cfg.pretrained), mm.obj_loss,
