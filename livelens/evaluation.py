@@ -197,13 +197,49 @@ def format_table(result: Mapping[str, Any], alone: Sequence[str] = ("classifier"
 
 # -- real photos without overlays ---------------------------------------------------------------
 
-def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tuple[str, np.ndarray]]:
+#: Photos other installed packages ship, read in place (never copied into the repository):
+#: Label Studio's sample photos (in the project's ``.venv-ls``; ``kittens1``/``kittens2`` are
+#: ``kittens`` with a numeral drawn on, and the test-suite images are screenshots, so they are
+#: left out) and imgaug's quokka.
+PACKAGE_PHOTOS = (("label_studio", "core/static/samples", ("kittens.jpg", "sample.jpg", "trees_in_snow.jpg")),
+                  ("imgaug", "", ("quokka.jpg",)))
+
+
+def package_photo_paths() -> dict[str, Path]:
+    """``{name: path}`` of :data:`PACKAGE_PHOTOS` that are installed here (in this interpreter's
+    site-packages, or in the project's Label Studio environment ``.venv-ls``)."""
+    import importlib.util
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    roots = [Path(p) for p in sys.path if p.endswith("site-packages")]
+    roots += sorted(repo.glob(".venv-ls/lib/python*/site-packages"))
+    out = {}
+    for package, sub, names in PACKAGE_PHOTOS:
+        spec = importlib.util.find_spec(package) if package != "label_studio" else None
+        bases = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+        bases += [r / package for r in roots]
+        for name in names:
+            found = next((b / sub / name for b in bases if (b / sub / name).is_file()), None)
+            if found is not None:
+                out[f"{package}/{name}"] = found
+    return out
+
+
+def real_photos(shared: str | Path | None = None, min_side: int = 64,
+                packages: bool = False) -> list[tuple[str, np.ndarray]]:
     """Every real photo available offline that carries no overlay, as ``(name, RGB)``.
 
     scikit-image's and scikit-learn's bundled photos, matplotlib's sample photos, and the photo
     sets of ``../shared/data`` (faces, ICDAR street scenes, the OCR demo photos). Left out: synthetic
     images (scikit-image's ``checkerboard``/``colorwheel``…, matplotlib's logo), cropped text (``word_crops``,
     ``zh_text``: a text crop is not a scene) and images under ``min_side`` pixels.
+
+    Args:
+        shared: The ``../shared/data`` folder (default: beside the repository).
+        min_side: Smallest side kept.
+        packages: Add :func:`package_photo_paths` too. Off by default, so that the pools (and
+            splits) of evaluations published before these were found stay as they were.
     """
     from livelens.imageio import load_image
 
@@ -258,6 +294,9 @@ def real_photos(shared: str | Path | None = None, min_side: int = 64) -> list[tu
         for p in sorted((root / sub).glob("*")):
             if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
                 add(f"shared/{sub}/{p.name}", p)
+    if packages:
+        for name, path in package_photo_paths().items():
+            add(name, path)
     return out
 
 

@@ -186,3 +186,20 @@ def test_the_region_model_decides_overlay_labels_only_when_it_ran():
     assert fusion.fired(TAX, out["labels"]) == {"ads_watermark"}
     (mark,) = [lab for lab in out["labels"] if lab["name"] == "ads_watermark"]
     assert np.isclose(mark["score"], 0.9) and not mark.get("overruled")
+
+
+def test_photos_other_packages_ship_are_found_where_they_are_installed():
+    """imgaug's quokka (a dependency here) and Label Studio's samples (the setup's .venv-ls)."""
+    from pathlib import Path
+
+    import livelens
+    from livelens.evaluation import PACKAGE_PHOTOS, package_photo_paths
+    from livelens.imageio import load_image
+
+    found = package_photo_paths()
+    wanted = {f"{pkg}/{n}" for pkg, _, names in PACKAGE_PHOTOS for n in names}
+    assert set(found) == wanted, sorted(wanted - set(found))  # make setup installs both
+    for path in found.values():
+        # Read where the package put it, never from a copy in the repository's code.
+        assert path.is_file() and not path.is_relative_to(Path(livelens.__file__).parent)
+        assert min(load_image(path).shape[:2]) >= 300

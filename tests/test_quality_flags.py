@@ -87,7 +87,7 @@ def shipped():
     store = ModelStore(SHIPPED_STORE)
     card = store.card(fl.MODEL_NAME)
     held_out = card["metrics"]["held_out_photos"]
-    photos = {n: p for n, p in real_photos() if n in held_out}
+    photos = {n: p for n, p in real_photos(packages=True) if n in held_out}
     assert len(photos) >= 8, "the shipped card's held-out photos are not all available here"
     assert not set(held_out) & set(card["datasets"][0]["photos"])
     engine = QualityEngine(iqa_ref=None, stores=[SHIPPED_STORE], flags_ref=fl.MODEL_NAME)
