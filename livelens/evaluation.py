@@ -208,7 +208,6 @@ PACKAGE_PHOTOS = (("label_studio", "core/static/samples", ("kittens.jpg", "sampl
 def package_photo_paths() -> dict[str, Path]:
     """``{name: path}`` of :data:`PACKAGE_PHOTOS` that are installed here (in this interpreter's
     site-packages, or in the project's Label Studio environment ``.venv-ls``)."""
-    import importlib.util
     import sys
 
     repo = Path(__file__).resolve().parents[1]
@@ -216,9 +215,7 @@ def package_photo_paths() -> dict[str, Path]:
     roots += sorted(repo.glob(".venv-ls/lib/python*/site-packages"))
     out = {}
     for package, sub, names in PACKAGE_PHOTOS:
-        spec = importlib.util.find_spec(package) if package != "label_studio" else None
-        bases = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-        bases += [r / package for r in roots]
+        bases = [r / package for r in roots]
         for name in names:
             found = next((b / sub / name for b in bases if (b / sub / name).is_file()), None)
             if found is not None:

@@ -230,10 +230,10 @@ class Ocr:
 
         return await pipe.read(image, detect, recognize, qr_tiles)
 
-    async def tiled_qr(self, image: np.ndarray | EncodedImage, known: list[str] | None = None) -> list[dict[str, Any]]:
+    async def tiled_qr(self, image: np.ndarray | EncodedImage) -> list[dict[str, Any]]:
         """The deferred tiled QR pass alone (:meth:`OcrPipeline.tiled_qr`)."""
         pipe = await self.pipeline()
-        return await asyncio.to_thread(pipe.tiled_qr, image, known or ())
+        return await asyncio.to_thread(pipe.tiled_qr, image)
 
 
 def bind_ocr(args: OcrArgs | dict | None = None):

@@ -142,19 +142,15 @@ class OcrPipeline:
         """:meth:`read` from synchronous code (an evaluation loop)."""
         return asyncio.run(self.read(image, detect, recognize, qr_tiles))
 
-    def tiled_qr(self, image: np.ndarray | EncodedImage, known: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """The QR decoder's deferred tiled pass alone: codes too small for the whole-frame pass.
-
-        Args:
-            image: The frame.
-            known: Payloads the answer already has (not repeated).
-        """
+    def tiled_qr(self, image: np.ndarray | EncodedImage) -> list[dict[str, Any]]:
+        """The QR decoder's deferred tiled pass alone: codes too small for the whole-frame pass
+        (what the whole-frame pass read too is dropped by :func:`add_entities`)."""
         from livelens.ocr.qr import decode_qr
 
         if not self.decode_qr:
             return []
         rgb = as_rgb(image)  # (an encoded upload, as the gateway hands it on)
-        return [entity_dict(e) for e in decode_qr(rgb, first_pass=False, known=frozenset(known))]
+        return [entity_dict(e) for e in decode_qr(rgb, first_pass=False)]
 
     async def _region_probs(self, rgb: np.ndarray, axis: list[list[float]], timings: dict[str, float]) -> np.ndarray:
         """Class probabilities of every text box, computed while the recogniser reads them."""

@@ -7,7 +7,7 @@ tiles and decodes each one upscaled.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -72,8 +72,7 @@ def _tiles(h: int, w: int, tile: int) -> list[tuple[int, int, int, int]]:
 
 
 def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, first_pass: bool = True,
-              second_pass: bool = True, known: Collection[str] = (),
-              limits: ImageLimits = DEFAULT_LIMITS) -> list[Entity]:
+              second_pass: bool = True, limits: ImageLimits = DEFAULT_LIMITS) -> list[Entity]:
     """Find and decode QR codes.
 
     Args:
@@ -83,7 +82,6 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, first_pass: 
         first_pass: Run the whole-frame pass, which reads codes of about 3+ px per module.
         second_pass: Run the tiled, upscaled pass (only for payloads the first pass missed). It
             is the costly one: the gateway defers it while the detection stage reads QR boxes.
-        known: Payloads already read elsewhere (the first pass of an earlier call); not repeated.
         limits: Image limits.
 
     Returns:
@@ -104,7 +102,7 @@ def decode_qr(image: Any, *, upscale: float = 3.0, tile: int = 256, first_pass: 
             if not _has_edges(patch):  # flat or blurry tiles hold no code; skip the costly decode
                 continue
             for text, pts in _decode_small(detector, patch, upscale):
-                if text not in found and text not in known:
+                if text not in found:
                     pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2) + np.array([x0, y0])
                     found[text] = Entity("qrcode", text, polygon_to_box(pts), LABELS["qrcode"], 0.9, "qr_upscaled")
     return sorted(found.values(), key=lambda e: (e.box[1], e.box[0]))
