@@ -43,7 +43,9 @@ def detection_stage(frame: np.ndarray, repeats: int) -> dict[str, Any]:
     beside; one window's second pass against that same moderation; the decoder on the detector's
     QR box against OCR's whole-frame QR decoder (tiled and zoomed); OCR's QR work when the stage
     is asked for (its whole-frame pass only: the tiled one is deferred) against OCR's QR work
-    without it; the stage without probing doubtful QR boxes (``qr_probe``) against the stage.
+    without it; the stage without probing doubtful QR boxes (``qr_probe``) against the stage; the
+    stage without the window check (``window_check``, when the detector's card names one) against
+    the stage.
     """
     from livelens.data import render
     from livelens.detection import DetectionEngine, decode_qr_box
@@ -65,14 +67,18 @@ def detection_stage(frame: np.ndarray, repeats: int) -> dict[str, Any]:
     plain_qr = _ms(lambda: decode_qr(frame, second_pass=False), repeats)
     no_probe = DetectionEngine("persons_det", qr_probe=1.0)
     stage_no_probe = _ms(lambda: no_probe.analyze(frame), repeats)
-    return {"ref": eng.ref, "objects": [o["class"] for o in eng.analyze(frame)["objects"]],
+    no_check = DetectionEngine("persons_det", window_check=False)
+    stage_no_check = _ms(lambda: no_check.analyze(frame), repeats)
+    return {"ref": eng.ref, "window_check": eng.window_check.ref if eng.window_check else None, "objects": [o["class"] for o in eng.analyze(frame)["objects"]],
             "stage_ms": round(stage, 2), "moderate_ms": round(whole, 2), "stage_vs_moderate": round(stage / whole, 3),
             "second_pass_ms_per_window": round(window, 2), "second_pass_vs_moderate": round(window / whole, 3),
             "qr_box_decode_ms": round(box_ms, 2), "qr_whole_frame_ms": round(whole_qr, 2),
             "qr_box_vs_whole_frame": round(box_ms / whole_qr, 4),
             "ocr_qr_with_stage_ms": round(plain_qr, 2), "ocr_qr_with_stage_vs_without": round(plain_qr / whole_qr, 4),
             "stage_without_probes_ms": round(stage_no_probe, 2),
-            "stage_without_probes_vs_stage": round(stage_no_probe / stage, 3)}
+            "stage_without_probes_vs_stage": round(stage_no_probe / stage, 3),
+            "stage_without_window_check_ms": round(stage_no_check, 2),
+            "stage_without_window_check_vs_stage": round(stage_no_check / stage, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

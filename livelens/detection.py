@@ -51,6 +51,9 @@ QR_PROBES = 4
 DEFAULT_MIN_SCORE = 0.3
 #: Frames with a shorter side get no objects; boxes narrower than MIN_BOX px are dropped.
 MIN_SIDE, MIN_BOX = 16, 4
+#: The window check sees a picture-in-picture box with this margin on each side (a pasted window's
+#: evidence is its border against the stream around it) at this square size.
+WINDOW_PAD, WINDOW_SIZE = 0.15, 128
 #: Evidence ``source`` of labels the second pass raised inside a window.
 SECOND_PASS_SOURCE = "pip_window"
 #: Label groups the second pass does not report: ads (OCR and the text regions read the whole
@@ -124,6 +127,80 @@ def decode_qr_box(rgb: np.ndarray, box: Sequence[float], pad: float = 0.15) -> s
     return hits[0][0] if hits else None
 
 
+def window_crops(rgb: np.ndarray, boxes: Sequence[Sequence[float]], pad: float = WINDOW_PAD,
+                 size: int = WINDOW_SIZE) -> np.ndarray:
+    """Each box with ``pad`` of its size around it, clipped to the frame, as an ImageNet-normalised
+    ``(N, 3, size, size)`` float32 batch: what :class:`WindowCheck` classifies."""
+    from livelens.models.factory import IMAGENET_MEAN, IMAGENET_STD
+
+    h, w = rgb.shape[:2]
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    out = np.zeros((len(boxes), 3, size, size), np.float32)
+    for i, b in enumerate(boxes):
+        bw, bh = b[2] - b[0], b[3] - b[1]
+        x0, y0 = int(max(0, b[0] - pad * bw)), int(max(0, b[1] - pad * bh))
+        x1, y1 = int(min(w, b[2] + pad * bw)), int(min(h, b[3] + pad * bh))
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue  # nothing to see: an all-zero crop, which the check scores low
+        crop = cv2.resize(rgb[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+        out[i] = ((crop.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
+    return out
+
+
+class WindowCheck:
+    """A second opinion on the detector's picture-in-picture boxes: is this a window pasted on the stream?
+
+    The detector learned windows on backgrounds without people; on the serving distribution its
+    false windows are rectangles inside real photos (a shop window, a sign). The check is a
+    classifier from the model factory (a frozen ImageNet backbone and one sigmoid head, ``window``)
+    over the box and a margin around it; ``python -m livelens.detection_eval window-check`` fits
+    it on the detector's own proposals and stores it. Boxes the detector scores at ``floor`` or
+    more are shown to it, and it keeps those scoring ``threshold`` or more (both in its card).
+
+    Args:
+        model: The classifier (``heads={"window": sigmoid ["pip"]}``).
+        ref: Its store ref.
+        threshold: The check's score a box needs.
+        floor: The detector's score a box needs to be looked at.
+    """
+
+    def __init__(self, model: Any, ref: str, threshold: float, floor: float):
+        if not (0.0 <= threshold <= 1.0 and 0.0 <= floor <= 1.0):
+            raise ConfigError(f"{ref}: window check threshold and floor must be within [0, 1], got {threshold}, {floor}")
+        self.model, self.ref = model.eval(), ref
+        self.threshold, self.floor = float(threshold), float(floor)
+
+    @classmethod
+    def load(cls, ref: str, stores: Sequence[str] | None = None) -> WindowCheck:
+        """The stored check ``ref``.
+
+        Raises:
+            ModelNotFoundError: No store has ``ref``.
+            ConfigError: Its card has no ``threshold``/``floor`` or its head is not ``window``.
+        """
+        from livelens.models.io import load_from_store
+        from livelens.store import open_in_stores
+
+        store, full = open_in_stores(ref, list(stores) if stores else None)
+        model = load_from_store(store, full)
+        card = store.load(full).card
+        if "window" not in getattr(model, "heads", {}) or "threshold" not in card or "floor" not in card:
+            raise ConfigError(f"{full} is not a window check (a 'window' head, and 'threshold' and 'floor' in its card)")
+        return cls(model, full, card["threshold"], card["floor"])
+
+    def scores(self, rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        """The check's probability that each box is a pasted window (one forward pass for all)."""
+        if not len(boxes):
+            return np.zeros(0, np.float32)
+        import torch
+
+        x = torch.from_numpy(window_crops(rgb, boxes))
+        param = next(self.model.parameters())
+        with torch.inference_mode():
+            logits = self.model(x.to(param.device))["window"][:, 0]
+        return torch.sigmoid(logits).float().cpu().numpy()
+
+
 class DetectionEngine:
     """The detection stage for one frame at a time.
 
@@ -143,15 +220,20 @@ class DetectionEngine:
         second_pass: Classify picture-in-picture windows (the caller runs the classifier).
         max_objects: Objects answered per frame, highest score first.
         tax: The taxonomy.
+        window_check: Who decides ``pip`` boxes: ``True`` the :class:`WindowCheck` the detector's
+            card names (``window_check``; none named, the class threshold), ``False`` the class
+            threshold, a ref that stored check, or a ready :class:`WindowCheck`. With a check, a
+            ``pip`` entry in ``min_scores`` is not used.
 
     Raises:
-        ModelNotFoundError: ``model`` is in no store.
+        ModelNotFoundError: ``model``, or the window check, is in no store.
         ConfigError: The stored model has none of the routed classes, or a threshold is out of [0, 1].
     """
 
     def __init__(self, model: str | Any, stores: Sequence[str] | None = None,
                  min_scores: Mapping[str, float] | None = None, decode_qr: bool = True, second_pass: bool = True,
-                 max_objects: int = 50, tax: Taxonomy | None = None, qr_probe: float = DEFAULT_QR_PROBE):
+                 max_objects: int = 50, tax: Taxonomy | None = None, qr_probe: float = DEFAULT_QR_PROBE,
+                 window_check: bool | str | WindowCheck = True):
         if isinstance(model, str):
             from livelens.ocr.mmocr_adapter import ObjectDetector
 
@@ -179,32 +261,47 @@ class DetectionEngine:
             raise ConfigError(f"qr_probe must be within [0, 1], got {qr_probe}")
         self.decode_qr, self.second_pass, self.max_objects = decode_qr, second_pass, max_objects
         self.qr_probe = qr_probe
+        if window_check is True:
+            window_check = (getattr(self.detector, "card", None) or {}).get("window_check") or False
+        if isinstance(window_check, str):
+            window_check = WindowCheck.load(window_check, stores)
+            param = next(self.detector.model.parameters(), None) if hasattr(self.detector, "model") else None
+            if param is not None and param.is_cuda:
+                window_check.model.cuda()
+        self.window_check: WindowCheck | None = window_check or None
 
     @property
     def ref(self) -> str:
         return self.detector.ref
 
     def models(self) -> list[str]:
-        return [self.ref] + ([fusion.QR_MODEL] if self.decode_qr else [])
+        return ([self.ref] + ([self.window_check.ref] if self.window_check else [])
+                + ([fusion.QR_MODEL] if self.decode_qr else []))
+
+    def pip_floor(self) -> float:
+        """The detector score a ``pip`` box needs before anything else decides."""
+        return self.window_check.floor if self.window_check else self.min_scores["pip"]
 
     def detect(self, rgb: np.ndarray) -> list[dict[str, Any]]:
         """Objects at or above their class threshold, boxes clipped to ``rgb``'s pixels, best first.
 
         QR boxes under their threshold that ``qr_probe`` lets through are marked ``"probe"``:
-        :meth:`analyze` answers them only when it reads a payload.
+        :meth:`analyze` answers them only when it reads a payload. With a window check, ``pip``
+        boxes from its floor up are kept when it says so, with its score as ``"check"``.
         """
         h, w = rgb.shape[:2]
         if min(h, w) < MIN_SIDE:  # no overlay fits; a detector would only invent one
             return []
-        floor = min(self.min_scores.values())
+        needs = {**self.min_scores, "pip": self.pip_floor()}
+        floor = min(needs.values())
         probe = self.qr_probe if self.decode_qr and self.qr_probe < self.min_scores["qrcode"] else None
         if probe is not None:
             floor = min(floor, probe)
         objs, probes = [], 0
         for o in sorted(self.detector.detect(rgb, min_score=max(0.01, floor)), key=lambda o: -o["score"]):
-            if o["class"] not in self.min_scores:
+            if o["class"] not in needs:
                 continue
-            if o["score"] < self.min_scores[o["class"]]:
+            if o["score"] < needs[o["class"]]:
                 if o["class"] != "qrcode" or probe is None or o["score"] < probe or probes >= QR_PROBES:
                     continue
                 probes += 1
@@ -212,6 +309,12 @@ class DetectionEngine:
             box = [min(max(float(v), 0.0), lim) for v, lim in zip(o["box"], (w, h, w, h), strict=True)]
             if box[2] - box[0] >= MIN_BOX and box[3] - box[1] >= MIN_BOX:
                 objs.append({**o, "box": box})
+        if self.window_check is not None:
+            windows = [o for o in objs if o["class"] == "pip"]
+            checks = self.window_check.scores(rgb, [o["box"] for o in windows])
+            for o, c in zip(windows, checks, strict=True):
+                o["check"] = float(c)
+            objs = [o for o in objs if o["class"] != "pip" or o["check"] >= self.window_check.threshold]
         return sorted(objs, key=lambda o: -o["score"])[: self.max_objects]
 
     def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:
@@ -225,6 +328,8 @@ class DetectionEngine:
         objects = []
         for o in self.detect(rgb):
             item = {"class": o["class"], "box": [round(float(v), 1) for v in o["box"]], "score": round(float(o["score"]), 4)}
+            if "check" in o:
+                item["check"] = round(o["check"], 4)
             if o["class"] == "qrcode" and self.decode_qr:
                 value = decode_qr_box(rgb, item["box"])
                 if value is not None:
@@ -246,6 +351,11 @@ class DetectionEngine:
                 # A decoded payload is as sure as OCR's decoder; the detector only said where to look.
                 ev["value"] = o["value"]
                 labels.append(fusion.make_label(self.tax, name, 0.9, fusion.QR_MODEL, evidence=[ev]))
+            elif "check" in o and self.window_check is not None:
+                # The check decided this window: its score, on its threshold, is the label's.
+                ev["check"] = o["check"]
+                score = label_score(o["check"], self.window_check.threshold, self.tax.raise_threshold(name))
+                labels.append(fusion.make_label(self.tax, name, score, self.window_check.ref, evidence=[ev]))
             else:
                 score = label_score(o["score"], self.min_scores[o["class"]], self.tax.raise_threshold(name))
                 labels.append(fusion.make_label(self.tax, name, score, self.ref, evidence=[ev]))

@@ -33,7 +33,7 @@ DEPLOYMENTS = {"moderate": ("Moderation",), "ocr": ("Ocr", "TextRecognizer"), "q
 GATEWAY_KEYS = {"moderate": "moderation", "quality": "quality"}
 #: Live config fields naming models that must exist before a change is applied.
 MODEL_FIELDS = {"moderate": ("safety_ref",), "ocr": ("regions",), "quality": ("iqa_ref",),
-                "persons": ("detector", "attribute_model"), "detect": ("model",)}
+                "persons": ("detector", "attribute_model"), "detect": ("model", "window_check")}
 #: Values of those fields that name a built-in model, not a model-store ref.
 BUILT_IN = {"persons": ("mtcnn", "haar", "teacher")}
 
@@ -95,7 +95,8 @@ def _check_models(cap: str, live: BaseModel, args: dict[str, Any]) -> None:
     stores = (args.get(key) or {}).get("stores")
     for name in MODEL_FIELDS.get(cap, ()):
         ref = getattr(live, name)
-        if ref and ref not in BUILT_IN.get(cap, ()) and find_in_stores(ref, stores) is None:
+        # A bool (``detect.window_check: true``) names no model: the detector's card does.
+        if isinstance(ref, str) and ref and ref not in BUILT_IN.get(cap, ()) and find_in_stores(ref, stores) is None:
             raise ModelNotFoundError(f"{cap}.{name}={ref!r} is in none of the model stores; nothing was changed")
 
 

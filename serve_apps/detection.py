@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ray import serve
 
 from livelens.serving.envelope import quiet_expected_errors
@@ -41,6 +41,9 @@ class DetectionConfig(BaseModel):
             answered only when read (:class:`livelens.detection.DetectionEngine`).
         second_pass: Classify the content of picture-in-picture windows.
         max_objects: Objects answered per frame, best first.
+        window_check: Who decides picture-in-picture boxes: ``true`` the window check the
+            detector's card names (:class:`livelens.detection.WindowCheck`), ``false`` the ``pip``
+            threshold alone, or a check's ref (``window_check@1``). A ref no store has is refused.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +54,7 @@ class DetectionConfig(BaseModel):
     qr_probe: float = Field(0.1, ge=0.0, le=1.0)
     second_pass: bool = True
     max_objects: int = Field(50, ge=1, le=500)
+    window_check: bool | Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}(@\d{1,9})?$")] = True
 
     def model_post_init(self, _: Any) -> None:
         from livelens.detection import ANSWERED
@@ -107,7 +111,8 @@ class Detection:
         from livelens.detection import DetectionEngine
 
         engine = DetectionEngine(live.model, self.args.stores, min_scores=live.min_scores, decode_qr=live.decode_qr,
-                                 second_pass=live.second_pass, max_objects=live.max_objects, qr_probe=live.qr_probe)
+                                 second_pass=live.second_pass, max_objects=live.max_objects, qr_probe=live.qr_probe,
+                                 window_check=live.window_check)
         engine.analyze(np.zeros((360, 640, 3), np.uint8))  # torch's first forward allocates its buffers
         return engine
 
@@ -146,6 +151,13 @@ class Detection:
                            "licence": "Apache-2.0 code; weights trained by livelens (sources in card.licence)",
                            "thresholds": self.engine.min_scores, "covers": detection_covers(card),
                            **({"card": card} if card else {})})
+            check = self.engine.window_check
+            if check is not None:
+                models.append({"ref": check.ref, "kind": "picture-in-picture window check",
+                               "source": "livelens (python -m livelens.detection_eval window-check), from the model store",
+                               "licence": "Apache-2.0 code; torchvision's ImageNet MobileNetV2 (BSD-3-Clause) and a "
+                                          "head fitted by livelens",
+                               "thresholds": {"floor": check.floor, "check": check.threshold}})
         return {"models": models, "missing": self.missing, "live": self.live.model_dump()}
 
     def analyze(self, image) -> dict[str, Any]:

@@ -354,3 +354,133 @@ def test_a_deferred_pass_adds_only_new_codes_and_their_labels():
     ocr["qr_tiles"] = "deferred"
     complete_qr(tax, parts)
     assert len(ocr["entities"]) == 1 and len(ocr["labels"][0]["evidence"]) == 1
+
+
+def _window_check(store, bias: float, threshold: float = 0.5, floor: float = 0.25) -> str:
+    """Store a window check whose head says ``sigmoid(bias)`` of every box (random backbone, full state)."""
+    import torch
+
+    from livelens.detection_eval import WINDOW_HEAD
+    from livelens.models.factory import create_model
+    from livelens.models.io import save_to_store
+    from livelens.store import ModelStore
+
+    model = create_model("mobilenet_v2", "avgmax", heads=WINDOW_HEAD).eval()
+    with torch.no_grad():
+        model.head.fc["window"].weight.zero_()
+        model.head.fc["window"].bias.fill_(bias)
+    return save_to_store(ModelStore(str(store)), "window_check", model, {"threshold": threshold, "floor": floor})
+
+
+def test_a_window_check_decides_the_detectors_picture_in_picture_boxes(scene, tmp_path):
+    from livelens.errors import ModelNotFoundError
+    from livelens.store import ModelStore
+    from serve_apps.detection import DetectionConfig
+
+    frame, objects, _ = scene
+    doubtful = [{**objects[0], "score": 0.3}, {"class": "pip", "box": [10, 300, 200, 420], "score": 0.2}]
+    stores = [str(tmp_path)]
+    yes, no = _window_check(tmp_path, 4.0), _window_check(tmp_path, -4.0)
+    # Without a check, the class threshold alone: a 0.3 window is under 0.5.
+    assert DetectionEngine(BoxesDetector(doubtful), min_scores={"pip": 0.5}).analyze(frame)["objects"] == []
+    eng = DetectionEngine(BoxesDetector(doubtful), stores, min_scores={"pip": 0.5}, window_check=yes)
+    out = eng.analyze(frame)
+    # From the check's floor (0.25) up, the check decides; the 0.2 box is never shown to it.
+    assert [o["box"] for o in out["objects"]] == [objects[0]["box"]]
+    check = out["objects"][0]["check"]
+    assert check == pytest.approx(0.982, abs=1e-3) and out["objects"][0]["score"] == 0.3
+    pip = out["labels"][0]
+    assert pip["model"] == yes and pip["score"] == pytest.approx(label_score(check, 0.5, 0.4), abs=1e-3)
+    assert pip["evidence"][0]["check"] == check and yes in eng.models()
+    # A check that says no drops even a window the detector is sure of.
+    sure = [{**objects[0], "score": 0.95}]
+    assert DetectionEngine(BoxesDetector(sure), stores, window_check=no).analyze(frame)["labels"] == []
+    # By default the detector's card names its check; False switches it off.
+    named = BoxesDetector(sure)
+    named.card = {"window_check": no}
+    assert DetectionEngine(named, stores).window_check.ref == no
+    assert DetectionEngine(named, stores, window_check=False).analyze(frame)["labels"][0]["model"] == "drawn_boxes@1"
+    assert DetectionEngine(BoxesDetector(sure), stores).window_check is None  # a card without one
+    with pytest.raises(ModelNotFoundError):
+        DetectionEngine(BoxesDetector(sure), stores, window_check="window_check@9")
+    not_a_check = ModelStore(str(tmp_path)).save("window_check", {}, {"task": "something else"})
+    with pytest.raises(ConfigError, match="no 'arch'"):
+        DetectionEngine(BoxesDetector(sure), stores, window_check=not_a_check)
+    assert DetectionConfig(window_check=False).window_check is False
+    assert DetectionConfig(window_check="window_check@2").window_check == "window_check@2"
+    with pytest.raises(ValueError):
+        DetectionConfig(window_check="../x")
+
+
+def test_window_crops_keep_a_margin_and_clip_to_the_frame():
+    from livelens.detection import WINDOW_SIZE, window_crops
+
+    rgb = np.zeros((100, 200, 3), np.uint8)
+    rgb[40:60, 90:110] = 255  # a white box with a black margin around it
+    x = window_crops(rgb, [[90, 40, 110, 60], [190, 90, 200, 100], [50, 50, 50, 50]])
+    assert x.shape == (3, 3, WINDOW_SIZE, WINDOW_SIZE) and x.dtype == np.float32
+    mid, edge = x[0, :, WINDOW_SIZE // 2, WINDOW_SIZE // 2], x[0, :, 2, 2]
+    assert (mid > 2).all() and (edge < -1.5).all()  # white inside, black in the margin (ImageNet-normalised)
+    assert np.isfinite(x[1]).all() and (x[2] == 0).all()  # clipped at the corner; an empty box stays zero
+
+
+def test_a_scaled_logistic_regression_folds_into_one_linear_layer():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from livelens.detection_eval import fold_scaler
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, [1.0, 5.0, 0.1], (200, 3))
+    y = (x[:, 0] + 0.2 * x[:, 1] > 4).astype(int)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y)
+    sc, lr = pipe.steps[0][1], pipe.steps[1][1]
+    w, b = fold_scaler(lr.coef_[0], lr.intercept_[0], sc.mean_, sc.scale_)
+    np.testing.assert_allclose(x @ w + b, pipe.decision_function(x), rtol=1e-9, atol=1e-9)
+
+
+def test_the_window_check_is_fitted_on_proposals_and_its_threshold_chosen_through_the_engine(tmp_path):
+    """A detector that answers each frame's true window and a decoy: the check learns which is which."""
+    from livelens.detection import DetectionEngine as Engine
+    from livelens.detection_eval import _frames, fit_window_check
+    from livelens.imageio import decode_image
+    from livelens.store import ModelStore
+
+    seed, n = 20, 40
+    truth = []
+    for sd, count in ((seed, n), (12, n)):
+        for r in _frames(sd, count):
+            wins = [[b["x0"], b["y0"], b["x1"], b["y1"]] for b in r["boxes"] or [] if b["label"] == "ads_picture_in_picture"]
+            truth.append(wins)
+    assert sum(map(bool, truth[:n])) >= 2 and sum(map(bool, truth[n:])) >= 1
+
+    class InOrder(BoxesDetector):
+        """The true windows at 0.9 and a decoy at 0.5, frame by frame in the order they are asked."""
+
+        def __init__(self):
+            super().__init__([])
+            self.calls = itertools.count()
+
+        def detect(self, rgb, min_score=0.05):
+            i = next(self.calls)
+            # Fitting walks the fitting frames, then the choosing frames: one call each.
+            wins = truth[i] if i < len(truth) else []
+            return ([{"class": "pip", "box": list(b), "score": 0.9} for b in wins]
+                    + [{"class": "pip", "box": [20, 20, 220, 140], "score": 0.5}])
+
+    out = fit_window_check(InOrder(), seeds=[seed], frames=n, choose_seed=12, choose_frames=n, c=1.0,
+                           store=str(tmp_path))
+    assert out["ref"] == "window_check@1" and out["detector"] is None
+    assert out["fitted_on"]["windows"] == sum(len(t) for t in truth[:n])
+    assert out["fitted_on"]["proposals"] == n + out["fitted_on"]["windows"]
+    card = ModelStore(str(tmp_path)).card(out["ref"])
+    assert card["threshold"] == out["threshold"] and card["floor"] == 0.25 and card["state"] == "head_only"
+    assert out["chosen_on"]["windows"] == sum(map(bool, truth[n:])) and 0.05 <= out["threshold"] <= 0.95
+    # The stored check, through the engine, keeps the true windows of a frame it fitted on and drops the decoy.
+    k = next(i for i, t in enumerate(truth[:n]) if t)
+    frame = decode_image(_frames(seed, k + 1)[k]["image_bytes"])
+    eng = Engine(BoxesDetector([{"class": "pip", "box": truth[k][0], "score": 0.9},
+                                {"class": "pip", "box": [20, 20, 220, 140], "score": 0.5}]),
+                 [str(tmp_path)], window_check=out["ref"])
+    assert [o["box"] for o in eng.analyze(frame)["objects"]] == [[float(v) for v in truth[k][0]]]

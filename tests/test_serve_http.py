@@ -1673,6 +1673,8 @@ def test_the_detection_stage_sends_windows_to_a_second_pass_and_http_answers_wha
     assert "make train-persons" in httpx.get(f"{url}/v1/models", headers=auth, timeout=60).json()["problems"]["detect"]
     r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"model": "persons_det@7"}, timeout=60)
     assert _assert_envelope(r, 404)["error"]["code"] == "model_not_found"
+    r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"window_check": "window_check@7"}, timeout=60)
+    assert _assert_envelope(r, 404)["error"]["code"] == "model_not_found"
     ref = window_detector(app["tmp"] / "det_store")
     r = httpx.put(f"{url}/v1/admin/live/detect", headers=auth, json={"model": ref, "max_objects": 2}, timeout=180)
     assert r.status_code == 200 and r.json()["live"]["model"] == ref, r.text
