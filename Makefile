@@ -61,7 +61,7 @@ eval-persons: setup
 	$(PY) -m livelens.persons.evaluate --detectors mtcnn,haar$$($(PY) -c "from livelens.store import find_in_stores as f; print(',persons_det' if f('persons_det') else '')")
 
 # The picture-in-picture window check on the train-persons detector's own proposals (make data's
-# frames at seeds 20-22, threshold chosen on seed 12); publishes it with a detector copy naming it.
+# frames at seeds 20-25, threshold chosen on seed 12); publishes it with a detector copy naming it.
 window-check: setup
 	$(PY) -m livelens.detection_eval window-check
 

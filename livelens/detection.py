@@ -183,7 +183,7 @@ class WindowCheck:
 
         store, full = open_in_stores(ref, list(stores) if stores else None)
         model = load_from_store(store, full)
-        card = store.load(full).card
+        card = store.card(full)
         if "window" not in getattr(model, "heads", {}) or "threshold" not in card or "floor" not in card:
             raise ConfigError(f"{full} is not a window check (a 'window' head, and 'threshold' and 'floor' in its card)")
         return cls(model, full, card["threshold"], card["floor"])

@@ -125,7 +125,8 @@ def window_proposals(engine: Any, check: Any, seed: int, count: int) -> list[dic
     return out
 
 
-def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] = (20, 21, 22), frames: int = 1000,
+def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] = (20, 21, 22, 23, 24, 25),
+                     frames: int = 1000,
                      choose_seed: int = 12, choose_frames: int = 1000, c: float = 0.01,
                      store: str | None = None) -> dict[str, Any]:
     """Fit the picture-in-picture window check and publish it with a copy of ``detector`` that names it.
@@ -204,8 +205,10 @@ def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] =
     card = {"task": "picture-in-picture window check (is the detector's pip box a window pasted on the stream?)",
             "threshold": thr, "floor": WINDOW_FLOOR, "pad": WINDOW_PAD,
             "input_size": [128, 128], "detector": full, "fitted_on": fitted, "chosen_on": chosen,
-            "data": "make data's frame generator (livelens.data.frames), the detector's proposals; no face test photo "
-                    "is a positive or a choice: the label is the generator's window box",
+            "data": "the detector's proposals on make data's frames (livelens.data.frames), labelled by the "
+                    "generator's window boxes; their backgrounds are make data's photo pool, which holds the "
+                    "PASCAL photos of faces/testing.xml as scenery, as for every model trained on make data (no "
+                    "face is a label here; the face figures are the face detector's, which never saw them)",
             "licence": {"backbone": "torchvision MobileNetV2 ImageNet weights (BSD-3-Clause)",
                         "head": "fitted by livelens (Apache-2.0)"}}
     target = ModelStore(store or found.uri)
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="choose on make data's generator at this seed (never one an evaluation reports)")
     w = sub.add_parser("window-check", help="fit the picture-in-picture window check, publish it with the detector")
     w.add_argument("--model", default="persons_det")
-    w.add_argument("--seeds", type=int, nargs="+", default=[20, 21, 22])
+    w.add_argument("--seeds", type=int, nargs="+", default=[20, 21, 22, 23, 24, 25])
     w.add_argument("--frames", type=int, default=1000)
     w.add_argument("--choose-seed", type=int, default=12)
     w.add_argument("--store", default=None)

@@ -35,7 +35,8 @@ _RANK = {"pass": 0, "review": 1, "block": 2}
 #: Source name of a label, by the prefix of the model that raised it (evaluations leave each out in turn).
 SOURCE_PREFIXES = (("safety", "classifier"), ("open_nsfw", "open_nsfw"), ("ppocr", "entities"),
                    ("mmocr", "entities"), ("ocr_", "entities"), (QR_MODEL.split("@")[0], "qr"),
-                   ("ads_regions", "regions"), ("quality", "quality"), ("persons_det", "detector"))
+                   ("ads_regions", "regions"), ("quality", "quality"), ("persons_det", "detector"),
+                   ("window_check", "detector"))
 
 
 def source_of(label: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from livelens import fusion
 from livelens.detection import (
     ANSWERED,
     DetectionEngine,
@@ -392,6 +393,7 @@ def test_a_window_check_decides_the_detectors_picture_in_picture_boxes(scene, tm
     pip = out["labels"][0]
     assert pip["model"] == yes and pip["score"] == pytest.approx(label_score(check, 0.5, 0.4), abs=1e-3)
     assert pip["evidence"][0]["check"] == check and yes in eng.models()
+    assert fusion.source_of(pip) == "detector"  # the stage's label, whichever of its models decided
     # A check that says no drops even a window the detector is sure of.
     sure = [{**objects[0], "score": 0.95}]
     assert DetectionEngine(BoxesDetector(sure), stores, window_check=no).analyze(frame)["labels"] == []
