@@ -32,7 +32,7 @@ s = run(cfg)
 state, _, _ = read_checkpoint(Checkpoint(s["checkpoint"]))
 print("@@" + json.dumps([{k: h.get(k) for k in ("epoch", "world_size", "train_loss")} for h in state["fit"]["history"]]))
 """
-EPOCHS = 8
+EPOCHS = 6
 
 
 def _sizes(root: Path) -> list[int]:
