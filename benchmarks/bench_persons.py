@@ -69,7 +69,8 @@ def detection_stage(frame: np.ndarray, repeats: int) -> dict[str, Any]:
     stage_no_probe = _ms(lambda: no_probe.analyze(frame), repeats)
     no_check = DetectionEngine("persons_det", window_check=False)
     stage_no_check = _ms(lambda: no_check.analyze(frame), repeats)
-    return {"ref": eng.ref, "window_check": eng.window_check.ref if eng.window_check else None, "objects": [o["class"] for o in eng.analyze(frame)["objects"]],
+    return {"ref": eng.ref, "window_check": eng.window_check.ref if eng.window_check else None,
+            "objects": [o["class"] for o in eng.analyze(frame)["objects"]],
             "stage_ms": round(stage, 2), "moderate_ms": round(whole, 2), "stage_vs_moderate": round(stage / whole, 3),
             "second_pass_ms_per_window": round(window, 2), "second_pass_vs_moderate": round(window / whole, 3),
             "qr_box_decode_ms": round(box_ms, 2), "qr_whole_frame_ms": round(whole_qr, 2),

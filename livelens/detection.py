@@ -188,16 +188,25 @@ class WindowCheck:
             raise ConfigError(f"{full} is not a window check (a 'window' head, and 'threshold' and 'floor' in its card)")
         return cls(model, full, card["threshold"], card["floor"])
 
+    def features(self, rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> Any:
+        """The pooled backbone features of each box's crop (``(N, F)`` tensor): what the head reads,
+        and what :func:`livelens.detection_eval.fit_window_check` fits it on."""
+        import torch
+
+        x = torch.from_numpy(window_crops(rgb, boxes))
+        with torch.inference_mode():
+            m = self.model
+            return m.forward_head(m.forward_features(x.to(next(m.parameters()).device)), pre_logits=True)
+
     def scores(self, rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         """The check's probability that each box is a pasted window (one forward pass for all)."""
         if not len(boxes):
             return np.zeros(0, np.float32)
         import torch
 
-        x = torch.from_numpy(window_crops(rgb, boxes))
-        param = next(self.model.parameters())
+        feats = self.features(rgb, boxes)
         with torch.inference_mode():
-            logits = self.model(x.to(param.device))["window"][:, 0]
+            logits = self.model.head(feats)["window"][:, 0]
         return torch.sigmoid(logits).float().cpu().numpy()
 
 
@@ -265,8 +274,9 @@ class DetectionEngine:
             window_check = (getattr(self.detector, "card", None) or {}).get("window_check") or False
         if isinstance(window_check, str):
             window_check = WindowCheck.load(window_check, stores)
-            param = next(self.detector.model.parameters(), None) if hasattr(self.detector, "model") else None
-            if param is not None and param.is_cuda:
+            import torch
+
+            if torch.cuda.is_available():  # as the detector: a replica given a GPU share runs it there
                 window_check.model.cuda()
         self.window_check: WindowCheck | None = window_check or None
 

@@ -103,9 +103,6 @@ def window_proposals(engine: Any, check: Any, seed: int, count: int) -> list[dic
     """The detector's ``pip`` boxes from the check's floor up on ``count`` frames of ``make data``'s
     generator: each box's pooled features (the check's backbone and pooling), whether it covers a
     true window (IoU >= 0.5), and its frame's slot."""
-    import torch
-
-    from livelens.detection import window_crops
     from livelens.imageio import decode_image
     from livelens.persons.evaluate import iou
 
@@ -116,10 +113,7 @@ def window_proposals(engine: Any, check: Any, seed: int, count: int) -> list[dic
         boxes = [o["box"] for o in engine.detect(rgb) if o["class"] == "pip"]
         if not boxes:
             continue
-        with torch.inference_mode():
-            m = check.model
-            feats = m.forward_head(m.forward_features(torch.from_numpy(window_crops(rgb, boxes))), pre_logits=True)
-        for b, f in zip(boxes, feats.numpy(), strict=True):
+        for b, f in zip(boxes, check.features(rgb, boxes).cpu().numpy(), strict=True):
             out.append({"slot": slot, "box": b, "features": f,
                         "window": max((iou(list(b), t) for t in truth), default=0.0) >= 0.5})
     return out
@@ -187,8 +181,9 @@ def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] =
     fitted = {"seeds": list(seeds), "frames_per_seed": frames, "proposals": len(props), "windows": int(y.sum()),
               "logistic_c": c, "seconds": round(time.time() - t0, 1)}
 
-    # The threshold, through the serving code: each frame's best window check (0 where no box).
-    engine = DetectionEngine(det, decode_qr=False, window_check=WindowCheck(model, "unfitted", 0.0, WINDOW_FLOOR))
+    # The threshold, through the serving code: each frame's best window check (the head just fitted,
+    # kept at 0 so that every box shows its score).
+    engine = DetectionEngine(det, decode_qr=False, window_check=check)
     best, positives = [], 0
     for r in _frames(choose_seed, choose_frames):
         has = "ads_picture_in_picture" in r["labels"]
@@ -290,7 +285,7 @@ def evaluate(detector: str = "persons_det", frames: int = 1000, insets: int = 12
     report: dict[str, Any] = {"detector": det.detection.ref, "thresholds": det.detection.min_scores,
                               "window_check": check and {"ref": check.ref, "floor": check.floor,
                                                          "threshold": check.threshold},
-                              "models": det.models(), "seed": seed}
+                              "models": det.models(), "seed": seed, "qr_measured": read_qr}
 
     def both(rgb: np.ndarray) -> tuple[dict, dict]:
         parts = det.parts(rgb)
@@ -375,12 +370,12 @@ def markdown(report: dict[str, Any]) -> str:
 
     q = report["qr"]
     check = report.get("window_check")
-    qr_line = (f"QR codes: {q['frames']} frames with a code; the service read one in {q['read_without_stage']} without "
+    qr_line = ("QR codes: not measured (--no-qr)." if not report.get("qr_measured", True) else
+               f"QR codes: {q['frames']} frames with a code; the service read one in {q['read_without_stage']} without "
                f"the stage (OCR's whole-frame and tiled passes) and in {q['read_with_stage']} with it (OCR's whole-frame "
                f"pass and the decoder on the detector's boxes). Decoders alone: whole-frame and tiled "
                f"{q['whole_frame_found']} (median {q['tiled_decoder_ms_median']} ms), the detector's boxes "
-               f"{q['box_decoder_found']}; whole-frame pass and boxes {q['plain_and_box_decoder_ms_median']} ms."
-               if q["frames"] else "QR codes: not measured (--no-qr).")
+               f"{q['box_decoder_found']}; whole-frame pass and boxes {q['plain_and_box_decoder_ms_median']} ms.")
     return "\n".join([
         f"# Detection stage ({report['detector']}, thresholds {report['thresholds']})", "",
         *([f"Window check: {check['ref']} (boxes from {check['floor']}, kept at {check['threshold']})", ""]

@@ -26,6 +26,10 @@ from serve_apps.common import Args, DeployOptions
 log = logging.getLogger("ray.serve")
 
 
+#: A model-store ref as the live config takes it (``name`` or ``name@version``).
+REF_PATTERN = r"^[a-z][a-z0-9_]{0,63}(@\d{1,9})?$"
+
+
 class DetectionConfig(BaseModel):
     """Detection knobs that change without a restart (``user_config``).
 
@@ -47,14 +51,14 @@ class DetectionConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field("persons_det", pattern=r"^[a-z][a-z0-9_]{0,63}(@\d{1,9})?$")
+    model: str = Field("persons_det", pattern=REF_PATTERN)
     min_scores: dict[str, float] = Field(default_factory=dict)
     enabled: bool = True
     decode_qr: bool = True
     qr_probe: float = Field(0.1, ge=0.0, le=1.0)
     second_pass: bool = True
     max_objects: int = Field(50, ge=1, le=500)
-    window_check: bool | Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}(@\d{1,9})?$")] = True
+    window_check: bool | Annotated[str, StringConstraints(pattern=REF_PATTERN)] = True
 
     def model_post_init(self, _: Any) -> None:
         from livelens.detection import ANSWERED
