@@ -69,6 +69,37 @@ print("@@NODES@@" + json.dumps([
 """
 
 
+# Ray binds Unix sockets at <root>/session_<YYYY-mm-dd_HH-MM-SS_ffffff>_<pid>/sockets/dash_<Module>,
+# and AF_UNIX paths stop at 107 bytes. The dashboard's module then dies with "Received EOF from
+# pipe", which hides the cause; a pytest tmp dir such as /tmp/pytest-of-root/pytest-103/nb0/cluster
+# is one byte too long. Budget: a 7-digit pid (Linux's pid_max can be 4194304) and the longest
+# dashboard module name Ray has (TaskEventsHead).
+_SOCKET_PATH_MAX = 107
+_SESSION_TAIL = len("/session_2026-12-06_04-28-02_237335_4194304/sockets/dash_TaskEventsHead")
+MAX_ROOT_CHARS = _SOCKET_PATH_MAX - _SESSION_TAIL
+
+
+def check_root(root: str | Path) -> Path:
+    """Return ``root`` as an absolute path, or refuse one too long for Ray's socket paths.
+
+    Args:
+        root: A cluster's ``--temp-dir``.
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        ConfigError: If the path has more than :data:`MAX_ROOT_CHARS` characters.
+    """
+    path = Path(root).absolute()
+    if len(str(path).encode()) > MAX_ROOT_CHARS:
+        raise ConfigError(
+            f"cluster root {str(path)!r} has {len(str(path).encode())} bytes; Ray's Unix sockets under it would "
+            f"pass the 107-byte AF_UNIX limit, so keep it at {MAX_ROOT_CHARS} or fewer (e.g. tempfile.mkdtemp())"
+        )
+    return path
+
+
 # Substrings of `ray start` failures that a fresh attempt (new ports, less load) can cure.
 _RETRYABLE_START_ERRORS = ("timed out during startup", "used by other components", "Address already in use")
 
@@ -277,7 +308,7 @@ class LocalCluster:
         self.stop_at_exit = stop_at_exit
         self.start_attempts = max(1, start_attempts)
         self._own_root = root is None
-        self.root = Path(root) if root is not None else None
+        self.root = check_root(root) if root is not None else None
         self.token = token or secrets.token_hex(32)
         self.address: str | None = None
         self.dashboard_url: str | None = None
@@ -299,7 +330,7 @@ class LocalCluster:
             return self
         if self.root is None:
             # Short prefix: Ray's Unix socket paths under the session dir must stay < 108 chars.
-            self.root = Path(tempfile.mkdtemp(prefix="livelens-cluster-"))
+            self.root = check_root(tempfile.mkdtemp(prefix="livelens-cluster-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.token_path.write_text(self.token)
         self.token_path.chmod(0o600)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from cluster.local import LocalCluster, find_cluster_pids
+from cluster.local import MAX_ROOT_CHARS, LocalCluster, find_cluster_pids
 from livelens.errors import ConfigError
 
 PINNED_TASKS = """
@@ -48,8 +50,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = Path(tmp_path_factory.mktemp("lc")) / "c"
+def cluster():
+    # A short root of our own: pytest's numbered tmp dirs can push Ray's socket paths past 107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="ll-lc-"))
+    root = base / "c"
     c = LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=200, root=root)
     c.start()
     yield c
@@ -59,6 +63,7 @@ def cluster(tmp_path_factory):
     assert not find_cluster_pids(root), "processes left after `down`"
     assert not _stray(root)
     assert not root.exists()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -146,6 +151,20 @@ def test_bad_configuration_is_a_config_error():
         LocalCluster(object_store_mb=10)
     with pytest.raises(ConfigError, match="no local cluster"):
         LocalCluster.attach("/nonexistent/livelens-cluster")
+
+
+def test_a_root_too_long_for_rays_sockets_is_refused_before_anything_starts():
+    # The CI failure this guards: /tmp/pytest-of-root/pytest-103/nb0/cluster (42 bytes) put the
+    # dashboard's socket at 108 bytes, and Ray only said "MetricsHead failed to start".
+    long_root = "/tmp/pytest-of-root/pytest-103/nb0/cluster"
+    with pytest.raises(ConfigError, match="107-byte"):
+        LocalCluster(root=long_root)
+    ok = "/tmp/" + "x" * (MAX_ROOT_CHARS - len("/tmp/"))
+    assert str(LocalCluster(root=ok).root) == ok
+    with pytest.raises(ConfigError, match=f"keep it at {MAX_ROOT_CHARS}"):
+        LocalCluster(root=ok + "y")
+    # The default root (a fresh mkdtemp) fits with room to spare.
+    assert len(tempfile.gettempdir()) + len("/livelens-cluster-abcdefgh") <= MAX_ROOT_CHARS
 
 
 def test_ports_given_out_are_never_repeated(monkeypatch):

@@ -71,8 +71,9 @@ def deployed(tmp_path_factory):
     args["streams"] = {"db_path": str(tmp / "streams.sqlite")}
     spec.update(name=APP, route_prefix="/")
     port = _free_port()
-    root = tmp / "cluster"
-    with LocalCluster(num_workers=2, cpus_per_worker=4, object_store_mb=300, root=root) as cluster:
+    # Not under tmp: pytest's numbered dirs can make Ray's socket paths too long (LocalCluster
+    # refuses such a root). The cluster makes, and on stop removes, a short one of its own.
+    with LocalCluster(num_workers=2, cpus_per_worker=4, object_store_mb=300) as cluster:
         proc = cluster.run_driver(DEPLOY, timeout=900, args=[str(port), json.dumps(spec)])
         assert proc.returncode == 0 and "@@RUNNING" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
         yield {"cluster": cluster, "url": f"http://127.0.0.1:{port}", "key": key, "store": store, "tmp": tmp}
