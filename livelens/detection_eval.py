@@ -99,36 +99,65 @@ def fold_scaler(coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.
     return w, float(intercept - np.dot(w, mean))
 
 
-def window_proposals(engine: Any, check: Any, seed: int, count: int) -> list[dict[str, Any]]:
-    """The detector's ``pip`` boxes from the check's floor up on ``count`` frames of ``make data``'s
-    generator: each box's pooled features (the check's backbone and pooling), whether it covers a
-    true window (IoU >= 0.5), and its frame's slot."""
+def window_proposals(engine: Any, check: Any, seed: int, count: int, cache: str | None = None) -> dict[str, np.ndarray]:
+    """The detector's ``pip`` boxes from the check's floor up on ``count`` frames of ``make data``'s generator.
+
+    Args:
+        engine: A :class:`livelens.detection.DetectionEngine` without a check, its ``pip`` floor
+            at the check's.
+        check: The :class:`livelens.detection.WindowCheck` whose :meth:`features` are taken.
+        seed: ``make data``'s seed.
+        count: Frames.
+        cache: A directory: the set is read from, or written to, a file named after the
+            detector's ref, the seed and the count (the features depend on nothing else: the
+            backbone is the factory's frozen ImageNet one).
+
+    Returns:
+        ``features`` (N, F) of each box (the check's backbone and pooling), ``boxes`` (N, 4),
+        ``slot`` (N) its frame, ``window`` (N) whether it covers a true window (IoU >= 0.5), and
+        ``has_window`` (count) whether each frame is labelled picture-in-picture.
+    """
     from livelens.imageio import decode_image
     from livelens.persons.evaluate import iou
 
-    out = []
+    path = None
+    if cache:
+        path = Path(cache) / f"{str(engine.ref).replace('@', '_')}_s{seed}_n{count}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+    feats, boxes, slots, window, has = [], [], [], [], []
     for slot, r in enumerate(_frames(seed, count)):
         rgb = decode_image(r["image_bytes"])
+        has.append("ads_picture_in_picture" in r["labels"])
         truth = [[b["x0"], b["y0"], b["x1"], b["y1"]] for b in r["boxes"] or [] if b["label"] == "ads_picture_in_picture"]
-        boxes = [o["box"] for o in engine.detect(rgb) if o["class"] == "pip"]
-        if not boxes:
+        found = [o["box"] for o in engine.detect(rgb) if o["class"] == "pip"]
+        if not found:
             continue
-        for b, f in zip(boxes, check.features(rgb, boxes).cpu().numpy(), strict=True):
-            out.append({"slot": slot, "box": b, "features": f,
-                        "window": max((iou(list(b), t) for t in truth), default=0.0) >= 0.5})
+        feats.extend(check.features(rgb, found).cpu().numpy())
+        for b in found:
+            boxes.append(list(b))
+            slots.append(slot)
+            window.append(max((iou(list(b), t) for t in truth), default=0.0) >= 0.5)
+    width = check.model.head.fc["window"].in_features
+    out = {"features": np.asarray(feats, np.float32).reshape(-1, width), "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+           "slot": np.asarray(slots, np.int64), "window": np.asarray(window, bool), "has_window": np.asarray(has, bool)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **out)
     return out
 
 
 def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] = (20, 21, 22, 23, 24, 25),
                      frames: int = 1000,
-                     choose_seed: int = 12, choose_frames: int = 1000, c: float = 0.01,
-                     store: str | None = None) -> dict[str, Any]:
+                     choose_seeds: Sequence[int] = (12,), choose_frames: int = 1000, c: float = 0.01,
+                     store: str | None = None, cache: str | None = None) -> dict[str, Any]:
     """Fit the picture-in-picture window check and publish it with a copy of ``detector`` that names it.
 
     The backbone is the factory's frozen ImageNet MobileNetV2 (avg+max pooling); the head is a
     logistic regression on the detector's own ``pip`` proposals (score >= :data:`WINDOW_FLOOR`)
     of ``make data``'s frames at ``seeds``, positive when the box covers a true window. Its
-    threshold is then chosen on ``choose_seed``'s frames through :class:`DetectionEngine` (the
+    threshold is then chosen on ``choose_seeds``' frames through :class:`DetectionEngine` (the
     serving code): the one that maximises min(precision, recall) of the window label over frames.
     Evaluate on a seed neither step used.
 
@@ -138,10 +167,12 @@ def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] =
             the check is published, in ``store``.
         seeds: ``make data`` seeds whose frames the head is fitted on.
         frames: Frames per seed.
-        choose_seed: The seed whose frames choose the threshold.
-        choose_frames: How many.
+        choose_seeds: The seeds whose frames choose the threshold.
+        choose_frames: How many per seed.
         c: The logistic regression's inverse regularisation.
         store: Where to publish (default: the detector's store).
+        cache: A directory for the fitting frames' proposals (:func:`window_proposals`), so a
+            refit with other seeds or ``c`` does not run the detector again.
 
     Returns:
         ``{"ref", "detector", "threshold", "chosen_on", "fitted_on"}``.
@@ -168,9 +199,9 @@ def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] =
     check = WindowCheck(model, "unfitted", threshold=0.0, floor=WINDOW_FLOOR)
     engine = DetectionEngine(det, decode_qr=False, window_check=False, min_scores={"pip": WINDOW_FLOOR})
     t0 = time.time()
-    props = [p for sd in seeds for p in window_proposals(engine, check, sd, frames)]
-    x = np.stack([p["features"] for p in props])
-    y = np.asarray([p["window"] for p in props], int)
+    props = [window_proposals(engine, check, sd, frames, cache) for sd in seeds]
+    x = np.concatenate([p["features"] for p in props])
+    y = np.concatenate([p["window"] for p in props]).astype(int)
     scaler = StandardScaler().fit(x)
     lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(scaler.transform(x), y)
     w, b = fold_scaler(lr.coef_[0], lr.intercept_[0], scaler.mean_, scaler.scale_)
@@ -178,14 +209,14 @@ def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] =
         fc = model.head.fc["window"]
         fc.weight.copy_(torch.from_numpy(w).float()[None])
         fc.bias.fill_(b)
-    fitted = {"seeds": list(seeds), "frames_per_seed": frames, "proposals": len(props), "windows": int(y.sum()),
+    fitted = {"seeds": list(seeds), "frames_per_seed": frames, "proposals": len(y), "windows": int(y.sum()),
               "logistic_c": c, "seconds": round(time.time() - t0, 1)}
 
     # The threshold, through the serving code: each frame's best window check (the head just fitted,
     # kept at 0 so that every box shows its score).
     engine = DetectionEngine(det, decode_qr=False, window_check=check)
     best, positives = [], 0
-    for r in _frames(choose_seed, choose_frames):
+    for r in (r for sd in choose_seeds for r in _frames(sd, choose_frames)):
         has = "ads_picture_in_picture" in r["labels"]
         positives += has
         checks = [o["check"] for o in engine.detect(decode_image(r["image_bytes"])) if o["class"] == "pip"]
@@ -195,7 +226,7 @@ def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] =
     thr = choose_thresholds({"pip": best}, {"pip": positives}, grid)["pip"]
     tp = sum(1 for s, pos in best if s >= thr and pos)
     fp = sum(1 for s, pos in best if s >= thr and not pos)
-    chosen = {"seed": choose_seed, "frames": choose_frames, "windows": positives,
+    chosen = {"seeds": list(choose_seeds), "frames_per_seed": choose_frames, "windows": positives,
               "recall": round(tp / max(1, positives), 3), "precision": round(tp / max(1, tp + fp), 3)}
     card = {"task": "picture-in-picture window check (is the detector's pip box a window pasted on the stream?)",
             "threshold": thr, "floor": WINDOW_FLOOR, "pad": WINDOW_PAD,
@@ -400,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--model", default="persons_det")
     w.add_argument("--seeds", type=int, nargs="+", default=[20, 21, 22, 23, 24, 25])
     w.add_argument("--frames", type=int, default=1000)
-    w.add_argument("--choose-seed", type=int, default=12)
+    w.add_argument("--choose-seeds", type=int, nargs="+", default=[12])
+    w.add_argument("--c", type=float, default=0.01, help="the logistic regression's inverse regularisation")
     w.add_argument("--store", default=None)
+    w.add_argument("--cache", default="runs/window_check/proposals",
+                   help="where the fitting frames' proposals are kept between fits ('' for none)")
     e = sub.add_parser("evaluate", help="both arms on fresh frames, insets and QR codes")
     e.add_argument("--model", default="persons_det")
     e.add_argument("--frames", type=int, default=1000)
@@ -411,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-qr", action="store_true", help="leave out the QR decoders (OCR on every frame with a code)")
     a = p.parse_args(argv)
     if a.cmd == "window-check":
-        print(json.dumps(fit_window_check(a.model, a.seeds, a.frames, a.choose_seed, store=a.store), default=str),
+        print(json.dumps(fit_window_check(a.model, a.seeds, a.frames, a.choose_seeds, c=a.c, store=a.store,
+                                          cache=a.cache or None), default=str),
               flush=True)
     elif a.cmd == "calibrate":
         print(json.dumps(calibrate(a.model, a.samples, store=a.store, frames_seed=a.frames_seed)), flush=True)

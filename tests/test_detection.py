@@ -471,8 +471,8 @@ def test_the_window_check_is_fitted_on_proposals_and_its_threshold_chosen_throug
             return ([{"class": "pip", "box": list(b), "score": 0.9} for b in wins]
                     + [{"class": "pip", "box": [20, 20, 220, 140], "score": 0.5}])
 
-    out = fit_window_check(InOrder(), seeds=[seed], frames=n, choose_seed=12, choose_frames=n, c=1.0,
-                           store=str(tmp_path))
+    out = fit_window_check(InOrder(), seeds=[seed], frames=n, choose_seeds=[12], choose_frames=n, c=1.0,
+                           store=str(tmp_path), cache=str(tmp_path / "cache"))
     assert out["ref"] == "window_check@1" and out["detector"] is None
     assert out["fitted_on"]["windows"] == sum(len(t) for t in truth[:n])
     assert out["fitted_on"]["proposals"] == n + out["fitted_on"]["windows"]
@@ -486,3 +486,15 @@ def test_the_window_check_is_fitted_on_proposals_and_its_threshold_chosen_throug
                                 {"class": "pip", "box": [20, 20, 220, 140], "score": 0.5}]),
                  [str(tmp_path)], window_check=out["ref"])
     assert [o["box"] for o in eng.analyze(frame)["objects"]] == [[float(v) for v in truth[k][0]]]
+    # The fitting frames' proposals were cached: a refit reads them without running the detector.
+    from livelens.detection_eval import window_proposals
+
+    class Refuses(BoxesDetector):
+        def detect(self, rgb, min_score=0.05):
+            raise AssertionError("the cache was not used")
+
+    refuses = Refuses([])
+    cached = window_proposals(Engine(refuses, decode_qr=False, window_check=False), eng.window_check, seed, n,
+                              str(tmp_path / "cache"))
+    assert int(cached["window"].sum()) == out["fitted_on"]["windows"] and len(cached["slot"]) == out["fitted_on"]["proposals"]
+    assert cached["has_window"].shape == (n,) and cached["features"].shape[1] == 2 * 1280
