@@ -80,6 +80,23 @@ def test_splits_are_photo_disjoint_and_keep_stereo_pairs_together():
         assert ("skimage/motorcycle_left" in test) == ("skimage/motorcycle_right" in test)
 
 
+def test_more_windows_add_views_and_keep_the_first_two():
+    from skimage import data as skd
+
+    rgb = skd.astronaut()
+    assert R.bases(2) == ("centre", "zoom") and R.bases(4) == ("centre", "zoom", "zoom_2", "zoom_3")
+    two, four = R.items_for("skimage/astronaut", rgb), R.items_for("skimage/astronaut", rgb, windows=4)
+    assert {it.key for it in two} < {it.key for it in four}
+    assert len(four) - len(two) == 2 * (len(two) - len(R.HARD_NEGATIVES)) // 2
+    views = [R.base_frame(rgb, "skimage/astronaut", b) for b in R.bases(4)]
+    assert all(min(v.shape[:2]) >= 270 for v in views)  # never upscaled, still a stream-sized frame
+    assert not any(np.array_equal(a, b) for a, b in itertools.combinations(views[1:], 2))
+    with pytest.raises(ValueError):
+        R.bases(0)
+    with pytest.raises(ConfigError):
+        FlagTrainConfig(windows=0)
+
+
 # -- the shipped model, on photos its card says it never saw -----------------------------------------
 
 @pytest.fixture(scope="module")

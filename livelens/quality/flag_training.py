@@ -45,6 +45,9 @@ class FlagTrainConfig:
         out: Where the report is written.
         max_photos: Use only this many photos (tests); 0: all.
         hard_negative_weight: Loss weight of the hard-negative windows relative to other frames.
+        windows: Distorted windows cut from each photo (:func:`livelens.quality.realset.bases`):
+            the centre and ``windows - 1`` random ones. More views of the same photos, for
+            training and for the held-out figures alike.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -57,12 +60,15 @@ class FlagTrainConfig:
     out: str = "runs/eval-quality-flags"
     max_photos: int = 0
     hard_negative_weight: float = 4.0
+    windows: int = 2
 
     def __post_init__(self) -> None:
         if not self.seeds or self.ship_seed not in self.seeds:
             raise ConfigError(f"ship_seed {self.ship_seed} must be one of seeds {self.seeds}")
         if not 0.05 <= self.test_share <= 0.6 or self.folds < 2:
             raise ConfigError("test_share must be in [0.05, 0.6] and folds ≥ 2")
+        if not 1 <= self.windows <= 8:
+            raise ConfigError(f"windows must be in [1, 8], got {self.windows}")
 
 
 def _photos(max_photos: int = 0) -> dict[str, np.ndarray]:
@@ -77,23 +83,23 @@ def _photos(max_photos: int = 0) -> dict[str, np.ndarray]:
     return {n: photos[n] for n in names}
 
 
-def _featurise_photos(names: list[str], max_photos: int) -> list[tuple[R.Item, np.ndarray, np.ndarray]]:
+def _featurise_photos(names: list[str], max_photos: int, windows: int = 2) -> list[tuple[R.Item, np.ndarray, np.ndarray]]:
     from livelens.quality.assess import flag_inputs
 
     photos = _photos(max_photos)
     out = []
     for n in names:
-        for it in R.items_for(n, photos[n]):
+        for it in R.items_for(n, photos[n], windows):
             x, fmap, _ = flag_inputs(R.render(it, photos[n]))
             out.append((it, x, fmap.astype(np.float16)))
     return out
 
 
-def featurise(photos: dict[str, np.ndarray], max_photos: int = 0, cache: str = "") -> dict[str, Any]:
+def featurise(photos: dict[str, np.ndarray], max_photos: int = 0, cache: str = "", windows: int = 2) -> dict[str, Any]:
     """Render and featurise every item of ``photos`` in Ray tasks (one task per photo; Ray must be up)."""
     import ray
 
-    items = [it for n in sorted(photos) for it in R.items_for(n, photos[n])]
+    items = [it for n in sorted(photos) for it in R.items_for(n, photos[n], windows)]
     keys = np.array([it.key for it in items])
     if cache and Path(cache).is_file():
         with np.load(cache) as z:
@@ -102,7 +108,7 @@ def featurise(photos: dict[str, np.ndarray], max_photos: int = 0, cache: str = "
     task = ray.remote(num_cpus=1)(_featurise_photos)
     from tqdm import tqdm
 
-    refs = [task.remote([n], max_photos) for n in sorted(photos)]
+    refs = [task.remote([n], max_photos, windows) for n in sorted(photos)]
     rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with tqdm(total=len(refs), desc="quality flags: featurise photos") as bar:
         pending = list(refs)
@@ -133,7 +139,8 @@ def _best_threshold(p: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray, *, folds: int = 5,
-              seed: int = 0, weight: np.ndarray | None = None) -> tuple[fl.FlagModel, dict[str, Any]]:
+              seed: int = 0, weight: np.ndarray | None = None,
+              oof_out: dict[str, np.ndarray] | None = None) -> tuple[fl.FlagModel, dict[str, Any]]:
     """Fit every flag on training rows; thresholds from a cross-validation grouped by photo.
 
     Args:
@@ -144,6 +151,8 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
         folds: Cross-validation folds.
         seed: Seeds the trees and the head.
         weight: Per-row weight of the trees' loss (hard negatives count more); None: equal.
+        oof_out: Filled with each flag's out-of-fold probabilities, to score a subset of the rows
+            (comparing fits on different sets on the frames they share).
 
     Returns:
         The model and the out-of-fold figures that chose its thresholds.
@@ -167,6 +176,8 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
             oof[va] = fl.fit_trees(xf[tr], y[tr, j], seed, None if weight is None else weight[tr]).predict_proba(
                 xf[va])[:, 1]
         thresholds[f] = _best_threshold(oof, y[:, j])
+        if oof_out is not None:
+            oof_out[f] = oof
         pred = oof >= thresholds[f]
         tp = int((pred & y[:, j]).sum())
         cv[f] = {"threshold": thresholds[f], "precision": tp / max(int(pred.sum()), 1),
@@ -175,7 +186,7 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
     return fl.FlagModel(trees, thresholds, head), cv
 
 
-def _answer_items(state: dict, names: list[str], max_photos: int) -> list[dict[str, Any]]:
+def _answer_items(state: dict, names: list[str], max_photos: int, windows: int = 2) -> list[dict[str, Any]]:
     """Serve the items of ``names`` through the quality engine, as PNG bytes like an upload."""
     from livelens.imageio import encode_png, probe_image
     from livelens.quality.engine import QualityEngine
@@ -186,7 +197,7 @@ def _answer_items(state: dict, names: list[str], max_photos: int) -> list[dict[s
     classical = QualityEngine(iqa_ref=None, flags_ref=None)
     out = []
     for n in names:
-        for it in R.items_for(n, photos[n]):
+        for it in R.items_for(n, photos[n], windows):
             img = probe_image(encode_png(R.render(it, photos[n])))
             after, before = learned.assess(img), classical.assess(img)
             out.append({"key": it.key, "distortion": it.distortion, "level": it.level, "base": it.base,
@@ -233,7 +244,7 @@ def run(cfg: FlagTrainConfig | None = None) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     photos = _photos(cfg.max_photos)
-    data = featurise(photos, cfg.max_photos, cfg.cache)
+    data = featurise(photos, cfg.max_photos, cfg.cache, cfg.windows)
     items, x, maps = data["items"], data["x"], data["maps"].astype(np.float32)
     y = np.array([[f in it.flags for f in fl.FLAGS] for it in items])
     groups = np.array([it.photo for it in items])
@@ -250,7 +261,7 @@ def run(cfg: FlagTrainConfig | None = None) -> dict[str, Any]:
         model, cv = fit_model(x[sel], maps[sel], y[sel], groups[sel], folds=cfg.folds, seed=seed,
                               weight=weight[sel])
         state_ref = ray.put(model.state_dict())
-        rows = [r for part in ray.get([answer.remote(state_ref, [n], cfg.max_photos) for n in test]) for r in part]
+        rows = [r for part in ray.get([answer.remote(state_ref, [n], cfg.max_photos, cfg.windows) for n in test]) for r in part]
         exact_before = float(np.mean([r["before"] == r["truth"] for r in rows]))
         exact_after = float(np.mean([r["after"] == r["truth"] for r in rows]))
         result["seeds"][str(seed)] = {"train_photos": train, "test_photos": test, "cv": cv, "n_test": len(rows),

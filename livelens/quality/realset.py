@@ -58,7 +58,7 @@ class Item:
 
     Attributes:
         photo: Source photo name (the split unit).
-        base: ``centre``, ``zoom`` (a random window), or a :data:`HARD_NEGATIVES` window.
+        base: ``centre``, ``zoom`` or ``zoom_<k>`` (random windows), or a :data:`HARD_NEGATIVES` window.
         distortion: A key of :data:`LEVELS`, a :data:`BENIGN` change, or ``none``.
         level: 1–5 for distortions, 0 otherwise.
         kind: The occluder kind, for occlusion items.
@@ -125,7 +125,7 @@ def base_frame(rgb: np.ndarray, photo: str, base: str) -> np.ndarray:
     rng = np.random.default_rng(_seed(photo, base))
     if base == "centre":
         return _window(rgb, 1.0, "centre", rng)
-    if base == "zoom":
+    if base == "zoom" or base.startswith("zoom_"):
         return _window(rgb, float(rng.uniform(0.55, 0.75)), "random", rng)
     if base in HARD_NEGATIVES:
         pick, scale = base.split("_")
@@ -141,14 +141,24 @@ def trimmed_luma(rgb: np.ndarray) -> float:
     return float(sel.mean()) if sel.size else float(g.mean())
 
 
-def items_for(photo: str, rgb: np.ndarray) -> list[Item]:
-    """Every item of one photo: clean, benign and distorted frames of two bases, two hard negatives.
+def bases(windows: int = 2) -> tuple[str, ...]:
+    """The distorted windows of a photo: the centre, then ``windows - 1`` random ones (``zoom``,
+    ``zoom_2``, …). The first two are the same for every ``windows``, so sets of different sizes
+    share their frames."""
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    return ("centre", "zoom", *(f"zoom_{k}" for k in range(2, windows)))[:windows]
+
+
+def items_for(photo: str, rgb: np.ndarray, windows: int = 2) -> list[Item]:
+    """Every item of one photo: clean, benign and distorted frames of each of :func:`bases`, and the
+    hard negatives.
 
     Each distortion has its five levels (occlusion: two occluder kinds per level); dark and bright
     only where the clean exposure is ordinary (:data:`EXPOSURE_RANGE`).
     """
     out: list[Item] = []
-    for base in ("centre", "zoom"):
+    for base in bases(windows):
         frame = base_frame(rgb, photo, base)
         out.append(Item(photo, base, "none", 0))
         out.append(Item(photo, base, BENIGN[_seed(photo, base) % len(BENIGN)], 0))
