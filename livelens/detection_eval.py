@@ -148,9 +148,16 @@ def window_proposals(engine: Any, check: Any, seed: int, count: int, cache: str 
     return out
 
 
-def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] = (20, 21, 22, 23, 24, 25),
+#: The window check's fitting seeds and its C were chosen by leave-one-seed-out over seeds 20-31
+#: (docs/persons.md): 11 seeds and C=0.003 beat 5 seeds and C=0.01. Its threshold is chosen on
+#: three seeds together (234 windows), steadier than one seed's ~75.
+FIT_SEEDS = tuple(range(20, 32))
+CHOOSE_SEEDS = (12, 13, 14)
+
+
+def fit_window_check(detector: str | Any = "persons_det", seeds: Sequence[int] = FIT_SEEDS,
                      frames: int = 1000,
-                     choose_seeds: Sequence[int] = (12,), choose_frames: int = 1000, c: float = 0.01,
+                     choose_seeds: Sequence[int] = CHOOSE_SEEDS, choose_frames: int = 1000, c: float = 0.003,
                      store: str | None = None, cache: str | None = None) -> dict[str, Any]:
     """Fit the picture-in-picture window check and publish it with a copy of ``detector`` that names it.
 
@@ -429,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="choose on make data's generator at this seed (never one an evaluation reports)")
     w = sub.add_parser("window-check", help="fit the picture-in-picture window check, publish it with the detector")
     w.add_argument("--model", default="persons_det")
-    w.add_argument("--seeds", type=int, nargs="+", default=[20, 21, 22, 23, 24, 25])
+    w.add_argument("--seeds", type=int, nargs="+", default=list(FIT_SEEDS))
     w.add_argument("--frames", type=int, default=1000)
-    w.add_argument("--choose-seeds", type=int, nargs="+", default=[12])
-    w.add_argument("--c", type=float, default=0.01, help="the logistic regression's inverse regularisation")
+    w.add_argument("--choose-seeds", type=int, nargs="+", default=list(CHOOSE_SEEDS))
+    w.add_argument("--c", type=float, default=0.003, help="the logistic regression's inverse regularisation")
     w.add_argument("--store", default=None)
     w.add_argument("--cache", default="runs/window_check/proposals",
                    help="where the fitting frames' proposals are kept between fits ('' for none)")
