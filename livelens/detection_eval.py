@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,9 @@ def window_proposals(engine: Any, check: Any, seed: int, count: int, cache: str 
         seed: ``make data``'s seed.
         count: Frames.
         cache: A directory: the set is read from, or written to, a file named after the
-            detector's ref, the seed and the count (the features depend on nothing else: the
-            backbone is the factory's frozen ImageNet one).
+            detector's ref, the seed, the count and a checksum of the seed's first frame (so a
+            change of the generator misses the cache; the backbone is the factory's frozen
+            ImageNet one, and the crop's margin and size are constants).
 
     Returns:
         ``features`` (N, F) of each box (the check's backbone and pooling), ``boxes`` (N, 4),
@@ -122,7 +124,8 @@ def window_proposals(engine: Any, check: Any, seed: int, count: int, cache: str 
 
     path = None
     if cache:
-        path = Path(cache) / f"{str(engine.ref).replace('@', '_')}_s{seed}_n{count}.npz"
+        first = zlib.crc32(_frames(seed, 1)[0]["image_bytes"])
+        path = Path(cache) / f"{str(engine.ref).replace('@', '_')}_s{seed}_n{count}_{first:08x}.npz"
         if path.exists():
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
