@@ -283,7 +283,7 @@ def run(cfg: FlagTrainConfig | None = None) -> dict[str, Any]:
                          "occluder_head": "2 × 1×1 conv over mobilenet_v2 ImageNet features, max over cells",
                          "in_features": fl.N_FEATURES},
                 "datasets": [{"name": "livelens.quality.realset", "photos": s["train_photos"],
-                              "levels": R.LEVELS}],
+                              "levels": R.LEVELS, "windows": list(R.bases(cfg.windows))}],
                 "metrics": {"held_out_photos": s["test_photos"], "after": s["after"], "before": s["before"],
                             "cv": s["cv"]},
                 "licence": "weights: livelens (Apache-2.0); backbone: torchvision mobilenet_v2 ImageNet weights "
