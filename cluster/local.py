@@ -89,7 +89,7 @@ def check_root(root: str | Path) -> Path:
         The absolute path.
 
     Raises:
-        ConfigError: If the path has more than :data:`MAX_ROOT_CHARS` characters.
+        ConfigError: If the path has more than :data:`MAX_ROOT_CHARS` bytes.
     """
     path = Path(root).absolute()
     if len(str(path).encode()) > MAX_ROOT_CHARS:

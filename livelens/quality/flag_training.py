@@ -139,8 +139,7 @@ def _best_threshold(p: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray, *, folds: int = 5,
-              seed: int = 0, weight: np.ndarray | None = None,
-              oof_out: dict[str, np.ndarray] | None = None) -> tuple[fl.FlagModel, dict[str, Any]]:
+              seed: int = 0, weight: np.ndarray | None = None) -> tuple[fl.FlagModel, dict[str, Any]]:
     """Fit every flag on training rows; thresholds from a cross-validation grouped by photo.
 
     Args:
@@ -151,8 +150,6 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
         folds: Cross-validation folds.
         seed: Seeds the trees and the head.
         weight: Per-row weight of the trees' loss (hard negatives count more); None: equal.
-        oof_out: Filled with each flag's out-of-fold probabilities, to score a subset of the rows
-            (comparing fits on different sets on the frames they share).
 
     Returns:
         The model and the out-of-fold figures that chose its thresholds.
@@ -176,8 +173,6 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
             oof[va] = fl.fit_trees(xf[tr], y[tr, j], seed, None if weight is None else weight[tr]).predict_proba(
                 xf[va])[:, 1]
         thresholds[f] = _best_threshold(oof, y[:, j])
-        if oof_out is not None:
-            oof_out[f] = oof
         pred = oof >= thresholds[f]
         tp = int((pred & y[:, j]).sum())
         cv[f] = {"threshold": thresholds[f], "precision": tp / max(int(pred.sum()), 1),
