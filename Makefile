@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -59,6 +59,11 @@ train-persons: setup
 
 eval-persons: setup
 	$(PY) -m livelens.persons.evaluate --detectors mtcnn,haar$$($(PY) -c "from livelens.store import find_in_stores as f; print(',persons_det' if f('persons_det') else '')")
+
+# Whole-person cut-outs (mediapipe selfie segmentation around each training face, in .venv-mp) as
+# RGBA PNGs with a summary, for review (runs/persons/cutouts).
+cutouts: setup
+	$(PY) -m livelens.persons.cutouts --out runs/persons/cutouts
 
 # The picture-in-picture window check on the train-persons detector's own proposals (make data's
 # frames at seeds 20-25, threshold chosen on seed 12); publishes it with a detector copy naming it.

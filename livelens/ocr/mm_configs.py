@@ -134,8 +134,10 @@ def svtr_tiny(dict_file: str | Path | None = None) -> dict[str, Any]:
     )
 
 
-#: What the persons-stage detector finds: faces, and the overlays the frame generator draws with boxes.
-OBJECT_CLASSES = ("face", "qrcode", "logo", "pip", "text_overlay", "hud")
+#: What the persons-stage detector finds: faces, the overlays the frame generator draws with boxes,
+#: and whole people (added last, so a stored detector's class ids keep their meaning; its card's
+#: ``arch.classes`` says which it has).
+OBJECT_CLASSES = ("face", "qrcode", "logo", "pip", "text_overlay", "hud", "person")
 #: Object detector input: the long side of a frame (short side padded to /32).
 OBJ_DET_SIZE = 416
 

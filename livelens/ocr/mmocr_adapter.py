@@ -355,8 +355,10 @@ def _mmdet_registry() -> Any:
     return MODELS
 
 
-def build_object_detector(name: str = "rtmdet_mobilenetv2", pretrained: bool = False) -> nn.Module:
-    """An mmdet detector of :data:`livelens.ocr.mm_configs.OBJECT_CLASSES`; ``pretrained``: ImageNet backbone.
+def build_object_detector(name: str = "rtmdet_mobilenetv2", pretrained: bool = False,
+                          num_classes: int | None = None) -> nn.Module:
+    """An mmdet detector of :data:`livelens.ocr.mm_configs.OBJECT_CLASSES` (or of ``num_classes``,
+    a stored detector's own count); ``pretrained``: ImageNet backbone.
 
     It is built inside mmdet's registry scope, so the config's unprefixed types (and the defaults
     its modules build, such as the assigner's IoU calculator) resolve to mmdet's, not mmocr's.
@@ -369,7 +371,7 @@ def build_object_detector(name: str = "rtmdet_mobilenetv2", pretrained: bool = F
     registry = _mmdet_registry()  # outside the scope below: mmocr's registration sets its own default scope
     try:
         with DefaultScope.overwrite_default_scope("mmdet"):
-            model = registry.build(ConfigDict(mm_configs.get(name)))
+            model = registry.build(ConfigDict(mm_configs.get(name, **({"num_classes": num_classes} if num_classes else {}))))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build mmdet model {name!r}: {exc}") from exc
     model.init_weights()
@@ -468,7 +470,7 @@ class ObjectDetector:
         self.card, self.ref = stored.card, stored.ref
         self.size = int(arch.get("size") or size)
         self.classes = tuple(arch.get("classes") or classes)
-        self.model = build_object_detector(arch.get("config") or name)
+        self.model = build_object_detector(arch.get("config") or name, num_classes=len(self.classes))
         self.model.load_state_dict(stored.state_dict)
         self.model.eval()
 

@@ -46,9 +46,11 @@ EXTRA_PIP = 0.25
 FRAME_SIZE = (640, 360)
 
 
-@functools.lru_cache(maxsize=1)
-def face_pool(shared: str | None = None) -> tuple[list[tuple[np.ndarray, list[float]]], list[np.ndarray]]:
-    """(context crop, face box in the crop) per real face, and the non-face crops.
+def face_photos(shared: str | None = None) -> list[tuple[str, np.ndarray, list[list[float]]]]:
+    """``(name, rgb, face boxes in dlib's style)`` of every real photo faces are cut from.
+
+    The photos of ``faces/training.xml`` with dlib's boxes (never ``testing.xml``), then
+    scikit-image's astronaut and matplotlib's ``grace_hopper.jpg`` boxed by the MTCNN teacher.
 
     Args:
         shared: ../shared/data (default: the one :mod:`livelens.data.render` finds); without it
@@ -57,6 +59,44 @@ def face_pool(shared: str | None = None) -> tuple[list[tuple[np.ndarray, list[fl
     import skimage.data
 
     from livelens.data.render import shared_data_dir
+
+    out: list[tuple[str, np.ndarray, list[list[float]]]] = []
+    root = Path(shared) if shared else shared_data_dir()
+    if root is not None and (root / "faces" / "training.xml").is_file():
+        from livelens.data.importers import import_dlib_xml
+        from livelens.imageio import load_image
+
+        for row in import_dlib_xml(root / "faces" / "training.xml"):  # never testing.xml
+            out.append((f"shared/faces/{row['attributes']['file']}", load_image(row["image_bytes"]),
+                        [list(map(float, b)) for b in row["attributes"]["faces"]]))
+    from livelens.persons.teachers import MtcnnFaces
+
+    teacher = MtcnnFaces()
+    import matplotlib.cbook
+
+    for name, rgb in (("skimage/astronaut", skimage.data.astronaut()),
+                      ("matplotlib/grace_hopper.jpg", np.asarray(__import__("PIL.Image").Image.open(
+                          matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")))):
+        boxes = []
+        for f in teacher.detect(rgb):
+            if f.score >= 0.95:
+                b, w, h = f.box, f.box[2] - f.box[0], f.box[3] - f.box[1]
+                boxes.append([b[0] + DLIB_FROM_MTCNN[0] * w, b[1] + DLIB_FROM_MTCNN[1] * h,
+                              b[0] + DLIB_FROM_MTCNN[2] * w, b[1] + DLIB_FROM_MTCNN[3] * h])
+        out.append((name, rgb, boxes))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def face_pool(shared: str | None = None) -> tuple[list[tuple[np.ndarray, list[float]]], list[np.ndarray]]:
+    """(context crop, face box in the crop) per real face of :func:`face_photos`, and the
+    non-face crops.
+
+    Args:
+        shared: ../shared/data (default: the one :mod:`livelens.data.render` finds); without it
+            only the packaged photos are used.
+    """
+    import skimage.data
 
     faces: list[tuple[np.ndarray, list[float]]] = []
 
@@ -67,28 +107,9 @@ def face_pool(shared: str | None = None) -> tuple[list[tuple[np.ndarray, list[fl
         cx1, cy1 = min(rgb.shape[1], int(cx + w / 2)), min(rgb.shape[0], int(cy + h / 2))
         faces.append((rgb[cy0:cy1, cx0:cx1].copy(), [x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0]))
 
-    root = Path(shared) if shared else shared_data_dir()
-    if root is not None and (root / "faces" / "training.xml").is_file():
-        from livelens.data.importers import import_dlib_xml
-        from livelens.imageio import load_image
-
-        for row in import_dlib_xml(root / "faces" / "training.xml"):  # never testing.xml
-            rgb = load_image(row["image_bytes"])
-            for box in row["attributes"]["faces"]:
-                add(rgb, box)
-    from livelens.persons.teachers import MtcnnFaces
-
-    teacher = MtcnnFaces()
-    import matplotlib.cbook
-
-    for rgb in (skimage.data.astronaut(),
-                np.asarray(__import__("PIL.Image").Image.open(
-                    matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))):
-        for f in teacher.detect(rgb):
-            if f.score >= 0.95:
-                b, w, h = f.box, f.box[2] - f.box[0], f.box[3] - f.box[1]
-                add(rgb, [b[0] + DLIB_FROM_MTCNN[0] * w, b[1] + DLIB_FROM_MTCNN[1] * h,
-                          b[0] + DLIB_FROM_MTCNN[2] * w, b[1] + DLIB_FROM_MTCNN[3] * h])
+    for _, rgb, boxes in face_photos(shared):
+        for box in boxes:
+            add(rgb, box)
     lfw = skimage.data.lfw_subset()  # (200, 25, 25) floats: 100 faces, then 100 non-faces
     grey = [np.repeat((np.clip(x, 0, 1) * 255).astype(np.uint8)[:, :, None], 3, axis=2) for x in lfw]
     # An LFW crop is cut tight around the face: the face box is the crop less a thin margin.
@@ -165,6 +186,91 @@ def paste_faces(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[floa
     return boxes
 
 
+#: Share of frames (not black) that get whole people pasted in, and how many.
+P_PEOPLE, PEOPLE_PER_FRAME = 0.35, (1, 1, 2)
+#: The photo whose people only held-out frames show (slots from :data:`HELDOUT_OFFSET`), so that
+#: the person AP on held-out frames is measured on people the detector never saw.
+HELDOUT_PEOPLE_PHOTO = "shared/faces/2008_001322.jpg"
+
+
+@functools.lru_cache(maxsize=1)
+def person_pool(shared: str | None = None) -> tuple[Any, ...]:
+    """The person cut-outs of :func:`face_photos` (:mod:`livelens.persons.cutouts`; needs ``.venv-mp``)."""
+    from livelens.persons.cutouts import segment_people
+
+    return tuple(segment_people(face_photos(shared)))
+
+
+def paste_people(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[float]],
+                 heldout: bool = False) -> list[tuple[list[float], list[float]]]:
+    """Paste 1-2 whole people (a streamer's size in the frame, possibly cut by its bottom edge).
+
+    Each person is a segmentation cut-out (:func:`person_pool`), scaled, flipped and colour-jittered,
+    pasted through its own mask where it overlaps nothing already placed. The face always lies
+    inside the frame, so it is labelled with the person.
+
+    Returns:
+        ``(person box, face box)`` per pasted person; the person box is the pasted mask's extent
+        inside the frame, widened to hold the face box.
+    """
+    pool = [c for c in person_pool() if (c.photo == HELDOUT_PEOPLE_PHOTO) == heldout]
+    if not pool:
+        return []
+    h, w = rgb.shape[:2]
+    out = []
+    for _ in range(int(rng.choice(PEOPLE_PER_FRAME))):
+        c = pool[int(rng.integers(len(pool)))]
+        body_h = c.body[3] - c.body[1]
+        s = float(rng.uniform(0.35, 1.0)) * h / max(body_h, 1.0)
+        ch, cw = max(2, round(c.rgb.shape[0] * s)), max(2, round(c.rgb.shape[1] * s))
+        if cw >= w:
+            continue
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+        patch = _jitter(cv2.resize(c.rgb, (cw, ch), interpolation=interp), rng)
+        alpha = cv2.resize(c.alpha, (cw, ch), interpolation=interp)
+        face, body = [v * s for v in c.face], [v * s for v in c.body]
+        if rng.random() < 0.5:
+            patch, alpha = patch[:, ::-1], alpha[:, ::-1]
+            face, body = [cw - face[2], face[1], cw - face[0], face[3]], [cw - body[2], body[1], cw - body[0], body[3]]
+        for _try in range(20):
+            # The window's top may start above the frame's top only by what lies above the body,
+            # and its bottom may run past the frame's bottom (legs cut off), never the face.
+            x = int(rng.integers(-int(body[0]), w - int(np.ceil(body[2])) + 1))
+            y_hi = h - int(np.ceil(face[3]))
+            y_lo = -int(body[1])
+            if c.body[3] >= c.alpha.shape[0] - 1:
+                # The photo (or the segmented window) cut this body off: the cut goes at or past
+                # the frame's bottom, as a webcam's does, never in mid-frame.
+                y_lo = max(y_lo, h - int(body[3]))
+            if y_hi < y_lo:
+                break
+            y = int(rng.integers(y_lo, y_hi + 1))
+            seen = [max(0.0, x + body[0]), max(0.0, y + body[1]), min(float(w), x + body[2]), min(float(h), y + body[3])]
+            if seen[2] - seen[0] >= 8 and seen[3] - seen[1] >= 8 and _free(seen, taken, 2):
+                break
+        else:
+            continue
+        if y_hi < y_lo:
+            continue
+        # The part of the window inside the frame, pasted through the mask.
+        fx0, fy0, fx1, fy1 = max(0, x), max(0, y), min(w, x + cw), min(h, y + ch)
+        a = alpha[fy0 - y:fy1 - y, fx0 - x:fx1 - x].astype(np.float32)[:, :, None] / 255.0
+        region = rgb[fy0:fy1, fx0:fx1].astype(np.float32)
+        rgb[fy0:fy1, fx0:fx1] = (patch[fy0 - y:fy1 - y, fx0 - x:fx1 - x] * a + region * (1 - a)).astype(np.uint8)
+        ys, xs = np.nonzero(a[:, :, 0] >= 0.5)
+        if not len(xs):
+            continue
+        fbox = [min(max(v, 0.0), lim) for v, lim in zip((x + face[0], y + face[1], x + face[2], y + face[3]),
+                                                        (w, h, w, h), strict=True)]
+        # The person's box is the pasted mask's extent, and holds the face box (dlib's face boxes
+        # run a few pixels past a mask's cheeks).
+        pbox = [min(float(fx0 + xs.min()), fbox[0]), min(float(fy0 + ys.min()), fbox[1]),
+                max(float(fx0 + xs.max() + 1), fbox[2]), max(float(fy0 + ys.max() + 1), fbox[3])]
+        taken.append(pbox)
+        out.append(([round(v, 1) for v in pbox], [round(float(v), 1) for v in fbox]))
+    return out
+
+
 def _extra_pip(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[float]]) -> list[float] | None:
     """Draw one more picture-in-picture window (the generator's own renderer) where nothing else is."""
     from PIL import Image
@@ -208,6 +314,10 @@ def make_sample(seed: int, slot: int) -> dict[str, Any]:
         if box is not None:
             boxes.append(box)
             labels.append(OBJECT_CLASSES.index("pip"))
+    if row["attributes"].get("recipe") != "black" and rng.random() < P_PEOPLE:
+        for pbox, fbox in paste_people(rgb, rng, [list(b) for b in boxes], slot >= HELDOUT_OFFSET):
+            boxes += [pbox, fbox]
+            labels += [OBJECT_CLASSES.index("person"), OBJECT_CLASSES.index("face")]
     if row["attributes"].get("recipe") != "black":
         for fb in paste_faces(rgb, rng, [list(b) for b in boxes]):
             boxes.append(fb)

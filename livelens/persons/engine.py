@@ -138,29 +138,44 @@ class PersonsEngine:
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         """Faces at or above ``min_score``, boxes in ``rgb``'s pixels, largest first."""
+        return self.detect_all(rgb)[0]
+
+    def detect_all(self, rgb: np.ndarray) -> tuple[list[Face], list[Face] | None]:
+        """Faces (as :meth:`detect`) and, from a detector that finds them, whole people (else None)."""
         h, w = rgb.shape[:2]
         scale = min(1.0, self.settings.det_long_side / max(h, w))
         small = rgb if scale == 1.0 else cv2.resize(
             rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         floor = self.settings.min_score if self.settings.min_score is not None else self.detector.min_score
-        faces = [f for f in self.detector.detect(small) if f.score >= floor]
-        for f in faces:
+        people = None
+        if getattr(self.detector, "sees_people", False):
+            found, people = self.detector.detect_all(small)
+        else:
+            found = self.detector.detect(small)
+        faces = [f for f in found if f.score >= floor]
+        for f in [*faces, *(people or [])]:
             f.box = [round(min(max(v / scale, 0.0), lim), 1) for v, lim in zip(f.box, (w, h, w, h), strict=True)]
             f.landmarks = [[round(x / scale, 1), round(y / scale, 1)] for x, y in f.landmarks]
-        faces = [f for f in faces if f.box[2] - f.box[0] >= 2 and f.box[3] - f.box[1] >= 2]
-        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+        def order(items: list[Face]) -> list[Face]:
+            items = [f for f in items if f.box[2] - f.box[0] >= 2 and f.box[3] - f.box[1] >= 2]
+            return sorted(items, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+        return order(faces), None if people is None else order(people)
 
     def analyze(self, image: np.ndarray | EncodedImage) -> dict[str, Any]:
         """The ``persons`` answer of one frame.
 
         Returns:
-            ``{"faces": [{"box", "score", "kind", "landmarks", "attributes"?}], "count",
+            ``{"faces": [{"box", "score", "kind", "landmarks", "attributes"?, "person"?}], "count",
             "truncated", "labels", "models", "timings_ms"}``; ``count`` is every face found,
-            ``faces`` at most ``max_faces`` of them.
+            ``faces`` at most ``max_faces`` of them. A detector that finds whole people (an mmdet
+            ``persons_det`` with the ``person`` class) adds ``"people": [{"box", "score"}]``, and
+            each face held by one names it (``person``: its index).
         """
         rgb = as_rgb(image)
         t0 = time.perf_counter()
-        found = self.detect(rgb)
+        found, people = self.detect_all(rgb)
         t1 = time.perf_counter()
         faces, labels = [], []
         kept = found[: self.settings.max_faces]
@@ -181,9 +196,17 @@ class PersonsEngine:
                 labels += self._minors_labels(a["age"], f.box)
             faces.append(item)
         t2 = time.perf_counter()
-        return {"faces": faces, "count": len(found), "truncated": len(found) > len(faces),
-                "labels": fusion.merge_labels(labels), "models": self.models(),
-                "timings_ms": {"detect": round((t1 - t0) * 1000, 3), "attributes": round((t2 - t1) * 1000, 3)}}
+        out = {"faces": faces, "count": len(found), "truncated": len(found) > len(faces),
+               "labels": fusion.merge_labels(labels), "models": self.models(),
+               "timings_ms": {"detect": round((t1 - t0) * 1000, 3), "attributes": round((t2 - t1) * 1000, 3)}}
+        if people is not None:
+            # Whole people, from a detector that finds them; each face names the person holding it.
+            out["people"] = [{"box": p.box, "score": round(p.score, 4)} for p in people[: self.settings.max_faces]]
+            for item in faces:
+                holder = _holder(item["box"], [p["box"] for p in out["people"]])
+                if holder is not None:
+                    item["person"] = holder
+        return out
 
     def _minors_labels(self, age: dict[str, Any], box: list[float]) -> list[dict[str, Any]]:
         """The taxonomy's minors labels one face's age distribution supports, with the face as evidence."""
@@ -197,3 +220,16 @@ class PersonsEngine:
             if p >= MIN_LABEL_P:
                 out.append(fusion.make_label(self.tax, name, p, ref, evidence=evidence))
         return out
+
+
+def _holder(face: Sequence[float], people: Sequence[Sequence[float]]) -> int | None:
+    """The index of the smallest person box that holds most (80%) of ``face``, or None."""
+    best, best_area = None, float("inf")
+    fa = max((face[2] - face[0]) * (face[3] - face[1]), 1e-9)
+    for i, p in enumerate(people):
+        iw = max(0.0, min(p[2], face[2]) - max(p[0], face[0]))
+        ih = max(0.0, min(p[3], face[3]) - max(p[1], face[1]))
+        area = (p[2] - p[0]) * (p[3] - p[1])
+        if iw * ih >= 0.8 * fa and area < best_area:
+            best, best_area = i, area
+    return best

@@ -138,16 +138,25 @@ class MmdetFaces:
             raise ConfigError(f"{self._det.ref} does not detect faces (classes: {list(self._det.classes)})")
         self.ref = self._det.ref
         self.card = self._det.card
+        metrics = self.card.get("metrics") or {}
         # The face threshold training chose on held-out generated frames (best F1 at IoU 0.5).
-        self.min_score = float((self.card.get("metrics") or {}).get("heldout_face_threshold", 0.3))
+        self.min_score = float(metrics.get("heldout_face_threshold", 0.3))
+        #: Whether the detector finds whole people (detectors trained before the class existed do not).
+        self.sees_people = "person" in self._det.classes
+        self.person_min_score = float(metrics.get("heldout_thr_person", 0.3))
         self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
+        return self.detect_all(rgb)[0]
+
+    def detect_all(self, rgb: np.ndarray) -> tuple[list[Face], list[Face]]:
+        """Faces and whole people (at :attr:`person_min_score`) of one pass of the detector."""
         if min(rgb.shape[:2]) < MIN_SIDE:
-            return []
+            return [], []
         with self._lock:
             found = self._det.detect(rgb, min_score=0.05)
-        return [Face(o["box"], o["score"]) for o in found if o["class"] == "face"]
+        return ([Face(o["box"], o["score"]) for o in found if o["class"] == "face"],
+                [Face(o["box"], o["score"]) for o in found if o["class"] == "person" and o["score"] >= self.person_min_score])
 
 
 DETECTORS = {"mtcnn": MtcnnFaces, "haar": HaarFaces}

@@ -182,7 +182,7 @@ def face_threshold(model: torch.nn.Module, rows: list[dict[str, Any]], size: int
 
 def class_thresholds(model: torch.nn.Module, rows: list[dict[str, Any]], size: int,
                      preds: list[tuple[Any, ...]] | None = None) -> dict[str, float]:
-    """Per routed overlay class, the frame-level score threshold the detection stage serves.
+    """Per routed overlay class (and ``person``), the frame-level score threshold the stages serve.
 
     A frame raises a class's label when any box of it scores at the threshold, so the threshold
     maximises min(precision, recall) over frames (:func:`livelens.detection.choose_thresholds`).
@@ -191,7 +191,8 @@ def class_thresholds(model: torch.nn.Module, rows: list[dict[str, Any]], size: i
     from livelens.detection import ANSWERED, choose_thresholds
 
     classes = mm_configs.OBJECT_CLASSES
-    scored: dict[str, list[tuple[float, bool]]] = {c: [] for c in ANSWERED if c in classes}
+    # Whole people are answered by the persons stage, but their threshold is chosen the same way.
+    scored: dict[str, list[tuple[float, bool]]] = {c: [] for c in (*ANSWERED, "person") if c in classes}
     positives = dict.fromkeys(scored, 0)
     preds = predict_rows(model, rows, size) if preds is None else preds
     for r, pred in zip(rows, preds, strict=True):
