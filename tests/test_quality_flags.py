@@ -58,11 +58,32 @@ def test_threshold_maximises_the_weaker_of_precision_and_recall():
 
 
 def test_level_table_counts_false_alarms_against_each_level():
-    rows = [{"truth": ["dark"], "level": 1, "after": ["dark"]}, {"truth": ["dark"], "level": 2, "after": []},
-            {"truth": [], "level": 0, "after": ["dark"]}, {"truth": [], "level": 0, "after": []}]
+    rows = [{"truth": ["dark"], "distortion": "dark", "level": 1, "after": ["dark"]},
+            {"truth": ["dark"], "distortion": "dark", "level": 2, "after": []},
+            {"truth": [], "distortion": "none", "level": 0, "after": ["dark"]},
+            {"truth": [], "distortion": "none", "level": 0, "after": []},
+            # A darkened frame of a photo that is blurred already: a blur positive, but not blur's level 2.
+            {"truth": ["blur", "dark"], "distortion": "dark", "level": 2, "after": ["blur"]}]
     t = table(rows, "after")["dark"]
     assert t["1"] == {"n": 1, "recall": 1.0, "precision": 0.5}
-    assert t["2"]["recall"] == 0.0 and t["all"]["recall"] == 0.5 and t["negatives"]["false_alarms"] == 1
+    assert t["2"]["n"] == 2 and t["2"]["recall"] == 0.0 and t["negatives"]["false_alarms"] == 1
+    assert t["all"]["recall"] == pytest.approx(1 / 3)
+    blur = table(rows, "after")["blur"]
+    assert blur["all"] == {"n": 1, "recall": 1.0, "precision": 1.0} and blur["2"]["n"] == 0
+
+
+def test_a_photo_with_a_documented_defect_carries_it_on_every_frame():
+    from skimage import data as skd
+
+    from livelens.imageio import load_image
+
+    # scikit-image documents clock as shot while the camera moved: its clean frames are blurred.
+    items = R.items_for("skimage/clock", load_image(skd.clock()))
+    assert items and all("blur" in it.flags for it in items)
+    assert {it.flags for it in items if it.distortion == "none"} == {frozenset({"blur"})}
+    assert any(it.flags == frozenset({"blur", "occlusion"}) for it in items)
+    others = R.items_for("skimage/camera", load_image(skd.camera()))
+    assert {it.flags for it in others if it.distortion == "none"} == {frozenset()}
 
 
 def test_bad_configs_are_refused():

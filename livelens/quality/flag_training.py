@@ -222,7 +222,10 @@ def table(rows: list[dict[str, Any]], which: str) -> dict[str, dict[str, dict[st
         per: dict[str, dict[str, float]] = {}
         pos_all = [r for r in rows if f in r["truth"]]
         for lv in ["all", 1, 2, 3, 4, 5]:
-            pos = pos_all if lv == "all" else [r for r in pos_all if r["level"] == lv]
+            # A level is the level of the flag's own distortion; a photo's own defect
+            # (realset.INTRINSIC_FLAGS) on a frame distorted otherwise counts under "all" only.
+            pos = pos_all if lv == "all" else [r for r in pos_all
+                                               if r["level"] == lv and R.FLAG_OF.get(r["distortion"]) == f]
             tp = sum(f in r[which] for r in pos)
             per[str(lv)] = {"n": len(pos), "recall": tp / max(len(pos), 1), "precision": tp / max(tp + fp, 1)}
         per["negatives"] = {"n": len(neg), "false_alarms": fp}

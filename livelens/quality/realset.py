@@ -50,6 +50,10 @@ HARD_NEGATIVES = ("dark_35", "dark_50", "dark_70", "flat_35", "flat_50", "flat_7
 #: luminance in this range): darkening a night sky or brightening a white page changes little that
 #: a viewer would call a defect, so such frames would carry a label their pixels cannot support.
 EXPOSURE_RANGE = (0.18, 0.72)
+#: Defects a photo already has, from its source's own ground truth: every frame cut from it carries
+#: them. scikit-image documents ``clock`` as taken "while moving the camera" (real motion blur, as
+#: ../shared/data/README.md also says), so its clean frames are blurred, not clean.
+INTRINSIC_FLAGS: dict[str, frozenset[str]] = {"skimage/clock": frozenset({"blur"})}
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,9 @@ class Item:
 
     @property
     def flags(self) -> frozenset[str]:
+        """The flags the frame must raise: its distortion's, and its photo's own defects."""
         f = FLAG_OF.get(self.distortion)
-        return frozenset({f}) if f else frozenset()
+        return (frozenset({f}) if f else frozenset()) | INTRINSIC_FLAGS.get(self.photo, frozenset())
 
     @property
     def key(self) -> str:
