@@ -240,3 +240,25 @@ def test_tiny_detector_run_publishes_a_model_the_persons_stage_serves(ray_sessio
     answer = eng.analyze(skimage.data.astronaut())
     assert answer["models"] == ["persons_det@1"] and isinstance(answer["faces"], list)
     assert parse_args(["--preset", "cpu", "--samples", "50"]).preset == "cpu"
+
+
+def test_face_recall_counts_true_faces_held_by_found_people(shared_data, monkeypatch):
+    """With a detector that finds people, the real test set's faces stand in for person boxes."""
+    from livelens.persons import engine as E
+    from livelens.persons.evaluate import face_recall
+    from livelens.persons.teachers import Face
+
+    class WholeFramePerson:
+        ref, card, min_score, sees_people = "whole_frame@1", {}, 0.3, True
+
+        def detect(self, rgb):
+            return []
+
+        def detect_all(self, rgb):
+            h, w = rgb.shape[:2]
+            return [], [Face([0, 0, w, h], 0.9), Face([0, 0, 4, 4], 0.9)]  # everyone, and a speck holding nobody
+
+    monkeypatch.setattr(E, "create_detector", lambda name, stores=None, **kw: WholeFramePerson())
+    res = face_recall(shared_data / "faces" / "testing.xml", ("whole_frame",))["detectors"]["whole_frame"]
+    assert res["recall"] == 0.0 and res["found"] == 0
+    assert res["people"] == {"found": 10, "faces_held": 25, "faces_held_share": 1.0, "holding_a_true_face": 5}

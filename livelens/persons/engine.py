@@ -203,7 +203,7 @@ class PersonsEngine:
             # Whole people, from a detector that finds them; each face names the person holding it.
             out["people"] = [{"box": p.box, "score": round(p.score, 4)} for p in people[: self.settings.max_faces]]
             for item in faces:
-                holder = _holder(item["box"], [p["box"] for p in out["people"]])
+                holder = face_holder(item["box"], [p["box"] for p in out["people"]])
                 if holder is not None:
                     item["person"] = holder
         return out
@@ -222,7 +222,7 @@ class PersonsEngine:
         return out
 
 
-def _holder(face: Sequence[float], people: Sequence[Sequence[float]]) -> int | None:
+def face_holder(face: Sequence[float], people: Sequence[Sequence[float]]) -> int | None:
     """The index of the smallest person box that holds most (80%) of ``face``, or None."""
     best, best_area = None, float("inf")
     fa = max((face[2] - face[0]) * (face[3] - face[1]), 1e-9)
