@@ -30,33 +30,34 @@ if [ ${#need_debs[@]} -gt 0 ]; then
   fi
 fi
 
-# Label Studio, for the test against a real server (issue 16): its own virtualenv, since its
-# Django stack pins versions ours must not share. The test fixture starts it on loopback.
-LS_VENV=.venv-ls
-LS_VERSION=1.23.2
-if [ "$(cat $LS_VENV/.livelens-installed 2>/dev/null)" != "$LS_VERSION" ]; then
-  echo "[setup] label-studio $LS_VERSION in $LS_VENV"
-  rm -rf $LS_VENV
-  "$PYTHON" -m venv $LS_VENV
-  $LS_VENV/bin/python -m pip install -q label-studio==$LS_VERSION
-  echo "$LS_VERSION" > $LS_VENV/.livelens-installed
-fi
+# side_venv DIR VERSION FUNCTION: a virtualenv of its own for a tool whose pins ours must not share,
+# (re)made by FUNCTION whenever its stamp is not VERSION.
+side_venv() {
+  local dir=$1 version=$2 install=$3
+  if [ "$(cat "$dir/.livelens-installed" 2>/dev/null)" != "$version" ]; then
+    echo "[setup] $install: $version in $dir"
+    rm -rf "$dir"
+    "$PYTHON" -m venv "$dir"
+    "$install" "$dir/bin/python" "$version"
+    echo "$version" > "$dir/.livelens-installed"
+  fi
+}
 
-# mediapipe, for person cut-outs (selfie segmentation; its tflite models ship in the wheel): its own
-# virtualenv, since it needs protobuf<5 and Ray's stack has a newer one. Its opencv-contrib
-# dependency would clash, so it goes in without dependencies and with what it imports.
-MP_VENV=.venv-mp
-MP_VERSION=0.10.21
-if [ "$(cat $MP_VENV/.livelens-installed 2>/dev/null)" != "$MP_VERSION" ]; then
-  echo "[setup] mediapipe $MP_VERSION in $MP_VENV"
-  rm -rf $MP_VENV
-  "$PYTHON" -m venv $MP_VENV
-  $MP_VENV/bin/python -m pip install -q --no-deps mediapipe==$MP_VERSION
-  $MP_VENV/bin/python -m pip install -q absl-py attrs flatbuffers "protobuf<5" "numpy<2" \
-    opencv-python-headless==4.11.0.86 "matplotlib<3.11"
-  $MP_VENV/bin/python -c "import mediapipe as mp; mp.solutions.selfie_segmentation.SelfieSegmentation"
-  echo "$MP_VERSION" > $MP_VENV/.livelens-installed
-fi
+# Label Studio, for the test against a real server (issue 16): its Django stack pins versions ours
+# must not share. The test fixture starts it on loopback.
+label_studio() { "$1" -m pip install -q "label-studio==$2"; }
+side_venv .venv-ls 1.23.2 label_studio
+
+# mediapipe, for person cut-outs (selfie segmentation; its tflite models ship in the wheel): it needs
+# protobuf<5 and Ray's stack has a newer one. Its opencv-contrib dependency would clash, so it goes
+# in without dependencies and with what it imports.
+mediapipe() {
+  "$1" -m pip install -q --no-deps "mediapipe==$2"
+  "$1" -m pip install -q absl-py attrs flatbuffers "protobuf<5" "numpy<2" opencv-python-headless==4.11.0.86 \
+    "matplotlib<3.11"
+  "$1" -c "import mediapipe as mp; mp.solutions.selfie_segmentation.SelfieSegmentation"
+}
+side_venv .venv-mp 0.10.21 mediapipe
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
   exit 0
