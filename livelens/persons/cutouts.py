@@ -127,8 +127,8 @@ def own_share(alpha: np.ndarray, window: Sequence[float], faces: Sequence[Sequen
     """``alpha`` kept only where face ``k`` is the nearest face, and only its connected part.
 
     Segmentation masks every person of a group photo as one region. A body hangs below its head,
-    so each pixel goes to the face nearest across (in that face's widths), and a face above the
-    pixel's row counts for more than one below it (a head is not under its own shoulders' neighbour).
+    so each pixel goes to the face nearest across (in that face's widths), and a pixel above a
+    face's top counts against that face (it is someone else's head or shoulder behind).
     """
     h, w = alpha.shape
     xs = np.arange(w, dtype=np.float32)[None, :] + float(window[0])
