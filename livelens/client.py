@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from livelens.errors import InvalidArgumentError, LivelensError
+from livelens.errors import InvalidArgumentError, LivelensError, OverloadedError, unwrap
 
 # The server's own check: ids it would refuse, or that a URL would rewrite (``demo/../x`` → ``x``),
 # are refused before anything is sent.
@@ -222,3 +222,53 @@ class Client:
 def iter_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` by suffix, sorted."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+async def answer_all(call: Callable[[Any], Awaitable[Any]], items: Sequence[Any], *, concurrency: int = 8,
+                     tries: int = 6, max_pause_s: float = 10.0) -> list[Any]:
+    """Every item's answer from a Serve handle, in order, with at most ``concurrency`` in flight.
+
+    For notebooks and jobs inside the cluster, which call the app's handle rather than HTTP. Firing
+    a whole dataset at once lets the app's admission control refuse the tail (its queue would pass
+    the route's deadline), so calls are bounded, and an overload answer (:class:`OverloadedError`
+    or Serve's ``BackPressureError``) is retried after its ``retry_after_s``, as :class:`Client`
+    retries 503s.
+
+        handle = serve.get_app_handle("livelens")
+        answers = await answer_all(lambda b: handle.analyze_image.remote(b, ["moderate"]), images)
+
+    Args:
+        call: Sends one item and returns the awaitable answer (e.g. a handle call).
+        items: What to send.
+        concurrency: Calls in flight at once.
+        tries: Attempts per item before its overload error is raised.
+        max_pause_s: Cap on one pause between attempts.
+
+    Raises:
+        InvalidArgumentError: ``concurrency`` or ``tries`` is below 1.
+        OverloadedError: An item stayed refused for ``tries`` attempts; any other error of a call
+            is raised as it came (unwrapped from Ray's task error).
+    """
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    if concurrency < 1 or tries < 1:
+        raise InvalidArgumentError(f"concurrency and tries must be at least 1, got {concurrency} and {tries}")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(item: Any) -> Any:
+        for attempt in range(tries):
+            async with gate:
+                try:
+                    return await call(item)
+                except Exception as exc:
+                    cause = unwrap(exc)
+                    if not isinstance(cause, OverloadedError | BackPressureError) or attempt + 1 == tries:
+                        raise cause from None
+                    pause = float(getattr(cause, "retry_after_s", None) or 1.0) * (attempt + 1)
+            # The pause is taken outside the gate, so the calls in flight drain the queue meanwhile.
+            await asyncio.sleep(min(max_pause_s, pause))
+        raise AssertionError("unreachable")
+
+    return list(await asyncio.gather(*(one(item) for item in items)))

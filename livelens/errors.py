@@ -136,3 +136,14 @@ class OverloadedError(LivelensError):
     type = "usage_limit"
     code = "overloaded"
     http_status = 503
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind a Ray task error, so typed errors keep their type and code."""
+    seen = 0
+    # A RayTaskError already passes isinstance checks for its cause's class, but its own attributes
+    # are Ray's; the cause carries the real message and code.
+    while seen < 5 and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause  # type: ignore[assignment]
+        seen += 1
+    return exc

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from livelens.errors import unwrap
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -139,17 +141,6 @@ def direct_ingress_url(app_name: str, host: str | None = None) -> str | None:
                 prefix = (group.route_prefix or "/").rstrip("/")
                 return f"http://{host or target.ip}:{target.port}{prefix}"
     return None
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The original exception behind a Ray task error, so typed errors keep their type and code."""
-    seen = 0
-    # A RayTaskError already passes isinstance checks for its cause's class, but its own attributes
-    # are Ray's; the cause carries the real message and code.
-    while seen < 5 and isinstance(getattr(exc, "cause", None), BaseException):
-        exc = exc.cause  # type: ignore[assignment]
-        seen += 1
-    return exc
 
 
 class LocalHandle:

@@ -31,6 +31,7 @@ from livelens.errors import (
     InvalidArgumentError,
     LivelensError,
     OverloadedError,
+    unwrap,
 )
 from livelens.imageio import EncodedImage, ImageLimits, probe_image
 from livelens.loop import label_studio
@@ -43,7 +44,7 @@ from livelens.serving.auth import DEFAULT_KEY_FILE, KeyStore
 from livelens.serving.envelope import REQUEST_ID_HEADER, Timings, error_body, error_item, new_request_id
 from livelens.serving.heap import start_heap_trimmer
 from livelens.serving.streams import check_stream_id, check_ts
-from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_more, unwrap
+from serve_apps.common import Args, Colocated, DeployOptions, LocalHandle, once_more
 from serve_apps.detection import DetectionArgs, bind_detection
 from serve_apps.labelling import LabellingArgs, bind_labelling
 from serve_apps.moderation import Moderation, ModerationArgs, bind_moderation

@@ -474,3 +474,79 @@ def test_a_downstream_call_is_retried_once_only_when_its_replica_died() -> None:
     with pytest.raises(ValueError):  # a failure of the request itself is never retried
         asyncio.run(once_more(flaky(ValueError("bad image"))))
     assert len(calls) == 1
+
+
+def test_answer_all_bounds_calls_in_flight_and_retries_what_admission_refuses():
+    import asyncio
+
+    from livelens.client import answer_all
+    from livelens.errors import OverloadedError
+    from livelens.serving.admission import Admission
+
+    # One worker behind real admission control: with 40 calls at once, the queue's expected wait
+    # passes the deadline and the tail is refused, as the notebook's analyze calls were.
+    admission = Admission(deadlines_s={"analyze": 0.05}, min_completions=2)
+    peak, in_flight, refusals = [0], [0], [0]
+    worker: asyncio.Lock | None = None
+
+    async def call(i: int) -> int:
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        try:
+            try:
+                ticket = admission.admit("analyze")
+            except OverloadedError:
+                refusals[0] += 1
+                raise
+            with ticket:
+                async with worker:
+                    await asyncio.sleep(0.005)
+            return i * i
+        finally:
+            in_flight[0] -= 1
+
+    async def fire_all() -> list:
+        nonlocal worker
+        worker = asyncio.Lock()
+        for i in range(4):  # completions, so admission trusts its estimate
+            await call(i)
+        return await asyncio.gather(*(call(i) for i in range(40)), return_exceptions=True)
+
+    unbounded = asyncio.run(fire_all())
+    assert any(isinstance(a, OverloadedError) for a in unbounded)
+
+    async def bounded() -> list:
+        nonlocal worker
+        worker = asyncio.Lock()
+        refusals[0], peak[0] = 0, 0
+        return await answer_all(call, range(40), concurrency=3, max_pause_s=0.01)
+
+    answers = asyncio.run(bounded())
+    assert answers == [i * i for i in range(40)]
+    assert peak[0] <= 3 and refusals[0] == 0  # bounded, the queue stays under the deadline
+
+    flaky = {"left": 2}
+
+    async def refused_twice(i: int) -> int:
+        if flaky["left"]:
+            flaky["left"] -= 1
+            err = OverloadedError("busy")
+            err.retry_after_s = 1
+            raise err
+        return i
+
+    assert asyncio.run(answer_all(refused_twice, [7], max_pause_s=0.01)) == [7]
+
+    async def always_refused(i: int) -> int:
+        raise OverloadedError("busy")
+
+    with pytest.raises(OverloadedError):
+        asyncio.run(answer_all(always_refused, [1], tries=2, max_pause_s=0.01))
+
+    async def bad(i: int) -> int:
+        raise InvalidArgumentError("no")
+
+    with pytest.raises(InvalidArgumentError):  # not an overload: raised at once, unretried
+        asyncio.run(answer_all(bad, [1], tries=5, max_pause_s=10))
+    with pytest.raises(InvalidArgumentError):
+        asyncio.run(answer_all(bad, [1], concurrency=0))
