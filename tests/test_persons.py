@@ -174,10 +174,12 @@ def test_the_face_pool_reads_training_xml_and_never_testing_xml(shared_data, mon
     real = importers.import_dlib_xml
     monkeypatch.setattr(importers, "import_dlib_xml", lambda f, *a, **k: read.append(str(f)) or real(f, *a, **k))
     detdata.face_pool.cache_clear()
+    detdata.face_photos.cache_clear()
     try:
         faces, non_faces = detdata.face_pool(str(shared_data))
     finally:
         detdata.face_pool.cache_clear()
+        detdata.face_photos.cache_clear()
     assert read == [str(shared_data / "faces" / "training.xml")]
     # 18 boxed faces of training.xml, the astronaut and Grace Hopper (MTCNN), 100 LFW crops.
     assert len(faces) == 18 + 2 + detdata.LFW_FACES and len(non_faces) == 100

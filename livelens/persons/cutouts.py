@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from livelens.errors import ConfigError, LivelensError
+from livelens.persons.boxes import holds
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The segmentation script, run by the side virtualenv's Python.
@@ -115,7 +116,7 @@ def segment_people(photos: Sequence[tuple[str, np.ndarray, Sequence[Sequence[flo
                 local = [face[0] - x0, face[1] - y0, face[2] - x0, face[3] - y0]
                 body = _body_box(alpha)
                 others = [[f[0] - x0, f[1] - y0, f[2] - x0, f[3] - y0] for j, f in enumerate(faces) if j != k]
-                if body is None or not _holds_face(body, local) or _covered(alpha, local) < MIN_FACE_COVER or \
+                if body is None or not holds(body, local) or _covered(alpha, local) < MIN_FACE_COVER or \
                         any(_covered(alpha, o) > MAX_OTHER_COVER for o in others) or \
                         (alpha >= BODY_ALPHA).sum() <= (local[2] - local[0]) * (local[3] - local[1]):
                     continue
@@ -160,13 +161,6 @@ def _covered(alpha: np.ndarray, box: Sequence[float]) -> float:
     if x1 <= x0 or y1 <= y0:
         return 0.0
     return float((alpha[y0:y1, x0:x1] >= BODY_ALPHA).mean())
-
-
-def _holds_face(body: Sequence[float], face: Sequence[float]) -> bool:
-    """Whether ``body`` covers most (80%) of ``face``."""
-    iw = max(0.0, min(body[2], face[2]) - max(body[0], face[0]))
-    ih = max(0.0, min(body[3], face[3]) - max(body[1], face[1]))
-    return iw * ih >= 0.8 * (face[2] - face[0]) * (face[3] - face[1])
 
 
 def person_cutouts(shared: str | None = None) -> list[Cutout]:

@@ -46,11 +46,14 @@ EXTRA_PIP = 0.25
 FRAME_SIZE = (640, 360)
 
 
-def face_photos(shared: str | None = None) -> list[tuple[str, np.ndarray, list[list[float]]]]:
+@functools.lru_cache(maxsize=2)
+def face_photos(shared: str | None = None) -> tuple[tuple[str, np.ndarray, list[list[float]]], ...]:
     """``(name, rgb, face boxes in dlib's style)`` of every real photo faces are cut from.
 
     The photos of ``faces/training.xml`` with dlib's boxes (never ``testing.xml``), then
     scikit-image's astronaut and matplotlib's ``grace_hopper.jpg`` boxed by the MTCNN teacher.
+    Cached, since the face and the person pools both start here and the teacher is not free; the
+    images are read-only.
 
     Args:
         shared: ../shared/data (default: the one :mod:`livelens.data.render` finds); without it
@@ -84,7 +87,9 @@ def face_photos(shared: str | None = None) -> list[tuple[str, np.ndarray, list[l
                 boxes.append([b[0] + DLIB_FROM_MTCNN[0] * w, b[1] + DLIB_FROM_MTCNN[1] * h,
                               b[0] + DLIB_FROM_MTCNN[2] * w, b[1] + DLIB_FROM_MTCNN[3] * h])
         out.append((name, rgb, boxes))
-    return out
+    for _, rgb, _ in out:
+        rgb.setflags(write=False)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,9 +201,9 @@ HELDOUT_PEOPLE_PHOTO = "shared/faces/2008_001322.jpg"
 @functools.lru_cache(maxsize=1)
 def person_pool(shared: str | None = None) -> tuple[Any, ...]:
     """The person cut-outs of :func:`face_photos` (:mod:`livelens.persons.cutouts`; needs ``.venv-mp``)."""
-    from livelens.persons.cutouts import segment_people
+    from livelens.persons.cutouts import person_cutouts
 
-    return tuple(segment_people(face_photos(shared)))
+    return tuple(person_cutouts(shared))
 
 
 def paste_people(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[float]],
@@ -232,25 +237,22 @@ def paste_people(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[flo
         if rng.random() < 0.5:
             patch, alpha = patch[:, ::-1], alpha[:, ::-1]
             face, body = [cw - face[2], face[1], cw - face[0], face[3]], [cw - body[2], body[1], cw - body[0], body[3]]
+        # The window's top may start above the frame's top only by what lies above the body, and
+        # its bottom may run past the frame's bottom (legs cut off), never the face.
+        y_hi, y_lo = h - int(np.ceil(face[3])), -int(body[1])
+        if c.body[3] >= c.alpha.shape[0] - 1:
+            # The photo (or the segmented window) cut this body off: the cut goes at or past the
+            # frame's bottom, as a webcam's does, never in mid-frame.
+            y_lo = max(y_lo, h - int(body[3]))
+        if y_hi < y_lo:
+            continue
         for _try in range(20):
-            # The window's top may start above the frame's top only by what lies above the body,
-            # and its bottom may run past the frame's bottom (legs cut off), never the face.
             x = int(rng.integers(-int(body[0]), w - int(np.ceil(body[2])) + 1))
-            y_hi = h - int(np.ceil(face[3]))
-            y_lo = -int(body[1])
-            if c.body[3] >= c.alpha.shape[0] - 1:
-                # The photo (or the segmented window) cut this body off: the cut goes at or past
-                # the frame's bottom, as a webcam's does, never in mid-frame.
-                y_lo = max(y_lo, h - int(body[3]))
-            if y_hi < y_lo:
-                break
             y = int(rng.integers(y_lo, y_hi + 1))
             seen = [max(0.0, x + body[0]), max(0.0, y + body[1]), min(float(w), x + body[2]), min(float(h), y + body[3])]
             if seen[2] - seen[0] >= 8 and seen[3] - seen[1] >= 8 and _free(seen, taken, 2):
                 break
         else:
-            continue
-        if y_hi < y_lo:
             continue
         # The part of the window inside the frame, pasted through the mask.
         fx0, fy0, fx1, fy1 = max(0, x), max(0, y), min(w, x + cw), min(h, y + ch)

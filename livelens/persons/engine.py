@@ -18,6 +18,7 @@ from livelens import fusion
 from livelens.errors import ConfigError
 from livelens.imageio import EncodedImage, as_rgb
 from livelens.persons.attributes import AttributeModel, attr_crop
+from livelens.persons.boxes import face_holder
 from livelens.persons.teachers import (
     AGE_BANDS,
     STORE_REF,
@@ -220,16 +221,3 @@ class PersonsEngine:
             if p >= MIN_LABEL_P:
                 out.append(fusion.make_label(self.tax, name, p, ref, evidence=evidence))
         return out
-
-
-def face_holder(face: Sequence[float], people: Sequence[Sequence[float]]) -> int | None:
-    """The index of the smallest person box that holds most (80%) of ``face``, or None."""
-    best, best_area = None, float("inf")
-    fa = max((face[2] - face[0]) * (face[3] - face[1]), 1e-9)
-    for i, p in enumerate(people):
-        iw = max(0.0, min(p[2], face[2]) - max(p[0], face[0]))
-        ih = max(0.0, min(p[3], face[3]) - max(p[1], face[1]))
-        area = (p[2] - p[0]) * (p[3] - p[1])
-        if iw * ih >= 0.8 * fa and area < best_area:
-            best, best_area = i, area
-    return best

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from livelens.imageio import load_image
-from livelens.persons.engine import PersonsEngine, PersonsSettings, face_holder
+from livelens.persons.boxes import face_holder
+from livelens.persons.engine import PersonsEngine, PersonsSettings
 
 
 def iou(a: list[float], b: list[float]) -> float:
