@@ -283,3 +283,21 @@ def test_parameter_server_strategy_trains_the_same_job(ray_session, frames_manif
         run(replace(cfg, loop=replace(cfg.loop, comm_hook="fp16")))
     with pytest.raises(ConfigError, match="fixed worker count"):
         run(replace(cfg, min_workers=1))
+
+
+@pytest.mark.ray
+def test_a_small_eval_split_is_preprocessed_once_and_train_streams(ray_session, frames_manifest, monkeypatch):
+    from ray.data.dataset import MaterializedDataset
+
+    from livelens.taxonomy import load_taxonomy
+    from livelens.train import classification as C
+
+    data = C.validate_manifest(str(frames_manifest), load_taxonomy(None))
+    ds = C.prepare_datasets(str(frames_manifest), data, 64, False, None)
+    assert isinstance(ds["val"], MaterializedDataset) and not isinstance(ds["train"], MaterializedDataset)
+    # The same tensors as the stream gives.
+    first = next(iter(ds["val"].iter_batches(batch_size=None, batch_format="numpy")))
+    assert first["x"].shape[1:] == (3, 64, 64) and str(first["x"].dtype) == "float32"
+    assert ds["val"].count() == data.split_rows["val"]
+    monkeypatch.setattr(C, "MATERIALIZE_EVAL_BYTES", 1)  # a split too large for the budget streams
+    assert not isinstance(C.prepare_datasets(str(frames_manifest), data, 64, False, None)["val"], MaterializedDataset)

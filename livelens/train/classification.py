@@ -27,6 +27,11 @@ REQUIRED_COLUMNS = ("id", "image_bytes", "image_uri", "split", "labels", "boxes"
 THRESHOLD_RULE = "served: review threshold (tag threshold for informational groups)"
 # Labels no single frame can show: frozen is a property of a sequence (see the frames card).
 TEMPORAL_LABELS = ("quality_frozen",)
+#: An evaluation split whose preprocessed tensors fit in this many bytes (and in a quarter of the
+#: cluster's object store) is preprocessed once, before training, instead of streaming through Ray Data's read and decode again on every epoch: its
+#: frames never change (no augmentation), and a small split's streaming start-up costs far more
+#: than its tensors.
+MATERIALIZE_EVAL_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -276,20 +281,29 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
                      batch_size: int = 32, num_cpus: float = 0.5) -> dict[str, Any]:
     """Ray Datasets ``{"train": …, "val": …}`` decoded and preprocessed in Ray Data tasks.
 
+    Every split but ``train`` whose tensors fit :data:`MATERIALIZE_EVAL_BYTES` is preprocessed
+    here, once; ``train`` streams, so each epoch draws new augmentations.
+
     Args:
         splits: Dataset name → manifest split (default train→train, val→val).
         num_cpus: Logical CPUs per preprocessing task (fractional so the trainer's workers fit).
     """
+    import ray
+
     from livelens.data import read_ray
 
     splits = dict(splits or {"train": "train", "val": "val"})
+    budget = min(MATERIALIZE_EVAL_BYTES, ray.cluster_resources().get("object_store_memory", 0) / 4)
     out = {}
     for name, split in splits.items():
         ds = read_ray(manifest, split=split, columns=["id", "image_bytes", "image_uri", "labels", "boxes", "texts"])
-        out[name] = ds.map_batches(
+        ds = ds.map_batches(
             preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
             fn_kwargs={"size": size, "groups": data.groups, "taxonomy": taxonomy, "train": name == "train",
                        "evidence_crop": evidence_crop, "ignore_labels": data.ignore_labels})
+        if name != "train" and data.split_rows.get(split, 0) * size * size * 3 * 4 <= budget:
+            ds = ds.materialize()
+        out[name] = ds
     return out
 
 
