@@ -195,7 +195,8 @@ def preprocess_batch(batch: dict[str, Any], *, size: int, groups: Sequence[str],
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     for i, img in enumerate(images):
         if train:
-            # Per-row randomness that differs between epochs but is reproducible within one.
+            # Per-row randomness, seeded by the row: the same crop and flip on every epoch, since
+            # fn_kwargs carry no epoch (a known gap: varying them would change every training figure).
             rng = np.random.default_rng([seed, int(ids[i][:8], 16) if ids[i][:8].isalnum() else i])
             boxes = [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in (batch["boxes"][i] if "boxes" in batch else [])
                      if b["label"] not in ignore_labels]
@@ -278,7 +279,7 @@ def make_evaluate(val_shard, heads: Mapping[str, Any], batch_size: int, device: 
 
 def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidence_crop: bool,
                      taxonomy: str | None, splits: Mapping[str, str] | None = None,
-                     batch_size: int = 32, num_cpus: float = 0.5) -> dict[str, Any]:
+                     batch_size: int = 32, num_cpus: float = 0.5, eval_once: bool = True) -> dict[str, Any]:
     """Ray Datasets ``{"train": …, "val": …}`` decoded and preprocessed in Ray Data tasks.
 
     Every split but ``train`` whose tensors fit :data:`MATERIALIZE_EVAL_BYTES` is preprocessed
@@ -287,13 +288,15 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
     Args:
         splits: Dataset name → manifest split (default train→train, val→val).
         num_cpus: Logical CPUs per preprocessing task (fractional so the trainer's workers fit).
+        eval_once: Materialize small evaluation splits (False: every split streams).
     """
     import ray
 
     from livelens.data import read_ray
 
     splits = dict(splits or {"train": "train", "val": "val"})
-    budget = min(MATERIALIZE_EVAL_BYTES, ray.cluster_resources().get("object_store_memory", 0) / 4)
+    store = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
+    budget = min(MATERIALIZE_EVAL_BYTES, store / 4)  # without a running Ray, everything streams
     out = {}
     for name, split in splits.items():
         ds = read_ray(manifest, split=split, columns=["id", "image_bytes", "image_uri", "labels", "boxes", "texts"])
@@ -301,7 +304,7 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
             preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
             fn_kwargs={"size": size, "groups": data.groups, "taxonomy": taxonomy, "train": name == "train",
                        "evidence_crop": evidence_crop, "ignore_labels": data.ignore_labels})
-        if name != "train" and data.split_rows.get(split, 0) * size * size * 3 * 4 <= budget:
+        if eval_once and name != "train" and data.split_rows.get(split, 0) * size * size * 3 * 4 <= budget:
             ds = ds.materialize()
         out[name] = ds
     return out

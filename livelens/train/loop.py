@@ -584,13 +584,16 @@ def fit(build_model: Callable[[], nn.Module], forward_loss: Callable[[nn.Module,
         state.train_time_s += time.perf_counter() - t0
         metrics["train_time_s"] = state.train_time_s
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-        tb.write(metrics, epoch)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, state, metrics, files)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        # Logged only once every rank has reported (report waits for all of them): an epoch whose
+        # group died before its checkpoint is trained again after the restart, and would otherwise
+        # appear twice in TensorBoard and MLflow.
+        tb.write(metrics, epoch)
         if last:
             break
     tb.close()
