@@ -28,9 +28,9 @@ THRESHOLD_RULE = "served: review threshold (tag threshold for informational grou
 # Labels no single frame can show: frozen is a property of a sequence (see the frames card).
 TEMPORAL_LABELS = ("quality_frozen",)
 #: An evaluation split whose preprocessed tensors fit in this many bytes (and in a quarter of the
-#: cluster's object store) is preprocessed once, before training, instead of streaming through Ray Data's read and decode again on every epoch: its
-#: frames never change (no augmentation), and a small split's streaming start-up costs far more
-#: than its tensors.
+#: cluster's object store) is preprocessed once, before training, instead of streaming through Ray
+#: Data's read and decode again on every epoch: its frames never change (no augmentation), and a
+#: small split's streaming start-up costs far more than its tensors.
 MATERIALIZE_EVAL_BYTES = 256 * 2**20
 
 
@@ -283,7 +283,8 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
     """Ray Datasets ``{"train": …, "val": …}`` decoded and preprocessed in Ray Data tasks.
 
     Every split but ``train`` whose tensors fit :data:`MATERIALIZE_EVAL_BYTES` is preprocessed
-    here, once; ``train`` streams, so each epoch draws new augmentations.
+    here, once; ``train`` streams through its augmentation every epoch (which, seeded by the row,
+    is the same each epoch: see :func:`preprocess_batch`).
 
     Args:
         splits: Dataset name → manifest split (default train→train, val→val).
