@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from livelens.errors import ConfigError, LivelensError
@@ -120,20 +120,26 @@ def build_regions_default(root: Path = DEFAULT_ROOT, manifest: str = "runs/data/
 def build_quality_flags_default(root: Path = DEFAULT_ROOT) -> dict:
     """Fit ``quality_flags`` (:mod:`livelens.quality.flag_training`) into a scratch store, then publish it.
 
-    The published model is the ship seed's, whose card names the photos it never saw.
+    The published model is the ship seed's, whose card names the photos it never saw, and only if it
+    passes :func:`livelens.quality.flag_checks.release_checks` on them (the card keeps their figures).
 
     Raises:
-        ConfigError: Bad data, or a shipped file over 2 MB.
+        ConfigError: Bad data, a fit that fails its release checks, or a shipped file over 2 MB.
     """
-    from livelens.quality.flag_training import FlagTrainConfig
+    from livelens.quality.flag_checks import require_passing
+    from livelens.quality.flag_training import FlagTrainConfig, check_state
     from livelens.quality.flag_training import run as run_flags
     from livelens.store import ModelStore
 
+    seed = str(FlagTrainConfig().ship_seed)
     with tempfile.TemporaryDirectory() as scratch:
         result = run_flags(FlagTrainConfig(model_store=scratch))
         stored = ModelStore(scratch).load(result["ref"])
-    ref = ModelStore(root).save(stored.ref.split("@")[0], stored.state_dict, _shipped_card(stored.card))
-    seed = str(FlagTrainConfig().ship_seed)
+    # The tests assert the same checks on the shipped model: a fit that fails them is not published.
+    checks = check_state(stored.state_dict, result["seeds"][seed]["test_photos"], stored.ref)
+    require_passing(checks, stored.ref)
+    card = {**_shipped_card(stored.card), "release_checks": [asdict(c) for c in checks]}
+    ref = ModelStore(root).save(stored.ref.split("@")[0], stored.state_dict, card)
     return {"ref": ref, "bytes": _checked_size(root, ref), "root": str(root),
             "exact": {k: (v["exact_before"], v["exact_after"]) for k, v in result["seeds"].items()},
             "held_out_photos": result["seeds"][seed]["test_photos"], "wall_time_s": result["wall_time_s"]}

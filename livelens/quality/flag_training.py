@@ -76,7 +76,7 @@ def _photos(max_photos: int = 0) -> dict[str, np.ndarray]:
 
     # Not the photos other packages ship (real_photos(packages=True)): a fit with them flagged
     # more of its held-out hard negatives than the classical thresholds (docs/quality.md).
-    photos = dict(real_photos())
+    photos = {n: rgb for n, rgb in real_photos() if R.usable(rgb)}
     if not photos:
         raise ConfigError("no real photos found (scikit-image, scikit-learn, matplotlib, ../shared/data)")
     names = sorted(photos)[: max_photos or None]
@@ -101,15 +101,25 @@ def featurise(photos: dict[str, np.ndarray], max_photos: int = 0, cache: str = "
 
     items = [it for n in sorted(photos) for it in R.items_for(n, photos[n], windows)]
     keys = np.array([it.key for it in items])
+    # Rows are pure functions of their item's key: reuse every cached row whose key is still in the
+    # set, and featurise only the photos that have a row missing.
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if cache and Path(cache).is_file():
         with np.load(cache) as z:
-            if z["keys"].shape == keys.shape and (z["keys"] == keys).all() and z["x"].shape[1] == fl.N_FEATURES:
-                return {"items": items, "x": z["x"], "maps": z["maps"]}
+            cached_x = z["x"]  # each z[...] reads the array from the archive again: read once
+            if cached_x.shape[1] == fl.N_FEATURES:
+                cached_maps, wanted = z["maps"], set(keys.tolist())
+                for i, k in enumerate(z["keys"].tolist()):
+                    if k in wanted:
+                        rows[k] = (cached_x[i], cached_maps[i])
+    todo = sorted({it.photo for it in items if it.key not in rows})
+    if not todo:
+        return {"items": items, "x": np.stack([rows[k][0] for k in keys]).astype(np.float32),
+                "maps": np.stack([rows[k][1] for k in keys])}
     task = ray.remote(num_cpus=1)(_featurise_photos)
     from tqdm import tqdm
 
-    refs = [task.remote([n], max_photos, windows) for n in sorted(photos)]
-    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    refs = [task.remote([n], max_photos, windows) for n in todo]
     with tqdm(total=len(refs), desc="quality flags: featurise photos") as bar:
         pending = list(refs)
         while pending:
@@ -206,6 +216,17 @@ def _flags_of(answer: dict[str, Any]) -> set[str]:
     b = answer["brightness"]
     return {f for f, on in (("dark", b["dark"]), ("bright", b["bright"]), ("blur", answer["blur"]["flag"]),
                             ("occlusion", answer["occlusion"]["flag"])) if on}
+
+
+def check_state(state: dict[str, Any], held_out: list[str], ref: str = "candidate") -> list[Any]:
+    """The release checks (:mod:`livelens.quality.flag_checks`) of a model state on its held-out photos."""
+    from livelens.quality import flag_checks as C
+    from livelens.quality.engine import QualityEngine
+
+    photos = {n: rgb for n, rgb in _photos().items() if n in set(held_out)}
+    engine = QualityEngine(iqa_ref=None, flags_ref=None)
+    engine.flags = (fl.FlagModel.from_state(state, ref), {"ref": ref})
+    return C.release_checks(engine, QualityEngine(iqa_ref=None, flags_ref=None), photos)
 
 
 def table(rows: list[dict[str, Any]], which: str) -> dict[str, dict[str, dict[str, float]]]:

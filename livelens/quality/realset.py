@@ -50,6 +50,15 @@ HARD_NEGATIVES = ("dark_35", "dark_50", "dark_70", "flat_35", "flat_50", "flat_7
 #: luminance in this range): darkening a night sky or brightening a white page changes little that
 #: a viewer would call a defect, so such frames would carry a label their pixels cannot support.
 EXPOSURE_RANGE = (0.18, 0.72)
+#: Brightening also needs a clean frame at least this bright (trimmed mean luminance), so that its
+#: mildest gain (×1.8) lifts the frame to 0.6 or more. ×1.8 of an under-exposed frame (a dusk
+#: launch pad, a dim station hall at 0.2) gives an ordinary exposure of about 0.37, a correction
+#: rather than a defect, and a "bright" label on it is one its pixels cannot support.
+BRIGHT_MIN_LUMA = 0.6 / 1.8
+#: Photos whose 16:9 window is narrower than this are thumbnails, not stream snapshots, and are left
+#: out of the set: blur levels are scaled to the window's width, so on a 128 px window level 1 is
+#: σ 0.27 px, a blur no viewer sees, and the frame's "blur" label would be false.
+MIN_FRAME_WIDTH = 256
 #: Defects a photo already has, from its source's own ground truth: every frame cut from it carries
 #: them. scikit-image documents ``clock`` as taken "while moving the camera" (real motion blur, as
 #: ../shared/data/README.md also says), so its clean frames are blurred, not clean.
@@ -146,6 +155,23 @@ def trimmed_luma(rgb: np.ndarray) -> float:
     return float(sel.mean()) if sel.size else float(g.mean())
 
 
+def usable(rgb: np.ndarray) -> bool:
+    """Whether a photo is large enough for the set: its 16:9 window is :data:`MIN_FRAME_WIDTH` wide."""
+    h, w = rgb.shape[:2]
+    return min(w, int(h * FRAME[0] / FRAME[1])) >= MIN_FRAME_WIDTH
+
+
+def distortable(distortion: str, frame: np.ndarray) -> bool:
+    """Whether ``distortion`` is applied to a clean ``frame``: exposure changes only where the
+    clean exposure is ordinary (:data:`EXPOSURE_RANGE`), brightening only where its mildest level
+    over-exposes (:data:`BRIGHT_MIN_LUMA`); every other distortion everywhere."""
+    if distortion not in ("dark", "bright"):
+        return True
+    luma = trimmed_luma(frame)
+    low = max(EXPOSURE_RANGE[0], BRIGHT_MIN_LUMA) if distortion == "bright" else EXPOSURE_RANGE[0]
+    return low <= luma <= EXPOSURE_RANGE[1]
+
+
 def bases(windows: int = 2) -> tuple[str, ...]:
     """The distorted windows of a photo: the centre, then ``windows - 1`` random ones (``zoom``,
     ``zoom_2``, …). The first two are the same for every ``windows``, so sets of different sizes
@@ -160,16 +186,15 @@ def items_for(photo: str, rgb: np.ndarray, windows: int = 2) -> list[Item]:
     hard negatives.
 
     Each distortion has its five levels (occlusion: two occluder kinds per level); dark and bright
-    only where the clean exposure is ordinary (:data:`EXPOSURE_RANGE`).
+    only where :func:`distortable` allows them.
     """
     out: list[Item] = []
     for base in bases(windows):
         frame = base_frame(rgb, photo, base)
         out.append(Item(photo, base, "none", 0))
         out.append(Item(photo, base, BENIGN[_seed(photo, base) % len(BENIGN)], 0))
-        exposure_ok = EXPOSURE_RANGE[0] <= trimmed_luma(frame) <= EXPOSURE_RANGE[1]
         for dist in LEVELS:
-            if dist in ("dark", "bright") and not exposure_ok:
+            if not distortable(dist, frame):
                 continue
             for lv in range(1, 6):
                 if dist != "occlusion":
