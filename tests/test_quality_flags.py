@@ -109,6 +109,27 @@ def test_thumbnails_are_not_stream_frames():
     assert not R.usable(np.zeros((100, 2000, 3), np.uint8))  # its 16:9 window is 177 px wide
 
 
+def test_cached_rows_are_reused_by_key_without_featurising(tmp_path):
+    from skimage import data as skd
+
+    from livelens.quality.flag_training import featurise
+
+    rgb = skd.astronaut()
+    items = R.items_for("skimage/astronaut", rgb)
+    extra = ["other|centre|none|0|", "other|zoom|none|0|"]  # rows of a photo no longer in the set
+    keys = np.array(extra + [it.key for it in reversed(items)])
+    x = np.arange(len(keys) * fl.N_FEATURES, dtype=np.float32).reshape(len(keys), fl.N_FEATURES)
+    maps = np.arange(len(keys), dtype=np.float16)[:, None, None, None] * np.ones((1, 2, 1, 1), np.float16)
+    np.savez(tmp_path / "cache.npz", keys=keys, x=x, maps=maps)
+    # Ray is not running: every row comes from the cache, in the set's order.
+    got = featurise({"skimage/astronaut": rgb}, cache=str(tmp_path / "cache.npz"))
+    row = {k: i for i, k in enumerate(keys.tolist())}
+    want = [row[it.key] for it in items]
+    assert [it.key for it in got["items"]] == [it.key for it in items]
+    np.testing.assert_array_equal(got["x"], x[want])
+    np.testing.assert_array_equal(got["maps"][:, 0, 0, 0], maps[want, 0, 0, 0])
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ConfigError):
         FlagTrainConfig(seeds=(0, 1), ship_seed=5)

@@ -72,6 +72,8 @@ class FlagTrainConfig:
 
 
 def _photos(max_photos: int = 0) -> dict[str, np.ndarray]:
+    """The set's photos by name: every offline real photo large enough for a stream frame
+    (:func:`livelens.quality.realset.usable`), the first ``max_photos`` by name (0: all)."""
     from livelens.evaluation import real_photos
 
     # Not the photos other packages ship (real_photos(packages=True)): a fit with them flagged
