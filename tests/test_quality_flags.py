@@ -224,3 +224,24 @@ def test_black_frame_still_reports_only_its_root_cause(shipped):
     answer = engine.assess(black)
     assert [lab["name"] for lab in answer["labels"]] == ["quality_black"]
     assert "flags_model" in answer  # the learned model ran; the black rule still suppressed its flags
+
+
+def test_default_models_publishes_no_fit_that_fails_the_release_checks(tmp_path, monkeypatch, shipped):
+    """`make default-models`' quality-flag step, with the fit replaced by one that flags everything."""
+    from livelens.quality import flag_training
+    from train_jobs.defaults import build_quality_flags_default
+
+    _, _, photos = shipped
+    state = ModelStore(SHIPPED_STORE).load(fl.MODEL_NAME).state_dict
+    held_out = sorted(photos)[:3]
+
+    def loose_fit(cfg):
+        ref = ModelStore(cfg.model_store).save(fl.MODEL_NAME, {**state, "thresholds": torch.zeros(len(fl.FLAGS))},
+                                               {"kind": "quality_flags"})
+        return {"ref": ref, "seeds": {str(cfg.ship_seed): {"test_photos": held_out, "exact_before": 0.0,
+                                                             "exact_after": 0.0}}, "wall_time_s": 0.0}
+
+    monkeypatch.setattr(flag_training, "run", loose_fit)
+    with pytest.raises(ConfigError, match=r"not published.*hard_negatives"):
+        build_quality_flags_default(tmp_path / "defaults")
+    assert not (tmp_path / "defaults" / fl.MODEL_NAME).exists()
