@@ -109,7 +109,7 @@ def test_thumbnails_are_not_stream_frames():
     assert not R.usable(np.zeros((100, 2000, 3), np.uint8))  # its 16:9 window is 177 px wide
 
 
-def test_cached_rows_are_reused_by_key_without_featurising(tmp_path):
+def test_cached_rows_are_reused_by_key_without_featurising(tmp_path, monkeypatch):
     from skimage import data as skd
 
     from livelens.quality.flag_training import featurise
@@ -120,7 +120,7 @@ def test_cached_rows_are_reused_by_key_without_featurising(tmp_path):
     keys = np.array(extra + [it.key for it in reversed(items)])
     x = np.arange(len(keys) * fl.N_FEATURES, dtype=np.float32).reshape(len(keys), fl.N_FEATURES)
     maps = np.arange(len(keys), dtype=np.float16)[:, None, None, None] * np.ones((1, 2, 1, 1), np.float16)
-    np.savez(tmp_path / "cache.npz", keys=keys, x=x, maps=maps)
+    np.savez(tmp_path / "cache.npz", keys=keys, x=x, maps=maps, version=R.RENDER_VERSION)
     # Ray is not running: every row comes from the cache, in the set's order.
     got = featurise({"skimage/astronaut": rgb}, cache=str(tmp_path / "cache.npz"))
     row = {k: i for i, k in enumerate(keys.tolist())}
@@ -128,6 +128,19 @@ def test_cached_rows_are_reused_by_key_without_featurising(tmp_path):
     assert [it.key for it in got["items"]] == [it.key for it in items]
     np.testing.assert_array_equal(got["x"], x[want])
     np.testing.assert_array_equal(got["maps"][:, 0, 0, 0], maps[want, 0, 0, 0])
+    # Rows rendered by another version of the set are not reused: the photo is featurised again.
+    np.savez(tmp_path / "old.npz", keys=keys, x=x, maps=maps, version=R.RENDER_VERSION - 1)
+    import ray
+
+    class Featurised(Exception):
+        pass
+
+    def refuse(*_a, **_k):
+        raise Featurised
+
+    monkeypatch.setattr(ray, "remote", refuse)
+    with pytest.raises(Featurised):
+        featurise({"skimage/astronaut": rgb}, cache=str(tmp_path / "old.npz"))
 
 
 def test_bad_configs_are_refused():

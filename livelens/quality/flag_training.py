@@ -103,13 +103,14 @@ def featurise(photos: dict[str, np.ndarray], max_photos: int = 0, cache: str = "
 
     items = [it for n in sorted(photos) for it in R.items_for(n, photos[n], windows)]
     keys = np.array([it.key for it in items])
-    # Rows are pure functions of their item's key: reuse every cached row whose key is still in the
-    # set, and featurise only the photos that have a row missing.
+    # Rows are pure functions of their item's key and the render version: reuse every cached row
+    # whose key is still in the set, and featurise only the photos that have a row missing.
     rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if cache and Path(cache).is_file():
         with np.load(cache) as z:
             cached_x = z["x"]  # each z[...] reads the array from the archive again: read once
-            if cached_x.shape[1] == fl.N_FEATURES:
+            version = int(z["version"]) if "version" in z.files else 1
+            if cached_x.shape[1] == fl.N_FEATURES and version == R.RENDER_VERSION:
                 cached_maps, wanted = z["maps"], set(keys.tolist())
                 for i, k in enumerate(z["keys"].tolist()):
                     if k in wanted:
@@ -133,7 +134,7 @@ def featurise(photos: dict[str, np.ndarray], max_photos: int = 0, cache: str = "
     maps = np.stack([rows[k][1] for k in keys])
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, keys=keys, x=x, maps=maps)
+        np.savez(cache, keys=keys, x=x, maps=maps, version=R.RENDER_VERSION)
     return {"items": items, "x": x, "maps": maps}
 
 

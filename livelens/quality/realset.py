@@ -24,8 +24,15 @@ from livelens.quality import distort as D
 from livelens.quality.measures import luminance
 
 #: The largest frame cut from a photo: a 960×540 stream snapshot. Blur levels are pixels at this
-#: size; smaller windows get them scaled to their width.
+#: size; smaller windows get them scaled to their width, down to :data:`MIN_BLUR_SCALE`.
 FRAME = (960, 540)
+#: The smallest factor blur levels are scaled by: windows narrower than half of FRAME get the blur
+#: of a 480 px window. Scaled further, level 1 falls under a pixel (σ 0.64 px on a 305 px window),
+#: a blur no viewer sees in the frame at its own size, and the frame's "blur" label would be false.
+MIN_BLUR_SCALE = 0.5
+#: Bumped whenever :func:`render` gives an existing item new pixels: cached features of another
+#: version are not reused (version 2: :data:`MIN_BLUR_SCALE`).
+RENDER_VERSION = 2
 #: Narrowest window cut from a photo (where the photo is that wide).
 MIN_WIDTH = 480
 
@@ -222,7 +229,7 @@ def render(item: Item, rgb: np.ndarray) -> np.ndarray:
     if d == "noise_3":
         return D.gaussian_noise(frame, 3.0, seed=s)
     v = LEVELS[d][item.level - 1]
-    px = frame.shape[1] / FRAME[0]  # blur levels are pixels of a 960-wide frame
+    px = max(frame.shape[1] / FRAME[0], MIN_BLUR_SCALE)  # blur levels are pixels of a 960-wide frame
     if d in ("dark", "bright"):
         return D.exposure(frame, v)
     if d == "gaussian_blur":
