@@ -63,8 +63,9 @@ EXPOSURE_RANGE = (0.18, 0.72)
 #: rather than a defect, and a "bright" label on it is one its pixels cannot support.
 BRIGHT_MIN_LUMA = 0.6 / 1.8
 #: Photos whose 16:9 window is narrower than this are thumbnails, not stream snapshots, and are left
-#: out of the set: blur levels are scaled to the window's width, so on a 128 px window level 1 is
-#: σ 0.27 px, a blur no viewer sees, and the frame's "blur" label would be false.
+#: out of the set: a blur level cannot mean on them what it means on a frame. Scaled to a 128 px
+#: window, level 1 is σ 0.27 px, which no viewer sees; at :data:`MIN_BLUR_SCALE` it is σ 1 px, as
+#: strong for that frame as σ 7.5 at 960 px, beyond level 5.
 MIN_FRAME_WIDTH = 256
 #: Defects a photo already has, from its source's own ground truth: every frame cut from it carries
 #: them. scikit-image documents ``clock`` as taken "while moving the camera" (real motion blur, as
