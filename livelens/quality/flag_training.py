@@ -27,6 +27,7 @@ import numpy as np
 from livelens.errors import ConfigError
 from livelens.quality import flags as fl
 from livelens.quality import realset as R
+from livelens.quality.flag_checks import raised
 from livelens.store import user_store
 
 
@@ -210,15 +211,8 @@ def _answer_items(state: dict, names: list[str], max_photos: int, windows: int =
             after, before = learned.assess(img), classical.assess(img)
             out.append({"key": it.key, "distortion": it.distortion, "level": it.level, "base": it.base,
                         "kind": it.kind, "truth": sorted(it.flags),
-                        "after": sorted(_flags_of(after)), "before": sorted(_flags_of(before))})
+                        "after": sorted(raised(after)), "before": sorted(raised(before))})
     return out
-
-
-def _flags_of(answer: dict[str, Any]) -> set[str]:
-    """Which of the four learned flags an answer raises."""
-    b = answer["brightness"]
-    return {f for f, on in (("dark", b["dark"]), ("bright", b["bright"]), ("blur", answer["blur"]["flag"]),
-                            ("occlusion", answer["occlusion"]["flag"])) if on}
 
 
 def check_state(state: dict[str, Any], held_out: list[str], ref: str = "candidate") -> list[Any]:
