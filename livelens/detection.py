@@ -11,7 +11,9 @@ train-persons``) finds faces and the overlays a stream carries. Each overlay cla
   ``ads_qrcode`` with the payload as evidence, as OCR's whole-frame decoder does;
 * ``logo``, ``text_overlay`` and ``hud`` boxes are answered as objects (evidence for a reviewer);
   they raise no label of their own: each class merges labels the taxonomy keeps apart (a logo or
-  a watermark; a banner or a contact pill), and OCR and the text-region model decide those;
+  a watermark; a banner or a contact pill), and OCR and the text-region model decide those (shown
+  to that model as extra proposals, they add about a frame of recall for more false alarms:
+  ``python -m livelens.detection_eval overlay-route``, docs/persons.md);
 * ``face`` boxes are never answered here: faces are personal data, the ``persons`` stage (scope
   ``persons``) answers them.
 

@@ -1,6 +1,6 @@
 """``make eval-detection``: the graph's detection stage, measured through the service's own code.
 
-Two commands:
+Its commands:
 
 * ``calibrate`` publishes a copy of a stored detector whose card carries the per-class thresholds
   the detection stage serves, chosen on held-out generated frames (training now chooses them
@@ -14,6 +14,10 @@ Two commands:
   - *insets*: game frames shrunk into a picture-in-picture window on a frame without ads, the case
     the second pass is for (the classifier knows games; the generator's own windows hold scenery);
   - *QR codes*: the whole-frame decoder of OCR against the decoder on the detector's QR boxes.
+
+* ``window-check`` fits the picture-in-picture window check (:func:`fit_window_check`).
+* ``overlay-route`` measures whether the detector's logo, text-overlay and HUD boxes would add to
+  OCR's text regions (:func:`overlay_route`); the stage does not route them, and that is why.
 
 ``ads_picture_in_picture`` and the labels inside windows do not depend on OCR (OCR overrules only
 contact and text-region labels), so moderation with and without detection is what ``/v1/analyze``
@@ -394,6 +398,74 @@ def evaluate(detector: str = "persons_det", frames: int = 1000, insets: int = 12
     return report
 
 
+#: The overlay labels the text-region model decides, and the detector classes whose boxes
+#: :func:`overlay_route` shows it as extra proposals.
+ROUTE_LABELS = ("ads_logo", "ads_watermark", "ads_text_banner")
+ROUTE_CLASSES = ("logo", "text_overlay", "hud")
+
+
+def route_scores(rows: Sequence[dict[str, Any]], labels: Sequence[str] = ROUTE_LABELS,
+                 classes: Sequence[str] = ROUTE_CLASSES) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per label and arm, precision and recall over frames of OCR's text regions, alone and joined.
+
+    Arms: ``ocr`` (what ``/v1/analyze`` raises from OCR's text boxes), ``ocr+<class>`` (a frame
+    also counts as raised when the region model raised the label on one of the detector's boxes
+    of that class), and ``ocr+all`` (every class of ``classes``).
+
+    Args:
+        rows: Per frame, ``truth`` (labels), ``ocr`` (labels OCR's regions raised) and ``routed``
+            (per detector class, labels the region model raised on its boxes).
+    """
+    arms = {"ocr": ()} | {f"ocr+{c}": (c,) for c in classes} | {"ocr+all": tuple(classes)}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for lab in labels:
+        sup = sum(lab in r["truth"] for r in rows)
+        out[lab] = {}
+        for arm, via in arms.items():
+            fired = [lab in r["ocr"] or any(lab in r["routed"].get(c, ()) for c in via) for r in rows]
+            tp = sum(f and lab in r["truth"] for f, r in zip(fired, rows, strict=True))
+            pred = sum(fired)
+            out[lab][arm] = {"support": sup, "predicted": pred, "precision": round(tp / pred, 4) if pred else None,
+                             "recall": round(tp / sup, 4) if sup else None}
+    return out
+
+
+def overlay_route(detector: str = "persons_det", frames: int = 400, seed: int = 40,
+                  out: str = "runs/eval-detection/overlay-route") -> dict[str, Any]:
+    """Would the detector's overlay boxes add to OCR's text regions? (The stage does not route them.)
+
+    Each frame goes through :class:`livelens.analyzer.LocalAnalyzer` with OCR (and its text-region
+    model) and the detection stage; the region model is then also run on the detector's
+    ``logo``, ``text_overlay`` and ``hud`` boxes (:func:`livelens.evidence.regions.region_hits`,
+    its served thresholds), and :func:`route_scores` compares the arms. Writes ``report.json``.
+    """
+    from livelens.analyzer import LocalAnalyzer
+    from livelens.evidence.regions import region_hits
+    from livelens.imageio import decode_image
+
+    t0 = time.time()
+    an = LocalAnalyzer(caps=("ocr", "detect"), threads=2, detector=detector)
+    if an.detection is None or an.ocr[0].regions is None:
+        raise ConfigError(f"overlay-route needs a stored detector and text-region model: {an.detection_missing}")
+    model = an.ocr[0].regions
+    rows = []
+    for r in _frames(seed, frames):
+        rgb = decode_image(r["image_bytes"])
+        parts = an.parts(rgb)
+        objs = parts["detect"]["objects"]
+        routed = {c: sorted({h.label for h in region_hits(model, rgb, boxes)})
+                  for c in ROUTE_CLASSES if (boxes := [o["box"] for o in objs if o["class"] == c])}
+        rows.append({"truth": sorted(set(r["labels"]) & set(ROUTE_LABELS)), "routed": routed,
+                     "ocr": sorted({lab["name"] for lab in parts["ocr"]["labels"] if fusion.fires(an.tax, lab)}
+                                   & set(ROUTE_LABELS))})
+    report = {"detector": an.detection.ref, "regions": an.ocr[0].regions_ref, "seed": seed, "frames": frames,
+              "by_label": route_scores(rows), "seconds": round(time.time() - t0, 1)}
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report's tables."""
     def table(title: str, by_arm: dict[str, dict[str, dict]]) -> list[str]:
@@ -453,11 +525,19 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=13)
     e.add_argument("--out", default="runs/eval-detection")
     e.add_argument("--no-qr", action="store_true", help="leave out the QR decoders (OCR on every frame with a code)")
+    o = sub.add_parser("overlay-route", help="OCR's text regions alone and joined with the region model on "
+                                             "the detector's overlay boxes")
+    o.add_argument("--model", default="persons_det")
+    o.add_argument("--frames", type=int, default=400)
+    o.add_argument("--seed", type=int, default=40)
+    o.add_argument("--out", default="runs/eval-detection/overlay-route")
     a = p.parse_args(argv)
     if a.cmd == "window-check":
         print(json.dumps(fit_window_check(a.model, a.seeds, a.frames, a.choose_seeds, c=a.c, store=a.store,
                                           cache=a.cache or None), default=str),
               flush=True)
+    elif a.cmd == "overlay-route":
+        print(json.dumps(overlay_route(a.model, a.frames, a.seed, a.out), indent=2), flush=True)
     elif a.cmd == "calibrate":
         print(json.dumps(calibrate(a.model, a.samples, store=a.store, frames_seed=a.frames_seed)), flush=True)
     else:

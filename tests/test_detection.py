@@ -225,6 +225,23 @@ def test_the_evaluation_scores_what_the_answers_act_on():
     assert 0 <= box[0] < box[2] <= frame.shape[1] and 0 <= box[1] < box[3] <= frame.shape[0]
 
 
+def test_the_overlay_route_counts_a_frame_once_whichever_source_raised_its_label():
+    from livelens.detection_eval import route_scores
+
+    rows = [
+        {"truth": ["ads_logo"], "ocr": ["ads_logo"], "routed": {"logo": ["ads_logo"]}},  # both found it
+        {"truth": ["ads_logo"], "ocr": [], "routed": {"logo": ["ads_logo"]}},  # only the route
+        {"truth": [], "ocr": [], "routed": {"hud": ["ads_logo"]}},  # a false logo on a HUD box
+        {"truth": ["ads_logo"], "ocr": [], "routed": {}},  # missed by both
+    ]
+    s = route_scores(rows, labels=("ads_logo",))["ads_logo"]
+    assert s["ocr"] == {"support": 3, "predicted": 1, "precision": 1.0, "recall": 0.3333}
+    assert s["ocr+logo"] == {"support": 3, "predicted": 2, "precision": 1.0, "recall": 0.6667}
+    assert s["ocr+hud"] == {"support": 3, "predicted": 2, "precision": 0.5, "recall": 0.3333}
+    assert s["ocr+all"] == {"support": 3, "predicted": 3, "precision": 0.6667, "recall": 0.6667}
+    assert s["ocr+text_overlay"] == s["ocr"]
+
+
 def test_once_the_detector_looked_the_classifiers_window_guess_it_did_not_share_is_overruled():
     from livelens import fusion
     from livelens.taxonomy import load_taxonomy
