@@ -50,8 +50,12 @@ def hard_negatives(engine: Any, classical: Any, photos: dict[str, np.ndarray]) -
     thresholds flag."""
     items = [(R.Item(n, base, "none", 0), rgb) for n, rgb in sorted(photos.items())
              for base in ("centre", "dark_50", "flat_50")]
-    flagged = [it.key for it, rgb in items if raised(_answer(engine, it, rgb))]
-    before = sum(bool(raised(_answer(classical, it, rgb))) for it, rgb in items)
+    flagged, before = [], 0
+    for it, rgb in items:
+        frame = R.render(it, rgb)  # once for both engines
+        if raised(engine.assess(frame)):
+            flagged.append(it.key)
+        before += bool(raised(classical.assess(frame)))
     ok = len(flagged) <= MAX_HARD_NEGATIVE_SHARE * len(items) and len(flagged) <= before
     return Check("hard_negatives", ok, {"flagged": len(flagged), "classical": before, "n": len(items),
                                         "frames": flagged})

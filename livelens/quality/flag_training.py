@@ -220,7 +220,8 @@ def check_state(state: dict[str, Any], held_out: list[str], ref: str = "candidat
     from livelens.quality import flag_checks as C
     from livelens.quality.engine import QualityEngine
 
-    photos = {n: rgb for n, rgb in _photos().items() if n in set(held_out)}
+    keep = set(held_out)
+    photos = {n: rgb for n, rgb in _photos().items() if n in keep}
     engine = QualityEngine(iqa_ref=None, flags_ref=None)
     engine.flags = (fl.FlagModel.from_state(state, ref), {"ref": ref})
     return C.release_checks(engine, QualityEngine(iqa_ref=None, flags_ref=None), photos)
