@@ -63,16 +63,33 @@ def _sizes(root: Path) -> list[int]:
 SEEN: set[tuple[str, int, int]] = set()
 
 
-def _wait(cond, timeout: float, what: str, proc: subprocess.Popen) -> None:
+#: Log lines that say what the Train controller and its workers did (the rest of the job's stderr
+#: is mostly Ray Data's progress bars, which would fill a failure message on their own).
+TELLING = ("Controller", "worker group", "Did not detect", "resiz", "Error", "Traceback", "restart", "Failure",
+           "node", "epoch")
+
+
+def _telling(err: str, n: int = 60) -> str:
+    lines = [ln for ln in err.splitlines() if any(t in ln for t in TELLING) and "row/s" not in ln]
+    return "\n".join(lines[-n:])
+
+
+def _logs(logs: Path) -> tuple[str, str]:
+    return tuple((logs / f"{name}.log").read_text(errors="replace") for name in ("out", "err"))
+
+
+def _wait(cond, timeout: float, what: str, proc: subprocess.Popen, logs: Path) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the job ended while waiting for {what}: {out[-2000:]}{err[-4000:]}")
+            out, err = _logs(logs)
+            pytest.fail(f"the job ended while waiting for {what}: {out[-2000:]}\n{_telling(err)}\n{err[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(f"timed out waiting for {what}: {out[-2000:]}{err[-4000:]}")
+            proc.wait()
+            out, err = _logs(logs)
+            pytest.fail(f"timed out waiting for {what} (checkpoints seen: {sorted(SEEN)}): {out[-2000:]}\n"
+                        f"{_telling(err)}")
         time.sleep(0.5)
 
 
@@ -86,25 +103,33 @@ def test_run_survives_a_lost_node_and_grows_back(tmp_path):
     manifest = write_manifest(generate_frames(0, 24, seed=7, cfg=cfg), tmp_path / "frames", frames_card(7, 24, cfg),
                               contact_sheet=False)
     ckpts = tmp_path / "train" / "el"
-    with LocalCluster(num_workers=2, cpus_per_worker=3, object_store_mb=200, include_dashboard=True) as c:
+    # The job's output goes to files, not pipes: nothing reads a pipe while the test waits, so the
+    # driver would block on its first write past the pipe's 64 KiB (Ray Data's progress bars get
+    # there quickly), and a failure message would show only the bars.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with LocalCluster(num_workers=2, cpus_per_worker=3, object_store_mb=200, include_dashboard=True) as c, \
+            open(logs / "out.log", "w") as out_f, open(logs / "err.log", "w") as err_f:
         proc = subprocess.Popen([sys.executable, "-c", DRIVER.replace("EPOCHS", str(EPOCHS)), str(manifest),
-                                 str(tmp_path)], env=c.client_env(), cwd=str(REPO), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                 str(tmp_path)], env=c.client_env(), cwd=str(REPO), stdout=out_f, stderr=err_f,
+                                text=True)
         try:
             # An elastic run starts with the workers it can place at once: wait until it has both.
-            _wait(lambda: 2 in _sizes(ckpts), 240, "an epoch on two nodes", proc)
+            _wait(lambda: 2 in _sizes(ckpts), 240, "an epoch on two nodes", proc, logs)
             t0 = time.monotonic()
             c.kill_node("w1")
             # Progress on the one node left, from the last checkpoint.
-            _wait(lambda: _sizes(ckpts)[-1:] == [1], 300, "an epoch on one node", proc)
+            _wait(lambda: _sizes(ckpts)[-1:] == [1], 300, "an epoch on one node", proc, logs)
             t1 = time.monotonic()
             c.start_node("w1")
-            out, err = proc.communicate(timeout=600)
+            proc.wait(timeout=600)
             print(f"killed→an epoch on one node {t1 - t0:.0f} s, node back→end {time.monotonic() - t1:.0f} s")
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 0, out[-2000:] + err[-5000:]
+                proc.wait()
+    out, err = _logs(logs)
+    assert proc.returncode == 0, out[-2000:] + _telling(err) + err[-3000:]
     history = json.loads(next(ln for ln in out.splitlines() if ln.startswith("@@"))[2:])
     # No checkpoint lost: every epoch once, in order, across both restarts.
     assert [h["epoch"] for h in history] == list(range(EPOCHS)), history
