@@ -131,8 +131,12 @@ def _ray_bin() -> str:
 def find_cluster_pids(root: str | Path) -> list[int]:
     """Return the ids of live processes that belong to the cluster rooted at ``root``.
 
-    A process belongs to it when its environment carries ``LIVELENS_CLUSTER_ROOT=root`` or its
-    command line mentions ``root`` (Ray passes the temp/session dir to GCS, raylets and agents).
+    A process belongs to it when its environment carries ``LIVELENS_CLUSTER_ROOT=root``, its
+    command line mentions ``root`` (Ray passes the temp/session dir to GCS and raylets), or it
+    holds a file open under ``root`` (a log). The last rule is the one that finds a node's
+    agents and workers: they rename themselves (``ray::DashboardAgent``) by writing over their
+    command line and environment, so the first two can miss them, and a stop that missed them
+    left them running as orphans.
 
     Args:
         root: The cluster's ``--temp-dir``.
@@ -154,9 +158,38 @@ def find_cluster_pids(root: str | Path) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except (OSError, PermissionError):
             continue  # gone meanwhile, or another user's process
-        if marker in environ.split(b"\0"):
+        if marker in environ.split(b"\0") or _holds_file_under(int(entry.name), root):
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def _holds_file_under(pid: int, root: str) -> bool:
+    """Whether process ``pid`` has a file open under ``root`` (also one deleted since)."""
+    prefix = root.rstrip("/") + "/"
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _raylet_pid_env(pid: int) -> int | None:
+    """``RAY_RAYLET_PID`` from a process's environment: the raylet that started it, if readable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in environ.split(b"\0"):
+        if item.startswith(b"RAY_RAYLET_PID="):
+            with contextlib.suppress(ValueError):
+                return int(item[len(b"RAY_RAYLET_PID=") :])
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -179,7 +212,7 @@ def _node_name_of(pid: int) -> str | None:
     for arg in _cmdline(pid):
         for flag in ("--node-name=", "--node_name="):
             if arg.startswith(flag):
-                return arg[len(flag):]
+                return arg[len(flag) :]
     return None
 
 
@@ -521,17 +554,31 @@ class LocalCluster:
         victims = set(raylets)
         for pid in raylets:
             victims |= _descendants(pid)
-            # `ray start` runs the raylet beside its node's agents, which are the raylet's siblings.
-            victims |= {p for p in self.pids() if _node_name_of(p) == name}
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return sorted(victims)
+        victims |= {p for p in self.pids() if _node_name_of(p) == name or _raylet_pid_env(p) in raylets}
+        killed: set[int] = set()
+        # Sweep again after the first round: a process the raylet was starting at that moment is
+        # not yet anyone's child. Whatever of the node is missed lives on as an orphan (agents do
+        # not exit with their raylet), which a lost machine would not.
+        deadline = time.monotonic() + 2.0
+        while victims - killed:
+            for pid in victims - killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed |= victims
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+            victims |= {p for p in self.pids() if _raylet_pid_env(p) in raylets}
+        return sorted(killed)
 
     def start_node(self, name: str) -> None:
         """Start worker node ``name`` again (after :meth:`kill_node`), with its usual resources."""
-        self._ray_start([f"--address={self.address}",
-                         *self._node_args(name, self.cpus_per_worker, {f"node_{name}": 1, "livelens_worker": 1})])
+        self._ray_start(
+            [
+                f"--address={self.address}",
+                *self._node_args(name, self.cpus_per_worker, {f"node_{name}": 1, "livelens_worker": 1}),
+            ]
+        )
 
     # -- internals ---------------------------------------------------------------------------
     def _node_args(self, name: str, cpus: int, resources: dict[str, float]) -> list[str]:

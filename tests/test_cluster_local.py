@@ -12,11 +12,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from cluster.local import MAX_ROOT_CHARS, LocalCluster, find_cluster_pids
+from cluster.local import (
+    MAX_ROOT_CHARS,
+    LocalCluster,
+    _cmdline,
+    _descendants,
+    _is_raylet_of,
+    _pid_alive,
+    _raylet_pid_env,
+    find_cluster_pids,
+)
 from livelens.errors import ConfigError
 
 PINNED_TASKS = """
@@ -57,10 +67,20 @@ def cluster():
     c = LocalCluster(num_workers=2, cpus_per_worker=2, object_store_mb=200, root=root)
     c.start()
     yield c
+    # Every raylet's children (its agents and workers rename themselves `ray::…`, so neither ps
+    # nor their environment shows the root any more): none may outlive `down`.
+    children = {
+        k
+        for p in c.pids()
+        if _cmdline(p)[:1] and Path(_cmdline(p)[0]).name == "raylet"
+        for k in _descendants(p)
+    }
+    assert children, "no raylet children found: the check below would prove nothing"
     # Stop through the CLI (`make cluster-down` path), then check with ps as a human would.
     down = _cli("--root", str(root), "down")
     assert down.returncode == 0, down.stdout + down.stderr
     assert not find_cluster_pids(root), "processes left after `down`"
+    assert not [k for k in children if _pid_alive(k)], "raylet children left after `down`"
     assert not _stray(root)
     assert not root.exists()
     shutil.rmtree(base, ignore_errors=True)
@@ -142,6 +162,28 @@ def test_cli_status_and_env(cluster):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CPUS 4.0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_node_leaves_nothing_running_and_comes_back(cluster):
+    # Runs after the tests above, which left w1 with a worker besides its agents.
+    raylet = next(p for p in cluster.pids() if _is_raylet_of(p, "w1"))
+    children = _descendants(raylet)
+    assert len(children) >= 2, "w1's raylet has no agents: the checks below would prove nothing"
+    killed = set(cluster.kill_node("w1"))
+    assert {raylet, *children} <= killed
+    time.sleep(0.5)
+    assert not [p for p in {raylet, *children} if _pid_alive(p)]
+    assert not [p for p in cluster.pids() if _raylet_pid_env(p) == raylet]
+    # The cluster notices the loss (the GCS health-checks raylets), and w0 is untouched.
+    deadline = time.monotonic() + 120
+    while (names := {n["name"] for n in cluster.nodes()}) != {"head", "w0"} and time.monotonic() < deadline:
+        time.sleep(2)
+    assert names == {"head", "w0"}
+    with pytest.raises(ConfigError, match="no live raylet"):
+        cluster.kill_node("w1")
+    cluster.start_node("w1")
+    assert {n["name"] for n in cluster.nodes(wait_for=3)} == {"head", "w0", "w1"}
 
 
 def test_bad_configuration_is_a_config_error():
