@@ -163,3 +163,51 @@ def test_grad_bytes_powersgd_vs_allreduce(gloo_world):
     # rank-2 factors of the 256x256 and 10x256 matrices, plus the uncompressed biases
     assert psgd == ((256 + 256) * 2 + (10 + 256) * 2 + 256 + 10) * 4
     assert psgd < plain / 10
+
+
+def _frame_batch(n: int = 6) -> dict:
+    """``n`` generated frames as a numpy batch of the manifest's columns, one of them showing text."""
+    from livelens.data.frames import FrameConfig, generate_slot
+
+    rows = [generate_slot(3, s, FrameConfig(p_black=0, p_frozen=0))[0] for s in range(n)]
+    rows[0]["texts"] = [{"text": "CALL 138 0000 1234", "box": [10, 10, 200, 40]}]
+    col = lambda k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1]  # noqa: E731 (ragged columns)
+    return {"id": np.array([r["id"] for r in rows]), "image_bytes": col("image_bytes"), "labels": col("labels"),
+            "boxes": col("boxes"), "texts": col("texts")}
+
+
+def test_training_rows_keep_their_crop_and_say_which_may_be_mirrored():
+    from livelens.train.classification import preprocess_batch
+
+    batch = _frame_batch()
+    kw = dict(size=64, groups=["ads"], taxonomy=None, train=True)
+    a, b = preprocess_batch(batch, **kw), preprocess_batch(batch, **kw)
+    # Seeded by the row: the task gives the same crop each time, and mirrors nothing itself.
+    np.testing.assert_array_equal(a["x"], b["x"])
+    assert a["flip_ok"].tolist() == [not (t is not None and len(t)) for t in batch["texts"]]
+    assert not a["flip_ok"][0] and a["flip_ok"].any()
+    assert "flip_ok" not in preprocess_batch(batch, **{**kw, "train": False})
+
+
+def test_flips_differ_between_epochs_repeat_within_one_and_spare_text():
+    from livelens.train.classification import flip_per_epoch
+
+    x = torch.arange(64 * 3 * 2 * 4, dtype=torch.float32).reshape(64, 3, 2, 4)
+    ok = torch.ones(64, dtype=torch.bool)
+    ok[:8] = False
+
+    def flipped(seed: int, epoch: int, rank: int = 0) -> torch.Tensor:
+        (out,) = flip_per_epoch([{"x": x, "flip_ok": ok, "t_ads": torch.zeros(64)}], seed, epoch, rank)
+        rows = (out["x"] != x).flatten(1).any(1)
+        # A changed row is exactly the mirror image; the input batch is not changed in place.
+        assert torch.equal(out["x"][rows], x[rows].flip(-1)) and torch.equal(out["t_ads"], torch.zeros(64))
+        return rows
+
+    e0, e1 = flipped(0, 0), flipped(0, 1)
+    assert not e0[:8].any() and not e1[:8].any()  # rows with text are never mirrored
+    assert 10 < int(e0.sum()) < 46 and not torch.equal(e0, e1)  # about half, and another half next epoch
+    assert torch.equal(e0, flipped(0, 0))  # a rerun (or a resume at this epoch) draws the same flips
+    assert not torch.equal(e0, flipped(0, 0, rank=1)) and not torch.equal(e0, flipped(1, 0))
+    # Batches without the column (evaluation) pass through untouched.
+    (plain,) = flip_per_epoch([{"x": x}], 0, 0)
+    assert plain["x"] is x

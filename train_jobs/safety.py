@@ -25,6 +25,7 @@ from livelens.train.classification import (
     dataset_id,
     evaluate_split,
     evidence_crop_transform,
+    flip_per_epoch,
     heads_for,
     make_evaluate,
     make_forward_loss,
@@ -152,8 +153,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     val = ray.train.get_dataset_shard("val")
     device = ray.train.torch.get_device()
     heads = heads_for(tax, groups)
+    rank = ray.train.get_context().get_world_rank()
     fit(build, make_forward_loss(heads),
-        lambda epoch: train.iter_torch_batches(batch_size=cfg.loop.batch_size, device=device, drop_last=True),
+        lambda epoch: flip_per_epoch(train.iter_torch_batches(batch_size=cfg.loop.batch_size, device=device,
+                                                              drop_last=True), cfg.loop.seed, epoch, rank),
         cfg.loop, evaluate=make_evaluate(val, heads, cfg.loop.batch_size, device, cfg.taxonomy))
 
 

@@ -7,7 +7,8 @@ groups sigmoid heads (``livelens.models.heads_from_taxonomy``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,8 +181,14 @@ def preprocess_batch(batch: dict[str, Any], *, size: int, groups: Sequence[str],
     (``EvidenceCrop``), so a small QR code or phone number is never cropped away while its
     label stays on. Resizing happens here, in Ray Data tasks, not in the training loop.
 
+    The crop is seeded by the row, so it is the same on every epoch: these tasks are not told the
+    epoch (``fn_kwargs`` are fixed when the dataset is built). The mirror flip, which needs no
+    pixels the crop dropped, is left to the worker, which knows the epoch
+    (:func:`flip_per_epoch`); this function only says which rows may be mirrored.
+
     Returns:
-        ``{"x": float32 (B, 3, size, size), "t_<group>": targets}``.
+        ``{"x": float32 (B, 3, size, size), "t_<group>": targets}``, and with ``train``
+        ``"flip_ok"`` (bool (B,)): the row shows no text.
     """
     from livelens.data import decode_batch
 
@@ -195,20 +202,43 @@ def preprocess_batch(batch: dict[str, Any], *, size: int, groups: Sequence[str],
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     for i, img in enumerate(images):
         if train:
-            # Per-row randomness, seeded by the row: the same crop and flip on every epoch, since
-            # fn_kwargs carry no epoch (a known gap: varying them would change every training figure).
+            # Seeded by the row: the same crop on every epoch (the task is not told the epoch).
             rng = np.random.default_rng([seed, int(ids[i][:8], 16) if ids[i][:8].isalnum() else i])
             boxes = [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in (batch["boxes"][i] if "boxes" in batch else [])
                      if b["label"] not in ignore_labels]
             img = crop(img, boxes, rng=rng) if crop is not None else img
             img = _resize(np.asarray(img), size)
-            if rng.random() < 0.5 and not _has_text(batch, i):
-                img = img[:, ::-1]
         else:
             img = _resize(img, size)
         out[i] = (np.ascontiguousarray(img).transpose(2, 0, 1).astype(np.float32) / 255.0 - m) / s
     labels = [[n for n in (row if row is not None else []) if n not in ignore_labels] for row in batch["labels"]]
-    return {"x": out, **targets_from_labels(labels, tax, groups)}
+    extra = {"flip_ok": np.array([not _has_text(batch, i) for i in range(len(images))], bool)} if train else {}
+    return {"x": out, **targets_from_labels(labels, tax, groups), **extra}
+
+
+def flip_per_epoch(batches: Iterable[dict[str, torch.Tensor]], seed: int, epoch: int,
+                   rank: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Mirror half of each batch's ``flip_ok`` rows, a different half every epoch.
+
+    The coin is seeded by ``(seed, epoch, rank)``: two epochs differ, a rerun (or a run resumed
+    from a checkpoint at ``epoch``) draws the same flips, and ranks draw their own.
+
+    Args:
+        batches: Training batches as :func:`preprocess_batch` makes them (``x`` is ``(B, 3, H, W)``).
+        seed: The run's seed.
+        epoch: The epoch these batches are for.
+        rank: The worker's rank.
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{epoch}|{rank}".encode()))
+    for batch in batches:
+        ok = batch.get("flip_ok")
+        if ok is not None:
+            flip = (torch.rand(len(ok), generator=gen) < 0.5).to(ok.device) & ok.bool()
+            if flip.any():
+                x = batch["x"].clone()
+                x[flip] = x[flip].flip(-1)
+                batch = {**batch, "x": x}
+        yield batch
 
 
 def _has_text(batch: Mapping[str, Any], i: int) -> bool:
@@ -284,7 +314,7 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
 
     Every split but ``train`` whose tensors fit :data:`MATERIALIZE_EVAL_BYTES` is preprocessed
     here, once; ``train`` streams through its augmentation every epoch (which, seeded by the row,
-    is the same each epoch: see :func:`preprocess_batch`).
+    keeps each row's crop on every epoch; the worker's :func:`flip_per_epoch` varies the flips).
 
     Args:
         splits: Dataset name → manifest split (default train→train, val→val).
