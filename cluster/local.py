@@ -602,9 +602,18 @@ class LocalCluster:
 
     def _ray_start(self, args: list[str]) -> None:
         env = dict(os.environ)
-        env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN_PATH", None)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, **{MARKER_ENV: str(self.root)})
+        # Every process of the cluster (workers and actors included) inherits this environment.
+        # RAY_ADDRESS names this cluster: without it, Ray's state API inside a task or actor looks
+        # for "the" local cluster and, with another Ray instance on the machine (the test suite's,
+        # a notebook's), raises "Found multiple active Ray instances"; Train V2's placement-group
+        # cleaner did so on every run of the elastic test inside the suite.
+        env.update(
+            RAY_ADDRESS=str(self.address),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            **{MARKER_ENV: str(self.root)},
+        )
         proc = subprocess.run(
             [_ray_bin(), "start", *args],
             env=env,

@@ -110,6 +110,29 @@ def test_pinned_tasks_run_on_different_raylets(cluster):
     assert [r["node_id"] for r in result] == [by_name["w0"], by_name["w1"]]
 
 
+STATE_API_IN_A_TASK = """
+import ray
+ray.init()
+
+@ray.remote(num_cpus=0.1, resources={"node_w1": 0.1})
+def nodes_seen():
+    from ray.util.state import list_nodes
+    return len(list_nodes())
+
+print("@@", ray.get(nodes_seen.remote(), timeout=120))
+"""
+
+
+@pytest.mark.slow
+def test_state_api_inside_the_cluster_with_another_ray_on_the_machine(cluster, ray_session):
+    # The suite's own Ray session is a second instance on this machine. Ray's state API (which
+    # Train V2's placement-group cleaner calls from an actor) must still find this cluster.
+    assert ray_session.is_initialized()
+    proc = cluster.run_driver(STATE_API_IN_A_TASK, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "@@ 3" in proc.stdout.splitlines(), proc.stdout[-2000:]
+
+
 def _job_submit(cluster, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     ray_cli = str(Path(sys.executable).with_name("ray"))
     # The CLI shell-quotes each entrypoint word; the job shell has no venv on PATH, so name the interpreter.
