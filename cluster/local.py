@@ -133,10 +133,11 @@ def find_cluster_pids(root: str | Path) -> list[int]:
 
     A process belongs to it when its environment carries ``LIVELENS_CLUSTER_ROOT=root``, its
     command line mentions ``root`` (Ray passes the temp/session dir to GCS and raylets), or it
-    holds a file open under ``root`` (a log). The last rule is the one that finds a node's
-    agents and workers: they rename themselves (``ray::DashboardAgent``) by writing over their
-    command line and environment, so the first two can miss them, and a stop that missed them
-    left them running as orphans.
+    is a renamed Ray process (``ray::…``) that holds a file open under ``root`` (a log). The
+    last rule is the one that finds a node's agents and workers: they rename themselves
+    (``ray::DashboardAgent``) by writing over their command line and environment, so the first
+    two can miss them, and a stop that missed them left them running as orphans. It stays
+    limited to ``ray::`` processes so that a person's ``tail -f`` of a log is not one.
 
     Args:
         root: The cluster's ``--temp-dir``.
@@ -158,7 +159,8 @@ def find_cluster_pids(root: str | Path) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except (OSError, PermissionError):
             continue  # gone meanwhile, or another user's process
-        if marker in environ.split(b"\0") or _holds_file_under(int(entry.name), root):
+        renamed = cmdline.startswith(b"ray::")
+        if marker in environ.split(b"\0") or (renamed and _holds_file_under(int(entry.name), root)):
             pids.append(int(entry.name))
     return sorted(pids)
 
