@@ -609,7 +609,7 @@ class LocalCluster:
         # RAY_ADDRESS names this cluster: without it, Ray's state API inside a task or actor looks
         # for "the" local cluster and, with another Ray instance on the machine (the test suite's,
         # a notebook's), raises "Found multiple active Ray instances"; Train V2's placement-group
-        # cleaner did so on every run of the elastic test inside the suite.
+        # cleaner did so in the elastic test, run inside the suite.
         env.update(
             RAY_ADDRESS=str(self.address),
             RAY_AUTH_MODE="token",
