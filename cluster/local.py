@@ -556,22 +556,13 @@ class LocalCluster:
         victims = set(raylets)
         for pid in raylets:
             victims |= _descendants(pid)
+        # Also whatever names the raylet in its environment but is no longer under it (reparented
+        # to 1): left alive, it would run on as an orphan, which a lost machine's processes do not.
         victims |= {p for p in self.pids() if _node_name_of(p) == name or _raylet_pid_env(p) in raylets}
-        killed: set[int] = set()
-        # Sweep again after the first round: a process the raylet was starting at that moment is
-        # not yet anyone's child. Whatever of the node is missed lives on as an orphan (agents do
-        # not exit with their raylet), which a lost machine would not.
-        deadline = time.monotonic() + 2.0
-        while victims - killed:
-            for pid in victims - killed:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            killed |= victims
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-            victims |= {p for p in self.pids() if _raylet_pid_env(p) in raylets}
-        return sorted(killed)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return sorted(victims)
 
     def start_node(self, name: str) -> None:
         """Start worker node ``name`` again (after :meth:`kill_node`), with its usual resources."""
