@@ -200,9 +200,11 @@ def format_table(result: Mapping[str, Any], alone: Sequence[str] = ("classifier"
 #: Photos other installed packages ship, read in place (never copied into the repository):
 #: Label Studio's sample photos (in the project's ``.venv-ls``; ``kittens1``/``kittens2`` are
 #: ``kittens`` with a numeral drawn on, and the test-suite images are screenshots, so they are
-#: left out) and imgaug's quokka.
+#: left out), imgaug's quokka and insightface's group photo ``t1.jpg`` (six people at a table; its
+#: other images are mask textures and one 112 px aligned face).
 PACKAGE_PHOTOS = (("label_studio", "core/static/samples", ("kittens.jpg", "sample.jpg", "trees_in_snow.jpg")),
-                  ("imgaug", "", ("quokka.jpg",)))
+                  ("imgaug", "", ("quokka.jpg",)),
+                  ("insightface", "data/images", ("t1.jpg",)))
 
 
 def package_photo_paths() -> dict[str, Path]:

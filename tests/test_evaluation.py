@@ -189,7 +189,8 @@ def test_the_region_model_decides_overlay_labels_only_when_it_ran():
 
 
 def test_photos_other_packages_ship_are_found_where_they_are_installed():
-    """imgaug's quokka (a dependency here) and Label Studio's samples (the setup's .venv-ls)."""
+    """imgaug's quokka (a dependency here), insightface's group photo (installed by the setup without
+    its dependencies) and Label Studio's samples (the setup's .venv-ls)."""
     from pathlib import Path
 
     import livelens

@@ -62,6 +62,7 @@ def test_the_pools_are_photo_disjoint_and_the_test_faces_are_hand_labelled(share
     assert not set(train_photos) & set(test_photos)
     assert len(test) == 25 and all(f.gender in ("female", "male") for f in test)
     assert sum(f.glasses for f in test) == 1 and len(train) >= 40
+    assert sum(f.photo == "insightface/t1.jpg" for f in train) == 6  # read where the package put it
     assert {f.photo for f in train if f.glasses and f.hat} == {"grace_hopper"}
     with pytest.raises(ConfigError, match="split"):
         attrdata.real_faces("validation")

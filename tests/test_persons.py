@@ -181,8 +181,27 @@ def test_the_face_pool_reads_training_xml_and_never_testing_xml(shared_data, mon
         detdata.face_pool.cache_clear()
         detdata.face_photos.cache_clear()
     assert read == [str(shared_data / "faces" / "training.xml")]
-    # 18 boxed faces of training.xml, the astronaut and Grace Hopper (MTCNN), 100 LFW crops.
-    assert len(faces) == 18 + 2 + detdata.LFW_FACES and len(non_faces) == 100
+    # 18 boxed faces of training.xml; by MTCNN: bald_guys' 24 headshots, Tom Cruise, the astronaut,
+    # Grace Hopper and insightface's six (make setup installs it); 100 LFW crops.
+    assert len(faces) == 18 + 24 + 1 + 2 + 6 + detdata.LFW_FACES and len(non_faces) == 100
+
+
+def test_one_photo_weighs_at_most_a_few_faces_when_faces_are_drawn(shared_data):
+    from collections import Counter
+
+    from livelens.persons import detdata
+
+    p = detdata.photo_face_p(str(shared_data))
+    counts = Counter()
+    names = [n for n, _, b in detdata.face_photos(str(shared_data)) for _ in b]
+    assert len(p) == len(names) and np.isclose(p.sum(), 1.0)
+    for n, q in zip(names, p, strict=True):
+        counts[n] += q
+    single = counts["skimage/astronaut"]
+    # bald_guys' 24 headshots weigh what 7 single faces do, not 24; the 7 of 2007_007763 keep theirs.
+    assert np.isclose(counts["shared/faces/bald_guys.jpg"], detdata.MAX_FACES_PER_PHOTO * single)
+    assert np.isclose(counts["shared/faces/2007_007763.jpg"], 7 * single)
+    assert np.isclose(counts["insightface/t1.jpg"], 6 * single)
 
 
 def test_a_stored_detector_keeps_its_own_classes(tmp_path):

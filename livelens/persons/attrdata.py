@@ -4,7 +4,8 @@ Two photo-disjoint pools of real faces (found by the MTCNN teacher, which gives 
 
 * ``train``: every photo in ../shared/data/faces except those of ``testing.xml`` (the four
   ``training.xml`` photos, ``Tom_Cruise_avp_2014_4.jpg``, ``bald_guys.jpg``; 42 faces), plus
-  scikit-image's astronaut and camera and matplotlib's ``grace_hopper.jpg``.
+  scikit-image's astronaut and camera, matplotlib's ``grace_hopper.jpg`` and insightface's group
+  photo ``t1.jpg`` (six faces; read where the package is installed).
 * ``test``: the five photos of ``faces/testing.xml`` (25 faces): no training step reads them.
 
 Labels: glasses and hats are true by construction where they were drawn
@@ -77,6 +78,11 @@ def _photos(split: str, shared: Path | None) -> dict[str, np.ndarray]:
     out["astronaut"] = skimage.data.astronaut()
     out["camera"] = np.repeat(skimage.data.camera()[:, :, None], 3, axis=2)
     out["grace_hopper"] = load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    from livelens.evaluation import package_photo_paths
+    from livelens.persons.detdata import PACKAGE_PEOPLE_PHOTOS
+
+    found = package_photo_paths()  # read where the package is installed, never copied
+    out.update({n: load_image(found[n]) for n in PACKAGE_PEOPLE_PHOTOS if n in found})
     return out
 
 

@@ -1,7 +1,8 @@
 """Whole-person cut-outs from real photos, for compositing people (not only faces) onto frames.
 
-Each face of the training photos (``faces/training.xml``, scikit-image's astronaut, matplotlib's
-``grace_hopper.jpg``: :func:`livelens.persons.detdata.face_photos`) seeds a window around it, and
+Each face of the training photos (:func:`livelens.persons.detdata.face_photos`: ``faces/training.xml``,
+scikit-image's astronaut, matplotlib's ``grace_hopper.jpg``, insightface's group photo…; not the
+headshot grid of :data:`COLLAGES`) seeds a window around it, and
 mediapipe's selfie segmentation (Apache-2.0, offline in its wheel) gives the person's mask there
 (:mod:`livelens.persons.mp_segment`). mediapipe 0.10.21 needs ``protobuf<5``, which Ray's stack
 cannot share, so it runs in ``.venv-mp`` (made by ``make setup``) as a subprocess. A cut-out is
@@ -38,6 +39,9 @@ BODY_ALPHA = 128
 #: A cut-out's mask must hold this share of its own face box (a mask that lost the head is a
 #: torso, not a person) and at most this share of any other face's (two people are not one box).
 MIN_FACE_COVER, MAX_OTHER_COVER = 0.5, 0.2
+#: Photos that are grids of headshots: their faces are real, but a person's window spans the
+#: tiles around it, so its mask is part of another tile's background.
+COLLAGES = frozenset({"shared/faces/bald_guys.jpg"})
 
 
 def mp_python() -> Path:
@@ -164,10 +168,11 @@ def _covered(alpha: np.ndarray, box: Sequence[float]) -> float:
 
 
 def person_cutouts(shared: str | None = None) -> list[Cutout]:
-    """Every person of the training photos (:func:`livelens.persons.detdata.face_photos`)."""
+    """Every person of the training photos (:func:`livelens.persons.detdata.face_photos`), less
+    :data:`COLLAGES`."""
     from livelens.persons.detdata import face_photos
 
-    return segment_people(face_photos(shared))
+    return segment_people([p for p in face_photos(shared) if p[0] not in COLLAGES])
 
 
 def main(argv: list[str] | None = None) -> int:

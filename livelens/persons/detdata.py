@@ -7,8 +7,11 @@ is left unlabelled. Faces are cut from real photos with a feathered elliptical m
 scales from a small webcam window to a close-up, with colour, grey, blur and flip augmentation:
 
 * ``faces/training.xml`` of ../shared/data (18 faces in 4 PASCAL photos, dlib's boxes);
-* scikit-image's astronaut and matplotlib's ``grace_hopper.jpg``, boxed by the MTCNN teacher and
-  mapped to dlib's box style (:data:`DLIB_FROM_MTCNN`, fitted on training.xml);
+* ../shared/data's other photos of faces that ``testing.xml`` does not name (``bald_guys.jpg``, a
+  grid of 24 headshots, and ``Tom_Cruise_avp_2014_4.jpg``), scikit-image's astronaut, matplotlib's
+  ``grace_hopper.jpg`` and insightface's group photo ``t1.jpg`` (read where the package is
+  installed), boxed by the MTCNN teacher and mapped to dlib's box style (:data:`DLIB_FROM_MTCNN`,
+  fitted on training.xml);
 * scikit-image's ``lfw_subset``: 100 real 25×25 grey face crops (labelled) and 100 non-face
   crops (pasted unlabelled, as hard negatives).
 
@@ -44,42 +47,56 @@ LFW_FACES = 100
 #: (about 1 frame in 20) that 15 CPU minutes saw too few. A share of frames gets one more.
 EXTRA_PIP = 0.25
 FRAME_SIZE = (640, 360)
+#: Photos of ../shared/data/faces outside both XML files whose faces the teacher boxes.
+EXTRA_SHARED_PHOTOS = ("bald_guys.jpg", "Tom_Cruise_avp_2014_4.jpg")
+#: Package photos (:data:`livelens.evaluation.PACKAGE_PHOTOS`) that show people.
+PACKAGE_PEOPLE_PHOTOS = ("insightface/t1.jpg",)
+#: One photo's faces weigh at most this many faces' worth when a face is drawn to paste, so the
+#: 24 headshots of ``bald_guys.jpg`` do not make half of all photo faces one kind of face.
+MAX_FACES_PER_PHOTO = 7
 
 
 @functools.lru_cache(maxsize=2)
 def face_photos(shared: str | None = None) -> tuple[tuple[str, np.ndarray, list[list[float]]], ...]:
     """``(name, rgb, face boxes in dlib's style)`` of every real photo faces are cut from.
 
-    The photos of ``faces/training.xml`` with dlib's boxes (never ``testing.xml``), then
-    scikit-image's astronaut and matplotlib's ``grace_hopper.jpg`` boxed by the MTCNN teacher.
-    Cached, since the face and the person pools both start here and the teacher is not free; the
-    images are read-only.
+    The photos of ``faces/training.xml`` with dlib's boxes (never ``testing.xml``), then the
+    photos of :data:`EXTRA_SHARED_PHOTOS`, scikit-image's astronaut, matplotlib's
+    ``grace_hopper.jpg`` and :data:`PACKAGE_PEOPLE_PHOTOS` boxed by the MTCNN teacher (scores
+    from 0.95). Cached, since the face and the person pools both start here and the teacher is not
+    free; the images are read-only.
 
     Args:
         shared: ../shared/data (default: the one :mod:`livelens.data.render` finds); without it
             only the packaged photos are used.
     """
+    import matplotlib.cbook
     import skimage.data
 
     from livelens.data.render import shared_data_dir
+    from livelens.evaluation import package_photo_paths
+    from livelens.imageio import load_image
 
     out: list[tuple[str, np.ndarray, list[list[float]]]] = []
+    to_box: list[tuple[str, np.ndarray]] = []
     root = Path(shared) if shared else shared_data_dir()
     if root is not None and (root / "faces" / "training.xml").is_file():
         from livelens.data.importers import import_dlib_xml
-        from livelens.imageio import load_image
 
         for row in import_dlib_xml(root / "faces" / "training.xml"):  # never testing.xml
             out.append((f"shared/faces/{row['attributes']['file']}", load_image(row["image_bytes"]),
                         [list(map(float, b)) for b in row["attributes"]["faces"]]))
+        to_box += [(f"shared/faces/{n}", load_image(root / "faces" / n)) for n in EXTRA_SHARED_PHOTOS
+                   if (root / "faces" / n).is_file()]
+    to_box += [("skimage/astronaut", skimage.data.astronaut()),
+               ("matplotlib/grace_hopper.jpg",
+                load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))]
+    found = package_photo_paths()
+    to_box += [(n, load_image(found[n])) for n in PACKAGE_PEOPLE_PHOTOS if n in found]
     from livelens.persons.teachers import MtcnnFaces
 
     teacher = MtcnnFaces()
-    import matplotlib.cbook
-
-    for name, rgb in (("skimage/astronaut", skimage.data.astronaut()),
-                      ("matplotlib/grace_hopper.jpg", np.asarray(__import__("PIL.Image").Image.open(
-                          matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")))):
+    for name, rgb in to_box:
         boxes = []
         for f in teacher.detect(rgb):
             if f.score >= 0.95:
@@ -122,6 +139,14 @@ def face_pool(shared: str | None = None) -> tuple[list[tuple[np.ndarray, list[fl
     return faces, grey[100:]
 
 
+@functools.lru_cache(maxsize=1)
+def photo_face_p(shared: str | None = None) -> np.ndarray:
+    """The chance of each photo face of :func:`face_pool` (in its order) when one is drawn to paste:
+    equal, except that one photo's faces share at most :data:`MAX_FACES_PER_PHOTO` faces' worth."""
+    w = np.concatenate([np.full(len(b), min(1.0, MAX_FACES_PER_PHOTO / len(b))) for _, _, b in face_photos(shared) if b])
+    return w / w.sum()
+
+
 def _ellipse_alpha(h: int, w: int, feather: float) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     d = ((xx + 0.5 - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - h / 2) / (h / 2)) ** 2
@@ -154,7 +179,7 @@ def paste_faces(rgb: np.ndarray, rng: np.random.Generator, taken: list[list[floa
     for _ in range(n):
         # Photo faces two times in three: the 100 grey LFW crops would otherwise be most faces seen.
         lfw = photos == 0 or rng.random() < 0.35
-        crop, fb = faces[photos + int(rng.integers(LFW_FACES)) if lfw else int(rng.integers(photos))]
+        crop, fb = faces[photos + int(rng.integers(LFW_FACES)) if lfw else int(rng.choice(photos, p=photo_face_p()))]
         # An LFW crop is 25 px: enlarged past a small window it is only blur.
         top = 0.08 if crowd or lfw else 0.28
         face_w = float(np.exp(rng.uniform(np.log(0.025), np.log(top)))) * w
