@@ -8,7 +8,9 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=.venv
 STAMP=$VENV/.livelens-installed
-KEY=$(cat pyproject.toml scripts/setup.sh scripts/build_mmcv.sh | sha256sum | cut -c1-16)
+KEY=$(cat pyproject.toml scripts/setup.sh scripts/build_mmcv.sh scripts/constraints/main.txt | sha256sum | cut -c1-16)
+# Every pip install below is held to the versions a passing suite used (scripts/freeze.sh writes them).
+export PIP_CONSTRAINT=$PWD/scripts/constraints/main.txt
 
 # Debian packages: CJK fonts for rendering generated text (microhei for the generators, all of
 # them for the OCR evaluation's user-style set), Chromium for the console test.
@@ -30,23 +32,26 @@ if [ ${#need_debs[@]} -gt 0 ]; then
   fi
 fi
 
-# side_venv DIR VERSION FUNCTION: a virtualenv of its own for a tool whose pins ours must not share,
-# (re)made by FUNCTION whenever its stamp is not VERSION.
+# side_venv DIR VERSION FUNCTION CONSTRAINTS: a virtualenv of its own for a tool whose pins ours must
+# not share, (re)made by FUNCTION, held to CONSTRAINTS, whenever its stamp is not VERSION plus the
+# constraints' hash.
 side_venv() {
-  local dir=$1 version=$2 install=$3
-  if [ "$(cat "$dir/.livelens-installed" 2>/dev/null)" != "$version" ]; then
+  local dir=$1 version=$2 install=$3 constraints=$PWD/scripts/constraints/$4
+  local stamp
+  stamp="$version $(sha256sum "$constraints" | cut -c1-16)"
+  if [ "$(cat "$dir/.livelens-installed" 2>/dev/null)" != "$stamp" ]; then
     echo "[setup] $install: $version in $dir"
     rm -rf "$dir"
     "$PYTHON" -m venv "$dir"
-    "$install" "$dir/bin/python" "$version"
-    echo "$version" > "$dir/.livelens-installed"
+    PIP_CONSTRAINT=$constraints "$install" "$dir/bin/python" "$version"
+    echo "$stamp" > "$dir/.livelens-installed"
   fi
 }
 
 # Label Studio, for the test against a real server (issue 16): its Django stack pins versions ours
 # must not share. The test fixture starts it on loopback.
 label_studio() { "$1" -m pip install -q "label-studio==$2"; }
-side_venv .venv-ls 1.23.2 label_studio
+side_venv .venv-ls 1.23.2 label_studio label-studio.txt
 
 # mediapipe, for person cut-outs (selfie segmentation; its tflite models ship in the wheel): it needs
 # protobuf<5 and Ray's stack has a newer one. Its opencv-contrib dependency would clash, so it goes
@@ -57,7 +62,7 @@ mediapipe() {
     "matplotlib<3.11"
   "$1" -c "import mediapipe as mp; mp.solutions.selfie_segmentation.SelfieSegmentation"
 }
-side_venv .venv-mp 0.10.21 mediapipe
+side_venv .venv-mp 0.10.21 mediapipe mediapipe.txt
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
   exit 0
