@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality eval-focus \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -100,6 +100,9 @@ train-quality-flags: setup
 
 eval-quality: setup
 	$(PY) -m livelens.quality.evaluate --out runs/eval-quality
+
+eval-focus: setup
+	$(PY) -m livelens.quality.focus_eval --out runs/eval-focus
 
 default-models: setup
 	$(PY) -m train_jobs.defaults

@@ -1,0 +1,190 @@
+"""Focus lost: a stream's frame that is blurrier than the stream's own recent frames.
+
+A single frame cannot always tell a soft scene from a blurred one: a low-texture brick wall, or
+handwriting shot with a shallow depth of field, measures like a sharp photo with mild blur
+(docs/quality.md). A stream has history, and blur changes a scene's spectrum in a way a scene change
+mostly does not: it takes power away from the high spatial frequencies and leaves the mid ones
+nearly as they were, while the camera turning to a flatter part of the scene lowers both. So the
+tracker keeps the recent frames' *tilt* (high-band over mid-band power, per direction, the median
+over a grid of tiles) and measures, per frame, how far the tilt fell against them, averaged over
+four directions (motion blur smears one).
+
+The state is the reference tilts (4 floats a frame) and two counters, so the stream store keeps it
+as JSON next to :class:`~livelens.quality.frozen.FrozenDetector`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livelens.errors import InvalidArgumentError
+from livelens.quality.measures import luminance, to_rgb
+
+#: Frames are measured at this width (narrower ones as they are): one scale for every stream size.
+SPECTRUM_WIDTH = 480
+#: The frame is measured in this grid of tiles (columns, rows), and each direction's tilt is the
+#: median over the textured tiles: an occluder covers at most a few tiles, while blur changes them
+#: all. (Measured over the whole frame, a sticker's sharp edges add mid-band power and read as blur.)
+GRID = (4, 3)
+#: Radial bands in cycles per pixel at :data:`SPECTRUM_WIDTH`: mid and high. Blur at the set's
+#: mildest level (σ 2 px at 960 wide, so σ 1 px here) takes about one decade from the high band and
+#: a tenth of one from the mid band.
+MID_BAND = (0.04, 0.08)
+HIGH_BAND = (0.16, 0.32)
+DIRECTIONS = (0, 45, 90, 135)
+#: Tiles whose mid-band power is more than this many decades under the strongest tile's are flat
+#: (sky, a wall, an occluder) and have no tilt worth measuring.
+FLAT_DECADES = 2.0
+#: The smallest frame side measured: each tile needs a few cycles of the mid band.
+MIN_SIDE = 64
+#: The default drop (decades of high-band power relative to the mid band) that calls focus lost.
+#: Fitted by ``python -m livelens.quality.focus_eval`` on all photos of the real-photo set (the
+#: lowest threshold with precision ≥ 0.97 there); docs/quality.md has the per-seed held-out figures
+#: and those on photos that no step of the design looked at.
+DEFAULT_THRESHOLD = 0.42
+
+
+@lru_cache(maxsize=16)
+def _bins(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For an h×w tile: a (h*w, 8) matrix that sums the shifted power spectrum into (direction,
+    band) cells (mid band first, then high), each cell's bin count, and the Hann window."""
+    fy = (np.arange(h) - h // 2)[:, None] / h
+    fx = (np.arange(w) - w // 2)[None, :] / w
+    r = np.hypot(fx, fy)
+    ang = np.degrees(np.arctan2(np.broadcast_to(fy, r.shape), np.broadcast_to(fx, r.shape))) % 180
+    cells = np.zeros((h * w, 2 * len(DIRECTIONS)), np.float32)
+    for i, a0 in enumerate(DIRECTIONS):
+        da = np.abs(ang - a0)
+        sector = np.minimum(da, 180 - da) < 22.5
+        for j, (lo, hi) in enumerate((MID_BAND, HIGH_BAND)):
+            cells[:, j * len(DIRECTIONS) + i] = (sector & (r >= lo) & (r < hi)).ravel()
+    counts = np.maximum(cells.sum(axis=0), 1.0)
+    window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+    return cells, counts, window
+
+
+def tilts(frame: Any) -> np.ndarray:
+    """Per direction, the median over textured tiles of log10(high-band / mid-band power), shape (4,).
+
+    Args:
+        frame: The frame (anything :func:`livelens.quality.measures.to_rgb` accepts).
+
+    Raises:
+        InvalidImageError: The frame cannot be read (from ``to_rgb``).
+        InvalidArgumentError: The frame is under :data:`MIN_SIDE` pixels a side.
+    """
+    g = luminance(to_rgb(frame)).astype(np.float32) / 255.0
+    h, w = g.shape
+    if min(h, w) < MIN_SIDE:
+        raise InvalidArgumentError(f"a {w}x{h} frame is too small to measure focus ({MIN_SIDE} px a side at least)")
+    if w > SPECTRUM_WIDTH:
+        g = cv2.resize(g, (SPECTRUM_WIDTH, max(1, round(h * SPECTRUM_WIDTH / w))), interpolation=cv2.INTER_AREA)
+        h, w = g.shape
+    cols, rows = GRID
+    th, tw = h // rows, w // cols
+    tiles = g[: th * rows, : tw * cols].reshape(rows, th, cols, tw).transpose(0, 2, 1, 3).reshape(-1, th, tw)
+    cells, counts, window = _bins(th, tw)
+    tiles = (tiles - tiles.mean(axis=(1, 2), keepdims=True)) * window
+    power = np.abs(np.fft.fftshift(np.fft.fft2(tiles), axes=(1, 2))) ** 2
+    logp = np.log10(power.reshape(len(tiles), -1) @ cells / counts + 1e-12)  # (tiles, 8)
+    mid, high = logp[:, : len(DIRECTIONS)], logp[:, len(DIRECTIONS):]
+    textured = mid.mean(axis=1) >= mid.mean(axis=1).max() - FLAT_DECADES
+    return np.median(high[textured] - mid[textured], axis=0).astype(np.float32)
+
+
+def focus_drop(tilt: np.ndarray, reference: np.ndarray) -> float:
+    """How far the high band fell relative to the mid band against ``reference`` (decades, mean
+    over the four directions; motion blur lowers one or two of them a lot)."""
+    return float(np.mean(np.asarray(reference, np.float64) - np.asarray(tilt, np.float64)))
+
+
+@dataclass
+class FocusTracker:
+    """Flags frames of one stream that are blurrier than its recent frames.
+
+    Args:
+        threshold: :func:`focus_drop` at or above which focus is lost.
+        history: Recent in-focus frames whose median tilt is the reference.
+        relearn_frames: After this many lost frames in a row the blurred picture becomes the
+            stream's new reference: "focus lost" is an event, and a stream that stays soft is what
+            the per-frame blur flag reports.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    history: int = 8
+    relearn_frames: int = 20
+    refs: list[np.ndarray] = field(default_factory=list, repr=False)
+    size: tuple[int, int] | None = None
+    lost_frames: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.threshold > 0 and self.history >= 1 and self.relearn_frames >= 1):
+            raise InvalidArgumentError("FocusTracker needs threshold > 0, history >= 1 and relearn_frames >= 1")
+
+    def update(self, frame: Any) -> dict[str, Any]:
+        """Feed the next frame of the stream.
+
+        Returns:
+            ``lost`` (bool), ``drop`` (:func:`focus_drop` against the reference; ``None`` on the
+            first frame or after a size change, which start a new reference), ``reference_frames``
+            and ``lost_frames`` (consecutive lost frames, this one included). A frame under
+            :data:`MIN_SIDE` px a side gets ``lost`` False, ``drop`` None and ``skipped``, and leaves the state as it was.
+
+        Raises:
+            InvalidImageError: The frame cannot be read.
+        """
+        rgb = to_rgb(frame)
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
+        if min(size) < MIN_SIDE:
+            # Too small to have a spectrum (a thumbnail, a 1x1 probe): no verdict, state kept.
+            return {**self._out(False, None), "skipped": f"frame under {MIN_SIDE} px a side"}
+        tilt = tilts(rgb)
+        if not self.refs or size != self.size:
+            # A new stream, or a resolution switch: a smaller picture has less high band by
+            # itself, so the old reference no longer applies.
+            self.refs, self.size, self.lost_frames = [tilt], size, 0
+            return self._out(False, None)
+        drop = focus_drop(tilt, np.median(np.stack(self.refs), axis=0))
+        lost = drop >= self.threshold
+        if lost:
+            self.lost_frames += 1
+            if self.lost_frames >= self.relearn_frames:
+                self.refs, self.lost_frames = [tilt], 0
+                return self._out(False, drop)
+        else:
+            self.lost_frames = 0
+            self.refs = [*self.refs, tilt][-self.history:]
+        return self._out(lost, drop)
+
+    def _out(self, lost: bool, drop: float | None) -> dict[str, Any]:
+        return {"lost": bool(lost), "drop": None if drop is None else round(drop, 4),
+                "reference_frames": len(self.refs), "lost_frames": int(self.lost_frames)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (the settings are not in it: they come from the caller)."""
+        return {"refs": [np.round(r, 4).tolist() for r in self.refs], "size": list(self.size) if self.size else None,
+                "lost_frames": self.lost_frames}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], **settings: Any) -> FocusTracker:
+        """Rebuild a tracker from :meth:`to_dict` output with ``settings`` (the constructor's).
+
+        Raises:
+            InvalidArgumentError: The state is malformed.
+        """
+        try:
+            refs = [np.asarray(r, np.float32) for r in state.get("refs") or []]
+            if any(r.shape != (len(DIRECTIONS),) or not np.isfinite(r).all() for r in refs):
+                raise ValueError("a reference is not 4 finite numbers")
+            size = state.get("size")
+            tracker = cls(**settings, refs=refs[-settings.get("history", cls.history):],
+                          size=(int(size[0]), int(size[1])) if size else None,
+                          lost_frames=int(state.get("lost_frames", 0)))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise InvalidArgumentError(f"bad FocusTracker state: {exc}") from exc
+        return tracker
