@@ -40,13 +40,16 @@ DIRECTIONS = (0, 45, 90, 135)
 #: Tiles whose mid-band power is more than this many decades under the strongest tile's are flat
 #: (sky, a wall, an occluder) and have no tilt worth measuring.
 FLAT_DECADES = 2.0
+#: A frame whose most textured tile has less mid-band power than this many decades over the 8-bit
+#: rounding floor has nothing to measure (a black or flat frame, or one with noise alone): no verdict.
+TEXTURE_DECADES = 2.0
 #: The smallest frame side measured: each tile needs a few cycles of the mid band.
 MIN_SIDE = 64
 #: The default drop (decades of high-band power relative to the mid band) that calls focus lost.
 #: Fitted by ``python -m livelens.quality.focus_eval`` on all photos of the real-photo set (the
 #: lowest threshold with precision ≥ 0.97 there); docs/quality.md has the per-seed held-out figures
 #: and those on photos that no step of the design looked at.
-DEFAULT_THRESHOLD = 0.42
+DEFAULT_THRESHOLD = 0.43
 
 
 @lru_cache(maxsize=16)
@@ -68,8 +71,9 @@ def _bins(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cells, counts, window
 
 
-def tilts(frame: Any) -> np.ndarray:
-    """Per direction, the median over textured tiles of log10(high-band / mid-band power), shape (4,).
+def tilts(frame: Any) -> np.ndarray | None:
+    """Per direction, the median over textured tiles of log10(high-band / mid-band power), shape (4,);
+    ``None`` for a frame with no texture to measure (black, one flat colour).
 
     Args:
         frame: The frame (anything :func:`livelens.quality.measures.to_rgb` accepts).
@@ -91,9 +95,17 @@ def tilts(frame: Any) -> np.ndarray:
     cells, counts, window = _bins(th, tw)
     tiles = (tiles - tiles.mean(axis=(1, 2), keepdims=True)) * window
     power = np.abs(np.fft.fftshift(np.fft.fft2(tiles), axes=(1, 2))) ** 2
-    logp = np.log10(power.reshape(len(tiles), -1) @ cells / counts + 1e-12)  # (tiles, 8)
+    # 8-bit rounding alone leaves a flat floor of power (variance 1/12 of a level per pixel): a
+    # strong blur pushes the high band down onto it, and without taking it off the tilt would
+    # rise again past a point and the drop would fall with more blur.
+    floor = (1.0 / 255.0) ** 2 / 12.0 * float((window**2).sum())
+    mean_power = power.reshape(len(tiles), -1) @ cells / counts
+    logp = np.log10(np.maximum(mean_power - floor, 0.1 * floor))  # (tiles, 8)
     mid, high = logp[:, : len(DIRECTIONS)], logp[:, len(DIRECTIONS):]
-    textured = mid.mean(axis=1) >= mid.mean(axis=1).max() - FLAT_DECADES
+    level = mid.mean(axis=1)
+    if level.max() < np.log10(floor) + TEXTURE_DECADES:
+        return None
+    textured = level >= level.max() - FLAT_DECADES
     return np.median(high[textured] - mid[textured], axis=0).astype(np.float32)
 
 
@@ -133,7 +145,8 @@ class FocusTracker:
             ``lost`` (bool), ``drop`` (:func:`focus_drop` against the reference; ``None`` on the
             first frame or after a size change, which start a new reference), ``reference_frames``
             and ``lost_frames`` (consecutive lost frames, this one included). A frame under
-            :data:`MIN_SIDE` px a side gets ``lost`` False, ``drop`` None and ``skipped``, and leaves the state as it was.
+            :data:`MIN_SIDE` px a side or with no texture (black, flat) gets ``lost`` False,
+            ``drop`` None and ``skipped``, and leaves the state as it was.
 
         Raises:
             InvalidImageError: The frame cannot be read.
@@ -144,6 +157,10 @@ class FocusTracker:
             # Too small to have a spectrum (a thumbnail, a 1x1 probe): no verdict, state kept.
             return {**self._out(False, None), "skipped": f"frame under {MIN_SIDE} px a side"}
         tilt = tilts(rgb)
+        if tilt is None:
+            # Black or flat: it says nothing about focus, and as a reference it would make the
+            # picture's return look like a loss of focus.
+            return {**self._out(False, None), "skipped": "no texture to measure"}
         if not self.refs or size != self.size:
             # A new stream, or a resolution switch: a smaller picture has less high band by
             # itself, so the old reference no longer applies.

@@ -81,6 +81,11 @@ def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = 
     return rows
 
 
+def drops_of(rows: list[dict[str, Any]]) -> np.ndarray:
+    """The rows' drops, with a frame the tracker gave no verdict (no texture) as never lost."""
+    return np.array([-np.inf if r["drop"] is None else r["drop"] for r in rows], np.float64)
+
+
 def fit_threshold(drops: np.ndarray, positive: np.ndarray, target_precision: float = 0.97) -> float:
     """The lowest threshold whose precision on these rows is at least ``target_precision``."""
     order = np.argsort(-drops)
@@ -133,17 +138,16 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
         train, test = R.photo_splits(sorted(photos), seed)
         tr = [r for n in train for r in by_photo[n]]
         te = [r for n in test for r in by_photo[n]]
-        thr = fit_threshold(np.array([r["drop"] for r in tr]), np.array([r["positive"] for r in tr]),
-                            target_precision)
-        drops = np.array([r["drop"] for r in te])
+        thr = fit_threshold(drops_of(tr), np.array([r["positive"] for r in tr]), target_precision)
+        drops = drops_of(te)
         result["seeds"][str(seed)] = {
             "threshold": round(thr, 4), "train_photos": train, "test_photos": test, "n_test": len(te),
             "focus": scores(te, drops >= thr),
             "classical": scores(te, np.array([bool(r["classical"]) for r in te])) if classical else None}
     # The shipped default is fitted on every photo of the set; the photos other packages ship
     # (never part of the set, and never looked at while the tracker was designed) then test it.
-    thr = fit_threshold(np.array([r["drop"] for v in by_photo.values() for r in v]),
-                        np.array([r["positive"] for v in by_photo.values() for r in v]), target_precision)
+    every = [r for v in by_photo.values() for r in v]
+    thr = fit_threshold(drops_of(every), np.array([r["positive"] for r in every]), target_precision)
     result["all_photos_threshold"] = round(thr, 4)
     result["default_threshold"] = DEFAULT_THRESHOLD
     if fresh:
@@ -156,7 +160,7 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
         if rows:
             result["fresh"] = {
                 "photos": sorted(extra), "n": len(rows), "threshold": DEFAULT_THRESHOLD,
-                "focus": scores(rows, np.array([r["drop"] for r in rows]) >= DEFAULT_THRESHOLD),
+                "focus": scores(rows, drops_of(rows) >= DEFAULT_THRESHOLD),
                 "classical": scores(rows, np.array([bool(r["classical"]) for r in rows])) if classical else None}
     result["wall_time_s"] = round(time.time() - t0, 1)
     return result
