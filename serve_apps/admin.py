@@ -28,7 +28,7 @@ from livelens.errors import ConfigError, LivelensError, ModelNotFoundError
 
 #: Deployments whose ``user_config`` holds each capability's live config (when it is not colocated).
 DEPLOYMENTS = {"moderate": ("Moderation",), "ocr": ("Ocr", "TextRecognizer"), "quality": ("Quality",),
-               "persons": ("Persons",), "detect": ("Detection",), "gateway": ("Gateway",)}
+               "persons": ("Persons",), "detect": ("Detection",), "streams": ("Streams",), "gateway": ("Gateway",)}
 #: Where a colocated capability's live config sits inside the gateway's.
 GATEWAY_KEYS = {"moderate": "moderation", "quality": "quality"}
 #: Live config fields naming models that must exist before a change is applied.
@@ -46,9 +46,10 @@ def live_model(cap: str) -> type[BaseModel]:
     from serve_apps.ocr import OcrConfig
     from serve_apps.persons import PersonsConfig
     from serve_apps.quality import QualityConfig
+    from serve_apps.streams import StreamsConfig
 
     models = {"moderate": ModerationConfig, "ocr": OcrConfig, "quality": QualityConfig, "persons": PersonsConfig,
-              "detect": DetectionConfig, "gateway": GatewayConfig}
+              "detect": DetectionConfig, "streams": StreamsConfig, "gateway": GatewayConfig}
     if cap not in models:
         raise ConfigError(f"unknown capability {cap!r}; live configs exist for {sorted(models)}")
     return models[cap]
@@ -147,7 +148,8 @@ def set_live(cap: str, changes: dict[str, Any], app: str = "livelens", wait_s: f
     """Change ``cap``'s live config on the running ``app`` and wait until the replicas run it.
 
     Args:
-        cap: ``moderate``, ``ocr``, ``quality`` or ``gateway``.
+        cap: A key of :data:`DEPLOYMENTS` (``moderate``, ``ocr``, ``quality``, ``persons``, ``detect``,
+            ``streams``) or ``gateway``.
         changes: Fields of the capability's live config to change.
         app: The Serve application.
         wait_s: How long to wait for the application to be ``RUNNING`` again.

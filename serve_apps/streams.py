@@ -13,12 +13,36 @@ import base64
 import time
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from livelens.serving.envelope import quiet_expected_errors
 from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions
+
+
+def _focus_default() -> float:
+    from livelens.quality.focus import DEFAULT_THRESHOLD
+
+    return DEFAULT_THRESHOLD
+
+
+class StreamsConfig(BaseModel):
+    """Streams knobs that change without a restart (``user_config``): the focus tracker's.
+
+    Attributes:
+        focus_threshold: Drop of a frame's spectral tilt against the stream's recent frames that
+            calls focus lost (:class:`livelens.quality.focus.FocusTracker`; the default is fitted
+            on the real-photo set, docs/quality.md).
+        focus_history: Recent in-focus frames that make a stream's focus reference.
+        focus_relearn_frames: Lost frames in a row after which the blurred picture is the stream's
+            new reference.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    focus_threshold: float = Field(default_factory=_focus_default, gt=0, le=10)
+    focus_history: int = Field(8, ge=1, le=64)
+    focus_relearn_frames: int = Field(20, ge=1, le=100_000)
 
 
 class StreamsArgs(Args):
@@ -32,6 +56,7 @@ class StreamsArgs(Args):
         min_interval_s: Suggested interval at the highest risk.
         max_evidence: Evidence bundles kept per stream.
         thumb_side: Long side of the JPEG thumbnail kept as evidence.
+        live: The starting :class:`StreamsConfig` (Serve's ``user_config`` replaces it live).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +67,7 @@ class StreamsArgs(Args):
     min_interval_s: float = Field(1.0, gt=0)
     max_evidence: int = Field(5, ge=1)
     thumb_side: int = Field(320, ge=32)
+    live: StreamsConfig = Field(default_factory=lambda: StreamsConfig())
     deploy: DeployOptions = Field(default_factory=lambda: DeployOptions(num_cpus=0.1, max_ongoing_requests=16))
 
 
@@ -59,8 +85,18 @@ class Streams:
         self.policy = StreamPolicy(window=a.window, k=a.k, base_interval_s=a.base_interval_s,
                                    min_interval_s=a.min_interval_s, max_evidence=a.max_evidence)
         self.store = SqliteStreamStore(a.db_path)
+        self.live = a.live
         # Per-stream locks: frames of one stream are folded in order, different streams in parallel.
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply a new ``user_config`` (:class:`StreamsConfig`); the next frame of every stream uses it."""
+        from livelens.errors import ConfigError
+
+        try:
+            self.live = StreamsConfig.model_validate(config or {})
+        except ValueError as exc:
+            raise ConfigError(f"streams user_config: {exc}") from None
 
     def check_health(self) -> None:
         # A store that cannot be read means lost state: let Serve restart the replica.
@@ -74,6 +110,7 @@ class Streams:
     def _ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None) -> dict[str, Any]:
         from livelens.imageio import as_rgb
         from livelens.quality import LABELS, FrozenDetector
+        from livelens.quality.focus import FocusTracker
         from livelens.serving.streams import StreamState, check_stream_id, update_state
 
         check_stream_id(stream_id)
@@ -82,9 +119,18 @@ class Streams:
         det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
         frozen = det.update(image, ts)
         state.frozen_state, state.frozen = det.to_dict(), frozen["frozen"]
+        live = self.live
+        tracker = FocusTracker.from_dict(state.focus_state or {}, threshold=live.focus_threshold,
+                                         history=live.focus_history, relearn_frames=live.focus_relearn_frames)
+        focus = tracker.update(image)
+        state.focus_state, state.focus_lost = tracker.to_dict(), focus["lost"]
         state, risky = update_state(state, result, self.policy, ts)
         if state.frozen:
             state.frames[-1]["labels"].append(LABELS["frozen"])
+        # Blurrier than this stream's own recent frames: quality_blur, even where the frame alone
+        # (a soft scene) does not say so.
+        if state.focus_lost and LABELS["blur"] not in state.frames[-1]["labels"]:
+            state.frames[-1]["labels"].append(LABELS["blur"])
         self.store.save(state)
         if risky:
             bundle = {
@@ -98,9 +144,9 @@ class Streams:
                 "models": result.get("models", []),
             }
             self.store.add_evidence(stream_id, bundle, keep=self.policy.max_evidence)
-        return self._public(state, frozen)
+        return self._public(state, frozen, focus)
 
-    def _public(self, state, frozen: dict | None = None) -> dict[str, Any]:
+    def _public(self, state, frozen: dict | None = None, focus: dict | None = None) -> dict[str, Any]:
         return {
             "stream_id": state.stream_id,
             "frame_count": state.frame_count,
@@ -111,6 +157,7 @@ class Streams:
             "policy": {"k": self.policy.k, "n": self.policy.window},
             "next_interval_s": state.next_interval_s,
             "frozen": frozen if frozen is not None else {"frozen": state.frozen},
+            "focus": focus if focus is not None else {"lost": state.focus_lost},
         }
 
     async def ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None = None) -> dict[str, Any]:
@@ -140,7 +187,7 @@ def bind_streams(args: StreamsArgs | dict | None = None):
     """The streams deployment, bound (for composition into the gateway)."""
     a = args if isinstance(args, StreamsArgs) else StreamsArgs.model_validate(args or {})
     # One replica owns the SQLite file (module docstring).
-    return Streams.options(**a.deploy.to_options(single_replica=True)).bind(a)
+    return Streams.options(**a.deploy.to_options(single_replica=True), user_config=a.live.model_dump()).bind(a)
 
 
 def build_app(args: StreamsArgs | dict | None = None):

@@ -129,6 +129,44 @@ def test_k_of_n_escalation_and_sampling_interval():
         StreamPolicy(window=2, k=3)
 
 
+def test_a_stream_whose_focus_is_lost_gets_quality_blur_and_keeps_its_focus_state(tmp_path):
+    """The Streams deployment's own code (without Serve): a soft scene's frames are in focus for
+    their stream, its mild blur is lost focus, the state survives the replica, and the threshold is
+    a live knob."""
+    import numpy as np
+    from skimage import data
+
+    from livelens.errors import ConfigError
+    from livelens.quality import distort as D
+    from livelens.quality import realset as R
+    from serve_apps.streams import Streams, StreamsArgs
+
+    brick = R.base_frame(data.brick(), "skimage/brick", "centre")  # soft: per-frame flags misfire on it
+
+    def pan(i: int) -> np.ndarray:  # a moving picture, so the stream is never frozen
+        return np.roll(brick, 40 * i, axis=1)
+
+    blurred = D.gaussian_blur(pan(4), 2.0 * R.MIN_BLUR_SCALE)  # level 1 on a 512 px window
+    quiet = {"decision": "pass", "labels": []}
+    args = StreamsArgs(db_path=str(tmp_path / "s.sqlite"))
+    streams = Streams.func_or_class(args)
+    for i, f in enumerate((pan(0), D.jpeg(pan(1), 75), pan(2))):
+        out = streams._ingest("cam", f, quiet, 100.0 + i)
+        assert out["focus"]["lost"] is False and "quality_blur" not in out["window"][-1]["labels"], out["focus"]
+    out = streams._ingest("cam", blurred, quiet, 103.0)
+    assert out["focus"]["lost"] is True and out["window"][-1]["labels"] == ["quality_blur"], out
+    # A new replica reads the same state: the stream's reference survives it.
+    again = Streams.func_or_class(args)
+    assert again.state("cam", 0)["focus"] == {"lost": True}
+    assert again._ingest("cam", D.gaussian_blur(pan(5), 2.0 * R.MIN_BLUR_SCALE), quiet, 104.0)["focus"]["lost"] is True
+    assert again._ingest("cam", np.zeros((1, 1, 3), np.uint8), quiet, 105.0)["focus"]["skipped"]
+    again.reconfigure({"focus_threshold": 5.0})
+    assert again._ingest("cam", D.gaussian_blur(pan(6), 2.0 * R.MIN_BLUR_SCALE), quiet, 106.0)["focus"]["lost"] is False
+    with pytest.raises(ConfigError):
+        again.reconfigure({"focus_threshold": -1})
+    assert again.live.focus_threshold == 5.0  # a refused change leaves the running one
+
+
 def test_sqlite_store_survives_reopen_and_bounds_evidence(tmp_path):
     db = tmp_path / "s.sqlite"
     store = SqliteStreamStore(db)
@@ -363,7 +401,19 @@ def test_admin_patches_only_the_user_config_of_the_deployment_holding_the_capabi
     with pytest.raises(ConfigError):
         patched_config(_details(), "livelens", "moderate", {"max_batch_size": -1})
     with pytest.raises(ConfigError, match="unknown capability"):
-        patched_config(_details(), "livelens", "streams", {})
+        patched_config(_details(), "livelens", "frozen", {})
+    # The streams' focus knobs are live too, where a Streams deployment runs.
+    with pytest.raises(ConfigError, match="streams is not deployed"):
+        patched_config(_details(), "livelens", "streams", {"focus_threshold": 0.5})
+    details = _details()
+    details["applications"]["livelens"]["deployments"]["Streams"] = {"deployment_config": {"user_config": {
+        "focus_threshold": 0.43, "focus_history": 8, "focus_relearn_frames": 20}}}
+    cfg, live = patched_config(details, "livelens", "streams", {"focus_threshold": 0.6})
+    assert live == {"focus_threshold": 0.6, "focus_history": 8, "focus_relearn_frames": 20}
+    assert {d["name"]: d for d in cfg["deployments"]}["Streams"]["user_config"] == live
+    for bad in ({"focus_threshold": 0}, {"focus_history": 0}, {"focus_window": 3}):
+        with pytest.raises(ConfigError):
+            patched_config(details, "livelens", "streams", bad)
     with pytest.raises(ConfigError, match="no Serve application"):
         patched_config(_details(), "other", "moderate", {})
 

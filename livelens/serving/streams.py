@@ -63,6 +63,8 @@ class StreamState:
     escalation_reason: str = ""
     frozen_state: dict[str, Any] | None = None
     frozen: bool = False
+    focus_state: dict[str, Any] | None = None
+    focus_lost: bool = False
     next_interval_s: float = 10.0
     updated_at: float = 0.0
 
