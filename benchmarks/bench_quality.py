@@ -22,6 +22,7 @@ from skimage.measure import blur_effect
 
 from livelens.quality import FrozenDetector, assess
 from livelens.quality import measures as m
+from livelens.quality.focus import FocusTracker
 from livelens.quality.iqa import IqaArch, IqaModel, IqaNet, features
 
 
@@ -46,6 +47,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     thumb = m.luminance(thumb_rgb)
     iqa = IqaModel(IqaNet(IqaArch()))  # timing only: weights do not change the cost
     det = FrozenDetector()
+    tracker = FocusTracker()
+    for _ in range(8):
+        tracker.update(frame)
+    state = tracker.to_dict()
+
+    def focus_step(f: np.ndarray) -> dict:
+        t = FocusTracker.from_dict(state)
+        t.update(f)
+        return t.to_dict()
+
     r = a.repeats
     try:  # the shipped learned flags (boosted trees + occluder head over mobilenet_v2 features)
         from livelens.quality.flags import MODEL_NAME, FlagModel, OccluderMap
@@ -65,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "black": _ms(lambda: m.black(thumb), r),
         "noise": _ms(lambda: m.noise(work), r),
         "frozen_update": _ms(lambda: det.update(frame), r),
+        # A stream's focus check: one frame against the stream's state, as the Streams replica
+        # runs it (state from JSON, update, state to JSON).
+        "focus_update (state round trip)": _ms(lambda: focus_step(frame), r),
         "iqa_features": _ms(lambda: features(frame), r),
         "iqa_score": _ms(lambda: iqa.score(frame), r),
         "assess_with_iqa_720p": _ms(lambda: assess(frame, iqa=iqa), r),
