@@ -137,3 +137,14 @@ def test_the_evaluation_runs_the_tracker_on_one_photo_stream():
     # The classical per-frame flag, the report's baseline, is the one assess() serves.
     frame = R.base_frame(rgb, "skimage/coffee", "centre")
     assert isinstance(assess(frame)["blur"]["flag"], bool)
+
+
+def test_a_pan_stream_loses_focus_only_while_it_is_blurred():
+    """One tracker through a moving stream, its state through JSON between frames: the blurred
+    middle is lost, the clean pan before and after it is not (the blur never became a reference)."""
+    rows = E.pan_stream("skimage/astronaut", data.astronaut(), "gaussian_blur", 1)
+    parts = {p: [r["lost"] for r in rows if r["part"] == p] for p in ("before", "blurred", "after")}
+    assert [len(v) for v in parts.values()] == list(E.PAN_PARTS)
+    assert all(parts["blurred"]) and not any(parts["before"]) and not any(parts["after"]), parts
+    score = E.pan_scores(rows)
+    assert score["recall"] == 1.0 and score["precision"] == 1.0 and score["found_at_once"] == 1

@@ -86,6 +86,72 @@ def drops_of(rows: list[dict[str, Any]]) -> np.ndarray:
     return np.array([-np.inf if r["drop"] is None else r["drop"] for r in rows], np.float64)
 
 
+#: A pan stream: clean frames, then blurred ones, then clean again (frames of each part).
+PAN_PARTS = (10, 10, 10)
+PAN_LEVELS = (1, 3, 5)
+
+
+def pan_stream(photo: str, rgb: np.ndarray, distortion: str, level: int) -> list[dict[str, Any]]:
+    """One tracker through a camera pan across a photo: a 16:9 window of 0.6 times the largest
+    slides from one side to the other, every second clean frame is re-encoded (JPEG 75), and the
+    middle part is blurred at ``level``. The tracker's state goes through JSON between frames, as
+    the streams deployment keeps it."""
+    from livelens.quality import distort as D
+
+    h, w = rgb.shape[:2]
+    aspect = R.FRAME[0] / R.FRAME[1]
+    cw, ch = (int(h * aspect), h) if w / h > aspect else (w, int(w / aspect))
+    cw, ch = int(cw * 0.6), int(ch * 0.6)
+    size = (min(cw, SPECTRUM_WIDTH), round(ch * min(cw, SPECTRUM_WIDTH) / cw))
+    n = sum(PAN_PARTS)
+    xs = np.linspace(0, w - cw, n).round().astype(int)
+    y = (h - ch) // 2
+    px = max(cw / R.FRAME[0], R.MIN_BLUR_SCALE)  # the set's levels are pixels of a 960-wide frame
+    v = R.LEVELS[distortion][level - 1]
+    state: dict[str, Any] = {}
+    rows = []
+    for i, x in enumerate(xs):
+        frame = np.ascontiguousarray(rgb[y : y + ch, x : x + cw])
+        blurred = PAN_PARTS[0] <= i < PAN_PARTS[0] + PAN_PARTS[1]
+        if blurred:
+            frame = (D.gaussian_blur(frame, v * px) if distortion == "gaussian_blur"
+                     else D.motion_blur(frame, max(3, round(v * px)), angle_deg=float(R._seed(photo, i) % 180)))
+        elif i % 2:
+            frame = D.jpeg(frame, 75)
+        tracker = FocusTracker.from_dict(json.loads(json.dumps(state)))
+        out = tracker.update(stream_frame(frame, size))
+        state = tracker.to_dict()
+        part = "before" if i < PAN_PARTS[0] else "blurred" if blurred else "after"
+        rows.append({"photo": photo, "distortion": distortion, "level": level, "frame": i, "part": part,
+                     "lost": out["lost"], "drop": out["drop"]})
+    return rows
+
+
+def pan_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lost frames per part of the pan streams (recall in the blurred part, false alarms around it),
+    and how many streams found their blur on its first blurred frame."""
+    out: dict[str, Any] = {}
+    for part in ("before", "blurred", "after"):
+        sel = [r["lost"] for r in rows if r["part"] == part]
+        out[part] = {"frames": len(sel), "lost": int(sum(sel))}
+    streams: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        streams.setdefault((r["photo"], r["distortion"], r["level"]), []).append(r)
+    first = [next(r for r in v if r["part"] == "blurred")["lost"] for v in streams.values()]
+    out["streams"] = len(streams)
+    out["found_at_once"] = int(sum(first))
+    out["recall"] = round(out["blurred"]["lost"] / max(1, out["blurred"]["frames"]), 4)
+    out["recall_by_level"] = {str(lv): round(float(np.mean([r["lost"] for r in rows if r["part"] == "blurred"
+                                                              and r["level"] == lv])), 4)
+                              for lv in sorted({r["level"] for r in rows})}
+    clean = out["before"]["frames"] + out["after"]["frames"]
+    out["false_alarm_rate"] = round((out["before"]["lost"] + out["after"]["lost"]) / max(1, clean), 4)
+    out["precision"] = round(out["blurred"]["lost"] / max(1, out["blurred"]["lost"] + out["before"]["lost"]
+                                                        + out["after"]["lost"]), 4)
+    out["false_alarm_photos"] = sorted({r["photo"] for r in rows if r["lost"] and r["part"] != "blurred"})
+    return out
+
+
 def fit_threshold(drops: np.ndarray, positive: np.ndarray, target_precision: float = 0.97) -> float:
     """The lowest threshold whose precision on these rows is at least ``target_precision``."""
     order = np.argsort(-drops)
@@ -121,12 +187,13 @@ def scores(rows: list[dict[str, Any]], predicted: np.ndarray) -> dict[str, Any]:
 
 
 def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: float = 0.97,
-        max_photos: int = 0, classical: bool = True, fresh: bool = True) -> dict[str, Any]:
+        max_photos: int = 0, classical: bool = True, fresh: bool = True, pans: bool = True) -> dict[str, Any]:
     """Every photo's stream rows, then per seed: the threshold fitted on the training photos and
     the held-out figures of the tracker and of the classical per-frame blur flag. With ``fresh``,
     the shipped :data:`~livelens.quality.focus.DEFAULT_THRESHOLD` is also measured on the photos
     that other packages ship (:func:`livelens.evaluation.package_photo_paths`), which are not in
-    the set."""
+    the set. With ``pans``, :func:`pan_stream` runs the shipped threshold through moving streams.
+    """
     from livelens.quality.flag_training import _photos
 
     t0 = time.time()
@@ -150,6 +217,7 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
     thr = fit_threshold(drops_of(every), np.array([r["positive"] for r in every]), target_precision)
     result["all_photos_threshold"] = round(thr, 4)
     result["default_threshold"] = DEFAULT_THRESHOLD
+    extra: dict[str, np.ndarray] = {}
     if fresh:
         from livelens.evaluation import package_photo_paths
         from livelens.imageio import load_image
@@ -162,6 +230,15 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
                 "photos": sorted(extra), "n": len(rows), "threshold": DEFAULT_THRESHOLD,
                 "focus": scores(rows, drops_of(rows) >= DEFAULT_THRESHOLD),
                 "classical": scores(rows, np.array([bool(r["classical"]) for r in rows])) if classical else None}
+    if pans:
+        # Streams that move: the shipped threshold on every photo of the set (its threshold was
+        # fitted on their single-step rows, not on these sequences) and on the fresh photos.
+        def pan_rows(pool: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+            return [r for n, rgb in pool.items() for d in BLUR for lv in PAN_LEVELS for r in pan_stream(n, rgb, d, lv)]
+
+        result["pans"] = {"set": pan_scores(pan_rows(photos))}
+        if fresh and extra:
+            result["pans"]["fresh"] = pan_scores(pan_rows(extra))
     result["wall_time_s"] = round(time.time() - t0, 1)
     return result
 
@@ -196,6 +273,15 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {lv} | {f[lv]['n']} | {f[lv]['precision']:.3f} | {f[lv]['recall']:.3f} | {cp} |")
         lines += ["", f"Tracker false alarms: {f['negatives']['false_alarms']} of {f['negatives']['n']} "
                       f"{f['negatives']['by_kind']}", ""]
+    for pool, pan in (result.get("pans") or {}).items():
+        lines += [f"## Pan streams ({'photos of the set' if pool == 'set' else 'photos outside the set'}), "
+                  f"shipped threshold", "",
+                  f"{pan['streams']} streams of {sum(PAN_PARTS)} frames (Gaussian and motion blur at levels "
+                  f"{', '.join(map(str, PAN_LEVELS))} in the middle {PAN_PARTS[1]}): blurred frames lost "
+                  f"{pan['blurred']['lost']} of {pan['blurred']['frames']} (R {pan['recall']:.3f}; by level {pan['recall_by_level']}), found on the first "
+                  f"blurred frame in {pan['found_at_once']} streams; clean frames lost {pan['before']['lost']} of "
+                  f"{pan['before']['frames']} before and {pan['after']['lost']} of {pan['after']['frames']} after "
+                  f"(P {pan['precision']:.3f}) on {', '.join(pan['false_alarm_photos']) or 'no photo'}", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -208,9 +294,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-photos", type=int, default=0)
     ap.add_argument("--no-classical", action="store_true")
     ap.add_argument("--no-fresh", action="store_true", help="skip the photos other packages ship")
+    ap.add_argument("--no-pans", action="store_true", help="skip the pan streams")
     a = ap.parse_args(argv)
     result = run(tuple(int(s) for s in a.seeds.split(",")), a.windows, a.target_precision, a.max_photos,
-                 not a.no_classical, not a.no_fresh)
+                 not a.no_classical, not a.no_fresh, not a.no_pans)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2))
