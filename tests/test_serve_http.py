@@ -487,6 +487,8 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
         first = first or r.json()["stream"]
     state = r.json()["stream"]
     assert state["frame_count"] == 2 and state["escalated"], state  # k=2 of n=4 risky (ads) frames
+    # The same picture twice: in focus against itself (the first frame only starts the reference).
+    assert first["focus"]["drop"] is None and state["focus"]["lost"] is False and state["focus"]["drop"] is not None
     assert state["next_interval_s"] < first["next_interval_s"] or first["next_interval_s"] == state["next_interval_s"] == 1.0
 
     # Named-actor lookup goes through the GCS alone (the state API needs the dashboard, which is off).
@@ -503,6 +505,7 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
         time.sleep(1)
     after = r.json()["stream"]
     assert after["frame_count"] == 2 and after["escalated"] and after["window"] == state["window"]
+    assert after["focus"] == {"lost": False}
     assert after["evidence"] and after["evidence"][0]["thumbnail_jpeg_b64"]
 
 
