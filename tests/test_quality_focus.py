@@ -107,8 +107,12 @@ def test_bad_frames_and_bad_state_get_typed_answers():
     assert tr.update(_frame("astronaut"))["lost"] is False
     with pytest.raises(InvalidImageError):
         tr.update(b"not an image")
-    with pytest.raises(InvalidArgumentError):
-        tilts(np.zeros((20, 20, 3), np.uint8))
+    strip = np.random.default_rng(0).integers(0, 255, (64, 16000, 3), dtype=np.uint8)  # 480x2 as measured
+    state = tr.to_dict()
+    assert tr.update(strip)["skipped"] and tr.to_dict() == state
+    for small in (np.zeros((20, 20, 3), np.uint8), strip):
+        with pytest.raises(InvalidArgumentError):
+            tilts(small)
     with pytest.raises(InvalidArgumentError):
         FocusTracker.from_dict({"refs": [[1.0, 2.0]]})
     with pytest.raises(InvalidArgumentError):

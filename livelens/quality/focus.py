@@ -71,6 +71,13 @@ def _bins(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cells, counts, window
 
 
+def measured_size(width: int, height: int) -> tuple[int, int]:
+    """``(height, width)`` at which a frame is measured: no wider than :data:`SPECTRUM_WIDTH`."""
+    if width <= SPECTRUM_WIDTH:
+        return height, width
+    return max(1, round(height * SPECTRUM_WIDTH / width)), SPECTRUM_WIDTH
+
+
 def tilts(frame: Any) -> np.ndarray | None:
     """Per direction, the median over textured tiles of log10(high-band / mid-band power), shape (4,);
     ``None`` for a frame with no texture to measure (black, one flat colour).
@@ -80,15 +87,16 @@ def tilts(frame: Any) -> np.ndarray | None:
 
     Raises:
         InvalidImageError: The frame cannot be read (from ``to_rgb``).
-        InvalidArgumentError: The frame is under :data:`MIN_SIDE` pixels a side.
+        InvalidArgumentError: The frame is under :data:`MIN_SIDE` pixels a side as measured
+            (a 16000×64 strip is 480×2 at the measuring width).
     """
     g = luminance(to_rgb(frame)).astype(np.float32) / 255.0
-    h, w = g.shape
+    h, w = measured_size(g.shape[1], g.shape[0])
     if min(h, w) < MIN_SIDE:
-        raise InvalidArgumentError(f"a {w}x{h} frame is too small to measure focus ({MIN_SIDE} px a side at least)")
-    if w > SPECTRUM_WIDTH:
-        g = cv2.resize(g, (SPECTRUM_WIDTH, max(1, round(h * SPECTRUM_WIDTH / w))), interpolation=cv2.INTER_AREA)
-        h, w = g.shape
+        raise InvalidArgumentError(f"a {g.shape[1]}x{g.shape[0]} frame is too small to measure focus: measured at "
+                                   f"{w}x{h}, under {MIN_SIDE} px a side")
+    if (h, w) != g.shape:
+        g = cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA)
     cols, rows = GRID
     th, tw = h // rows, w // cols
     tiles = g[: th * rows, : tw * cols].reshape(rows, th, cols, tw).transpose(0, 2, 1, 3).reshape(-1, th, tw)
@@ -153,9 +161,10 @@ class FocusTracker:
         """
         rgb = to_rgb(frame)
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
-        if min(size) < MIN_SIDE:
-            # Too small to have a spectrum (a thumbnail, a 1x1 probe): no verdict, state kept.
-            return {**self._out(False, None), "skipped": f"frame under {MIN_SIDE} px a side"}
+        if min(measured_size(*size)) < MIN_SIDE:
+            # Too small to have a spectrum (a thumbnail, a 1x1 probe, a long thin strip): no
+            # verdict, state kept.
+            return {**self._out(False, None), "skipped": f"frame under {MIN_SIDE} px a side as measured"}
         tilt = tilts(rgb)
         if tilt is None:
             # Black or flat: it says nothing about focus, and as a reference it would make the
