@@ -152,3 +152,13 @@ def test_a_pan_stream_loses_focus_only_while_it_is_blurred():
     assert all(parts["blurred"]) and not any(parts["before"]) and not any(parts["after"]), parts
     score = E.pan_scores(rows)
     assert score["recall"] == 1.0 and score["precision"] == 1.0 and score["found_at_once"] == 1
+
+
+def test_a_lower_bitrate_is_not_lost_focus():
+    """An encoder that lowers the JPEG quality (to 20) keeps the spectrum's tilt: not a loss of focus."""
+    for name in ("astronaut", "coffee", "text"):
+        frame = _frame(name)
+        state = _stream(frame).to_dict()
+        for q in (50, 20):
+            out = FocusTracker.from_dict(state).update(D.jpeg(frame, q))
+            assert not out["lost"] and out["drop"] < DEFAULT_THRESHOLD / 2, (name, q, out)
