@@ -27,6 +27,12 @@ def _focus_default() -> float:
     return DEFAULT_THRESHOLD
 
 
+def _cut_default() -> float:
+    from livelens.quality.focus import DEFAULT_CUT_DIFF
+
+    return DEFAULT_CUT_DIFF
+
+
 class StreamsConfig(BaseModel):
     """Streams knobs that change without a restart (``user_config``): the focus tracker's.
 
@@ -37,12 +43,15 @@ class StreamsConfig(BaseModel):
         focus_history: Recent in-focus frames that make a stream's focus reference.
         focus_relearn_frames: Lost frames in a row after which the blurred picture is the stream's
             new reference.
+        focus_cut_diff: Thumbnail change from the previous frame that makes a cut to another scene,
+            which starts a new reference (0: no cut detection).
     """
 
     model_config = ConfigDict(extra="forbid")
     focus_threshold: float = Field(default_factory=_focus_default, gt=0, le=10)
     focus_history: int = Field(8, ge=1, le=64)
     focus_relearn_frames: int = Field(20, ge=1, le=100_000)
+    focus_cut_diff: float = Field(default_factory=_cut_default, ge=0, le=255)
 
 
 class StreamsArgs(Args):
@@ -121,7 +130,8 @@ class Streams:
         state.frozen_state, state.frozen = det.to_dict(), frozen["frozen"]
         live = self.live
         tracker = FocusTracker.from_dict(state.focus_state or {}, threshold=live.focus_threshold,
-                                         history=live.focus_history, relearn_frames=live.focus_relearn_frames)
+                                         history=live.focus_history, relearn_frames=live.focus_relearn_frames,
+                                         cut_diff=live.focus_cut_diff)
         focus = tracker.update(image)
         state.focus_state, state.focus_lost = tracker.to_dict(), focus["lost"]
         state, risky = update_state(state, result, self.policy, ts)

@@ -407,9 +407,9 @@ def test_admin_patches_only_the_user_config_of_the_deployment_holding_the_capabi
         patched_config(_details(), "livelens", "streams", {"focus_threshold": 0.5})
     details = _details()
     details["applications"]["livelens"]["deployments"]["Streams"] = {"deployment_config": {"user_config": {
-        "focus_threshold": 0.43, "focus_history": 8, "focus_relearn_frames": 20}}}
+        "focus_threshold": 0.43, "focus_history": 8, "focus_relearn_frames": 20, "focus_cut_diff": 30.0}}}
     cfg, live = patched_config(details, "livelens", "streams", {"focus_threshold": 0.6})
-    assert live == {"focus_threshold": 0.6, "focus_history": 8, "focus_relearn_frames": 20}
+    assert live == {"focus_threshold": 0.6, "focus_history": 8, "focus_relearn_frames": 20, "focus_cut_diff": 30.0}
     assert {d["name"]: d for d in cfg["deployments"]}["Streams"]["user_config"] == live
     for bad in ({"focus_threshold": 0}, {"focus_history": 0}, {"focus_window": 3}):
         with pytest.raises(ConfigError):

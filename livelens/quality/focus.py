@@ -7,10 +7,12 @@ mostly does not: it takes power away from the high spatial frequencies and leave
 nearly as they were, while the camera turning to a flatter part of the scene lowers both. So the
 tracker keeps the recent frames' *tilt* (high-band over mid-band power, per direction, the median
 over a grid of tiles) and measures, per frame, how far the tilt fell against them, averaged over
-four directions (motion blur smears one).
+four directions (motion blur smears one). A cut to another scene (the frame's coarse thumbnail
+far from the previous frame's) starts a new reference, since the new scene may just be softer.
 
-The state is the reference tilts (4 floats a frame) and two counters, so the stream store keeps it
-as JSON next to :class:`~livelens.quality.frozen.FrozenDetector`'s.
+The state is the reference tilts (4 floats a frame), the previous frame's 16×9 thumbnail and two
+counters, so the stream store keeps it as JSON next to
+:class:`~livelens.quality.frozen.FrozenDetector`'s.
 """
 
 from __future__ import annotations
@@ -45,10 +47,19 @@ FLAT_DECADES = 2.0
 TEXTURE_DECADES = 2.0
 #: The smallest frame side measured: each tile needs a few cycles of the mid band.
 MIN_SIDE = 64
+#: A frame whose 16×9 grey thumbnail differs from the previous frame's by more than this (mean
+#: absolute difference, 0–255) is a cut to another scene, and starts a new reference: a new scene
+#: may simply be softer. Blur barely moves so coarse a thumbnail (under 4 at the set's strongest
+#: level); a pan moves it by the camera's step (up to 25 in the set's pans); cuts between the set's
+#: photos moved it by 60 (median), and by more than 34 in 95 % of them.
+CUT_THUMB = (16, 9)
+DEFAULT_CUT_DIFF = 30.0
 #: The default drop (decades of high-band power relative to the mid band) that calls focus lost.
 #: Fitted by ``python -m livelens.quality.focus_eval`` on all photos of the real-photo set (the
-#: lowest threshold with precision ≥ 0.97 there); docs/quality.md has the per-seed held-out figures
-#: and those on photos that no step of the design looked at.
+#: lowest threshold with precision ≥ 0.97 there) before cuts were detected, when every jump to
+#: another window of a photo still reached the tracker: 0.435. With cut detection the same fit gives
+#: 0.26, but a cut between two similar scenes is not seen as one, and the higher threshold keeps
+#: precision there. docs/quality.md has the figures, also on photos no step of the design looked at.
 DEFAULT_THRESHOLD = 0.43
 
 
@@ -133,26 +144,32 @@ class FocusTracker:
         relearn_frames: After this many lost frames in a row the blurred picture becomes the
             stream's new reference: "focus lost" is an event, and a stream that stays soft is what
             the per-frame blur flag reports.
+        cut_diff: Thumbnail change from the previous frame that makes a cut (:data:`DEFAULT_CUT_DIFF`);
+            0 turns cut detection off.
     """
 
     threshold: float = DEFAULT_THRESHOLD
     history: int = 8
     relearn_frames: int = 20
+    cut_diff: float = DEFAULT_CUT_DIFF
     refs: list[np.ndarray] = field(default_factory=list, repr=False)
     size: tuple[int, int] | None = None
     lost_frames: int = 0
+    last_thumb: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not (self.threshold > 0 and self.history >= 1 and self.relearn_frames >= 1):
-            raise InvalidArgumentError("FocusTracker needs threshold > 0, history >= 1 and relearn_frames >= 1")
+        if not (self.threshold > 0 and self.history >= 1 and self.relearn_frames >= 1 and self.cut_diff >= 0):
+            raise InvalidArgumentError("FocusTracker needs threshold > 0, history >= 1, relearn_frames >= 1 "
+                                       "and cut_diff >= 0")
 
     def update(self, frame: Any) -> dict[str, Any]:
         """Feed the next frame of the stream.
 
         Returns:
             ``lost`` (bool), ``drop`` (:func:`focus_drop` against the reference; ``None`` on the
-            first frame or after a size change, which start a new reference), ``reference_frames``
-            and ``lost_frames`` (consecutive lost frames, this one included). A frame under
+            first frame, after a size change and on a cut, which start a new reference), ``cut``
+            (bool), ``reference_frames`` and ``lost_frames`` (consecutive lost frames, this one
+            included). A frame under
             :data:`MIN_SIDE` px a side or with no texture (black, flat) gets ``lost`` False,
             ``drop`` None and ``skipped``, and leaves the state as it was.
 
@@ -170,11 +187,17 @@ class FocusTracker:
             # Black or flat: it says nothing about focus, and as a reference it would make the
             # picture's return look like a loss of focus.
             return {**self._out(False, None), "skipped": "no texture to measure"}
+        thumb = cv2.resize(luminance(rgb), CUT_THUMB, interpolation=cv2.INTER_AREA).astype(np.float32)
+        previous, self.last_thumb = self.last_thumb, thumb
         if not self.refs or size != self.size:
             # A new stream, or a resolution switch: a smaller picture has less high band by
             # itself, so the old reference no longer applies.
             self.refs, self.size, self.lost_frames = [tilt], size, 0
             return self._out(False, None)
+        if self.cut_diff and previous is not None and float(np.abs(thumb - previous).mean()) > self.cut_diff:
+            # Another scene: it may be softer than the last one without anything going out of focus.
+            self.refs, self.lost_frames = [tilt], 0
+            return self._out(False, None, cut=True)
         drop = focus_drop(tilt, np.median(np.stack(self.refs), axis=0))
         lost = drop >= self.threshold
         if lost:
@@ -187,14 +210,15 @@ class FocusTracker:
             self.refs = [*self.refs, tilt][-self.history:]
         return self._out(lost, drop)
 
-    def _out(self, lost: bool, drop: float | None) -> dict[str, Any]:
-        return {"lost": bool(lost), "drop": None if drop is None else round(drop, 4),
+    def _out(self, lost: bool, drop: float | None, cut: bool = False) -> dict[str, Any]:
+        return {"lost": bool(lost), "drop": None if drop is None else round(drop, 4), "cut": cut,
                 "reference_frames": len(self.refs), "lost_frames": int(self.lost_frames)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (the settings are not in it: they come from the caller)."""
+        thumb = None if self.last_thumb is None else np.clip(np.round(self.last_thumb), 0, 255).astype(int).tolist()
         return {"refs": [np.round(r, 4).tolist() for r in self.refs], "size": list(self.size) if self.size else None,
-                "lost_frames": self.lost_frames}
+                "lost_frames": self.lost_frames, "thumb": thumb}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any], **settings: Any) -> FocusTracker:
@@ -208,9 +232,14 @@ class FocusTracker:
             if any(r.shape != (len(DIRECTIONS),) or not np.isfinite(r).all() for r in refs):
                 raise ValueError("a reference is not 4 finite numbers")
             size = state.get("size")
+            thumb = state.get("thumb")
+            if thumb is not None:
+                thumb = np.asarray(thumb, np.float32)
+                if thumb.shape != (CUT_THUMB[1], CUT_THUMB[0]) or not np.isfinite(thumb).all():
+                    raise ValueError(f"the thumbnail is not {CUT_THUMB[0]}x{CUT_THUMB[1]} finite numbers")
             tracker = cls(**settings, refs=refs[-settings.get("history", cls.history):],
                           size=(int(size[0]), int(size[1])) if size else None,
-                          lost_frames=int(state.get("lost_frames", 0)))
+                          lost_frames=int(state.get("lost_frames", 0)), last_thumb=thumb)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise InvalidArgumentError(f"bad FocusTracker state: {exc}") from exc
         return tracker
