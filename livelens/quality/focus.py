@@ -101,7 +101,11 @@ def tilts(frame: Any) -> np.ndarray | None:
         InvalidArgumentError: The frame is under :data:`MIN_SIDE` pixels a side as measured
             (a 16000×64 strip is 480×2 at the measuring width).
     """
-    g = luminance(to_rgb(frame)).astype(np.float32) / 255.0
+    return _tilts(luminance(to_rgb(frame)))
+
+
+def _tilts(grey: np.ndarray) -> np.ndarray | None:
+    g = grey.astype(np.float32) / 255.0
     h, w = measured_size(g.shape[1], g.shape[0])
     if min(h, w) < MIN_SIDE:
         raise InvalidArgumentError(f"a {g.shape[1]}x{g.shape[0]} frame is too small to measure focus: measured at "
@@ -182,12 +186,13 @@ class FocusTracker:
             # Too small to have a spectrum (a thumbnail, a 1x1 probe, a long thin strip): no
             # verdict, state kept.
             return {**self._out(False, None), "skipped": f"frame under {MIN_SIDE} px a side as measured"}
-        tilt = tilts(rgb)
+        grey = luminance(rgb)
+        tilt = _tilts(grey)
         if tilt is None:
             # Black or flat: it says nothing about focus, and as a reference it would make the
             # picture's return look like a loss of focus.
             return {**self._out(False, None), "skipped": "no texture to measure"}
-        thumb = cv2.resize(luminance(rgb), CUT_THUMB, interpolation=cv2.INTER_AREA).astype(np.float32)
+        thumb = cv2.resize(grey, CUT_THUMB, interpolation=cv2.INTER_AREA).astype(np.float32)
         previous, self.last_thumb = self.last_thumb, thumb
         if not self.refs or size != self.size:
             # A new stream, or a resolution switch: a smaller picture has less high band by
