@@ -185,3 +185,13 @@ def test_a_cut_to_a_softer_scene_starts_a_new_reference_and_is_not_lost():
         FocusTracker(cut_diff=-1)
     with pytest.raises(InvalidArgumentError):
         FocusTracker.from_dict({**state, "thumb": [[1, 2], [3, 4]]})
+
+
+def test_the_evaluation_command_writes_its_report(tmp_path):
+    """`make eval-focus` on two photos: per-seed tables, the threshold fit and the cuts."""
+    result = E.main(["--max-photos", "2", "--seeds", "0", "--no-classical", "--no-fresh", "--no-pans",
+                     "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "## Seed 0: threshold" in report and "| level | n | tracker P |" in report and "| 1 | " in report
+    assert "## Cuts between the set's photos" in report and result["cuts"]["with_detection"]["cuts"] == 2
+    assert json.loads((tmp_path / "report.json").read_text())["n_rows"] == result["n_rows"] > 0

@@ -292,6 +292,16 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
     return result
 
 
+def _level_table(focus: dict[str, Any], classical: dict[str, Any] | None) -> list[str]:
+    """Markdown rows: P and R per level, the tracker beside the classical flag."""
+    rows = ["| level | n | tracker P | tracker R | classical P | classical R |", "|---|---|---|---|---|---|"]
+    for lv in ["all", "1", "2", "3", "4", "5"]:
+        f = focus[lv]
+        cp = f"{classical[lv]['precision']:.3f} | {classical[lv]['recall']:.3f}" if classical else "– | –"
+        rows.append(f"| {lv} | {f['n']} | {f['precision']:.3f} | {f['recall']:.3f} | {cp} |")
+    return rows
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """Recall and precision per level for each seed, the tracker beside the classical flag."""
     lines = [f"# Focus lost in streams of held-out real photos ({result['n_rows']} frames of "
@@ -299,11 +309,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for seed, s in result["seeds"].items():
         f, c = s["focus"], s["classical"]
         lines += [f"## Seed {seed}: threshold {s['threshold']} (fitted on {len(s['train_photos'])} training photos), "
-                  f"{len(s['test_photos'])} held out ({s['n_test']} frames)", "",
-                  "| level | n | tracker P | tracker R | classical P | classical R |", "|---|---|---|---|---|---|"]
-        for lv in ["all", "1", "2", "3", "4", "5"]:
-            cp = f"{c[lv]['precision']:.3f} | {c[lv]['recall']:.3f}" if c else "– | –"
-            lines.append(f"| {lv} | {f[lv]['n']} | {f[lv]['precision']:.3f} | {f[lv]['recall']:.3f} | {cp} |")
+                  f"{len(s['test_photos'])} held out ({s['n_test']} frames)", "", *_level_table(f, c)]
         neg = f["negatives"]
         sh = s["shipped"]
         lines += ["", f"At the shipped threshold {result['default_threshold']} (fitted on all photos, these "
@@ -322,11 +328,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     if fr:
         f, c = fr["focus"], fr["classical"]
         lines += [f"## Photos outside the set, at the shipped threshold {fr['threshold']} ({fr['n']} frames of "
-                  f"{', '.join(fr['photos'])})", "",
-                  "| level | n | tracker P | tracker R | classical P | classical R |", "|---|---|---|---|---|---|"]
-        for lv in ["all", "1", "2", "3", "4", "5"]:
-            cp = f"{c[lv]['precision']:.3f} | {c[lv]['recall']:.3f}" if c else "– | –"
-            lines.append(f"| {lv} | {f[lv]['n']} | {f[lv]['precision']:.3f} | {f[lv]['recall']:.3f} | {cp} |")
+                  f"{', '.join(fr['photos'])})", "", *_level_table(f, c)]
         lines += ["", f"Tracker false alarms: {f['negatives']['false_alarms']} of {f['negatives']['n']} "
                       f"{f['negatives']['by_kind']}", ""]
     c = result.get("cuts")
