@@ -258,3 +258,24 @@ def test_default_models_publishes_no_fit_that_fails_the_release_checks(tmp_path,
     with pytest.raises(ConfigError, match=r"not published.*hard_negatives"):
         build_quality_flags_default(tmp_path / "defaults")
     assert not (tmp_path / "defaults" / fl.MODEL_NAME).exists()
+
+
+def test_a_model_fitted_before_the_focus_features_reads_only_its_own_columns():
+    """quality_flags@1 was fitted on LEGACY_FEATURES columns; the occlusion trees read the head's logit
+    right after them, so the features appended since must not shift it."""
+    state = ModelStore(SHIPPED_STORE).load(fl.MODEL_NAME + "@1").state_dict
+    model = fl.FlagModel.from_state(state, "legacy")
+    assert "n_features" not in state and model.n_features == fl.LEGACY_FEATURES < fl.N_FEATURES
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, fl.N_FEATURES)).astype(np.float32)
+    maps = rng.normal(size=(6, 1280, 6, 10)).astype(np.float32)
+    wide = model.probabilities(x, maps)
+    noisy = x.copy()
+    noisy[:, fl.LEGACY_FEATURES:] = 1e3
+    for f in fl.FLAGS:
+        np.testing.assert_allclose(model.probabilities(noisy, maps)[f], wide[f])
+        np.testing.assert_allclose(model.probabilities(x[:, : fl.LEGACY_FEATURES], maps)[f], wide[f])
+    again = fl.FlagModel.from_state(model.state_dict(), "again")
+    assert again.n_features == fl.LEGACY_FEATURES
+    with pytest.raises(ConfigError, match="features"):
+        fl.FlagModel.from_state({**state, "n_features": torch.tensor(fl.N_FEATURES + 1)}, "future")

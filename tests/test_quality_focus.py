@@ -195,3 +195,20 @@ def test_the_evaluation_command_writes_its_report(tmp_path):
     assert "## Seed 0: threshold" in report and "| level | n | tracker P |" in report and "| 1 | " in report
     assert "## Cuts between the set's photos" in report and result["cuts"]["with_detection"]["cuts"] == 2
     assert json.loads((tmp_path / "report.json").read_text())["n_rows"] == result["n_rows"] > 0
+
+
+def test_focus_features_of_one_frame_fall_with_blur_and_are_defined_on_any_frame():
+    """The learned blur flag's per-frame inputs (livelens.quality.flags.features)."""
+    from livelens.quality.focus import N_FOCUS_FEATURES, focus_features
+    frame = _frame("camera")  # grey, 512×288
+    assert frame.ndim == 2
+    clean = focus_features(frame)
+    blurred = focus_features(D.gaussian_blur(frame, 2.0))
+    motion = focus_features(D.motion_blur(frame, 9, angle_deg=0.0))
+    assert clean.shape == (N_FOCUS_FEATURES,) and clean[-1] == 1.0 and 0 < clean[-2] <= 1
+    assert (blurred[:4] < clean[:4] - 0.3).all(), (clean, blurred)  # every direction's median tilt
+    assert clean[6] >= np.median(clean[:4]) and clean[7] <= clean[6]  # the sharpest tile
+    assert motion[5] > clean[5] + 0.2, (clean, motion)  # motion blur spreads the directions apart
+    # Nothing to measure gives zeros, never an error: the flag model still answers.
+    for nothing in (np.zeros((540, 960), np.uint8), np.full((540, 960), 128, np.uint8), frame[:40, :40]):
+        assert not focus_features(nothing).any()

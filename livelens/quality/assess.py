@@ -51,14 +51,16 @@ def _classical(rgb: np.ndarray, th: m.Thresholds) -> tuple[dict[str, Any], np.nd
 
 
 def _flag_inputs(rgb: np.ndarray, feats: np.ndarray, out: dict[str, Any], thumb_rgb: np.ndarray,
-                 thumb: np.ndarray, default_thresholds: bool) -> tuple[np.ndarray, np.ndarray]:
+                 thumb: np.ndarray, default_thresholds: bool, tilt: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The learned flag model's feature vector and occluder map (shared by :func:`assess` and
     :func:`flag_inputs`, so training features are the served ones)."""
     from livelens.quality import flags as fl
 
     # The learned decisions need the default-threshold classical scores they were trained on.
     base = out if default_thresholds else _classical(rgb, m.DEFAULT_THRESHOLDS)[0]
-    return fl.features(feats, base, thumb_rgb, thumb), fl.OccluderMap.features(rgb)
+    # ``tilt=False`` skips the focus features (their FFTs) for a model fitted before them.
+    grey = m.luminance(rgb) if tilt else None
+    return fl.features(feats, base, thumb_rgb, thumb, grey), fl.OccluderMap.features(rgb)
 
 
 def flag_inputs(image: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -107,7 +109,10 @@ def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel 
         feats = iq.features(rgb)  # computed once for both learned models
         iqa_feats = feats if iqa is None or iqa.net.arch.side == iq.IQA_SIDE else iq.features(rgb, iqa.net.arch.side)
     if flags is not None:
-        decided = flags.decide(*_flag_inputs(rgb, feats, out, thumb_rgb, thumb, thresholds is None))
+        from livelens.quality.flags import LEGACY_FEATURES
+
+        decided = flags.decide(*_flag_inputs(rgb, feats, out, thumb_rgb, thumb, thresholds is None,
+                                             flags.n_features > LEGACY_FEATURES))
         b = out["brightness"]
         b["dark"], b["bright"] = decided["dark"]["flag"], decided["bright"]["flag"]
         b["flag"] = b["dark"] or b["bright"]

@@ -192,7 +192,7 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
         cv[f] = {"threshold": thresholds[f], "precision": tp / max(int(pred.sum()), 1),
                  "recall": tp / max(int(y[:, j].sum()), 1)}
         trees[f] = fl.pack_trees(fl.fit_trees(xf, y[:, j], seed, weight))
-    return fl.FlagModel(trees, thresholds, head), cv
+    return fl.FlagModel(trees, thresholds, head, n_features=x.shape[1]), cv
 
 
 def _answer_items(state: dict, names: list[str], max_photos: int, windows: int = 2) -> list[dict[str, Any]]:

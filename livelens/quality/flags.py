@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from livelens.errors import ConfigError
-from livelens.quality import iqa
+from livelens.quality import focus, iqa
 from livelens.quality import measures as m
 
 MODEL_NAME = "quality_flags"
@@ -98,14 +98,21 @@ def classical_features(result: dict[str, Any]) -> list[float]:
 
 N_OCC = 3 * 3 * 7 + 1
 N_CLASSICAL = 15
-N_FEATURES = iqa.N_FEATURES + N_CLASSICAL + N_OCC
+#: Inputs of models fitted before the focus features were appended (``quality_flags@1``): such a
+#: model reads the first this many columns, so one feature function serves every stored model.
+LEGACY_FEATURES = iqa.N_FEATURES + N_CLASSICAL + N_OCC
+N_FEATURES = LEGACY_FEATURES + focus.N_FOCUS_FEATURES
 
 
-def features(iqa_features: np.ndarray, result: dict[str, Any], thumb_rgb: np.ndarray, thumb: np.ndarray) -> np.ndarray:
-    """The flag model's input: NR-IQA features, classical scores, occluder statistics."""
+def features(iqa_features: np.ndarray, result: dict[str, Any], thumb_rgb: np.ndarray, thumb: np.ndarray,
+             grey: np.ndarray | None) -> np.ndarray:
+    """The flag model's input: NR-IQA features, classical scores, occluder statistics and the
+    frame's tile-by-tile spectral tilt (:func:`livelens.quality.focus.focus_features` of ``grey``,
+    the full frame's luminance; ``None``: zeros, for a model that does not read them)."""
+    tilt = np.zeros(focus.N_FOCUS_FEATURES, np.float32) if grey is None else focus.focus_features(grey)
     return np.concatenate([np.asarray(iqa_features, np.float32),
                            np.asarray(classical_features(result), np.float32),
-                           np.asarray(occluder_features(thumb_rgb, thumb), np.float32)])
+                           np.asarray(occluder_features(thumb_rgb, thumb), np.float32), tilt])
 
 
 # -- the occluder map: ImageNet mobilenet_v2 features on a small copy of the frame ----------------
@@ -249,16 +256,22 @@ class FlagModel:
             scores of the training photos.
         head: The occluder head (its logit is the last input of the occlusion trees).
         ref: The store ref, reported with every answer.
+        n_features: How many leading columns of :func:`features` the trees were fitted on
+            (:data:`LEGACY_FEATURES` for a model stored before the focus features).
     """
 
     def __init__(self, trees: dict[str, dict[str, torch.Tensor]], thresholds: dict[str, float],
-                 head: OccluderHead, ref: str = "untrained"):
+                 head: OccluderHead, ref: str = "untrained", n_features: int = N_FEATURES):
+        if not 0 < n_features <= N_FEATURES:
+            raise ConfigError(f"{ref}: a flag model over {n_features} features, this code computes {N_FEATURES}")
         self.trees, self.thresholds, self.head, self.ref = trees, thresholds, head.eval(), ref
+        self.n_features = n_features
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"trees.{f}.{k}": v for f, t in self.trees.items() for k, v in t.items()}
         out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         out["thresholds"] = torch.tensor([self.thresholds[f] for f in FLAGS], dtype=torch.float32)
+        out["n_features"] = torch.tensor(self.n_features)
         return out
 
     @classmethod
@@ -275,9 +288,10 @@ class FlagModel:
             thr = dict(zip(FLAGS, state["thresholds"].tolist(), strict=True))
             if any(not t for t in trees.values()):
                 raise KeyError("trees")
-        except (KeyError, RuntimeError, ValueError) as exc:
+            n = int(state["n_features"]) if "n_features" in state else LEGACY_FEATURES
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise ConfigError(f"{ref} is not a quality flag model: {exc}") from None
-        return cls(trees, thr, head, ref)
+        return cls(trees, thr, head, ref, n)
 
     @classmethod
     def from_store(cls, store: Any, ref: str = MODEL_NAME) -> FlagModel:
@@ -292,7 +306,9 @@ class FlagModel:
 
     def probabilities(self, x: np.ndarray, maps: np.ndarray) -> dict[str, np.ndarray]:
         """Per-flag probabilities of feature rows ``x`` and their occluder maps."""
-        x = np.atleast_2d(np.asarray(x, np.float32))
+        # Columns past the model's own are features added after it was fitted: the occlusion trees
+        # read the head's logit right after the model's last column.
+        x = np.atleast_2d(np.asarray(x, np.float32))[:, : self.n_features]
         occ = occluder_logits(self.head, np.asarray(maps, np.float32).reshape(len(x), *np.shape(maps)[-3:]))
         out = {}
         for f in FLAGS:

@@ -104,7 +104,9 @@ def tilts(frame: Any) -> np.ndarray | None:
     return _tilts(luminance(to_rgb(frame)))
 
 
-def _tilts(grey: np.ndarray) -> np.ndarray | None:
+def _tile_tilts(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per textured tile and direction, log10(high-band / mid-band power) ``(tiles, 4)``, and the
+    share of the grid's tiles that are textured; ``None`` where nothing is textured."""
     g = grey.astype(np.float32) / 255.0
     h, w = measured_size(g.shape[1], g.shape[0])
     if min(h, w) < MIN_SIDE:
@@ -129,7 +131,41 @@ def _tilts(grey: np.ndarray) -> np.ndarray | None:
     if level.max() < np.log10(floor) + TEXTURE_DECADES:
         return None
     textured = level >= level.max() - FLAT_DECADES
-    return np.median(high[textured] - mid[textured], axis=0).astype(np.float32)
+    return (high - mid)[textured], np.array(textured.mean(), np.float32)
+
+
+def _tilts(grey: np.ndarray) -> np.ndarray | None:
+    tiles = _tile_tilts(grey)
+    return None if tiles is None else np.median(tiles[0], axis=0).astype(np.float32)
+
+
+#: Length of :func:`focus_features`.
+N_FOCUS_FEATURES = 10
+
+
+def focus_features(grey: np.ndarray) -> np.ndarray:
+    """The tilt of one frame on its own, as inputs of the learned blur flag (``N_FOCUS_FEATURES``).
+
+    The tracker compares a frame with its stream; a single frame has only its absolute tilt, which
+    also depends on the scene. It still adds what the 384-px NR-IQA features lack: the spectrum at
+    :data:`SPECTRUM_WIDTH`, tile by tile, so a shallow depth of field (one sharp tile) differs from a
+    blurred frame (none), and per direction, for motion blur.
+
+    Returns:
+        The median tilt per direction (4), their minimum and spread, the sharpest tile's mean and
+        minimum-over-directions tilt, the textured share of the grid, and 1; all zeros for a frame
+        with nothing to measure (flat, black, or under :data:`MIN_SIDE` as measured).
+    """
+    try:
+        tiles = _tile_tilts(grey)
+    except InvalidArgumentError:
+        tiles = None
+    if tiles is None:
+        return np.zeros(N_FOCUS_FEATURES, np.float32)
+    t, share = tiles
+    med = np.median(t, axis=0)
+    return np.array([*med, med.min(), med.max() - med.min(), t.mean(axis=1).max(), t.min(axis=1).max(), share, 1.0],
+                    np.float32)
 
 
 def focus_drop(tilt: np.ndarray, reference: np.ndarray) -> float:
