@@ -22,7 +22,7 @@ from skimage.measure import blur_effect
 
 from livelens.quality import FrozenDetector, assess
 from livelens.quality import measures as m
-from livelens.quality.focus import FocusTracker
+from livelens.quality.focus import FocusTracker, focus_features
 from livelens.quality.iqa import IqaArch, IqaModel, IqaNet, features
 
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # A stream's focus check: one frame against the stream's state, as the Streams replica
         # runs it (state from JSON, update, state to JSON).
         "focus_update (state round trip)": _ms(lambda: focus_step(frame), r),
+        # The same tilts of one frame on its own: the learned flags' last inputs (a model fitted on
+        # them pays this inside assess_with_flags; quality_flags@1 does not read them).
+        "focus_features (flag inputs)": _ms(lambda: focus_features(gray), r),
         "iqa_features": _ms(lambda: features(frame), r),
         "iqa_score": _ms(lambda: iqa.score(frame), r),
         "assess_with_iqa_720p": _ms(lambda: assess(frame, iqa=iqa), r),

@@ -46,6 +46,7 @@ def test_fit_model_learns_a_planted_signal_and_round_trips():
         pred = probs[f] >= model.thresholds[f]
         assert (pred == y[:, j]).mean() > 0.9, f
     again = fl.FlagModel.from_state(model.state_dict())
+    assert model.n_features == again.n_features == 5  # the columns it was fitted on
     for f in fl.FLAGS:
         assert np.allclose(again.probabilities(x[:10], maps[:10])[f], probs[f][:10])
     with pytest.raises(ConfigError):

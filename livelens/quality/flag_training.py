@@ -49,6 +49,9 @@ class FlagTrainConfig:
         windows: Distorted windows cut from each photo (:func:`livelens.quality.realset.bases`):
             the centre and ``windows - 1`` random ones. More views of the same photos, for
             training and for the held-out figures alike.
+        tilt_features: Fit on the frame's spectral tilt too (:func:`livelens.quality.focus.focus_features`,
+            the last columns of :func:`livelens.quality.flags.features`); False: only the
+            :data:`~livelens.quality.flags.LEGACY_FEATURES` columns ``quality_flags@1`` reads, to compare.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -62,6 +65,7 @@ class FlagTrainConfig:
     max_photos: int = 0
     hard_negative_weight: float = 4.0
     windows: int = 2
+    tilt_features: bool = True
 
     def __post_init__(self) -> None:
         if not self.seeds or self.ship_seed not in self.seeds:
@@ -263,6 +267,8 @@ def run(cfg: FlagTrainConfig | None = None) -> dict[str, Any]:
     photos = _photos(cfg.max_photos)
     data = featurise(photos, cfg.max_photos, cfg.cache, cfg.windows)
     items, x, maps = data["items"], data["x"], data["maps"].astype(np.float32)
+    if not cfg.tilt_features:
+        x = x[:, : fl.LEGACY_FEATURES]
     y = np.array([[f in it.flags for f in fl.FLAGS] for it in items])
     groups = np.array([it.photo for it in items])
     # A photo has 6 hard-negative windows against ~80 distorted frames: weight them up so that
@@ -298,7 +304,7 @@ def run(cfg: FlagTrainConfig | None = None) -> dict[str, Any]:
         card = {"kind": "quality_flags", "flags": list(fl.FLAGS), "thresholds": shipped.thresholds,
                 "arch": {"trees": "HistGradientBoosting 200 rounds × 15 leaves per flag",
                          "occluder_head": "2 × 1×1 conv over mobilenet_v2 ImageNet features, max over cells",
-                         "in_features": fl.N_FEATURES},
+                         "in_features": shipped.n_features},
                 "datasets": [{"name": "livelens.quality.realset", "photos": s["train_photos"],
                               "levels": R.LEVELS, "windows": list(R.bases(cfg.windows))}],
                 "metrics": {"held_out_photos": s["test_photos"], "after": s["after"], "before": s["before"],
