@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from ray import serve
 from livelens.serving.envelope import quiet_expected_errors
 from livelens.serving.heap import start_heap_trimmer
 from serve_apps.common import Args, DeployOptions
+
+logger = logging.getLogger(__name__)
 
 
 def _focus_default() -> float:
@@ -117,6 +120,7 @@ class Streams:
         return base64.b64encode(thumbnail_jpeg(image, self.args.thumb_side, quality=80)).decode()
 
     def _ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None) -> dict[str, Any]:
+        from livelens.errors import InvalidArgumentError
         from livelens.imageio import as_rgb
         from livelens.quality import LABELS, FrozenDetector
         from livelens.quality.focus import FocusTracker
@@ -125,14 +129,32 @@ class Streams:
         check_stream_id(stream_id)
         image = as_rgb(image)
         state = self.store.load(stream_id) or StreamState(stream_id, next_interval_s=self.policy.base_interval_s)
-        det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
+        live = self.live
+        settings = {"threshold": live.focus_threshold, "history": live.focus_history,
+                    "relearn_frames": live.focus_relearn_frames, "cut_diff": live.focus_cut_diff}
+        # A stored state that cannot be read (another version's, or a damaged row) is the store's
+        # fault, not the frame's: answering every later frame of the stream with an error would
+        # lock it out for good. Start that detector afresh and say so in the answer.
+        reset = []
+        try:
+            det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
+        except InvalidArgumentError as exc:
+            logger.warning("stream %s: unreadable frozen state, starting afresh: %s", stream_id, exc)
+            det = FrozenDetector()
+            reset.append("frozen")
+        try:
+            tracker = FocusTracker.from_dict(state.focus_state or {}, **settings)
+        except InvalidArgumentError as exc:
+            logger.warning("stream %s: unreadable focus state, starting afresh: %s", stream_id, exc)
+            tracker = FocusTracker(**settings)
+            reset.append("focus")
         frozen = det.update(image, ts)
         state.frozen_state, state.frozen = det.to_dict(), frozen["frozen"]
-        live = self.live
-        tracker = FocusTracker.from_dict(state.focus_state or {}, threshold=live.focus_threshold,
-                                         history=live.focus_history, relearn_frames=live.focus_relearn_frames,
-                                         cut_diff=live.focus_cut_diff)
         focus = tracker.update(image)
+        if "focus" in reset:
+            focus["state_reset"] = True
+        if "frozen" in reset:
+            frozen["state_reset"] = True
         state.focus_state, state.focus_lost = tracker.to_dict(), focus["lost"]
         state, risky = update_state(state, result, self.policy, ts)
         if state.frozen:

@@ -167,6 +167,31 @@ def test_a_stream_whose_focus_is_lost_gets_quality_blur_and_keeps_its_focus_stat
     assert again.live.focus_threshold == 5.0  # a refused change leaves the running one
 
 
+def test_a_stream_whose_stored_detector_state_is_unreadable_starts_it_afresh(tmp_path):
+    """A damaged or foreign state row must not lock a stream out: the frame is answered, the
+    detectors restart, the answer says so, and the next frame reads the repaired state."""
+    import numpy as np
+    from skimage import data
+
+    from serve_apps.streams import Streams, StreamsArgs
+
+    frame = np.ascontiguousarray(data.astronaut()[:288])
+    quiet = {"decision": "pass", "labels": []}
+    streams = Streams.func_or_class(StreamsArgs(db_path=str(tmp_path / "s.sqlite")))
+    first = streams._ingest("cam", frame, quiet, 100.0)
+    assert "state_reset" not in first["focus"] and "state_reset" not in first["frozen"]
+    state = streams.store.load("cam")
+    state.focus_state = {"refs": [[1.0, 2.0]], "size": "x"}  # a reference of 2 numbers, not 4
+    state.frozen_state = {"thumb": "not base64!", "still_frames": "many"}
+    streams.store.save(state)
+    out = streams._ingest("cam", np.roll(frame, 30, axis=1), quiet, 101.0)
+    assert out["focus"]["state_reset"] is True and out["frozen"]["state_reset"] is True, out
+    assert out["frame_count"] == 2 and len(out["window"]) == 2  # the window itself was kept
+    again = streams._ingest("cam", np.roll(frame, 60, axis=1), quiet, 102.0)
+    assert "state_reset" not in again["focus"] and "state_reset" not in again["frozen"]
+    assert streams.store.load("cam").focus_state["refs"]  # a new reference is being built
+
+
 def test_sqlite_store_survives_reopen_and_bounds_evidence(tmp_path):
     db = tmp_path / "s.sqlite"
     store = SqliteStreamStore(db)
