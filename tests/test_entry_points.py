@@ -205,3 +205,19 @@ def test_batches_pay_per_image_and_failed_key_checks_are_limited_per_address():
     assert codes.count(401) == KeyStore.FAILED_AUTH_BURST and codes[-1] == 429
     with pytest.raises(AuthError):  # another address is not held back
         store.authenticate("guess", "ocr", "10.0.0.10")
+
+
+def test_the_notebooks_manifest_is_written_once_with_frames_to_validate_on(tmp_path):
+    """Notebooks 02 and 03 both call demo_manifest, so the training notebook runs without the data one."""
+    from livelens.data.frames import demo_manifest
+    from livelens.data.manifest import load_card, read_manifest
+
+    path = tmp_path / "frames"
+    assert demo_manifest(path) == path
+    splits = read_manifest(path).column("split").to_pylist()
+    assert len(splits) >= 48 and splits.count("val") >= 3 and splits.count("train") > splits.count("val")
+    card = load_card(path)
+    assert card["seed"] == 3 and card["slots"] == 48
+    stamp = (path / "card.json").stat().st_mtime_ns
+    demo_manifest(path)  # a second call (the second notebook) keeps the set it finds
+    assert (path / "card.json").stat().st_mtime_ns == stamp

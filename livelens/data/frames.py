@@ -15,6 +15,7 @@ import json
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -605,3 +606,32 @@ def frames_card(seed: int, slots: int, cfg: FrameConfig) -> dict:
             "in one frame; train per-frame heads without it. Frozen sequences share one split."
         ),
     }
+
+
+def demo_manifest(path: str | Path, slots: int = 48, seed: int = 3) -> Path:
+    """A tiny frames manifest at ``path`` for the notebooks, written only where none is.
+
+    The data notebook writes it and the training notebook reads it; either may be opened first,
+    so both call this. A set this small leaves the val split nearly empty, so every fourth single
+    labelled training frame moves to val and training has something to validate on.
+
+    Args:
+        path: The manifest directory.
+        slots: Generator slots (a frozen sequence takes several rows).
+        seed: Generator seed.
+
+    Returns:
+        ``path``.
+    """
+    from livelens.data.manifest import write_manifest
+
+    path = Path(path)
+    if (path / "card.json").exists() or any(path.glob("*.parquet")):
+        return path
+    cfg = FrameConfig()
+    rows = generate_frames(0, slots, seed=seed, cfg=cfg)
+    labelled = [r for r in rows if r["labels"] and r["split"] == "train" and not r["attributes"].get("sequence")]
+    for r in labelled[2::4]:
+        r["split"] = "val"
+    write_manifest(rows, path, frames_card(seed, slots, cfg), contact_sheet=False)
+    return path
