@@ -135,26 +135,20 @@ class Streams:
         # A stored state that cannot be read (another version's, or a damaged row) is the store's
         # fault, not the frame's: answering every later frame of the stream with an error would
         # lock it out for good. Start that detector afresh and say so in the answer.
-        reset = []
+        frozen_reset = focus_reset = False
         try:
             det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
         except InvalidArgumentError as exc:
             logger.warning("stream %s: unreadable frozen state, starting afresh: %s", stream_id, exc)
-            det = FrozenDetector()
-            reset.append("frozen")
+            det, frozen_reset = FrozenDetector(), True
         try:
             tracker = FocusTracker.from_dict(state.focus_state or {}, **settings)
         except InvalidArgumentError as exc:
             logger.warning("stream %s: unreadable focus state, starting afresh: %s", stream_id, exc)
-            tracker = FocusTracker(**settings)
-            reset.append("focus")
-        frozen = det.update(image, ts)
+            tracker, focus_reset = FocusTracker(**settings), True
+        frozen = det.update(image, ts) | ({"state_reset": True} if frozen_reset else {})
         state.frozen_state, state.frozen = det.to_dict(), frozen["frozen"]
-        focus = tracker.update(image)
-        if "focus" in reset:
-            focus["state_reset"] = True
-        if "frozen" in reset:
-            frozen["state_reset"] = True
+        focus = tracker.update(image) | ({"state_reset": True} if focus_reset else {})
         state.focus_state, state.focus_lost = tracker.to_dict(), focus["lost"]
         state, risky = update_state(state, result, self.policy, ts)
         if state.frozen:

@@ -33,8 +33,9 @@ def _grid_crop(gray: np.ndarray, side: int = 256) -> np.ndarray:
     return gray[y0 : y0 + side, x0 : x0 + side]
 
 
-def _classical(rgb: np.ndarray, th: m.Thresholds) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """The classical measures of an RGB frame, with the thumbnail they were computed on."""
+def _classical(rgb: np.ndarray, th: m.Thresholds) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """The classical measures of an RGB frame, with the thumbnail they were computed on and the
+    full frame's luminance (the learned flags' tilt reads it too)."""
     gray_full = m.luminance(rgb)
     work = m._resize_long(gray_full, m.BLUR_SIDE)
     thumb_rgb = m._resize_long(rgb, m.THUMB_SIDE)
@@ -47,11 +48,12 @@ def _classical(rgb: np.ndarray, th: m.Thresholds) -> tuple[dict[str, Any], np.nd
         "noise": m.noise(work, th),
         "compression": m.blockiness(_grid_crop(gray_full), th),
     }
-    return out, thumb_rgb, thumb
+    return out, thumb_rgb, thumb, gray_full
 
 
 def _flag_inputs(rgb: np.ndarray, feats: np.ndarray, out: dict[str, Any], thumb_rgb: np.ndarray,
-                 thumb: np.ndarray, default_thresholds: bool, tilt: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 thumb: np.ndarray, grey: np.ndarray, default_thresholds: bool,
+                 tilt: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The learned flag model's feature vector and occluder map (shared by :func:`assess` and
     :func:`flag_inputs`, so training features are the served ones)."""
     from livelens.quality import flags as fl
@@ -59,8 +61,7 @@ def _flag_inputs(rgb: np.ndarray, feats: np.ndarray, out: dict[str, Any], thumb_
     # The learned decisions need the default-threshold classical scores they were trained on.
     base = out if default_thresholds else _classical(rgb, m.DEFAULT_THRESHOLDS)[0]
     # ``tilt=False`` skips the focus features (their FFTs) for a model fitted before them.
-    grey = m.luminance(rgb) if tilt else None
-    return fl.features(feats, base, thumb_rgb, thumb, grey), fl.OccluderMap.features(rgb)
+    return fl.features(feats, base, thumb_rgb, thumb, grey if tilt else None), fl.OccluderMap.features(rgb)
 
 
 def flag_inputs(image: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -72,8 +73,8 @@ def flag_inputs(image: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     from livelens.quality import iqa as iq
 
     rgb = m.to_rgb(image)
-    out, thumb_rgb, thumb = _classical(rgb, m.DEFAULT_THRESHOLDS)
-    x, omap = _flag_inputs(rgb, iq.features(rgb), out, thumb_rgb, thumb, True)
+    out, thumb_rgb, thumb, grey = _classical(rgb, m.DEFAULT_THRESHOLDS)
+    x, omap = _flag_inputs(rgb, iq.features(rgb), out, thumb_rgb, thumb, grey, True)
     return x, omap, out
 
 
@@ -101,7 +102,7 @@ def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel 
     th = thresholds or m.DEFAULT_THRESHOLDS
     rgb = m.to_rgb(image)
     h, w = rgb.shape[:2]
-    out, thumb_rgb, thumb = _classical(rgb, th)
+    out, thumb_rgb, thumb, grey = _classical(rgb, th)
     feats = None
     if iqa is not None or flags is not None:
         from livelens.quality import iqa as iq
@@ -111,7 +112,7 @@ def assess(image: Any, *, thresholds: m.Thresholds | None = None, iqa: IqaModel 
     if flags is not None:
         from livelens.quality.flags import LEGACY_FEATURES
 
-        decided = flags.decide(*_flag_inputs(rgb, feats, out, thumb_rgb, thumb, thresholds is None,
+        decided = flags.decide(*_flag_inputs(rgb, feats, out, thumb_rgb, thumb, grey, thresholds is None,
                                              flags.n_features > LEGACY_FEATURES))
         b = out["brightness"]
         b["dark"], b["bright"] = decided["dark"]["flag"], decided["bright"]["flag"]
