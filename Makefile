@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality eval-focus \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality eval-focus eval-exposure \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -103,6 +103,9 @@ eval-quality: setup
 
 eval-focus: setup
 	$(PY) -m livelens.quality.focus_eval --out runs/eval-focus
+
+eval-exposure: setup
+	$(PY) -m livelens.quality.exposure_eval --out runs/eval-exposure
 
 default-models: setup
 	$(PY) -m train_jobs.defaults

@@ -22,6 +22,7 @@ from skimage.measure import blur_effect
 
 from livelens.quality import FrozenDetector, assess
 from livelens.quality import measures as m
+from livelens.quality.exposure import ExposureTracker
 from livelens.quality.focus import FocusTracker, focus_features
 from livelens.quality.iqa import IqaArch, IqaModel, IqaNet, features
 
@@ -57,6 +58,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t.update(f)
         return t.to_dict()
 
+    exposure = ExposureTracker()
+    exposure.update(frame)
+    exposure_state = json.loads(json.dumps(exposure.to_dict()))
+    dimmed = (frame * 0.45).astype(np.uint8)  # a changed frame: the second alignment pass runs
+
+    def exposure_step(f: np.ndarray) -> dict:
+        t = ExposureTracker.from_dict(exposure_state)
+        t.update(f)
+        return t.to_dict()
+
     r = a.repeats
     try:  # the shipped learned flags (boosted trees + occluder head over mobilenet_v2 features)
         from livelens.quality.flags import MODEL_NAME, FlagModel, OccluderMap
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # The same tilts of one frame on its own: the learned flags' last inputs (a model fitted on
         # them pays this inside assess_with_flags; quality_flags@1 does not read them).
         "focus_features (flag inputs)": _ms(lambda: focus_features(gray), r),
+        # A stream's exposure check, the same way (a darkened frame: both alignment passes).
+        "exposure_update (state round trip)": _ms(lambda: exposure_step(dimmed), r),
         "iqa_features": _ms(lambda: features(frame), r),
         "iqa_score": _ms(lambda: iqa.score(frame), r),
         "assess_with_iqa_720p": _ms(lambda: assess(frame, iqa=iqa), r),

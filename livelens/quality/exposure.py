@@ -1,0 +1,299 @@
+"""Exposure changed: a stream's frame that is darker or brighter than the stream's own recent frames.
+
+One frame cannot tell a dim scene from a darkened one: a low-key portrait and a well-lit room at
+45 % exposure have about the same trimmed luminance, so the per-frame dark flag misses the second
+or fires on the first (docs/quality.md). A stream has history, and an exposure change has a
+signature a scene change does not: every pixel is the reference's pixel times one gain. So the
+tracker keeps the stream's last normal frame as a coarse luminance thumbnail, aligns it to each new
+frame (a pan moves the picture), and measures the gain that maps one onto the other (the median
+per-pixel ratio) and the *agreement*: the share of pixels that the one gain explains. A blur, an
+occluder or noise leaves the gain at 1; a cut to another scene leaves no gain that most pixels agree
+on, and starts afresh from it. A frame whose exposure did not change becomes the reference, so a
+slow drift (a camera adapting) is followed and never called a change.
+
+Clipping is found at full resolution: a thumbnail pixel that averages any clipped or crushed pixels
+of the frame does not set the gain (its ratio understates it) and counts only as a bound: one near
+white agrees with any gain at least its ratio, one near black with any gain at most its ratio. The
+unclipped pixels must agree among themselves too, or a cut to a black frame would "agree" with any
+darkening. Clipped white pixels of the reference are not compared at all.
+
+The state is one 64×36 thumbnail, the frame size and a counter, so the stream store keeps it as
+JSON next to the focus tracker's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livelens.errors import InvalidArgumentError
+from livelens.quality.measures import luminance, to_rgb
+
+#: The thumbnail compared (columns, rows): coarse enough that blur, noise and JPEG leave it as it
+#: was, fine enough that an occluder covering 5 % of the frame is ~115 of its pixels.
+THUMB = (64, 36)
+#: Reference pixels outside this range (0–255) say little about a gain: under it, 8-bit rounding is
+#: a large share of the value; over it, the reference itself may be clipped.
+REF_RANGE = (8.0, 247.0)
+#: A frame pixel is clipped at white when any of its channels is at or over :data:`WHITE`, and
+#: crushed when its luminance is at or under :data:`BLACK` (8-bit rounding is then a large share of
+#: its value). A thumbnail pixel is a bound, not a measurement, when more than :data:`CLIP_SHARE`
+#: of the frame pixels it averages are clipped or crushed.
+WHITE = 250
+BLACK = 4
+CLIP_SHARE = 0.05
+#: A pixel agrees with the frame's gain when its own log ratio is within this of the median
+#: (natural log: ×0.82–×1.22). A pure gain leaves every pixel on it; JPEG and noise on a 64×36
+#: area average move a pixel by far less.
+AGREE_TOL = 0.2
+#: The share of usable pixels that must agree on one gain for the frame to be the reference's
+#: scene; fewer, and the frame is a cut (another scene, or the camera moved far) with no verdict.
+DEFAULT_MIN_AGREEMENT = 0.6
+#: Gains at or beyond which the exposure changed: the set's mildest darkening is ×0.45 and its
+#: strongest benign change ×0.85; its mildest brightening ×1.8 and benign ×1.15. Each threshold is
+#: the geometric middle of the two; ``python -m livelens.quality.exposure_eval`` measures them on
+#: held-out photos (docs/quality.md).
+DEFAULT_DARK_GAIN = 0.61
+DEFAULT_BRIGHT_GAIN = 1.27
+#: The smallest share of the thumbnail with a usable reference pixel: a frame that was nearly all
+#: black or all white gives no gain to measure against.
+MIN_USABLE = 0.1
+#: The smallest share of the thumbnail with an unclipped pixel, without which the frame cannot be
+#: shown to be the same scene.
+MIN_EXACT = 0.02
+#: The smallest spread (standard deviation of the natural log) of the compared reference pixels
+#: for the frame's pattern to be compared with the reference's: under it the reference is flat.
+MIN_LOG_STD = 0.05
+#: The largest camera shift between the reference and the frame that :func:`align` follows, as a
+#: share of each side.
+MAX_SHIFT = 0.4
+
+
+def thumbnail(frame: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The frame's luminance at :data:`THUMB` (float32 0–255, area averaged), and per thumbnail
+    pixel whether it averages clipped white (1), crushed black (−1) or neither (0).
+
+    Raises:
+        InvalidImageError: The frame cannot be read.
+    """
+    rgb = to_rgb(frame)
+    grey = luminance(rgb)
+    thumb = cv2.resize(grey, THUMB, interpolation=cv2.INTER_AREA).astype(np.float32)
+    # The per-channel maximum through OpenCV: NumPy's reduction over the channel axis is an order
+    # of magnitude slower on a full frame. The shares are averaged as float (a uint8 mask would
+    # round them to 0 or 1).
+    r, g, b = cv2.split(rgb)
+    brightest = cv2.max(cv2.max(r, g), b)
+    white = cv2.resize((brightest >= WHITE).astype(np.float32), THUMB, interpolation=cv2.INTER_AREA)
+    black = cv2.resize((grey <= BLACK).astype(np.float32), THUMB, interpolation=cv2.INTER_AREA)
+    clip = np.where((white > CLIP_SHARE) & (white >= black), 1, np.where(black > CLIP_SHARE, -1, 0)).astype(np.int8)
+    return thumb, clip
+
+
+def align(thumb: np.ndarray, reference: np.ndarray, ref_clip: np.ndarray,
+          gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``reference`` moved onto ``thumb`` by the camera's shift between them, and the mask of
+    pixels where the moved reference is usable (covered, and not clipped in the reference).
+
+    The shift is found by phase correlation of the two log images less their means, on which a gain
+    is a constant and drops out, so a pan that darkens is still aligned. Clipping does not drop out:
+    a brightened frame is flat where it clipped, so the reference is correlated as it would look
+    with ``gain`` applied and clipped like the frame (:func:`gain_against` passes its first
+    estimate). A shift over :data:`MAX_SHIFT` of the frame is not trusted (no overlap worth
+    comparing): the reference is then compared where it is.
+    """
+    ref = reference.astype(np.float32)
+    # A reference pixel that averages clipped white hides its true value; crushed black does not
+    # matter there (its average is what the frame will be compared with), bar the floor of REF_RANGE.
+    valid = ((ref_clip != 1) & (ref >= REF_RANGE[0]) & (ref <= REF_RANGE[1])).astype(np.float32)
+    a = np.log1p(np.minimum(ref * np.float32(gain), 255.0))
+    b = np.log1p(thumb.astype(np.float32))
+    (dx, dy), _ = cv2.phaseCorrelate(a - a.mean(), b - b.mean(), _hann())
+    if abs(dx) > MAX_SHIFT * THUMB[0] or abs(dy) > MAX_SHIFT * THUMB[1] or (abs(dx) < 0.25 and abs(dy) < 0.25):
+        return ref, valid > 0
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    moved = cv2.warpAffine(ref, m, THUMB, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    usable = cv2.warpAffine(valid, m, THUMB, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return moved, usable >= 0.999
+
+
+@lru_cache(maxsize=1)
+def _hann() -> np.ndarray:
+    return cv2.createHanningWindow(THUMB, cv2.CV_32F)
+
+
+def gain_against(thumb: np.ndarray, clip: np.ndarray, reference: np.ndarray,
+                 ref_clip: np.ndarray) -> tuple[float, float] | None:
+    """The gain that maps the reference (a :func:`thumbnail`: ``reference``, ``ref_clip``) onto
+    the frame's ``thumb`` and ``clip`` after :func:`align`, and the share of usable pixels that
+    agree on it. Clipped or crushed reference pixels are not compared.
+
+    Returns:
+        ``(gain, agreement)``; the agreement is the lower of all usable pixels' and the unclipped
+        ones' (a frame with fewer than :data:`MIN_EXACT` unclipped pixels agrees with nothing).
+        ``None`` when under :data:`MIN_USABLE` of the thumbnail has a usable reference pixel (the
+        reference was black or white nearly everywhere).
+    """
+    first = _measure(thumb, clip, *align(thumb, reference, ref_clip))
+    if first is None or abs(np.log(first[0])) < AGREE_TOL:
+        return first
+    # A large change: align again with the reference made to look as the frame does (clipping
+    # included), and keep whichever alignment more pixels agree with.
+    second = _measure(thumb, clip, *align(thumb, reference, ref_clip, first[0]))
+    return second if second is not None and second[1] > first[1] else first
+
+
+def _measure(thumb: np.ndarray, clip: np.ndarray, moved: np.ndarray,
+             usable: np.ndarray) -> tuple[float, float] | None:
+    """:func:`gain_against` for one alignment."""
+    usable = usable.ravel()
+    if usable.mean() < MIN_USABLE:
+        return None
+    r = moved.astype(np.float64).ravel()[usable]
+    f = thumb.astype(np.float64).ravel()[usable]
+    c = clip.ravel()[usable]
+    exact, high = c == 0, c == 1
+    logs = np.log(np.maximum(f, 0.5) / r)
+    if exact.sum() < MIN_EXACT * THUMB[0] * THUMB[1]:
+        if high.mean() >= 0.5:
+            # Brightened until nearly everything clipped: no pixel measures the gain, but each one
+            # bounds it from below. The median bound is a lower bound on the gain itself (for most
+            # of the frame), and the agreement is the share of pixels clipped.
+            return float(np.exp(np.median(logs[high]))), float(high.mean())
+        return 1.0, 0.0
+    m = float(np.median(logs[exact]))
+    agree = np.where(exact, np.abs(logs - m) <= AGREE_TOL,
+                     np.where(high, logs <= m + AGREE_TOL, logs >= m - AGREE_TOL))
+    return float(np.exp(m)), float(min(agree.mean(), agree[exact].mean(), _pattern(r, f)))
+
+
+def _pattern(r: np.ndarray, f: np.ndarray) -> float:
+    """How well the frame keeps the reference's pattern: the rank correlation of their pixels.
+
+    A gain, clipped or not, keeps the order of the pixels (the brightest clip first), so the ranks
+    rise and fall together; two flat textures of different brightness (a wall, then a page) have
+    ratios near one value without that. A reference too flat to show a pattern
+    (:data:`MIN_LOG_STD`) cannot tell them apart, and gives 0.
+    """
+    from scipy.stats import spearmanr
+
+    if np.log(r).std() < MIN_LOG_STD or f.max() == f.min():
+        return 0.0
+    rho = spearmanr(r, f).statistic
+    return float(rho) if np.isfinite(rho) else 0.0
+
+
+@dataclass
+class ExposureTracker:
+    """Flags frames of one stream whose exposure changed against its last normal frame.
+
+    Args:
+        dark_gain: Gain at or under which the frame is darker than its stream (``dark``).
+        bright_gain: Gain at or over which it is brighter (``bright``).
+        min_agreement: Share of pixels that must agree on the gain; under it the frame is a cut.
+        relearn_frames: After this many changed frames in a row the new exposure becomes the
+            stream's reference: "exposure changed" is an event, and a stream that stays dark is what
+            the per-frame dark flag reports.
+    """
+
+    dark_gain: float = DEFAULT_DARK_GAIN
+    bright_gain: float = DEFAULT_BRIGHT_GAIN
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    relearn_frames: int = 20
+    reference: np.ndarray | None = field(default=None, repr=False)
+    ref_clip: np.ndarray | None = field(default=None, repr=False)
+    size: tuple[int, int] | None = None
+    changed_frames: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.dark_gain < 1 < self.bright_gain and 0 < self.min_agreement <= 1
+                and self.relearn_frames >= 1):
+            raise InvalidArgumentError("ExposureTracker needs 0 < dark_gain < 1 < bright_gain, "
+                                       "0 < min_agreement <= 1 and relearn_frames >= 1")
+
+    def update(self, frame: Any) -> dict[str, Any]:
+        """Feed the next frame of the stream.
+
+        Returns:
+            ``change`` (``"dark"``, ``"bright"`` or ``None``), ``gain`` against the stream's last
+            normal frame and ``agreement`` (``None`` on the first frame, after a size change, on a
+            cut and against a black or white reference, each of which starts afresh), ``cut``
+            (bool) and ``changed_frames`` (consecutive changed frames, this one included).
+
+        Raises:
+            InvalidImageError: The frame cannot be read.
+        """
+        rgb = to_rgb(frame)
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
+        thumb, clip = thumbnail(rgb)
+        if self.reference is None or self.ref_clip is None or size != self.size:
+            self.reference, self.ref_clip, self.size, self.changed_frames = thumb, clip, size, 0
+            return self._out(None, None)
+        measured = gain_against(thumb, clip, self.reference, self.ref_clip)
+        if measured is None:
+            # The reference was black or white: the picture's return is not a change of exposure.
+            self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+            return self._out(None, None)
+        gain, agreement = measured
+        if agreement < self.min_agreement:
+            if self.changed_frames and self.changed_frames + 1 < self.relearn_frames:
+                # In the middle of a change, a frame no gain explains may be the changed picture
+                # moving on as much as another scene: keep the last normal frame, so the return to
+                # it is not called a change the other way. It counts towards relearning.
+                self.changed_frames += 1
+                return self._out(None, None, agreement=agreement, cut=True)
+            # Another scene: no one gain explains it, and it is the stream's new normal.
+            self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+            return self._out(None, None, agreement=agreement, cut=True)
+        change = "dark" if gain <= self.dark_gain else "bright" if gain >= self.bright_gain else None
+        if change is not None:
+            self.changed_frames += 1
+            if self.changed_frames >= self.relearn_frames:
+                change = None
+        if change is None:
+            # The newest normal frame is the reference: a slow drift follows it.
+            self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+        return self._out(change, gain, agreement)
+
+    def _out(self, change: str | None, gain: float | None, agreement: float | None = None,
+             cut: bool = False) -> dict[str, Any]:
+        return {"change": change, "gain": None if gain is None else round(gain, 4),
+                "agreement": None if agreement is None else round(agreement, 4), "cut": cut,
+                "changed_frames": int(self.changed_frames)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (the settings are not in it: they come from the caller)."""
+        ref = None if self.reference is None else np.round(self.reference, 1).tolist()
+        # The clip classes as the flat indices of the clipped (1) and crushed (−1) pixels: few.
+        clip = self.ref_clip.ravel() if self.ref_clip is not None else np.zeros(0, np.int8)
+        return {"reference": ref, "white": np.flatnonzero(clip == 1).tolist(),
+                "black": np.flatnonzero(clip == -1).tolist(), "size": list(self.size) if self.size else None,
+                "changed_frames": self.changed_frames}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], **settings: Any) -> ExposureTracker:
+        """Rebuild a tracker from :meth:`to_dict` output with ``settings`` (the constructor's).
+
+        Raises:
+            InvalidArgumentError: The state is malformed.
+        """
+        try:
+            ref = state.get("reference")
+            clip = None
+            if ref is not None:
+                ref = np.asarray(ref, np.float32)
+                if ref.shape != (THUMB[1], THUMB[0]) or not np.isfinite(ref).all():
+                    raise ValueError(f"the reference is not {THUMB[0]}x{THUMB[1]} finite numbers")
+                clip = np.zeros(ref.size, np.int8)
+                clip[np.asarray(state.get("white", []), np.int64)] = 1
+                clip[np.asarray(state.get("black", []), np.int64)] = -1
+                clip = clip.reshape(ref.shape)
+            size = state.get("size")
+            return cls(**settings, reference=ref, ref_clip=clip, size=(int(size[0]), int(size[1])) if size else None,
+                       changed_frames=int(state.get("changed_frames", 0)))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise InvalidArgumentError(f"bad ExposureTracker state: {exc}") from exc
