@@ -36,8 +36,14 @@ def _cut_default() -> float:
     return DEFAULT_CUT_DIFF
 
 
+def _exposure_default(name: str) -> float:
+    from livelens.quality import exposure
+
+    return getattr(exposure, name)
+
+
 class StreamsConfig(BaseModel):
-    """Streams knobs that change without a restart (``user_config``): the focus tracker's.
+    """Streams knobs that change without a restart (``user_config``): the focus and exposure trackers'.
 
     Attributes:
         focus_threshold: Drop of a frame's spectral tilt against the stream's recent frames that
@@ -48,6 +54,12 @@ class StreamsConfig(BaseModel):
             new reference.
         focus_cut_diff: Thumbnail change from the previous frame that makes a cut to another scene,
             which starts a new reference (0: no cut detection).
+        exposure_dark_gain: Gain against the stream's last normal frame at or under which a frame
+            is darker than its stream (:class:`livelens.quality.exposure.ExposureTracker`).
+        exposure_bright_gain: Gain at or over which it is brighter.
+        exposure_min_agreement: Share of pixels that must agree on one gain; fewer is a cut.
+        exposure_relearn_frames: Changed frames in a row after which the new exposure is the
+            stream's reference.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -55,6 +67,11 @@ class StreamsConfig(BaseModel):
     focus_history: int = Field(8, ge=1, le=64)
     focus_relearn_frames: int = Field(20, ge=1, le=100_000)
     focus_cut_diff: float = Field(default_factory=_cut_default, ge=0, le=255)
+    exposure_dark_gain: float = Field(default_factory=lambda: _exposure_default("DEFAULT_DARK_GAIN"), gt=0, lt=1)
+    exposure_bright_gain: float = Field(default_factory=lambda: _exposure_default("DEFAULT_BRIGHT_GAIN"), gt=1, le=100)
+    exposure_min_agreement: float = Field(default_factory=lambda: _exposure_default("DEFAULT_MIN_AGREEMENT"),
+                                          gt=0, le=1)
+    exposure_relearn_frames: int = Field(20, ge=1, le=100_000)
 
 
 class StreamsArgs(Args):
@@ -123,6 +140,7 @@ class Streams:
         from livelens.errors import InvalidArgumentError
         from livelens.imageio import as_rgb
         from livelens.quality import LABELS, FrozenDetector
+        from livelens.quality.exposure import ExposureTracker
         from livelens.quality.focus import FocusTracker
         from livelens.serving.streams import StreamState, check_stream_id, update_state
 
@@ -132,10 +150,13 @@ class Streams:
         live = self.live
         settings = {"threshold": live.focus_threshold, "history": live.focus_history,
                     "relearn_frames": live.focus_relearn_frames, "cut_diff": live.focus_cut_diff}
+        exposure_settings = {"dark_gain": live.exposure_dark_gain, "bright_gain": live.exposure_bright_gain,
+                             "min_agreement": live.exposure_min_agreement,
+                             "relearn_frames": live.exposure_relearn_frames}
         # A stored state that cannot be read (another version's, or a damaged row) is the store's
         # fault, not the frame's: answering every later frame of the stream with an error would
         # lock it out for good. Start that detector afresh and say so in the answer.
-        frozen_reset = focus_reset = False
+        frozen_reset = focus_reset = exposure_reset = False
         try:
             det = FrozenDetector.from_dict(state.frozen_state) if state.frozen_state else FrozenDetector()
         except InvalidArgumentError as exc:
@@ -146,10 +167,17 @@ class Streams:
         except InvalidArgumentError as exc:
             logger.warning("stream %s: unreadable focus state, starting afresh: %s", stream_id, exc)
             tracker, focus_reset = FocusTracker(**settings), True
+        try:
+            exp_tracker = ExposureTracker.from_dict(state.exposure_state or {}, **exposure_settings)
+        except InvalidArgumentError as exc:
+            logger.warning("stream %s: unreadable exposure state, starting afresh: %s", stream_id, exc)
+            exp_tracker, exposure_reset = ExposureTracker(**exposure_settings), True
         frozen = det.update(image, ts) | ({"state_reset": True} if frozen_reset else {})
         state.frozen_state, state.frozen = det.to_dict(), frozen["frozen"]
         focus = tracker.update(image) | ({"state_reset": True} if focus_reset else {})
         state.focus_state, state.focus_lost = tracker.to_dict(), focus["lost"]
+        exposure = exp_tracker.update(image) | ({"state_reset": True} if exposure_reset else {})
+        state.exposure_state, state.exposure_change = exp_tracker.to_dict(), exposure["change"]
         state, risky = update_state(state, result, self.policy, ts)
         if state.frozen:
             state.frames[-1]["labels"].append(LABELS["frozen"])
@@ -157,6 +185,10 @@ class Streams:
         # (a soft scene) does not say so.
         if state.focus_lost and LABELS["blur"] not in state.frames[-1]["labels"]:
             state.frames[-1]["labels"].append(LABELS["blur"])
+        # Darker or brighter than this stream's last normal frame: quality_dark or quality_bright,
+        # even where the frame alone (a dim room, a pale wall) measures as an ordinary exposure.
+        if state.exposure_change and LABELS[state.exposure_change] not in state.frames[-1]["labels"]:
+            state.frames[-1]["labels"].append(LABELS[state.exposure_change])
         self.store.save(state)
         if risky:
             bundle = {
@@ -170,9 +202,10 @@ class Streams:
                 "models": result.get("models", []),
             }
             self.store.add_evidence(stream_id, bundle, keep=self.policy.max_evidence)
-        return self._public(state, frozen, focus)
+        return self._public(state, frozen, focus, exposure)
 
-    def _public(self, state, frozen: dict | None = None, focus: dict | None = None) -> dict[str, Any]:
+    def _public(self, state, frozen: dict | None = None, focus: dict | None = None,
+                exposure: dict | None = None) -> dict[str, Any]:
         return {
             "stream_id": state.stream_id,
             "frame_count": state.frame_count,
@@ -184,6 +217,7 @@ class Streams:
             "next_interval_s": state.next_interval_s,
             "frozen": frozen if frozen is not None else {"frozen": state.frozen},
             "focus": focus if focus is not None else {"lost": state.focus_lost},
+            "exposure": exposure if exposure is not None else {"change": state.exposure_change},
         }
 
     async def ingest(self, stream_id: str, image, result: dict[str, Any], ts: float | None = None) -> dict[str, Any]:

@@ -489,6 +489,9 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
     assert state["frame_count"] == 2 and state["escalated"], state  # k=2 of n=4 risky (ads) frames
     # The same picture twice: in focus against itself (the first frame only starts the reference).
     assert first["focus"]["drop"] is None and state["focus"]["lost"] is False and state["focus"]["drop"] is not None
+    # And its exposure did not change: the second frame is the first times a gain of one.
+    assert first["exposure"]["gain"] is None and state["exposure"]["change"] is None
+    assert abs(state["exposure"]["gain"] - 1) < 0.05, state["exposure"]
     assert state["next_interval_s"] < first["next_interval_s"] or first["next_interval_s"] == state["next_interval_s"] == 1.0
 
     # Named-actor lookup goes through the GCS alone (the state API needs the dashboard, which is off).
@@ -506,6 +509,7 @@ def test_stream_escalation_state_survives_a_replica_restart(app):
     after = r.json()["stream"]
     assert after["frame_count"] == 2 and after["escalated"] and after["window"] == state["window"]
     assert after["focus"] == {"lost": False}
+    assert after["exposure"] == {"change": None}
     assert after["evidence"] and after["evidence"][0]["thumbnail_jpeg_b64"]
 
 

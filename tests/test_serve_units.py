@@ -167,6 +167,49 @@ def test_a_stream_whose_focus_is_lost_gets_quality_blur_and_keeps_its_focus_stat
     assert again.live.focus_threshold == 5.0  # a refused change leaves the running one
 
 
+def test_a_stream_that_goes_dark_gets_quality_dark_and_keeps_its_exposure_state(tmp_path):
+    """The Streams deployment's own code: a stream's frames are normal for it, the lights going
+    down (×0.45) is ``quality_dark``, the state survives the replica, the gains are live knobs, and
+    a damaged exposure state restarts the tracker."""
+    import numpy as np
+    from skimage import data
+
+    from livelens.quality import distort as D
+    from livelens.quality import realset as R
+    from serve_apps.streams import Streams, StreamsArgs
+
+    coffee = R.base_frame(data.coffee(), "skimage/coffee", "centre")
+
+    def pan(i: int) -> np.ndarray:  # a moving picture, so the stream is never frozen
+        return np.roll(coffee, 6 * i, axis=1)
+
+    quiet = {"decision": "pass", "labels": []}
+    args = StreamsArgs(db_path=str(tmp_path / "s.sqlite"))
+    streams = Streams.func_or_class(args)
+    for i in range(3):
+        out = streams._ingest("cam", D.jpeg(pan(i), 80), quiet, 100.0 + i)
+        assert out["exposure"]["change"] is None and out["window"][-1]["labels"] == [], out["exposure"]
+    dim = D.exposure(pan(3), 0.45)
+    out = streams._ingest("cam", dim, quiet, 103.0)
+    assert out["exposure"]["change"] == "dark" and out["window"][-1]["labels"] == ["quality_dark"], out
+    # A new replica reads the same state: the stream's last normal frame survives it.
+    again = Streams.func_or_class(args)
+    assert again.state("cam", 0)["exposure"] == {"change": "dark"}
+    assert again._ingest("cam", D.exposure(pan(4), 0.45), quiet, 104.0)["exposure"]["change"] == "dark"
+    assert again._ingest("cam", pan(5), quiet, 105.0)["exposure"]["change"] is None  # lights back on
+    again.reconfigure({"exposure_dark_gain": 0.3})
+    assert again._ingest("cam", D.exposure(pan(6), 0.45), quiet, 106.0)["exposure"]["change"] is None
+    with pytest.raises(ConfigError):
+        again.reconfigure({"exposure_bright_gain": 0.9})
+    assert again.live.exposure_dark_gain == 0.3  # a refused change leaves the running one
+    # A damaged state row: the frame is answered, the tracker restarts, the answer says so.
+    state = again.store.load("cam")
+    state.exposure_state = {"reference": [[1.0, 2.0]]}
+    again.store.save(state)
+    out = again._ingest("cam", pan(7), quiet, 107.0)
+    assert out["exposure"]["state_reset"] is True and out["exposure"]["change"] is None, out["exposure"]
+
+
 def test_a_stream_whose_stored_detector_state_is_unreadable_starts_it_afresh(tmp_path):
     """A damaged or foreign state row must not lock a stream out: the frame is answered, the
     detectors restart, the answer says so, and the next frame reads the repaired state."""
@@ -434,7 +477,10 @@ def test_admin_patches_only_the_user_config_of_the_deployment_holding_the_capabi
     details["applications"]["livelens"]["deployments"]["Streams"] = {"deployment_config": {"user_config": {
         "focus_threshold": 0.43, "focus_history": 8, "focus_relearn_frames": 20, "focus_cut_diff": 30.0}}}
     cfg, live = patched_config(details, "livelens", "streams", {"focus_threshold": 0.6})
-    assert live == {"focus_threshold": 0.6, "focus_history": 8, "focus_relearn_frames": 20, "focus_cut_diff": 30.0}
+    # A deployment started before the exposure knobs existed gets their defaults with the change.
+    assert live == {"focus_threshold": 0.6, "focus_history": 8, "focus_relearn_frames": 20, "focus_cut_diff": 30.0,
+                    "exposure_dark_gain": 0.61, "exposure_bright_gain": 1.27, "exposure_min_agreement": 0.6,
+                    "exposure_relearn_frames": 20}
     assert {d["name"]: d for d in cfg["deployments"]}["Streams"]["user_config"] == live
     for bad in ({"focus_threshold": 0}, {"focus_history": 0}, {"focus_window": 3}):
         with pytest.raises(ConfigError):

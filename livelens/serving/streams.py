@@ -65,6 +65,8 @@ class StreamState:
     frozen: bool = False
     focus_state: dict[str, Any] | None = None
     focus_lost: bool = False
+    exposure_state: dict[str, Any] | None = None
+    exposure_change: str | None = None
     next_interval_s: float = 10.0
     updated_at: float = 0.0
 
