@@ -53,17 +53,18 @@ AGREE_TOL = 0.2
 #: The share of usable pixels that must agree on one gain for the frame to be the reference's
 #: scene; fewer, and the frame is a cut (another scene, or the camera moved far) with no verdict.
 DEFAULT_MIN_AGREEMENT = 0.6
-#: Gains at or beyond which the exposure changed: the set's mildest darkening is ×0.45 and its
-#: strongest benign change ×0.85; its mildest brightening ×1.8 and benign ×1.15. Each threshold is
-#: the geometric middle of the two; ``python -m livelens.quality.exposure_eval`` measures them on
-#: held-out photos (docs/quality.md).
+#: Gains at or beyond which the exposure changed. Fitted by ``python -m livelens.quality.exposure_eval``
+#: on all photos of the real-photo set: the geometric middle of the gap between the strongest
+#: negative (the set's benign ×0.85 and ×1.15) and the weakest positive (its mildest darkening,
+#: ×0.45; a brightening clipped so much that only a bound on its gain is left, ×1.40), 0.6105 and
+#: 1.2683. docs/quality.md has the held-out figures of the same fit per split.
 DEFAULT_DARK_GAIN = 0.61
 DEFAULT_BRIGHT_GAIN = 1.27
 #: The smallest share of the thumbnail with a usable reference pixel: a frame that was nearly all
 #: black or all white gives no gain to measure against.
 MIN_USABLE = 0.1
-#: The smallest share of the thumbnail with an unclipped pixel, without which the frame cannot be
-#: shown to be the same scene.
+#: The smallest share of the thumbnail with an unclipped pixel that has a reference, without which
+#: no pixel measures the gain (:func:`gain_against` then falls back on the clipped pixels' bounds).
 MIN_EXACT = 0.02
 #: The smallest spread (standard deviation of the natural log) of the compared reference pixels
 #: for the frame's pattern to be compared with the reference's: under it the reference is flat.
@@ -129,14 +130,14 @@ def _hann() -> np.ndarray:
 def gain_against(thumb: np.ndarray, clip: np.ndarray, reference: np.ndarray,
                  ref_clip: np.ndarray) -> tuple[float, float] | None:
     """The gain that maps the reference (a :func:`thumbnail`: ``reference``, ``ref_clip``) onto
-    the frame's ``thumb`` and ``clip`` after :func:`align`, and the share of usable pixels that
-    agree on it. Clipped or crushed reference pixels are not compared.
+    the frame's ``thumb`` and ``clip`` after :func:`align`, and how well that one gain explains the
+    frame. Reference pixels that average clipped white are not compared.
 
     Returns:
-        ``(gain, agreement)``; the agreement is the lower of all usable pixels' and the unclipped
-        ones' (a frame with fewer than :data:`MIN_EXACT` unclipped pixels agrees with nothing).
-        ``None`` when under :data:`MIN_USABLE` of the thumbnail has a usable reference pixel (the
-        reference was black or white nearly everywhere).
+        ``(gain, agreement)``; the agreement is the lowest of the share of usable pixels the gain
+        explains, the same share among the unclipped ones, and the rank correlation of frame and
+        reference (:func:`_pattern`). ``None`` when under :data:`MIN_USABLE` of the thumbnail has a
+        usable reference pixel (the reference was black or white nearly everywhere).
     """
     first = _measure(thumb, clip, *align(thumb, reference, ref_clip))
     if first is None or abs(np.log(first[0])) < AGREE_TOL:

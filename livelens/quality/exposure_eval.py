@@ -41,8 +41,10 @@ from livelens.quality.focus_eval import PAN_LEVELS, PAN_PARTS, fit_threshold, st
 CHANGES = ("dark", "bright")
 
 
-def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = True) -> list[dict[str, Any]]:
-    """The tracker's answer for one photo's frames (module docstring)."""
+def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = True,
+               served: Any = None) -> list[dict[str, Any]]:
+    """The tracker's answer for one photo's frames (module docstring); with ``served`` (a
+    :class:`~livelens.quality.engine.QualityEngine`), also the per-frame flags it serves."""
     from livelens.quality.assess import assess
 
     items = R.items_for(photo, rgb, windows)
@@ -66,6 +68,9 @@ def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = 
         if classical:
             b = assess(frame)["brightness"]
             row["classical"] = {"dark": bool(b["dark"]), "bright": bool(b["bright"])}
+        if served is not None:
+            b = served.assess(frame)["brightness"]
+            row["served"] = {"dark": bool(b["dark"]), "bright": bool(b["bright"])}
         rows.append(row)
     return rows
 
@@ -186,14 +191,25 @@ def _pannable(rgb: np.ndarray, change: str) -> bool:
 
 
 def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: float = 0.97,
-        max_photos: int = 0, classical: bool = True, fresh: bool = True, pans: bool = True) -> dict[str, Any]:
+        max_photos: int = 0, classical: bool = True, fresh: bool = True, pans: bool = True,
+        served: bool = False) -> dict[str, Any]:
     """Every photo's rows, then per seed and change: the threshold fitted on the training photos
-    and the held-out figures of the tracker, of the shipped defaults and of the classical flags."""
+    and the held-out figures of the tracker, of the shipped defaults and of the classical flags.
+
+    With ``served``, also the per-frame flags the Quality deployment serves (the shipped learned
+    flags, through :class:`~livelens.quality.engine.QualityEngine`), and what a stream's window
+    says: the Streams deployment adds the tracker's label to the frame's own, so a frame is
+    labelled when either fires."""
     from livelens.quality.flag_training import _photos
 
     t0 = time.time()
     photos = _photos(max_photos)
-    by_photo = {n: photo_rows(n, rgb, windows, classical) for n, rgb in photos.items()}
+    engine = None
+    if served:
+        from livelens.quality.engine import QualityEngine
+
+        engine = QualityEngine(iqa_ref=None)
+    by_photo = {n: photo_rows(n, rgb, windows, classical, engine) for n, rgb in photos.items()}
     shipped = {"dark": DEFAULT_DARK_GAIN, "bright": DEFAULT_BRIGHT_GAIN}
     result: dict[str, Any] = {"photos": sorted(photos), "windows": windows, "target_precision": target_precision,
                               "n_rows": sum(len(v) for v in by_photo.values()), "shipped": shipped, "seeds": {}}
@@ -211,7 +227,20 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
                 # The tracker's own answer at its default gains: what the streams deployment says.
                 "shipped": scores(te, change, np.array([r["change"] == change for r in te])),
                 "classical": scores(te, change, np.array([r["classical"][change] for r in te])) if classical else None}
+
         result["seeds"][str(seed)] = per
+    if engine is not None and engine.flags[1]:
+        # The served flags were fitted on some of the set's photos (their card lists them): only
+        # the others are held out for them, whatever the seed's split.
+        seen = {p for d in engine.flags[1]["card"].get("datasets", []) for p in d.get("photos", [])}
+        held = [n for n in sorted(photos) if n not in seen]
+        rows = [r for n in held for r in by_photo[n]]
+        result["served"] = {"model": engine.flags[1]["ref"], "held_out_photos": held, "n": len(rows)}
+        for change in CHANGES:
+            own = np.array([r["served"][change] for r in rows])
+            tracker = np.array([r["change"] == change for r in rows])
+            result["served"][change] = {"served": scores(rows, change, own), "tracker": scores(rows, change, tracker),
+                                        "window": scores(rows, change, own | tracker)}
     every = [r for v in by_photo.values() for r in v]
     result["all_photos_gain"] = {}
     for change in CHANGES:
@@ -272,9 +301,26 @@ def to_markdown(result: dict[str, Any]) -> str:
                       f"{result['shipped'][change]}: P {sh['all']['precision']:.3f} / R {sh['all']['recall']:.3f}, "
                       f"level 1 P {sh['1']['precision']:.3f} / R {sh['1']['recall']:.3f}, "
                       f"{sh['negatives']['false_alarms']} false alarms", ""]
+
         lines += [f"Held-out photos: {', '.join(s['test_photos'])}", ""]
     lines += [f"Gains fitted on all {len(result['photos'])} photos: {result['all_photos_gain']} "
               f"(shipped: {result['shipped']})", ""]
+    sv = result.get("served")
+    if sv:
+        lines += [f"## What a stream's window says: the served per-frame flag ({sv['model']}) or the tracker, on "
+                  f"the {len(sv['held_out_photos'])} photos that model was not fitted on ({sv['n']} frames)", "",
+                  "| change | level | served P | served R | tracker P | tracker R | window P | window R |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for change in CHANGES:
+            c = sv[change]
+            for lv in ["all", "1", "2", "3", "4", "5"]:
+                lines.append(f"| {change} | {lv} | " + " | ".join(
+                    f"{c[k][lv]['precision']:.3f} | {c[k][lv]['recall']:.3f}" for k in ("served", "tracker", "window"))
+                    + " |")
+        lines += ["", "False alarms: " + "; ".join(
+            f"{change} served {sv[change]['served']['negatives']['false_alarms']} "
+            f"{sv[change]['served']['negatives']['by_kind']}, window {sv[change]['window']['negatives']['false_alarms']}"
+            for change in CHANGES), ""]
     fr = result.get("fresh")
     if fr:
         lines += [f"## Photos outside the set, shipped gains ({fr['n']} frames of {', '.join(fr['photos'])})", ""]
@@ -311,9 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-classical", action="store_true")
     ap.add_argument("--no-fresh", action="store_true", help="skip the photos other packages ship")
     ap.add_argument("--no-pans", action="store_true", help="skip the pan streams")
+    ap.add_argument("--no-served", action="store_true", help="skip the served per-frame flags (the slow part)")
     a = ap.parse_args(argv)
     result = run(tuple(int(s) for s in a.seeds.split(",")), a.windows, a.target_precision, a.max_photos,
-                 not a.no_classical, not a.no_fresh, not a.no_pans)
+                 not a.no_classical, not a.no_fresh, not a.no_pans, not a.no_served)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2))
