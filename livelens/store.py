@@ -146,7 +146,13 @@ class ModelStore:
         root: A local directory or a pyarrow filesystem URI.
     """
 
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | ModelStore | None = None):
+        if isinstance(root, ModelStore):
+            root = root.uri
+        elif root is not None and not isinstance(root, (str, os.PathLike)):
+            # str() of anything else is a path too: a notebook's store object once became a
+            # folder named "<livelens.store.ModelStore object at 0x…>" in the working directory.
+            raise ConfigError(f"a model store is a path or URI, got {type(root).__name__}")
         root = str(root) if root is not None else user_store()
         if "://" in root:
             self.fs, self.root = pafs.FileSystem.from_uri(root)

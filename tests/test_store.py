@@ -61,6 +61,11 @@ def test_missing_and_bad_refs_are_typed(tmp_path):
         store.save("m", _state(0), {}, version="1")
     with pytest.raises(ConfigError):
         parse_ref("Bad Name@1")
+    # A store object where a path is expected means that store; anything else is refused, not
+    # turned into a folder named after its repr.
+    assert ModelStore(store).versions("m") == ["1"]
+    with pytest.raises(ConfigError, match="path or URI"):
+        ModelStore(42)
 
 
 def test_pickled_objects_are_refused(tmp_path):
