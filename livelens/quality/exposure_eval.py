@@ -24,10 +24,8 @@ Run ``python -m livelens.quality.exposure_eval --out runs/eval-exposure`` (``mak
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,20 @@ from livelens.quality import distort as D
 from livelens.quality import realset as R
 from livelens.quality.exposure import DEFAULT_BRIGHT_GAIN, DEFAULT_DARK_GAIN, ExposureTracker
 from livelens.quality.focus import SPECTRUM_WIDTH
-from livelens.quality.focus_eval import PAN_LEVELS, PAN_PARTS, fit_threshold, stream_frame
+from livelens.quality.focus_eval import (
+    PAN_LEVELS,
+    PAN_PARTS,
+    cli,
+    fit_threshold,
+    fresh_photos,
+    level_scores,
+    level_table,
+    pan_frames,
+    stream_frame,
+    stream_size,
+    through_json,
+    write_report,
+)
 
 CHANGES = ("dark", "bright")
 
@@ -48,8 +59,7 @@ def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = 
     from livelens.quality.assess import assess
 
     items = R.items_for(photo, rgb, windows)
-    h, w = R.base_frame(rgb, photo, "centre").shape[:2]
-    size = (min(w, SPECTRUM_WIDTH), round(h * min(w, SPECTRUM_WIDTH) / w))
+    size = stream_size(rgb, photo)
     states = {}
     for base in R.bases(windows):
         tracker = ExposureTracker()
@@ -82,17 +92,10 @@ def change_scores(rows: list[dict[str, Any]], change: str) -> np.ndarray:
 
 
 def scores(rows: list[dict[str, Any]], change: str, predicted: np.ndarray) -> dict[str, Any]:
-    """Precision and recall for one change, over all levels and per level (precision per level
-    counts every false alarm against that level's hits), and the false alarms by kind."""
+    """:func:`focus_eval.level_scores` for one change, and the false alarms by kind."""
     pos = np.array([r["distortion"] == change for r in rows])
-    level = np.array([r["level"] for r in rows])
     fp = int((predicted & ~pos).sum())
-    out: dict[str, Any] = {}
-    for lv in ["all", 1, 2, 3, 4, 5]:
-        sel = pos if lv == "all" else pos & (level == lv)
-        tp = int((predicted & sel).sum())
-        out[str(lv)] = {"n": int(sel.sum()), "recall": round(tp / max(1, int(sel.sum())), 4),
-                        "precision": round(tp / max(1, tp + fp), 4)}
+    out = level_scores(pos, np.array([r["level"] for r in rows]), predicted)
     kinds: dict[str, int] = {}
     for r, p in zip(rows, predicted, strict=True):
         if p and r["distortion"] != change:
@@ -140,30 +143,13 @@ def cut_rows(photos: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 def pan_stream(photo: str, rgb: np.ndarray, change: str, level: int) -> list[dict[str, Any]]:
-    """One tracker through a camera pan across a photo (as :func:`focus_eval.pan_stream`): every
-    second clean frame is re-encoded (JPEG 75), and the middle part's exposure is changed at
-    ``level``. The state goes through JSON between frames."""
-    h, w = rgb.shape[:2]
-    aspect = R.FRAME[0] / R.FRAME[1]
-    cw, ch = (int(h * aspect), h) if w / h > aspect else (w, int(w / aspect))
-    cw, ch = int(cw * 0.6), int(ch * 0.6)
-    size = (min(cw, SPECTRUM_WIDTH), round(ch * min(cw, SPECTRUM_WIDTH) / cw))
-    xs = np.linspace(0, w - cw, sum(PAN_PARTS)).round().astype(int)
-    y = (h - ch) // 2
+    """One tracker through a camera pan across a photo (:func:`focus_eval.pan_frames`) whose middle
+    part's exposure is changed at ``level``."""
     gain = R.LEVELS[change][level - 1]
     state: dict[str, Any] = {}
     rows = []
-    for i, x in enumerate(xs):
-        frame = np.ascontiguousarray(rgb[y : y + ch, x : x + cw])
-        changed = PAN_PARTS[0] <= i < PAN_PARTS[0] + PAN_PARTS[1]
-        if changed:
-            frame = D.exposure(frame, gain)
-        elif i % 2:
-            frame = D.jpeg(frame, 75)
-        tracker = ExposureTracker.from_dict(json.loads(json.dumps(state)))
-        out = tracker.update(stream_frame(frame, size))
-        state = tracker.to_dict()
-        part = "before" if i < PAN_PARTS[0] else "changed" if changed else "after"
+    for i, part, frame in pan_frames(rgb, lambda f, _: D.exposure(f, gain)):
+        out, state = through_json(ExposureTracker, state, frame)
         rows.append({"photo": photo, "change": change, "level": level, "frame": i, "part": part,
                      "called": out["change"], "cut": out["cut"]})
     return rows
@@ -245,13 +231,8 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
     result["all_photos_gain"] = {}
     for change in CHANGES:
         result["all_photos_gain"][change] = round(fit_gain(every, change, target_precision), 4)
-    extra: dict[str, np.ndarray] = {}
-    if fresh:
-        from livelens.evaluation import package_photo_paths
-        from livelens.imageio import load_image
-
-        extra = {f"package/{n}": load_image(path) for n, path in sorted(package_photo_paths().items())}
-        extra = {n: rgb for n, rgb in extra.items() if R.usable(rgb)}
+    extra = fresh_photos() if fresh else {}
+    if extra:
         rows = [r for n, rgb in extra.items() for r in photo_rows(n, rgb, windows, classical)]
         if rows:
             result["fresh"] = {"photos": sorted(extra), "n": len(rows)}
@@ -276,14 +257,6 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
     return result
 
 
-def _level_table(t: dict[str, Any], c: dict[str, Any] | None) -> list[str]:
-    rows = ["| level | n | tracker P | tracker R | classical P | classical R |", "|---|---|---|---|---|---|"]
-    for lv in ["all", "1", "2", "3", "4", "5"]:
-        cp = f"{c[lv]['precision']:.3f} | {c[lv]['recall']:.3f}" if c else "– | –"
-        rows.append(f"| {lv} | {t[lv]['n']} | {t[lv]['precision']:.3f} | {t[lv]['recall']:.3f} | {cp} |")
-    return rows
-
-
 def to_markdown(result: dict[str, Any]) -> str:
     """Per seed and change: P and R per level, the tracker beside the classical flag."""
     lines = [f"# Exposure changes in streams of held-out real photos ({result['n_rows']} frames of "
@@ -294,7 +267,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             c = s[change]
             t, sh = c["tracker"], c["shipped"]
             lines += [f"### {change}: gain fitted on {len(s['train_photos'])} training photos {c['fitted_gain']}",
-                      "", *_level_table(t, c["classical"]), "",
+                      "", *level_table(t, c["classical"]), "",
                       f"Tracker false alarms: {t['negatives']['false_alarms']} of {t['negatives']['n']} "
                       f"{t['negatives']['by_kind']} on {', '.join(t['negatives']['photos']) or 'no photo'}; "
                       f"{t['cuts']['positives']} changed frames seen as cuts. At the shipped gain "
@@ -326,7 +299,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [f"## Photos outside the set, shipped gains ({fr['n']} frames of {', '.join(fr['photos'])})", ""]
         for change in CHANGES:
             t = fr[change]["tracker"]
-            lines += [f"### {change}", "", *_level_table(t, fr[change]["classical"]), "",
+            lines += [f"### {change}", "", *level_table(t, fr[change]["classical"]), "",
                       f"Tracker false alarms: {t['negatives']['false_alarms']} of {t['negatives']['n']} "
                       f"{t['negatives']['by_kind']}", ""]
     c = result["cuts"]
@@ -348,24 +321,12 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/eval-exposure")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--windows", type=int, default=2)
-    ap.add_argument("--target-precision", type=float, default=0.97)
-    ap.add_argument("--max-photos", type=int, default=0)
-    ap.add_argument("--no-classical", action="store_true")
-    ap.add_argument("--no-fresh", action="store_true", help="skip the photos other packages ship")
-    ap.add_argument("--no-pans", action="store_true", help="skip the pan streams")
+    ap = cli(__doc__, "runs/eval-exposure")
     ap.add_argument("--no-served", action="store_true", help="skip the served per-frame flags (the slow part)")
     a = ap.parse_args(argv)
     result = run(tuple(int(s) for s in a.seeds.split(",")), a.windows, a.target_precision, a.max_photos,
                  not a.no_classical, not a.no_fresh, not a.no_pans, not a.no_served)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_report(a.out, result, to_markdown(result))
     return result
 
 

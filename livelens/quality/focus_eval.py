@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ def stream_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def stream_size(rgb: np.ndarray, photo: str) -> tuple[int, int]:
+    """The size of every frame of a photo's stream: its clean centre's, at most
+    :data:`~livelens.quality.focus.SPECTRUM_WIDTH` wide."""
+    h, w = R.base_frame(rgb, photo, "centre").shape[:2]
+    return min(w, SPECTRUM_WIDTH), round(h * min(w, SPECTRUM_WIDTH) / w)
+
+
 def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = True) -> list[dict[str, Any]]:
     """The tracker's answer for one photo's frames.
 
@@ -68,8 +76,7 @@ def photo_rows(photo: str, rgb: np.ndarray, windows: int = 2, classical: bool = 
     from livelens.quality.assess import assess
 
     items = R.items_for(photo, rgb, windows)
-    h, w = R.base_frame(rgb, photo, "centre").shape[:2]
-    size = (min(w, SPECTRUM_WIDTH), round(h * min(w, SPECTRUM_WIDTH) / w))
+    size = stream_size(rgb, photo)
     states = {}
     for base in R.bases(windows):
         tracker = FocusTracker()
@@ -133,39 +140,65 @@ PAN_PARTS = (10, 10, 10)
 PAN_LEVELS = (1, 3, 5)
 
 
-def pan_stream(photo: str, rgb: np.ndarray, distortion: str, level: int) -> list[dict[str, Any]]:
-    """One tracker through a camera pan across a photo: a 16:9 window of 0.6 times the largest
-    slides from one side to the other, every second clean frame is re-encoded (JPEG 75), and the
-    middle part is blurred at ``level``. The tracker's state goes through JSON between frames, as
-    the streams deployment keeps it."""
-    from livelens.quality import distort as D
-
+def pan_windows(rgb: np.ndarray) -> tuple[np.ndarray, int, tuple[int, int], tuple[int, int]]:
+    """A pan across a photo: the left edges of a 16:9 window of 0.6 times the largest, one per frame
+    of :data:`PAN_PARTS`, sliding from one side to the other; its top edge; its size; and the size
+    every frame of the stream is brought to (:func:`stream_frame`)."""
     h, w = rgb.shape[:2]
     aspect = R.FRAME[0] / R.FRAME[1]
     cw, ch = (int(h * aspect), h) if w / h > aspect else (w, int(w / aspect))
     cw, ch = int(cw * 0.6), int(ch * 0.6)
     size = (min(cw, SPECTRUM_WIDTH), round(ch * min(cw, SPECTRUM_WIDTH) / cw))
-    n = sum(PAN_PARTS)
-    xs = np.linspace(0, w - cw, n).round().astype(int)
-    y = (h - ch) // 2
-    px = max(cw / R.FRAME[0], R.MIN_BLUR_SCALE)  # the set's levels are pixels of a 960-wide frame
-    v = R.LEVELS[distortion][level - 1]
-    state: dict[str, Any] = {}
-    rows = []
+    xs = np.linspace(0, w - cw, sum(PAN_PARTS)).round().astype(int)
+    return xs, (h - ch) // 2, (cw, ch), size
+
+
+def pan_frames(rgb: np.ndarray, change: Callable[[np.ndarray, int], np.ndarray]
+               ) -> Iterator[tuple[int, str, np.ndarray]]:
+    """The frames of a pan (:func:`pan_windows`) as one stream sees them: ``(index, part, frame)``
+    with part ``before``, ``changed`` (the middle :data:`PAN_PARTS`, passed through ``change(frame,
+    index)``) or ``after``; every second unchanged frame is re-encoded (JPEG 75)."""
+    from livelens.quality import distort as D
+
+    xs, y, (cw, ch), size = pan_windows(rgb)
     for i, x in enumerate(xs):
         frame = np.ascontiguousarray(rgb[y : y + ch, x : x + cw])
-        blurred = PAN_PARTS[0] <= i < PAN_PARTS[0] + PAN_PARTS[1]
-        if blurred:
-            frame = (D.gaussian_blur(frame, v * px) if distortion == "gaussian_blur"
-                     else D.motion_blur(frame, max(3, round(v * px)), angle_deg=float(R._seed(photo, i) % 180)))
+        part = "before" if i < PAN_PARTS[0] else "changed" if i < PAN_PARTS[0] + PAN_PARTS[1] else "after"
+        if part == "changed":
+            frame = change(frame, i)
         elif i % 2:
             frame = D.jpeg(frame, 75)
-        tracker = FocusTracker.from_dict(json.loads(json.dumps(state)))
-        out = tracker.update(stream_frame(frame, size))
-        state = tracker.to_dict()
-        part = "before" if i < PAN_PARTS[0] else "blurred" if blurred else "after"
-        rows.append({"photo": photo, "distortion": distortion, "level": level, "frame": i, "part": part,
-                     "lost": out["lost"], "drop": out["drop"]})
+        yield i, part, stream_frame(frame, size)
+
+
+def through_json(tracker_cls: Any, state: dict[str, Any], frame: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One frame through a stream tracker rebuilt from JSON, as the streams deployment runs it:
+    the answer and the new state."""
+    tracker = tracker_cls.from_dict(json.loads(json.dumps(state)))
+    out = tracker.update(frame)
+    return out, tracker.to_dict()
+
+
+def pan_stream(photo: str, rgb: np.ndarray, distortion: str, level: int) -> list[dict[str, Any]]:
+    """One tracker through a camera pan across a photo (:func:`pan_frames`) whose middle part is
+    blurred at ``level``."""
+    from livelens.quality import distort as D
+
+    cw = pan_windows(rgb)[2][0]
+    px = max(cw / R.FRAME[0], R.MIN_BLUR_SCALE)  # the set's levels are pixels of a 960-wide frame
+    v = R.LEVELS[distortion][level - 1]
+
+    def blur(frame: np.ndarray, i: int) -> np.ndarray:
+        if distortion == "gaussian_blur":
+            return D.gaussian_blur(frame, v * px)
+        return D.motion_blur(frame, max(3, round(v * px)), angle_deg=float(R._seed(photo, i) % 180))
+
+    state: dict[str, Any] = {}
+    rows = []
+    for i, part, frame in pan_frames(rgb, blur):
+        out, state = through_json(FocusTracker, state, frame)
+        rows.append({"photo": photo, "distortion": distortion, "level": level, "frame": i,
+                     "part": "blurred" if part == "changed" else part, "lost": out["lost"], "drop": out["drop"]})
     return rows
 
 
@@ -205,11 +238,10 @@ def fit_threshold(drops: np.ndarray, positive: np.ndarray, target_precision: flo
     return float(drops[order][ok[-1]])
 
 
-def scores(rows: list[dict[str, Any]], predicted: np.ndarray) -> dict[str, Any]:
-    """Precision and recall over all levels and per level (precision per level counts every
-    false alarm against that level's hits), and the false alarms by kind of negative."""
-    pos = np.array([r["positive"] for r in rows])
-    level = np.array([r["level"] for r in rows])
+def level_scores(pos: np.ndarray, level: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """Precision and recall over all levels and per level: ``{"all": …, "1": …, …, "5": …}``, each
+    ``n``, ``recall``, ``precision``. A level's precision counts every false alarm against that
+    level's hits (negatives have no level): the precision had only that level been positive."""
     fp = int((predicted & ~pos).sum())
     out: dict[str, Any] = {}
     for lv in ["all", 1, 2, 3, 4, 5]:
@@ -217,6 +249,14 @@ def scores(rows: list[dict[str, Any]], predicted: np.ndarray) -> dict[str, Any]:
         tp = int((predicted & sel).sum())
         out[str(lv)] = {"n": int(sel.sum()), "recall": round(tp / max(1, int(sel.sum())), 4),
                         "precision": round(tp / max(1, tp + fp), 4)}
+    return out
+
+
+def scores(rows: list[dict[str, Any]], predicted: np.ndarray) -> dict[str, Any]:
+    """:func:`level_scores` of the rows, and the false alarms by kind of negative."""
+    pos = np.array([r["positive"] for r in rows])
+    fp = int((predicted & ~pos).sum())
+    out = level_scores(pos, np.array([r["level"] for r in rows]), predicted)
     kinds: dict[str, int] = {}
     for r, p in zip(rows, predicted, strict=True):
         if p and not r["positive"]:
@@ -228,6 +268,16 @@ def scores(rows: list[dict[str, Any]], predicted: np.ndarray) -> dict[str, Any]:
     out["negatives"] = {"n": int((~pos).sum()), "false_alarms": fp, "by_kind": kinds,
                         "photos": sorted({r["photo"] for r, p in zip(rows, predicted, strict=True) if p and not r["positive"]})}
     return out
+
+
+def fresh_photos() -> dict[str, np.ndarray]:
+    """The photos other packages ship (:func:`livelens.evaluation.package_photo_paths`), which the
+    set does not use, large enough for a stream frame."""
+    from livelens.evaluation import package_photo_paths
+    from livelens.imageio import load_image
+
+    extra = {f"package/{n}": load_image(path) for n, path in sorted(package_photo_paths().items())}
+    return {n: rgb for n, rgb in extra.items() if R.usable(rgb)}
 
 
 def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: float = 0.97,
@@ -263,13 +313,8 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
     thr = fit_threshold(drops_of(every), np.array([r["positive"] for r in every]), target_precision)
     result["all_photos_threshold"] = round(thr, 4)
     result["default_threshold"] = DEFAULT_THRESHOLD
-    extra: dict[str, np.ndarray] = {}
-    if fresh:
-        from livelens.evaluation import package_photo_paths
-        from livelens.imageio import load_image
-
-        extra = {f"package/{n}": load_image(path) for n, path in sorted(package_photo_paths().items())}
-        extra = {n: rgb for n, rgb in extra.items() if R.usable(rgb)}
+    extra = fresh_photos() if fresh else {}
+    if extra:
         rows = [r for n, rgb in extra.items() for r in photo_rows(n, rgb, windows, classical)]
         if rows:
             result["fresh"] = {
@@ -292,7 +337,7 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2, target_precision: 
     return result
 
 
-def _level_table(focus: dict[str, Any], classical: dict[str, Any] | None) -> list[str]:
+def level_table(focus: dict[str, Any], classical: dict[str, Any] | None) -> list[str]:
     """Markdown rows: P and R per level, the tracker beside the classical flag."""
     rows = ["| level | n | tracker P | tracker R | classical P | classical R |", "|---|---|---|---|---|---|"]
     for lv in ["all", "1", "2", "3", "4", "5"]:
@@ -309,7 +354,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for seed, s in result["seeds"].items():
         f, c = s["focus"], s["classical"]
         lines += [f"## Seed {seed}: threshold {s['threshold']} (fitted on {len(s['train_photos'])} training photos), "
-                  f"{len(s['test_photos'])} held out ({s['n_test']} frames)", "", *_level_table(f, c)]
+                  f"{len(s['test_photos'])} held out ({s['n_test']} frames)", "", *level_table(f, c)]
         neg = f["negatives"]
         sh = s["shipped"]
         lines += ["", f"At the shipped threshold {result['default_threshold']} (fitted on all photos, these "
@@ -328,7 +373,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     if fr:
         f, c = fr["focus"], fr["classical"]
         lines += [f"## Photos outside the set, at the shipped threshold {fr['threshold']} ({fr['n']} frames of "
-                  f"{', '.join(fr['photos'])})", "", *_level_table(f, c)]
+                  f"{', '.join(fr['photos'])})", "", *level_table(f, c)]
         lines += ["", f"Tracker false alarms: {f['negatives']['false_alarms']} of {f['negatives']['n']} "
                       f"{f['negatives']['by_kind']}", ""]
     c = result.get("cuts")
@@ -350,9 +395,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/eval-focus")
+def cli(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options every stream-tracker evaluation takes (this one's, and the exposure tracker's)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default=out)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--target-precision", type=float, default=0.97)
@@ -360,14 +406,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-classical", action="store_true")
     ap.add_argument("--no-fresh", action="store_true", help="skip the photos other packages ship")
     ap.add_argument("--no-pans", action="store_true", help="skip the pan streams")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def write_report(out: str, result: dict[str, Any], markdown: str) -> None:
+    """``report.json`` and ``report.md`` in ``out``, and the markdown on stdout."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(result, indent=2))
+    (folder / "report.md").write_text(markdown)
+    print(markdown)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = cli(__doc__, "runs/eval-focus").parse_args(argv)
     result = run(tuple(int(s) for s in a.seeds.split(",")), a.windows, a.target_precision, a.max_photos,
                  not a.no_classical, not a.no_fresh, not a.no_pans)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_report(a.out, result, to_markdown(result))
     return result
 
 
