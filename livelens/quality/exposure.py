@@ -231,7 +231,7 @@ class ExposureTracker:
         rgb = to_rgb(frame)
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
         thumb, clip = thumbnail(rgb)
-        if self.reference is None or self.ref_clip is None or size != self.size:
+        if self.reference is None or size != self.size:
             self.reference, self.ref_clip, self.size, self.changed_frames = thumb, clip, size, 0
             return self._out(None, None)
         measured = gain_against(thumb, clip, self.reference, self.ref_clip)
@@ -269,10 +269,9 @@ class ExposureTracker:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (the settings are not in it: they come from the caller)."""
         ref = None if self.reference is None else np.round(self.reference, 1).tolist()
-        # The clip classes as the flat indices of the clipped (1) and crushed (−1) pixels: few.
-        clip = self.ref_clip.ravel() if self.ref_clip is not None else np.zeros(0, np.int8)
-        return {"reference": ref, "white": np.flatnonzero(clip == 1).tolist(),
-                "black": np.flatnonzero(clip == -1).tolist(), "size": list(self.size) if self.size else None,
+        # Of the reference's clip classes only white is ever read (align): its flat indices, few.
+        white = [] if self.ref_clip is None else np.flatnonzero(self.ref_clip.ravel() == 1).tolist()
+        return {"reference": ref, "white": white, "size": list(self.size) if self.size else None,
                 "changed_frames": self.changed_frames}
 
     @classmethod
@@ -291,7 +290,6 @@ class ExposureTracker:
                     raise ValueError(f"the reference is not {THUMB[0]}x{THUMB[1]} finite numbers")
                 clip = np.zeros(ref.size, np.int8)
                 clip[np.asarray(state.get("white", []), np.int64)] = 1
-                clip[np.asarray(state.get("black", []), np.int64)] = -1
                 clip = clip.reshape(ref.shape)
             size = state.get("size")
             return cls(**settings, reference=ref, ref_clip=clip, size=(int(size[0]), int(size[1])) if size else None,
