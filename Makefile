@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # Keep torch's hub cache inside the project so the seeded offline weights travel with it.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality eval-focus eval-exposure \
+.PHONY: setup run test lint fmt chaos data train-safety eval-safety sweep train-ocr eval-ocr train-persons eval-persons cutouts window-check eval-detection train-attributes eval-attributes retrain loop-e2e train-quality eval-quality eval-focus eval-exposure eval-video \
         default-models train-regions train-quality-flags active-loop eval-dedupe clusters bench bench-gpu cluster-up cluster-down clean coverage eval-real
 
 setup:
@@ -106,6 +106,9 @@ eval-focus: setup
 
 eval-exposure: setup
 	$(PY) -m livelens.quality.exposure_eval --out runs/eval-exposure
+
+eval-video: setup
+	$(PY) -m livelens.quality.video_eval --out runs/eval-video
 
 default-models: setup
 	$(PY) -m train_jobs.defaults

@@ -207,19 +207,23 @@ PACKAGE_PHOTOS = (("label_studio", "core/static/samples", ("kittens.jpg", "sampl
                   ("insightface", "data/images", ("t1.jpg",)))
 
 
-def package_photo_paths() -> dict[str, Path]:
-    """``{name: path}`` of :data:`PACKAGE_PHOTOS` that are installed here (in this interpreter's
-    site-packages, or in the project's Label Studio environment ``.venv-ls``)."""
+def package_file(package: str, sub: str, name: str) -> Path | None:
+    """Where an installed package's data file ``<package>/<sub>/<name>`` is (in this interpreter's
+    site-packages, or in the project's Label Studio environment ``.venv-ls``), or None."""
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     roots = [Path(p) for p in sys.path if p.endswith("site-packages")]
     roots += sorted(repo.glob(".venv-ls/lib/python*/site-packages"))
+    return next((r / package / sub / name for r in roots if (r / package / sub / name).is_file()), None)
+
+
+def package_photo_paths() -> dict[str, Path]:
+    """``{name: path}`` of :data:`PACKAGE_PHOTOS` that are installed here (:func:`package_file`)."""
     out = {}
     for package, sub, names in PACKAGE_PHOTOS:
-        bases = [r / package for r in roots]
         for name in names:
-            found = next((b / sub / name for b in bases if (b / sub / name).is_file()), None)
+            found = package_file(package, sub, name)
             if found is not None:
                 out[f"{package}/{name}"] = found
     return out
