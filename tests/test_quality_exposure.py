@@ -99,7 +99,10 @@ def test_a_stream_that_stays_dark_becomes_its_own_normal_and_black_frames_are_no
     tr.update(frame)
     dim = D.exposure(frame, 0.4)
     assert [tr.update(dim)["change"] for _ in range(4)] == ["dark", "dark", None, None]
-    assert tr.update(frame)["change"] == "bright"  # the lights came back on: a change as well
+    # The lights coming back restore an ordinary exposure: brightening an under-exposed picture is
+    # no defect (the real-photo set labels it so), and the stream's earlier normal is back.
+    back = tr.update(frame)
+    assert back["change"] is None and back["gain"] > 2, back
     tr = ExposureTracker()
     tr.update(frame)
     assert tr.update(np.zeros_like(frame))["change"] is None  # black is the frozen/black detectors' job
@@ -139,3 +142,48 @@ def test_the_evaluation_scores_held_out_photos_and_the_shipped_gains_hold_on_the
         assert shipped["all"]["recall"] == 1.0 and shipped["negatives"]["false_alarms"] == 0, shipped
     assert result["cuts"]["called"] == 0 and result["cuts"]["n"] == 30
     assert "| 1 |" in E.to_markdown(result)
+
+
+def test_a_moving_camera_stays_dark_through_its_spell_and_its_recovery_after_a_cut_is_no_change():
+    """On a real video (Label Studio's sample clip, through the Streams deployment's code), the
+    camera moves so far between snapshots that the last normal frame is soon left behind: the gain
+    is chained through the last dark frame. A spell that starts after a cut makes a dark frame the
+    stream's normal, and the picture's recovery after it is no bright change."""
+    from livelens.quality import video_eval as V
+    from livelens.quality.exposure import BRIGHT_FROM_LUMA, DARK_FROM_LUMA, FROM_LUMA_MAX
+
+    # The tracker's ranges hold the set's own (they may only be wider, for the coarser thumbnail).
+    assert R.EXPOSURE_RANGE[0] >= DARK_FROM_LUMA and R.BRIGHT_MIN_LUMA >= BRIGHT_FROM_LUMA
+    assert R.EXPOSURE_RANGE[1] <= FROM_LUMA_MAX
+    rows = V.stream_rows(V.snapshots(5, limit=80), "dark", 1)
+    calls = [r["exposure"] for r in rows if r["distorted"]]
+    assert len(calls) == 20
+    # Snapshots 10-12 and 30-32 are found though the camera has moved on from the last normal
+    # frame (13-14 and 33-34 are cuts from the dark frames too: no verdict). Snapshots 50-54 come
+    # after the title card: the first is a cut, so the tracker takes it as normal. 70-74 all found.
+    assert calls[:3] == calls[5:8] == ["dark"] * 3 and calls[15:] == ["dark"] * 5, calls
+    assert calls[10:15] == [None] * 5, calls
+    assert not [r for r in rows if not r["spell"] and r["exposure"]]  # 55-69 and the rest: no bright
+    scores = V.stream_scores(rows, "dark")
+    assert scores == {**scores, "positives": 20, "found": 11, "false_alarms": 0}, scores
+
+
+def test_state_through_a_dark_spell_and_a_declined_change_survives_json():
+    frame = _frame("coffee")
+    tr = ExposureTracker()
+    tr.update(frame)
+    tr.update(D.exposure(frame, 0.4))
+    state = json.loads(json.dumps(tr.to_dict()))
+    assert state["last"] is not None and 0.35 < state["last_gain"] < 0.45
+    again = ExposureTracker.from_dict(state)
+    assert again.update(D.exposure(frame, 0.4))["change"] == "dark"
+    assert again.update(frame)["change"] is None and "last" not in again.to_dict()  # normal again: no chain
+    # A dim stream brightened to an ordinary exposure: declined, and its old normal is kept a while.
+    dim = ExposureTracker()
+    dim.update(D.exposure(frame, 0.4))
+    assert dim.update(frame)["change"] is None
+    kept = ExposureTracker.from_dict(json.loads(json.dumps(dim.to_dict())))
+    assert kept.previous is not None and kept.update(D.exposure(frame, 0.4))["change"] is None  # a return
+    for bad in ({**state, "last_gain": -1}, {**state, "last": [[1.0]]}):
+        with pytest.raises(InvalidArgumentError):
+            ExposureTracker.from_dict(bad)

@@ -17,8 +17,14 @@ white agrees with any gain at least its ratio, one near black with any gain at m
 unclipped pixels must agree among themselves too, or a cut to a black frame would "agree" with any
 darkening. Clipped white pixels of the reference are not compared at all.
 
-The state is one 64×36 thumbnail, the frame size and a counter, so the stream store keeps it as
-JSON next to the focus tracker's.
+A moving camera soon leaves the last normal frame behind during a dark spell, so the tracker also
+keeps the last dark frame and chains the gain through it. And a change is called only from an
+ordinary exposure (the range the real-photo set labels changes from): a spell that starts at a cut
+makes a changed frame the stream's normal, and the picture's recovery from it is no defect.
+
+The state is one 64×36 thumbnail, the frame size and a counter (during a dark spell, the last dark
+frame as well; for a while after a declined change, the old reference), so the stream store keeps
+it as JSON next to the focus tracker's.
 """
 
 from __future__ import annotations
@@ -60,6 +66,16 @@ DEFAULT_MIN_AGREEMENT = 0.6
 #: 1.2683. docs/quality.md has the held-out figures of the same fit per split.
 DEFAULT_DARK_GAIN = 0.61
 DEFAULT_BRIGHT_GAIN = 1.27
+#: A change is a defect only from an ordinary exposure, as the real-photo set labels it
+#: (``realset.EXPOSURE_RANGE`` and ``realset.BRIGHT_MIN_LUMA``): darkening starts from a trimmed
+#: luminance of 0.18 to 0.72, brightening from 0.6 / 1.8 to 0.72. Brightening an under-exposed frame
+#: or darkening an over-exposed one restores it, which is what a stream does when its camera
+#: recovers from a spell whose first frame came after a cut (the tracker had to take that frame as
+#: normal). The reference's trimmed luminance (0–1) must lie in these ranges, which are the set's
+#: widened by a margin for the coarser thumbnail they are measured on here.
+DARK_FROM_LUMA = 0.16
+BRIGHT_FROM_LUMA = 0.30
+FROM_LUMA_MAX = 0.75
 #: The smallest share of the thumbnail with a usable reference pixel: a frame that was nearly all
 #: black or all white gives no gain to measure against.
 MIN_USABLE = 0.1
@@ -93,6 +109,13 @@ def thumbnail(frame: Any) -> tuple[np.ndarray, np.ndarray]:
     black = cv2.resize((grey <= BLACK).astype(np.float32), THUMB, interpolation=cv2.INTER_AREA)
     clip = np.where((white > CLIP_SHARE) & (white >= black), 1, np.where(black > CLIP_SHARE, -1, 0)).astype(np.int8)
     return thumb, clip
+
+
+def trimmed_luma(thumb: np.ndarray) -> float:
+    """A :func:`thumbnail`'s mean luminance (0–1) between its 10th and 90th percentile."""
+    lo, hi = np.percentile(thumb, [10, 90])
+    sel = thumb[(thumb >= lo) & (thumb <= hi)]
+    return float((sel if sel.size else thumb).mean()) / 255.0
 
 
 def align(thumb: np.ndarray, reference: np.ndarray, ref_clip: np.ndarray,
@@ -209,6 +232,17 @@ class ExposureTracker:
     ref_clip: np.ndarray | None = field(default=None, repr=False)
     size: tuple[int, int] | None = None
     changed_frames: int = 0
+    #: During a dark change: the last frame (thumbnail and white-clip mask) and its gain against
+    #: the reference, so that a moving camera's next frame is measured against a frame it still
+    #: overlaps and the gains are chained (:meth:`update`). ``None`` otherwise.
+    last: np.ndarray | None = field(default=None, repr=False)
+    last_clip: np.ndarray | None = field(default=None, repr=False)
+    last_gain: float = 1.0
+    #: The reference before a change that was declined because the reference's own exposure was
+    #: not ordinary, kept for ``relearn_frames`` frames (:meth:`update`); ``None`` otherwise.
+    previous: np.ndarray | None = field(default=None, repr=False)
+    previous_clip: np.ndarray | None = field(default=None, repr=False)
+    previous_age: int = 0
 
     def __post_init__(self) -> None:
         if not (0 < self.dark_gain < 1 < self.bright_gain and 0 < self.min_agreement <= 1
@@ -232,33 +266,80 @@ class ExposureTracker:
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
         thumb, clip = thumbnail(rgb)
         if self.reference is None or size != self.size:
-            self.reference, self.ref_clip, self.size, self.changed_frames = thumb, clip, size, 0
+            self.size, self.previous, self.previous_clip = size, None, None
+            self._normal(thumb, clip)
             return self._out(None, None)
         measured = gain_against(thumb, clip, self.reference, self.ref_clip)
         if measured is None:
             # The reference was black or white: the picture's return is not a change of exposure.
-            self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+            self._normal(thumb, clip)
             return self._out(None, None)
         gain, agreement = measured
+        if agreement < self.min_agreement and self.changed_frames and self.last is not None:
+            # In the middle of a change, a moving camera soon leaves the last normal frame behind,
+            # and every frame would then read as a cut until the change is relearned. The last
+            # (changed) frame still overlaps it: chain the gain through it.
+            chained = gain_against(thumb, clip, self.last, self.last_clip)
+            if chained is not None and chained[1] >= self.min_agreement:
+                gain, agreement = self.last_gain * chained[0], chained[1]
         if agreement < self.min_agreement:
             if self.changed_frames and self.changed_frames + 1 < self.relearn_frames:
-                # In the middle of a change, a frame no gain explains may be the changed picture
-                # moving on as much as another scene: keep the last normal frame, so the return to
-                # it is not called a change the other way. It counts towards relearning.
+                # A frame no gain explains, in the middle of a change: another scene as likely as
+                # the changed picture moving on. No verdict, and the last normal frame stays, so
+                # the return to it is not called a change the other way. Nothing is chained
+                # through this frame: whether the change outlasted the cut is unknown, and
+                # assuming it did calls a spell that ended at a cut on every later frame. It
+                # counts towards relearning.
                 self.changed_frames += 1
+                self.last, self.last_clip, self.last_gain = None, None, 1.0
                 return self._out(None, None, agreement=agreement, cut=True)
             # Another scene: no one gain explains it, and it is the stream's new normal.
-            self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+            self._normal(thumb, clip)
             return self._out(None, None, agreement=agreement, cut=True)
-        change = "dark" if gain <= self.dark_gain else "bright" if gain >= self.bright_gain else None
+        luma = trimmed_luma(self.reference)
+        change = None
+        if luma <= FROM_LUMA_MAX:
+            change = ("dark" if gain <= self.dark_gain and luma >= DARK_FROM_LUMA
+                      else "bright" if gain >= self.bright_gain and luma >= BRIGHT_FROM_LUMA else None)
+        if self.previous is not None:
+            self.previous_age += 1
+            if change is not None:
+                back = gain_against(thumb, clip, self.previous, self.previous_clip)
+                if back is not None and back[1] >= self.min_agreement and self.dark_gain < back[0] < self.bright_gain:
+                    # The picture is back at the exposure it had before a declined change (below):
+                    # the declined frames were the changed ones, and this is no change.
+                    self._normal(thumb, clip)
+                    self.previous = self.previous_clip = None
+                    return self._out(None, back[0], back[1])
+            if self.previous_age >= self.relearn_frames:
+                self.previous = self.previous_clip = None
+        if change is None and self.changed_frames == 0 and not self.dark_gain < gain < self.bright_gain:
+            # A gain beyond a threshold from a reference outside the ordinary range: either the
+            # frame restores an exposure that was wrong from the reference's first frame (a spell
+            # that began at a cut), or it is itself the changed one (a dim part of the picture
+            # brightened). The frame becomes the normal, as the first is likelier to last; the old
+            # reference is kept a while, so that a return to it is not called a change either.
+            previous, previous_clip = self.reference, self.ref_clip
+            self._normal(thumb, clip)
+            self.previous, self.previous_clip, self.previous_age = previous, previous_clip, 0
+            return self._out(None, gain, agreement)
         if change is not None:
             self.changed_frames += 1
             if self.changed_frames >= self.relearn_frames:
                 change = None
         if change is None:
             # The newest normal frame is the reference: a slow drift follows it.
-            self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+            self._normal(thumb, clip)
+        elif change == "dark":
+            self.last, self.last_clip, self.last_gain = thumb, clip, gain
+        # (A brightened frame is not chained through: its clipped pixels only bound the gain, so a
+        # gain chained through it would be a bound as well.)
         return self._out(change, gain, agreement)
+
+    def _normal(self, thumb: np.ndarray, clip: np.ndarray) -> None:
+        """Make the frame the stream's reference, outside any change."""
+        self.reference, self.ref_clip, self.changed_frames = thumb, clip, 0
+        self.last, self.last_clip, self.last_gain = None, None, 1.0
 
     def _out(self, change: str | None, gain: float | None, agreement: float | None = None,
              cut: bool = False) -> dict[str, Any]:
@@ -268,11 +349,16 @@ class ExposureTracker:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (the settings are not in it: they come from the caller)."""
-        ref = None if self.reference is None else np.round(self.reference, 1).tolist()
-        # Of the reference's clip classes only white is ever read (align): its flat indices, few.
-        white = [] if self.ref_clip is None else np.flatnonzero(self.ref_clip.ravel() == 1).tolist()
-        return {"reference": ref, "white": white, "size": list(self.size) if self.size else None,
-                "changed_frames": self.changed_frames}
+        state: dict[str, Any] = {"reference": _thumb_json(self.reference), "white": _white_json(self.ref_clip),
+                                 "size": list(self.size) if self.size else None,
+                                 "changed_frames": self.changed_frames}
+        if self.last is not None:  # only during a change
+            state |= {"last": _thumb_json(self.last), "last_white": _white_json(self.last_clip),
+                      "last_gain": round(self.last_gain, 4)}
+        if self.previous is not None:  # only for a while after a declined change
+            state |= {"previous": _thumb_json(self.previous), "previous_white": _white_json(self.previous_clip),
+                      "previous_age": self.previous_age}
+        return state
 
     @classmethod
     def from_dict(cls, state: dict[str, Any], **settings: Any) -> ExposureTracker:
@@ -282,17 +368,37 @@ class ExposureTracker:
             InvalidArgumentError: The state is malformed.
         """
         try:
-            ref = state.get("reference")
-            clip = None
-            if ref is not None:
-                ref = np.asarray(ref, np.float32)
-                if ref.shape != (THUMB[1], THUMB[0]) or not np.isfinite(ref).all():
-                    raise ValueError(f"the reference is not {THUMB[0]}x{THUMB[1]} finite numbers")
-                clip = np.zeros(ref.size, np.int8)
-                clip[np.asarray(state.get("white", []), np.int64)] = 1
-                clip = clip.reshape(ref.shape)
+            ref, clip = _thumb_from(state.get("reference"), state.get("white", []))
+            last, last_clip = _thumb_from(state.get("last"), state.get("last_white", []))
+            previous, previous_clip = _thumb_from(state.get("previous"), state.get("previous_white", []))
+            last_gain = float(state.get("last_gain", 1.0))
+            if not (np.isfinite(last_gain) and last_gain > 0):
+                raise ValueError(f"last_gain {last_gain} is not a positive number")
             size = state.get("size")
             return cls(**settings, reference=ref, ref_clip=clip, size=(int(size[0]), int(size[1])) if size else None,
-                       changed_frames=int(state.get("changed_frames", 0)))
+                       changed_frames=int(state.get("changed_frames", 0)), last=last, last_clip=last_clip,
+                       last_gain=last_gain, previous=previous, previous_clip=previous_clip,
+                       previous_age=int(state.get("previous_age", 0)))
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise InvalidArgumentError(f"bad ExposureTracker state: {exc}") from exc
+
+
+def _thumb_json(thumb: np.ndarray | None) -> list | None:
+    return None if thumb is None else np.round(thumb, 1).tolist()
+
+
+def _white_json(clip: np.ndarray | None) -> list[int]:
+    # Of a thumbnail's clip classes only white is ever read (align): its flat indices, few.
+    return [] if clip is None else np.flatnonzero(clip.ravel() == 1).tolist()
+
+
+def _thumb_from(values: Any, white: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A thumbnail and its clip mask from :func:`_thumb_json` and :func:`_white_json` output."""
+    if values is None:
+        return None, None
+    thumb = np.asarray(values, np.float32)
+    if thumb.shape != (THUMB[1], THUMB[0]) or not np.isfinite(thumb).all():
+        raise ValueError(f"a thumbnail is not {THUMB[0]}x{THUMB[1]} finite numbers")
+    clip = np.zeros(thumb.size, np.int8)
+    clip[np.asarray(white, np.int64)] = 1
+    return thumb, clip.reshape(thumb.shape)

@@ -198,9 +198,13 @@ def run(step: int = 5, frame_step: int = 30, served: bool = True, limit: int = 0
         shots = snapshots(frame_step, limit)
         rows = frame_rows(shots, learned, QualityEngine(iqa_ref=None, flags_ref=None))
         clean = [r for r in rows if r["distortion"] == "none"]
+        # The whole snapshot alone (no darkest or flattest window): a window of a 720p video is a
+        # crop of a compressed picture, softer than the snapshot it comes from.
+        whole = [r for r in rows if r["base"] == "centre"]
         result["per_frame"] = {
             "frame_step": frame_step, "snapshots": len(shots), "frames": len(rows), "model": model,
             "before": table(rows, "before"), "after": table(rows, "after"),
+            "whole": {"frames": len(whole), "before": table(whole, "before"), "after": table(whole, "after")},
             "clean_flagged": {f: sorted({f"{r['frame']}:{r['base']}" for r in clean if f in r["after"]})
                               for f in ("dark", "bright", "blur", "occlusion")}}
     result["seconds"] = round(time.time() - t0, 1)
@@ -243,6 +247,14 @@ def to_markdown(result: dict[str, Any]) -> str:
                              f"{a['precision']:.3f} | {a['recall']:.3f} |")
             lines.append(f"| {f} | false alarms | {per['negatives']['n']} | "
                          f"{p['before'][f]['negatives']['false_alarms']} | | {per['negatives']['false_alarms']} | |")
+        w = p["whole"]
+        lines += ["", f"Whole snapshots only ({w['frames']} frames: no darkest or flattest window), P / R over all levels "
+                  "and false alarms, before → after:", ""]
+        for f, per in w["after"].items():
+            b = w["before"][f]
+            lines.append(f"- {f}: {b['all']['precision']:.3f} / {b['all']['recall']:.3f} → "
+                         f"{per['all']['precision']:.3f} / {per['all']['recall']:.3f}; false alarms "
+                         f"{b['negatives']['false_alarms']} → {per['negatives']['false_alarms']} of {per['negatives']['n']}")
         lines += ["", "Clean and hard-negative frames the learned flags fire on (frame:window):", ""]
         lines += [f"- {f}: {', '.join(v) or 'none'}" for f, v in p["clean_flagged"].items()]
     return "\n".join(lines) + "\n"
