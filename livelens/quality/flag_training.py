@@ -319,6 +319,19 @@ def run(cfg: FlagTrainConfig | None = None) -> dict[str, Any]:
     return result
 
 
+def table_lines(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """A Markdown table of two :func:`table` results: P and R per flag × level, and false alarms."""
+    lines = ["| flag | level | n | before P | before R | after P | after R |", "|---|---|---|---|---|---|---|"]
+    for f in fl.FLAGS:
+        for lv in ["all", "1", "2", "3", "4", "5"]:
+            b, a = before[f][lv], after[f][lv]
+            lines.append(f"| {f} | {lv} | {a['n']} | {b['precision']:.3f} | {b['recall']:.3f} | "
+                         f"{a['precision']:.3f} | {a['recall']:.3f} |")
+        lines.append(f"| {f} | false alarms | {after[f]['negatives']['n']} | "
+                     f"{before[f]['negatives']['false_alarms']} | | {after[f]['negatives']['false_alarms']} | |")
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """The per-flag × level table of every seed, before (classical) and after (learned)."""
     lines = [f"# Quality flags on held-out real photos ({result['n_items']} frames of {len(result['photos'])} photos)",
@@ -327,13 +340,6 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [f"## Seed {seed}: {len(s['train_photos'])} training photos, {len(s['test_photos'])} held out "
                   f"({s['n_test']} frames)", "",
                   f"Exactly the right flags: before {s['exact_before']:.3f}, after **{s['exact_after']:.3f}**", "",
-                  "| flag | level | n | before P | before R | after P | after R |", "|---|---|---|---|---|---|---|"]
-        for f in fl.FLAGS:
-            for lv in ["all", "1", "2", "3", "4", "5"]:
-                b, a = s["before"][f][lv], s["after"][f][lv]
-                lines.append(f"| {f} | {lv} | {a['n']} | {b['precision']:.3f} | {b['recall']:.3f} | "
-                             f"{a['precision']:.3f} | {a['recall']:.3f} |")
-            lines.append(f"| {f} | false alarms | {s['after'][f]['negatives']['n']} | "
-                         f"{s['before'][f]['negatives']['false_alarms']} | | {s['after'][f]['negatives']['false_alarms']} | |")
+                  *table_lines(s["before"], s["after"])]
         lines += ["", f"Held-out photos: {', '.join(s['test_photos'])}", ""]
     return "\n".join(lines) + "\n"

@@ -213,6 +213,8 @@ def run(step: int = 5, frame_step: int = 30, served: bool = True, limit: int = 0
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The stream table per distortion × level, the clean clip's calls and the per-frame table."""
+    from livelens.quality.flag_training import table_lines
+
     c = result["clean"]
     lines = [f"# Quality checks on a real video ({result['video']})", "",
              f"A snapshot every {result['step']} frames ({result['fps'] / result['step']:.1f} a second), "
@@ -239,14 +241,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         p = result["per_frame"]
         lines += ["", f"## Per frame through `QualityEngine.assess` ({p['frames']} frames of {p['snapshots']} "
                   f"snapshots, one every {p['frame_step']} frames; learned: {p['model']})", "",
-                  "| flag | level | n | before P | before R | after P | after R |", "|---|---|---|---|---|---|---|"]
-        for f, per in p["after"].items():
-            for lv in ("all", "1", "2", "3", "4", "5"):
-                b, a = p["before"][f][lv], per[lv]
-                lines.append(f"| {f} | {lv} | {a['n']} | {b['precision']:.3f} | {b['recall']:.3f} | "
-                             f"{a['precision']:.3f} | {a['recall']:.3f} |")
-            lines.append(f"| {f} | false alarms | {per['negatives']['n']} | "
-                         f"{p['before'][f]['negatives']['false_alarms']} | | {per['negatives']['false_alarms']} | |")
+                  *table_lines(p["before"], p["after"])]
         w = p["whole"]
         lines += ["", f"Whole snapshots only ({w['frames']} frames: no darkest or flattest window), P / R over all levels "
                   "and false alarms, before → after:", ""]
