@@ -275,6 +275,10 @@ class ExposureTracker:
             self._normal(thumb, clip)
             return self._out(None, None)
         gain, agreement = measured
+        if self.previous is not None:
+            self.previous_age += 1
+            if self.previous_age > self.relearn_frames:
+                self.previous = self.previous_clip = None
         if agreement < self.min_agreement and self.changed_frames and self.last is not None:
             # In the middle of a change, a moving camera soon leaves the last normal frame behind,
             # and every frame would then read as a cut until the change is relearned. The last
@@ -301,18 +305,14 @@ class ExposureTracker:
         if luma <= FROM_LUMA_MAX:
             change = ("dark" if gain <= self.dark_gain and luma >= DARK_FROM_LUMA
                       else "bright" if gain >= self.bright_gain and luma >= BRIGHT_FROM_LUMA else None)
-        if self.previous is not None:
-            self.previous_age += 1
-            if change is not None:
-                back = gain_against(thumb, clip, self.previous, self.previous_clip)
-                if back is not None and back[1] >= self.min_agreement and self.dark_gain < back[0] < self.bright_gain:
-                    # The picture is back at the exposure it had before a declined change (below):
-                    # the declined frames were the changed ones, and this is no change.
-                    self._normal(thumb, clip)
-                    self.previous = self.previous_clip = None
-                    return self._out(None, back[0], back[1])
-            if self.previous_age >= self.relearn_frames:
+        if self.previous is not None and change is not None:
+            back = gain_against(thumb, clip, self.previous, self.previous_clip)
+            if back is not None and back[1] >= self.min_agreement and self.dark_gain < back[0] < self.bright_gain:
+                # The picture is back at the exposure it had before a declined change (below): the
+                # declined frames were the changed ones, and this is no change.
+                self._normal(thumb, clip)
                 self.previous = self.previous_clip = None
+                return self._out(None, back[0], back[1])
         if change is None and self.changed_frames == 0 and not self.dark_gain < gain < self.bright_gain:
             # A gain beyond a threshold from a reference outside the ordinary range: either the
             # frame restores an exposure that was wrong from the reference's first frame (a spell

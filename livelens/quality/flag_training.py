@@ -199,24 +199,26 @@ def fit_model(x: np.ndarray, maps: np.ndarray, y: np.ndarray, groups: np.ndarray
     return fl.FlagModel(trees, thresholds, head, n_features=x.shape[1]), cv
 
 
+def answer_row(item: R.Item, rgb: np.ndarray, learned: Any, classical: Any) -> dict[str, Any]:
+    """One item of the set rendered from its photo's ``rgb``, encoded as PNG and probed like an
+    upload, and the flags both engines (:class:`~livelens.quality.engine.QualityEngine`) raise on it."""
+    from livelens.imageio import encode_png, probe_image
+
+    img = probe_image(encode_png(R.render(item, rgb)))
+    return {"key": item.key, "distortion": item.distortion, "level": item.level, "base": item.base,
+            "kind": item.kind, "truth": sorted(item.flags),
+            "after": sorted(raised(learned.assess(img))), "before": sorted(raised(classical.assess(img)))}
+
+
 def _answer_items(state: dict, names: list[str], max_photos: int, windows: int = 2) -> list[dict[str, Any]]:
     """Serve the items of ``names`` through the quality engine, as PNG bytes like an upload."""
-    from livelens.imageio import encode_png, probe_image
     from livelens.quality.engine import QualityEngine
 
     photos = _photos(max_photos)
     learned = QualityEngine(iqa_ref=None, flags_ref=None)
     learned.flags = (fl.FlagModel.from_state(state, "candidate"), {"ref": "candidate"})
     classical = QualityEngine(iqa_ref=None, flags_ref=None)
-    out = []
-    for n in names:
-        for it in R.items_for(n, photos[n], windows):
-            img = probe_image(encode_png(R.render(it, photos[n])))
-            after, before = learned.assess(img), classical.assess(img)
-            out.append({"key": it.key, "distortion": it.distortion, "level": it.level, "base": it.base,
-                        "kind": it.kind, "truth": sorted(it.flags),
-                        "after": sorted(raised(after)), "before": sorted(raised(before))})
-    return out
+    return [answer_row(it, photos[n], learned, classical) for n in names for it in R.items_for(n, photos[n], windows)]
 
 
 def check_state(state: dict[str, Any], held_out: list[str], ref: str = "candidate") -> list[Any]:

@@ -163,18 +163,10 @@ def clean_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def frame_rows(frames: list[tuple[int, np.ndarray]], learned: Any, classical: Any) -> list[dict[str, Any]]:
     """The set's frames of each snapshot (one window), answered as uploads by both engines."""
-    from livelens.imageio import encode_png, probe_image
-    from livelens.quality.flag_checks import raised
+    from livelens.quality.flag_training import answer_row
 
-    rows = []
-    for index, frame in frames:
-        name = f"{VIDEO[2]}#{index}"
-        for it in R.items_for(name, frame, windows=1):
-            img = probe_image(encode_png(R.render(it, frame)))
-            rows.append({"key": it.key, "frame": index, "distortion": it.distortion, "level": it.level,
-                         "base": it.base, "kind": it.kind, "truth": sorted(it.flags),
-                         "after": sorted(raised(learned.assess(img))), "before": sorted(raised(classical.assess(img)))})
-    return rows
+    return [{**answer_row(it, frame, learned, classical), "frame": index}
+            for index, frame in frames for it in R.items_for(f"{VIDEO[2]}#{index}", frame, windows=1)]
 
 
 def run(step: int = 5, frame_step: int = 30, served: bool = True, limit: int = 0,
