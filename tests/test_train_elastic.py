@@ -1,6 +1,9 @@
 """Elastic training (Train V2 min/max workers) on a real multi-node cluster that loses a node.
 
-The safety job runs on a LocalCluster (head + two raylets, one Train worker fits on each). Once
+The safety job runs on a LocalCluster (head + two raylets, one Train worker fits on each). Its
+train split streams through Ray Data every epoch (``local_rows=0``), as a full-size run's does: the
+streaming split is what has to survive the lost node, and its epochs last long enough for the node
+to come back before the run ends. Once
 an epoch has run on two workers, raylet ``w1`` is SIGKILLed with everything under it, as a lost
 machine. The run must go on with one worker from its last checkpoint, then grow back to two
 when ``w1`` is started again, and end with every epoch in its history exactly once.
@@ -24,7 +27,7 @@ from ray.train import Checkpoint
 from train_jobs.safety import SafetyTrainConfig, run
 manifest, tmp = sys.argv[1], sys.argv[2]
 cfg = SafetyTrainConfig(manifest=manifest, pretrained=False, freeze_backbone=False, evidence_crop=False, image_size=64,
-                        num_workers=2, min_workers=1, resize_check_s=3, cpus_per_worker=2, max_failures=3,
+                        local_rows=0, num_workers=2, min_workers=1, resize_check_s=3, cpus_per_worker=2, max_failures=3,
                         storage_path=tmp + "/train", run_name="el", register=False,
                         loop=LoopConfig(epochs=EPOCHS, lr=3e-3, batch_size=4, precision="fp32", tensorboard_dir="",
                                         max_steps_per_epoch=2))

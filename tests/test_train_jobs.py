@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from livelens.errors import ConfigError, ManifestError, TaxonomyError
@@ -286,18 +287,35 @@ def test_parameter_server_strategy_trains_the_same_job(ray_session, frames_manif
 
 
 @pytest.mark.ray
-def test_a_small_eval_split_is_preprocessed_once_and_train_streams(ray_session, frames_manifest, monkeypatch):
+def test_small_splits_are_preprocessed_in_the_driver_into_the_tensors_ray_datas_tasks_give(
+        ray_session, frames_manifest, monkeypatch):
     from ray.data.dataset import MaterializedDataset
 
     from livelens.taxonomy import load_taxonomy
     from livelens.train import classification as C
 
     data = C.validate_manifest(str(frames_manifest), load_taxonomy(None))
-    ds = C.prepare_datasets(str(frames_manifest), data, 64, False, None)
-    assert isinstance(ds["val"], MaterializedDataset) and not isinstance(ds["train"], MaterializedDataset)
-    # The same tensors as the stream gives.
-    first = next(iter(ds["val"].iter_batches(batch_size=None, batch_format="numpy")))
-    assert first["x"].shape[1:] == (3, 64, 64) and str(first["x"].dtype) == "float32"
-    assert ds["val"].count() == data.split_rows["val"]
+    local = C.prepare_datasets(str(frames_manifest), data, 64, True, None)
+    assert all(isinstance(ds, MaterializedDataset) for ds in local.values())
+    # Over local_rows: Ray Data's tasks; the small val split is materialized once, train streams.
+    tasks = C.prepare_datasets(str(frames_manifest), data, 64, True, None, local_rows=0)
+    assert isinstance(tasks["val"], MaterializedDataset) and not isinstance(tasks["train"], MaterializedDataset)
+
+    def tensors(ds):
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        order = np.argsort([x.tobytes() for x in cols["x"]])  # tasks need not keep the row order
+        return {k: v[order] for k, v in cols.items()}
+
+    keys = {}
+    for name in ("train", "val"):  # train: the row-seeded evidence crops, and which rows may flip
+        a, b = tensors(local[name]), tensors(tasks[name])
+        assert a.keys() == b.keys() and len(a["x"]) == data.split_rows[name]
+        assert a["x"].shape[1:] == (3, 64, 64) and a["x"].dtype == np.float32
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
+        keys[name] = set(a)
+    assert keys["train"] - keys["val"] == {"flip_ok"}
     monkeypatch.setattr(C, "MATERIALIZE_EVAL_BYTES", 1)  # a split too large for the budget streams
-    assert not isinstance(C.prepare_datasets(str(frames_manifest), data, 64, False, None)["val"], MaterializedDataset)
+    big = C.prepare_datasets(str(frames_manifest), data, 64, False, None)
+    assert not isinstance(big["val"], MaterializedDataset) and not isinstance(big["train"], MaterializedDataset)

@@ -20,6 +20,7 @@ from livelens.errors import ConfigError, ManifestError
 from livelens.store import user_store
 from livelens.train import LoopConfig
 from livelens.train.classification import (
+    LOCAL_PREPROCESS_ROWS,
     ClassificationData,
     build_classifier,
     dataset_id,
@@ -50,6 +51,9 @@ class SafetyTrainConfig:
         freeze_backbone: Train only the pooling and heads (a frozen ImageNet backbone).
         image_size: Input side in pixels.
         evidence_crop: Random resized crops that keep the labelled boxes.
+        local_rows: Preprocess the splits in the driver, once, when they hold at most this many
+            rows in all (default ``LOCAL_PREPROCESS_ROWS``); 0: always in Ray Data tasks, the train
+            split streaming every epoch.
         num_workers: Ray Train workers (with ``min_workers``: the most).
         min_workers: Elastic training (Train V2): run with as few as this many workers when
             nodes are lost, and grow back to ``num_workers`` when they return. 0: a fixed size.
@@ -75,6 +79,7 @@ class SafetyTrainConfig:
     freeze_backbone: bool = True
     image_size: int = 128
     evidence_crop: bool = True
+    local_rows: int = LOCAL_PREPROCESS_ROWS
     num_workers: int = 2
     min_workers: int = 0
     resize_check_s: float = 60.0
@@ -118,6 +123,8 @@ class SafetyTrainConfig:
             raise ConfigError(f"image_size must be in [16, 1024], got {self.image_size}")
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ConfigError("num_workers must be >= 1 and cpus_per_worker > 0")
+        if self.local_rows < 0:
+            raise ConfigError(f"local_rows must be >= 0, got {self.local_rows}")
         if not 0 <= self.min_workers <= self.num_workers or self.resize_check_s < 0:
             raise ConfigError(f"min_workers must be in [0, num_workers={self.num_workers}] and resize_check_s >= 0")
         if self.min_workers and self.loop.strategy == "ps":
@@ -170,7 +177,8 @@ def run(cfg: SafetyTrainConfig) -> dict[str, Any]:
     cfg.run_name = cfg.run_name or time.strftime("safety-%Y%m%d-%H%M%S")
     init_ray()
     t0 = time.time()
-    datasets = prepare_datasets(cfg.manifest, data, cfg.image_size, cfg.evidence_crop, cfg.taxonomy)
+    datasets = prepare_datasets(cfg.manifest, data, cfg.image_size, cfg.evidence_crop, cfg.taxonomy,
+                                local_rows=cfg.local_rows)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=asdict(cfg),

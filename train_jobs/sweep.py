@@ -113,10 +113,11 @@ def trial_driver(config: dict[str, Any]) -> None:
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     cfg = trial_config(base, config, name)
     data = ClassificationData(**config["data"])
-    # Trials start together, so their drivers would materialize val at once, competing for the
-    # CPUs before any trainer runs; each trial streams instead, as before.
+    # Trials start together, so their drivers would materialize val in Ray Data tasks at once,
+    # competing for the CPUs before any trainer runs; each trial streams instead, unless the splits
+    # are small enough for its driver to preprocess (``local_rows``), which starts no task.
     datasets = prepare_datasets(cfg.manifest, data, cfg.image_size, cfg.evidence_crop, cfg.taxonomy,
-                                eval_once=False)
+                                eval_once=False, local_rows=cfg.local_rows)
     TorchTrainer(
         train_fn_per_worker, train_loop_config=asdict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),

@@ -33,6 +33,14 @@ TEMPORAL_LABELS = ("quality_frozen",)
 #: Data's read and decode again on every epoch: its frames never change (no augmentation), and a
 #: small split's streaming start-up costs far more than its tensors.
 MATERIALIZE_EVAL_BYTES = 256 * 2**20
+#: Splits of at most this many rows in all are read and preprocessed in the driver, train included,
+#: and handed to the trainer as in-memory datasets. Ray Data's read and map tasks start worker
+#: processes that import torch, once per execution and again every epoch for a streamed split, which
+#: costs far more than decoding a few hundred frames; and the tensors are the same, because the
+#: training crop is seeded by the row (the flips, which vary per epoch, are the worker's).
+LOCAL_PREPROCESS_ROWS = 512
+#: The manifest columns preprocessing reads.
+PREPROCESS_COLUMNS = ["id", "image_bytes", "image_uri", "labels", "boxes", "texts"]
 
 
 @dataclass
@@ -309,36 +317,76 @@ def make_evaluate(val_shard, heads: Mapping[str, Any], batch_size: int, device: 
 
 def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidence_crop: bool,
                      taxonomy: str | None, splits: Mapping[str, str] | None = None,
-                     batch_size: int = 32, num_cpus: float = 0.5, eval_once: bool = True) -> dict[str, Any]:
-    """Ray Datasets ``{"train": …, "val": …}`` decoded and preprocessed in Ray Data tasks.
+                     batch_size: int = 32, num_cpus: float = 0.5, eval_once: bool = True,
+                     local_rows: int | None = None) -> dict[str, Any]:
+    """Ray Datasets ``{"train": …, "val": …}`` decoded and preprocessed, in Ray Data tasks or here.
 
-    Every split but ``train`` whose tensors fit :data:`MATERIALIZE_EVAL_BYTES` is preprocessed
-    here, once; ``train`` streams through its augmentation every epoch (which, seeded by the row,
-    keeps each row's crop on every epoch; the worker's :func:`flip_per_epoch` varies the flips).
+    Splits of at most ``local_rows`` rows in all are preprocessed here, in the driver, once
+    (:data:`LOCAL_PREPROCESS_ROWS`). Otherwise every split but ``train`` whose tensors fit
+    :data:`MATERIALIZE_EVAL_BYTES` is preprocessed in Ray Data tasks, once; ``train`` streams
+    through its augmentation every epoch (which, seeded by the row, keeps each row's crop on every
+    epoch; the worker's :func:`flip_per_epoch` varies the flips). Either way a row's tensors are
+    the same: :func:`preprocess_batch` makes them.
 
     Args:
         splits: Dataset name → manifest split (default train→train, val→val).
         num_cpus: Logical CPUs per preprocessing task (fractional so the trainer's workers fit).
-        eval_once: Materialize small evaluation splits (False: every split streams).
+        eval_once: Materialize small evaluation splits (False: every split streams, unless the
+            splits are small enough to preprocess here).
+        local_rows: Preprocess in the driver up to this many rows (default
+            :data:`LOCAL_PREPROCESS_ROWS`; 0: always in Ray Data tasks).
     """
     import ray
 
     from livelens.data import read_ray
 
     splits = dict(splits or {"train": "train", "val": "val"})
+    local_rows = LOCAL_PREPROCESS_ROWS if local_rows is None else local_rows
     store = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
     budget = min(MATERIALIZE_EVAL_BYTES, store / 4)  # without a running Ray, everything streams
+    rows = sum(data.split_rows.get(s, 0) for s in splits.values())
+    local = ray.is_initialized() and rows <= local_rows and rows * size * size * 3 * 4 <= budget
     out = {}
     for name, split in splits.items():
-        ds = read_ray(manifest, split=split, columns=["id", "image_bytes", "image_uri", "labels", "boxes", "texts"])
-        ds = ds.map_batches(
-            preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
-            fn_kwargs={"size": size, "groups": data.groups, "taxonomy": taxonomy, "train": name == "train",
-                       "evidence_crop": evidence_crop, "ignore_labels": data.ignore_labels})
+        kwargs = {"size": size, "groups": data.groups, "taxonomy": taxonomy, "train": name == "train",
+                  "evidence_crop": evidence_crop, "ignore_labels": data.ignore_labels}
+        if local:
+            out[name] = preprocess_locally(manifest, split, batch_size, **kwargs)
+            continue
+        ds = read_ray(manifest, split=split, columns=PREPROCESS_COLUMNS)
+        ds = ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
+                            fn_kwargs=kwargs)
         if eval_once and name != "train" and data.split_rows.get(split, 0) * size * size * 3 * 4 <= budget:
             ds = ds.materialize()
         out[name] = ds
     return out
+
+
+def preprocess_locally(manifest: str, split: str, batch_size: int, **kwargs: Any):
+    """One manifest split preprocessed in this process, as an in-memory Ray Dataset.
+
+    The rows go through :func:`preprocess_batch` in ``batch_size`` chunks (one block each), as the
+    Ray Data tasks would give them; tensors become Arrow's canonical fixed-shape tensor columns.
+
+    Args:
+        kwargs: :func:`preprocess_batch`'s keyword arguments.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray.data
+
+    from livelens.data import read_manifest
+
+    table = read_manifest(manifest, columns=[*PREPROCESS_COLUMNS, "split"])
+    table = table.filter(pc.equal(table["split"], split)).drop_columns(["split"])
+    blocks = []
+    for start in range(0, max(table.num_rows, 1), batch_size):
+        chunk = table.slice(start, batch_size)
+        batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
+        done = preprocess_batch(batch, **kwargs)
+        blocks.append(pa.table({k: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(v))
+                                if v.ndim > 1 else pa.array(v) for k, v in done.items()}))
+    return ray.data.from_arrow(blocks)
 
 
 def evaluate_split(model: nn.Module, manifest: str, data: ClassificationData, split: str, size: int,
