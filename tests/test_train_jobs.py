@@ -96,6 +96,8 @@ def test_bad_configs_fail_before_any_worker(frames_manifest, tmp_path):
         run(replace(base, loop=LoopConfig(precision="fp16")))
     with pytest.raises(ConfigError, match="comm hook"):
         run(replace(base, loop=LoopConfig(comm_hook="topk")))
+    with pytest.raises(ConfigError, match="local_rows"):
+        run(replace(base, local_rows=-1))
     assert not (tmp_path / "train").exists()  # nothing was started
 
 

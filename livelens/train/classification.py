@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from livelens.errors import ConfigError, ManifestError
 from livelens.taxonomy import Taxonomy, load_taxonomy
 from livelens.train.metrics import confusion_png, format_label_table, multihead_metrics, served_thresholds
 from livelens.train.targets import covered_groups, target_key, targets_from_labels
+
+if TYPE_CHECKING:
+    from ray.data import MaterializedDataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -362,7 +365,7 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
     return out
 
 
-def preprocess_locally(manifest: str, split: str, batch_size: int, **kwargs: Any):
+def preprocess_locally(manifest: str, split: str, batch_size: int, **kwargs: Any) -> MaterializedDataset:
     """One manifest split preprocessed in this process, as an in-memory Ray Dataset.
 
     The rows go through :func:`preprocess_batch` in ``batch_size`` chunks (one block each), as the
