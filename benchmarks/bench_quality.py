@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     exposure = ExposureTracker()
     exposure.update(frame)
-    exposure_state = json.loads(json.dumps(exposure.to_dict()))
+    exposure_state = json.dumps(exposure.to_dict())
     dimmed = (frame * 0.45).astype(np.uint8)  # a changed frame: the second alignment pass runs
 
-    def exposure_step(f: np.ndarray) -> dict:
-        t = ExposureTracker.from_dict(exposure_state)
+    def exposure_step(f: np.ndarray) -> str:
+        # From and back to JSON text, as the stream store holds it (its thumbnails are packed).
+        t = ExposureTracker.from_dict(json.loads(exposure_state))
         t.update(f)
-        return t.to_dict()
+        return json.dumps(t.to_dict())
 
     r = a.repeats
     try:  # the shipped learned flags (boosted trees + occluder head over mobilenet_v2 features)

@@ -187,3 +187,30 @@ def test_state_through_a_dark_spell_and_a_declined_change_survives_json():
     for bad in ({**state, "last_gain": -1}, {**state, "last": [[1.0]]}):
         with pytest.raises(InvalidArgumentError):
             ExposureTracker.from_dict(bad)
+
+
+def test_thumbnails_are_stored_packed_and_read_back_as_the_list_format_read_them():
+    import base64
+    import zlib
+
+    frame = _frame("coffee")
+    tr = ExposureTracker()
+    tr.update(frame)
+    tr.update(D.exposure(frame, 0.4))  # a dark spell: the state holds two thumbnails
+    state = tr.to_dict()
+    listed = {**state, "reference": np.round(tr.reference, 1).tolist(), "last": np.round(tr.last, 1).tolist()}
+    # A quarter of the list format's JSON, which the store rewrote after every frame.
+    assert len(json.dumps(state)) * 3 < len(json.dumps(listed))
+    packed = ExposureTracker.from_dict(json.loads(json.dumps(state)))
+    old = ExposureTracker.from_dict(json.loads(json.dumps(listed)))  # a state stored before packing
+    for name in ("reference", "last"):
+        assert getattr(packed, name).dtype == np.float32
+        assert np.array_equal(getattr(packed, name), getattr(old, name))
+    nxt = D.exposure(frame, 0.35)
+    assert packed.update(nxt) == old.update(nxt) and packed.to_dict() == old.to_dict()
+    # Damaged packed thumbnails: not base64, too short, and one that inflates past a thumbnail.
+    bomb = base64.b64encode(zlib.compress(bytes(10**7))).decode()
+    short = base64.b64encode(zlib.compress(bytes(100))).decode()
+    for bad in ("not base64!", short, bomb, base64.b64encode(b"not zlib").decode()):
+        with pytest.raises(InvalidArgumentError):
+            ExposureTracker.from_dict({**state, "reference": bad})
