@@ -282,4 +282,60 @@ def test_face_recall_counts_true_faces_held_by_found_people(shared_data, monkeyp
     monkeypatch.setattr(E, "create_detector", lambda name, stores=None, **kw: WholeFramePerson())
     res = face_recall(shared_data / "faces" / "testing.xml", ("whole_frame",))["detectors"]["whole_frame"]
     assert res["recall"] == 0.0 and res["found"] == 0
-    assert res["people"] == {"found": 10, "faces_held": 25, "faces_held_share": 1.0, "holding_a_true_face": 5}
+    people = res.pop("people")
+    assert {k: people[k] for k in ("found", "faces_held", "faces_held_share", "holding_a_true_face")} == {
+        "found": 10, "faces_held": 25, "faces_held_share": 1.0, "holding_a_true_face": 5}
+    # Against the hand-labelled person boxes: the whole frame is the one tall man of 2009_004587
+    # (IoU 0.78) and the middle of the three of 2008_002506 (0.58), nobody else.
+    assert people["labelled"] == 25 and people["matched"] == 2
+    assert people["recall"] == 0.08 and people["precision"] == 0.2
+
+
+def test_the_test_photos_person_labels_hold_their_faces_and_score_a_detector_that_finds_them(shared_data,
+                                                                                             monkeypatch, tmp_path):
+    """person_boxes.json: one box per testing.xml face, inside the photo, holding that face (the
+    evaluation's own rule); a detector answering exactly those boxes scores 1.0, one answering the
+    heads (the face boxes) as people scores 0."""
+    from livelens.data.importers import import_dlib_xml
+    from livelens.imageio import load_image
+    from livelens.persons import engine as E
+    from livelens.persons.boxes import face_holder
+    from livelens.persons.evaluate import face_recall, person_boxes
+    from livelens.persons.teachers import Face
+
+    labels = person_boxes()
+    rows = import_dlib_xml(shared_data / "faces" / "testing.xml")
+    assert sorted(labels) == sorted(r["attributes"]["file"] for r in rows)
+    by_shape, heads = {}, {}
+    for r in rows:
+        h, w = load_image(r["image_bytes"]).shape[:2]
+        people, faces = labels[r["attributes"]["file"]], r["attributes"]["faces"]
+        assert len(people) == len(faces)
+        for box, face in zip(people, faces, strict=True):
+            assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h, (r["attributes"]["file"], box)
+            assert face_holder(face, [box]) == 0, (r["attributes"]["file"], face, box)
+        by_shape[(h, w)] = people
+        heads[(h, w)] = faces
+    assert len(by_shape) == len(rows)  # the five photos differ in size: the fake detector tells them apart
+
+    class Labelled:
+        ref, card, min_score, sees_people = "labelled@1", {}, 0.3, True
+        table = by_shape
+
+        def detect(self, rgb):
+            return []
+
+        def detect_all(self, rgb):
+            return [], [Face(list(b), 0.9) for b in self.table[rgb.shape[:2]]]
+
+    monkeypatch.setattr(E, "create_detector", lambda name, stores=None, **kw: Labelled())
+    xml = shared_data / "faces" / "testing.xml"
+    exact = face_recall(xml, ("labelled",))["detectors"]["labelled"]["people"]
+    assert exact["matched"] == 25 and exact["recall"] == 1.0 and exact["precision"] == 1.0
+    Labelled.table = heads
+    only_heads = face_recall(xml, ("labelled",))["detectors"]["labelled"]["people"]
+    assert only_heads["found"] == 25 and only_heads["matched"] == 0 and only_heads["faces_held"] == 25, only_heads
+    for bad in ('{"photos": {"a.jpg": [[1, 2, 3]]}}', '{"photos": {"a.jpg": [[5, 5, 1, 9]]}}', "not json", "{}"):
+        (tmp_path / "labels.json").write_text(bad)
+        with pytest.raises(ConfigError):
+            person_boxes(tmp_path / "labels.json")

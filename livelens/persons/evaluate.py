@@ -2,7 +2,9 @@
 
 The photos of ``../shared/data/faces/testing.xml`` (PASCAL VOC group shots, 25 boxes) are the
 held-out test set: no livelens training step reads them. Each detector runs through
-:meth:`PersonsEngine.detect`, the code ``/v1/persons`` runs, with the served settings.
+:meth:`PersonsEngine.detect`, the code ``/v1/persons`` runs, with the served settings. Their
+whole-person boxes are hand-labelled in ``livelens/resources/person_boxes.json``
+(:func:`person_boxes`), so a detector that finds people is scored on them too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from livelens.errors import ConfigError
 from livelens.imageio import load_image
 from livelens.persons.boxes import face_holder
 from livelens.persons.engine import PersonsEngine, PersonsSettings
@@ -40,6 +43,29 @@ def match(pred: list[list[float]], truth: list[list[float]], thr: float = 0.5) -
     return tp
 
 
+#: Hand-labelled person boxes of the test photos: one per face of their XML, in its order.
+PERSON_BOXES = Path(__file__).resolve().parents[1] / "resources" / "person_boxes.json"
+
+
+def person_boxes(path: str | Path = PERSON_BOXES) -> dict[str, list[list[float]]]:
+    """Hand-labelled whole-person boxes ``[x0, y0, x1, y1]`` by photo file name (see the file's ``about``).
+
+    Raises:
+        ConfigError: The file is not such a table.
+    """
+    import json
+
+    try:
+        table = json.loads(Path(path).read_text())["photos"]
+        out = {str(name): [[float(v) for v in box] for box in boxes] for name, boxes in table.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"bad person-box labels {path}: {exc}") from exc
+    for name, boxes in out.items():
+        if any(len(b) != 4 or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
+            raise ConfigError(f"bad person-box labels {path}: {name} has a box that is not [x0, y0, x1, y1]")
+    return out
+
+
 def face_recall(xml_file: str | Path, detectors: tuple[str, ...] = ("mtcnn", "haar"),
                 settings: PersonsSettings = PersonsSettings(), iou_thr: float = 0.5) -> dict[str, Any]:
     """Recall, precision and ms per image of each detector on a dlib imglab XML set.
@@ -53,12 +79,17 @@ def face_recall(xml_file: str | Path, detectors: tuple[str, ...] = ("mtcnn", "ha
     images = [(load_image(r["image_bytes"]), r["attributes"]["faces"]) for r in rows]
     out: dict[str, Any] = {"set": str(xml_file), "images": len(images),
                            "faces": sum(len(t) for _, t in images), "iou": iou_thr, "detectors": {}}
+    # Person labels count only where every photo of the set has them (another XML has none).
+    labelled = person_boxes()
+    people_truth = [labelled.get(r["attributes"]["file"]) for r in rows]
+    if any(t is None for t in people_truth):
+        people_truth = []
     for name in detectors:
         engine = PersonsEngine(PersonsSettings(**{**settings.__dict__, "detector": name, "attributes": False}))
-        tp = n_pred = held = n_people = with_face = 0
+        tp = n_pred = held = n_people = with_face = people_tp = 0
         t0 = time.perf_counter()
         sees_people = False
-        for rgb, truth in images:
+        for k, (rgb, truth) in enumerate(images):
             faces, people = engine.detect_all(rgb)
             boxes = [f.box for f in faces]
             n_pred += len(boxes)
@@ -69,16 +100,23 @@ def face_recall(xml_file: str | Path, detectors: tuple[str, ...] = ("mtcnn", "ha
                 held += sum(face_holder(t, pboxes) is not None for t in truth)
                 n_people += len(pboxes)
                 with_face += sum(any(face_holder(t, [p]) is not None for t in truth) for p in pboxes)
+                if people_truth:
+                    people_tp += match(pboxes, people_truth[k], iou_thr)
         ms = (time.perf_counter() - t0) * 1000 / max(1, len(images))
         res = {"ref": engine.detector.ref, "recall": round(tp / max(1, out["faces"]), 4),
                "precision": round(tp / max(1, n_pred), 4), "found": n_pred, "matched": tp,
                "ms_per_image": round(ms, 1)}
         if sees_people:
-            # No person boxes are labelled in this set; its faces stand in: a true face held by a
-            # found person box is a person found, and a person box holding no true face is at most
-            # a false one (a person seen from behind has no face box either).
+            # The faces stand in for people too: a true face held by a found person box is a person
+            # found, and a person box holding no true face is at most a false one (a person seen
+            # from behind has no face box either).
             res["people"] = {"found": n_people, "faces_held": held, "faces_held_share": round(held / max(1, out["faces"]), 4),
                              "holding_a_true_face": with_face}
+            if people_truth:  # and against the hand-labelled person boxes, one-to-one at iou_thr
+                n_true = sum(len(t) for t in people_truth)
+                res["people"] |= {"labelled": n_true, "matched": people_tp,
+                                  "recall": round(people_tp / max(1, n_true), 4),
+                                  "precision": round(people_tp / max(1, n_people), 4)}
         out["detectors"][name] = res
     return out
 
