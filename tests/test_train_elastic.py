@@ -35,7 +35,10 @@ s = run(cfg)
 state, _, _ = read_checkpoint(Checkpoint(s["checkpoint"]))
 print("@@" + json.dumps([{k: h.get(k) for k in ("epoch", "world_size", "train_loss")} for h in state["fit"]["history"]]))
 """
-EPOCHS = 6
+# The run must still have epochs left when the returned node is ready (start, resize check, a new
+# worker group): with 6, a run on a quiet machine once ended on one worker (sizes [2, 1, 1, 1, 1, 1],
+# the node back 41 s before the end). One-worker epochs take about 10 s; 9 leaves a margin of several.
+EPOCHS = 9
 
 
 def _sizes(root: Path) -> list[int]:

@@ -22,6 +22,7 @@ from livelens.train.metrics import confusion_png, format_label_table, multihead_
 from livelens.train.targets import covered_groups, target_key, targets_from_labels
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from ray.data import MaterializedDataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -339,34 +340,43 @@ def prepare_datasets(manifest: str, data: ClassificationData, size: int, evidenc
         local_rows: Preprocess in the driver up to this many rows (default
             :data:`LOCAL_PREPROCESS_ROWS`; 0: always in Ray Data tasks).
     """
+    import pyarrow.compute as pc
     import ray
 
-    from livelens.data import read_ray
+    from livelens.data import read_manifest, read_ray
 
     splits = dict(splits or {"train": "train", "val": "val"})
     local_rows = LOCAL_PREPROCESS_ROWS if local_rows is None else local_rows
     store = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
     budget = min(MATERIALIZE_EVAL_BYTES, store / 4)  # without a running Ray, everything streams
+
+    def tensor_bytes(n_rows: int) -> int:  # float32 image tensors of n_rows rows
+        return n_rows * size * size * 3 * 4
+
     rows = sum(data.split_rows.get(s, 0) for s in splits.values())
-    local = ray.is_initialized() and rows <= local_rows and rows * size * size * 3 * 4 <= budget
+    local = ray.is_initialized() and rows <= local_rows and tensor_bytes(rows) <= budget
+    # The driver path reads the manifest once for all its splits.
+    table = read_manifest(manifest, columns=[*PREPROCESS_COLUMNS, "split"]) if local else None
     out = {}
     for name, split in splits.items():
         kwargs = {"size": size, "groups": data.groups, "taxonomy": taxonomy, "train": name == "train",
                   "evidence_crop": evidence_crop, "ignore_labels": data.ignore_labels}
-        if local:
-            out[name] = preprocess_locally(manifest, split, batch_size, **kwargs)
+        if table is not None:
+            rows_of_split = table.filter(pc.equal(table["split"], split)).drop_columns(["split"])
+            out[name] = preprocess_locally(rows_of_split, batch_size, **kwargs)
             continue
         ds = read_ray(manifest, split=split, columns=PREPROCESS_COLUMNS)
         ds = ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
                             fn_kwargs=kwargs)
-        if eval_once and name != "train" and data.split_rows.get(split, 0) * size * size * 3 * 4 <= budget:
+        if eval_once and name != "train" and tensor_bytes(data.split_rows.get(split, 0)) <= budget:
             ds = ds.materialize()
         out[name] = ds
     return out
 
 
-def preprocess_locally(manifest: str, split: str, batch_size: int, **kwargs: Any) -> MaterializedDataset:
-    """One manifest split preprocessed in this process, as an in-memory Ray Dataset.
+def preprocess_locally(table: pa.Table, batch_size: int, **kwargs: Any) -> MaterializedDataset:
+    """Manifest rows (one split's :data:`PREPROCESS_COLUMNS`) preprocessed in this process, as an
+    in-memory Ray Dataset.
 
     The rows go through :func:`preprocess_batch` in ``batch_size`` chunks (one block each), as the
     Ray Data tasks would give them; tensors become Arrow's canonical fixed-shape tensor columns.
@@ -375,13 +385,8 @@ def preprocess_locally(manifest: str, split: str, batch_size: int, **kwargs: Any
         kwargs: :func:`preprocess_batch`'s keyword arguments.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
     import ray.data
 
-    from livelens.data import read_manifest
-
-    table = read_manifest(manifest, columns=[*PREPROCESS_COLUMNS, "split"])
-    table = table.filter(pc.equal(table["split"], split)).drop_columns(["split"])
     blocks = []
     for start in range(0, max(table.num_rows, 1), batch_size):
         chunk = table.slice(start, batch_size)
